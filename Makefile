@@ -1,0 +1,24 @@
+# The two commands of the README:  make demo   and   make test
+# Both create the virtual environment on first use (about 2 minutes).
+PY := .venv/bin/python
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test bench clean-results
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	# torch first, pinned: other versions download gigabytes on machines that have these on disk
+	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: .venv/.installed
+	$(PY) sweeps/ixi_source.py
+	$(PY) sweeps/brats_layers.py
+
+test: .venv/.installed
+	$(PY) -m pytest -q --durations=10
+
+clean-results:
+	rm -rf results mlflow/mlflow.db mlflow/artifacts

@@ -1,0 +1,66 @@
+"""Which HighRes3DNet layer groups transfer from IXI hippocampus to BraTS tumour core?
+(thesis ch. 6, experiment A: scratch vs the IXI model with its first k groups frozen)
+
+    python sweeps/brats_layers.py                         # synthetic BraTS, local Ray
+    python sweeps/brats_layers.py --address auto --data-dir /data/MICCAI_BraTS_2018_Data_Training
+    python sweeps/brats_layers.py --search optuna --num-samples 20
+
+Needs the source model: run sweeps/ixi_source.py first (or pass --source models:/<name>/<v>).
+"""
+
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from tlcore import cli
+from tlcore.trainables import results_rows, run_sweep
+
+NAME = "brats_layers"
+
+
+def search_space(source: str) -> dict:
+    return {
+        # scratch baseline, then the IXI model with its first k layer groups frozen, k = 0..5
+        "start": tune.grid_search([{"source_model": "scratch", "frozen_layers": 0}]
+                                  + [{"source_model": source, "frozen_layers": k} for k in range(6)]),
+        "lr": 1e-3,
+        "lr_schedule": "constant",
+    }
+
+
+def optuna_space(source: str):
+    def define_by_run(trial) -> None:  # frozen layers only mean something for a transferred model
+        if trial.suggest_categorical("source_model", ["scratch", source]) != "scratch":
+            trial.suggest_int("frozen_layers", 0, 5)
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+        trial.suggest_categorical("lr_schedule", ["constant", "cosine", "poly", "one_cycle"])
+    return define_by_run
+
+
+def main() -> None:
+    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest")
+    parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
+    args = parser.parse_args()
+    gpus = cli.start_ray(args)
+    sweep = cli.prepare(NAME, "brats", args)
+    source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    space, searcher, samples = dict(sweep.base_config), None, 1
+    if args.search == "grid":
+        space.update(search_space(source))
+        if args.num_samples > 1:  # repeats differ by seed, reproducibly
+            space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
+    else:
+        searcher = ConcurrencyLimiter(OptunaSearch(optuna_space(source), metric="val_dice", mode="max",
+                                                   seed=args.seed), max_concurrent=4)
+        samples = args.num_samples
+    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
+                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
+                        report_every=sweep.report_every, num_samples=samples, search_alg=searcher,
+                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+                        max_failures=args.max_failures, resume=args.resume)
+    rows = results_rows(results, sweep.max_iterations)
+    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Source task: HighRes3DNet segmenting left/right hippocampus in IXI T1+T2 (thesis ch. 6).
+
+    python sweeps/ixi_source.py                                   # synthetic IXI, local Ray
+    python sweeps/ixi_source.py --data-dir /data/IXI --address auto
+
+The best trial's best checkpoint is evaluated on the test split and registered in the MLflow
+model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
+"""
+
+from ray import tune
+
+from tlcore import cli
+from tlcore.trainables import best_checkpoint_dir, evaluate_remote, results_rows, run_sweep
+
+NAME = "ixi_source"
+REGISTERED_NAME = "ixi_hippocampus"
+LABEL_MAP = {17: 1, 53: 2}  # FreeSurfer left / right hippocampus; every other label is background
+
+SEARCH_SPACE = {
+    "lr": tune.grid_search([1e-3, 3e-3]),
+    "lr_schedule": "constant",
+}
+
+
+def main() -> None:
+    args = cli.sweep_parser(__doc__).parse_args()
+    gpus = cli.start_ray(args)
+    sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
+    space = {**sweep.base_config, **SEARCH_SPACE}
+    if args.num_samples > 1:
+        space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
+    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
+                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
+                        report_every=sweep.report_every, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=gpus, max_failures=args.max_failures, resume=args.resume)
+    rows = results_rows(results, sweep.max_iterations)
+    if all(r["status"] == "ERROR" for r in rows):
+        cli.finish(sweep, rows, errors=len(rows))
+        cli.fail("every trial failed; see the errors above")
+    best, checkpoint = best_checkpoint_dir(results)
+    test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
+    cli.publish_model(sweep, best, checkpoint, test, REGISTERED_NAME, model_info={
+        "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
+        "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})
+    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

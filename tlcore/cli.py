@@ -1,0 +1,228 @@
+"""What every sweep script does around `run_sweep`: flags (shared/SPEC.md §4), Ray start-up,
+data and splits, the MLflow parent run, checks that fail before any trial starts, and the
+results table at the end. No ray.tune here (see trainables.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcore import tracking
+from tlcore.data.layouts import DatasetLayoutError, find_subjects
+from tlcore.data.splits import DEFAULT_FRACTIONS, read_splits, split_subjects, write_splits
+from tlcore.data.synthetic import ensure_synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Run-config overrides per data situation. Real data keeps the thesis regime (RunConfig defaults).
+SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 32, 32),
+             "max_iterations": 150, "report_every": 25}
+SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 32),
+         "max_iterations": 12, "report_every": 4, "max_val_subjects": 2}
+SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24}}
+
+
+def sweep_parser(doc: str, source: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=None, help="Ray address, e.g. 'auto' for a running cluster; omitted = start a local Ray")
+    p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
+    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI; omitted = {tracking.default_tracking_uri()}")
+    p.add_argument("--storage-path", default=str(REPO_ROOT / "results"),
+                   help="Ray results and checkpoints (shared storage on multi-node clusters)")
+    p.add_argument("--num-samples", type=int, default=1, help="repeats per grid point (each with its own seed), or trials of a search")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
+    p.add_argument("--report-every", type=int, default=None, help="iterations between validation reports / checkpoints")
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--smoke-test", action="store_true", help="tiny everything: seconds per trial on a laptop")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --storage-path")
+    p.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and initialisation")
+    p.add_argument("--splits", default=None, help="JSON file with train/val/test subject lists (default: seeded split)")
+    if source is not None:
+        p.add_argument("--source", default=source, help="source model URI in the MLflow registry")
+    return p
+
+
+@dataclass
+class Sweep:
+    """What the driver knows about one sweep invocation."""
+    name: str
+    args: argparse.Namespace
+    tracking_uri: str
+    storage_path: str
+    data_dir: str
+    splits_file: str
+    base_config: dict
+    parent_run_id: str = ""
+    gpus_per_trial: float = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_iterations(self) -> int:
+        return self.base_config["max_iterations"]
+
+    @property
+    def report_every(self) -> int:
+        return self.base_config["report_every"]
+
+
+def fail(msg: str) -> None:
+    print(f"\n[tlcore] error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def start_ray(args: argparse.Namespace) -> float:
+    """Connect to (or start) Ray and check the GPU request fits; returns GPUs per trial."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if args.address is None:
+        # A private local Ray for one machine: no token needed, nothing listens beyond loopback.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=args.address)
+    resources = ray.cluster_resources()
+    have_gpus = resources.get("GPU", 0)
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus else 0.0)
+    if gpus > have_gpus:
+        # Ray would otherwise wait forever with a repeated warning.
+        fail(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "
+             "use --gpus-per-trial 0 (CPU) or a fraction, or add GPU nodes")
+    if args.cpus_per_trial > resources.get("CPU", 0):
+        fail(f"--cpus-per-trial {args.cpus_per_trial} but the cluster has {resources.get('CPU', 0):g} CPUs")
+    return gpus
+
+
+def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None) -> Sweep:
+    """Everything that can fail before a trial starts: data, splits, store, parent run."""
+    uri = args.mlflow_uri or tracking.default_tracking_uri()
+    storage = str(Path(args.storage_path).absolute())
+    exp_dir = Path(storage) / name
+    state_file = exp_dir / "tlcore_sweep.json"
+
+    if args.data_dir:
+        data_dir, profile = str(Path(args.data_dir).absolute()), {}
+    else:
+        data_dir = str(ensure_synthetic(REPO_ROOT / "data" / "synthetic" / dataset, dataset, seed=0,
+                                        **SYNTHETIC_SIZES[dataset]))
+        profile = dict(SYNTHETIC)
+    if args.smoke_test:
+        profile = dict(SMOKE)
+    try:
+        subjects = find_subjects(dataset, data_dir)
+    except DatasetLayoutError as e:
+        fail(str(e))
+
+    previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
+    if exp_dir.exists() and previous is None:
+        aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results
+        print(f"[tlcore] earlier results of {name} moved to {aside}")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.splits:
+        splits = read_splits(args.splits)
+    elif previous:
+        splits = read_splits(previous["splits_file"])
+    else:
+        splits = split_subjects(subjects, DEFAULT_FRACTIONS[dataset], seed=args.seed)
+    unknown = sorted(set(sum(splits.values(), [])) - set(subjects))
+    if unknown:
+        fail(f"split lists name subjects not found in {data_dir}: {unknown[:10]}")
+    splits_file = str(write_splits(exp_dir / "splits.json", splits))
+
+    tracking.prepare_store(uri)
+    base = {"dataset": dataset, "data_dir": data_dir, "splits_file": splits_file, "tracking_uri": uri,
+            "seed": args.seed, "num_threads": max(1, int(args.cpus_per_trial)), **profile}
+    if label_map:
+        base["label_map"] = label_map
+    if args.max_iterations:
+        base["max_iterations"] = args.max_iterations
+    if args.report_every:
+        base["report_every"] = args.report_every
+    base.setdefault("max_iterations", 10_000)
+    base.setdefault("report_every", 250)
+    sweep = Sweep(name, args, uri, storage, data_dir, splits_file, base)
+
+    if previous:
+        sweep.parent_run_id = previous["parent_run_id"]
+        tracking.set_tags(uri, sweep.parent_run_id, {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    else:
+        params = {k: v for k, v in vars(args).items()}
+        params.update({f"base.{k}": v for k, v in base.items()})
+        sweep.parent_run_id = tracking.start_run(uri, name, f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
+                                                 params, {"sweep": name, "role": "parent"})
+        tracking.log_dict(uri, sweep.parent_run_id, splits, "splits.json")
+        state_file.write_text(json.dumps({"parent_run_id": sweep.parent_run_id, "splits_file": splits_file}))
+    print(f"[tlcore] {name}: {len(splits['train'])} train / {len(splits['val'])} val / "
+          f"{len(splits['test'])} test subjects from {data_dir}")
+    print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
+    return sweep
+
+
+def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.ModelRef:
+    """The registered source model, or an error saying how to produce it (before any trial)."""
+    try:
+        return tracking.resolve_model(sweep.tracking_uri, model_uri)
+    except tracking.ModelNotFoundError as e:
+        tracking.end_run(sweep.tracking_uri, sweep.parent_run_id, "FAILED")
+        fail(f"{e}\nProduce the source model first:\n    {how_to_make}\n"
+             f"or pass --source models:/<name>/<version> of a model in this registry.")
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)"
+    cols = list(rows[0])
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
+    """Print the results table, log it to the parent run, close the parent run."""
+    table = format_table(rows)
+    uri, pid = sweep.tracking_uri, sweep.parent_run_id
+    tracking.log_text(uri, pid, table + "\n", "results.md")
+    tracking.log_dict(uri, pid, rows, "results.json")
+    tracking.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
+    tracking.end_run(uri, pid, "FAILED" if errors else "FINISHED")
+    print(f"\n{sweep.name} results\n{table}\n")
+    ui_uri = uri if not uri.startswith("sqlite:///") else uri
+    print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}")
+    print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {ui_uri} --host 127.0.0.1 --port 5000")
+    return table
+
+
+def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name: str,
+                  model_info: dict) -> tracking.ModelRef:
+    """Log a checkpoint's weights to its trial's run and register them as `registry_name`."""
+    import tempfile
+
+    uri = sweep.tracking_uri
+    trial_id = (result.metrics or {}).get("trial_id", "")
+    run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id, trial_id) or sweep.parent_run_id
+    per_subject = metrics.pop("per_subject", {})
+    for rid in {run_id, sweep.parent_run_id}:
+        tracking.log_metrics(uri, rid, metrics, step=int((result.metrics or {}).get("iteration", 0)))
+    tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
+        shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
+        (Path(out) / "tlcore_model.json").write_text(json.dumps(model_info, indent=1))
+        tracking.log_artifacts(uri, run_id, out, "model")
+    ref = tracking.register_model(uri, registry_name, run_id, "model",
+                                  tags={"source_run_id": run_id, "sweep_parent_run_id": sweep.parent_run_id,
+                                        **{k: round(v, 4) for k, v in metrics.items()}})
+    tracking.set_tags(uri, sweep.parent_run_id, {"registered_model": ref.uri})
+    print(f"[tlcore] registered {ref.uri} (run {run_id}, {metrics})")
+    return ref

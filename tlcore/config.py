@@ -1,0 +1,118 @@
+"""The run configuration of one training trial.
+
+A trial's config arrives from Ray Tune as a plain dict (search space + fixed values). It is
+turned into a frozen `RunConfig` once, at the top of the trainable, so a typo in a sweep
+script fails the first trial loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+LR_SCHEDULES = ("constant", "cosine", "poly", "one_cycle")
+SAMPLERS = ("weighted", "uniform")
+PRECISIONS = ("auto", "bf16", "fp32")
+DATASETS = ("brats", "ixi")
+
+# Group names of HighRes3DNet, in network order (thesis Table 6.1).
+NUM_LAYER_GROUPS = 6
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # --- what is trained on
+    dataset: str = "brats"                # brats | ixi
+    data_dir: str = ""                    # absolute path; trials run in their own folders
+    splits_file: str = ""                 # JSON written by the driver: {"train": [...], "val": [...], "test": [...]}
+    modalities: tuple = ("t1", "t2")      # the thesis used T1 + T2 so BraTS matches IXI
+    label_map: dict = field(default_factory=dict)  # raw label -> class; {} = the dataset's default
+    train_subset: str = "all"             # S1..S4 (nested subsets, see the subsets issue) or all
+
+    # --- where the weights come from
+    source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3
+    frozen_layers: int = 0                # freeze the first k layer groups (weights and BN stats)
+    tracking_uri: str = ""                # MLflow store holding the source model
+
+    # --- optimisation (thesis: Adam, lr 1e-3, L2, batch 2, 96^3 patches)
+    lr: float = 1e-3
+    lr_schedule: str = "constant"         # constant | cosine | poly | one_cycle
+    weight_decay: float = 1e-5            # Adam's L2 penalty
+    batch_size: int = 2
+    patch_size: tuple = (96, 96, 96)
+    sampler: str = "weighted"             # weighted (rare classes sampled more) | uniform
+    augment: bool = True                  # rotation +-10 degrees, scaling +-10 %
+    max_iterations: int = 10_000
+    report_every: int = 250               # iterations between validation reports (and checkpoints)
+    seed: int = 0
+
+    # --- evaluation (whole-volume sliding window)
+    inference_roi: tuple = ()             # () = patch_size
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.5
+    max_val_subjects: int = 0             # 0 = all validation subjects at every report
+
+    # --- speed
+    precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU
+    channels_last: str = "auto"           # auto = channels-last-3d on a GPU
+    num_threads: int = 0                  # torch CPU threads; 0 = the trial's CPUs
+
+    def __post_init__(self) -> None:
+        # Tune and JSON hand us lists; tuples keep the dataclass hashable-ish and comparable.
+        for name in ("modalities", "patch_size", "inference_roi"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "label_map", {int(k): int(v) for k, v in dict(self.label_map).items()})
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset={self.dataset!r} (choose from {DATASETS})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule={self.lr_schedule!r} (choose from {LR_SCHEDULES})")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler={self.sampler!r} (choose from {SAMPLERS})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} (choose from {PRECISIONS})")
+        if self.channels_last not in ("auto", "on", "off"):
+            problems.append(f"channels_last={self.channels_last!r} (choose from auto, on, off)")
+        if not 0 <= int(self.frozen_layers) <= NUM_LAYER_GROUPS:
+            problems.append(f"frozen_layers={self.frozen_layers} (0..{NUM_LAYER_GROUPS})")
+        if self.source_model == "scratch" and self.frozen_layers:
+            problems.append("frozen_layers > 0 with source_model='scratch' would freeze random weights")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            problems.append(f"patch_size={self.patch_size} (three positive ints)")
+        if self.lr <= 0 or self.batch_size < 1 or self.max_iterations < 1 or self.report_every < 1:
+            problems.append("lr, batch_size, max_iterations and report_every must be positive")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build from a Tune config; nested `start` dicts (source + frozen layers) are merged."""
+        flat = flatten_config(d)
+        unknown = set(flat) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(
+                f"unknown config keys: {sorted(unknown)}; known keys are "
+                f"{sorted(f.name for f in fields(cls))}"
+            )
+        return cls(**flat)
+
+    @property
+    def roi(self) -> tuple:
+        return self.inference_roi or self.patch_size
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat, string-friendly view for MLflow params."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def flatten_config(d: dict[str, Any]) -> dict[str, Any]:
+    """Merge a grid-searched `start` dict ({source_model, frozen_layers}) into the top level.
+
+    Sweeps grid over *pairs* (scratch has no frozen layers), which Tune expresses as a grid
+    over dicts; everything downstream wants flat keys.
+    """
+    flat = {k: v for k, v in d.items() if k != "start"}
+    start = d.get("start")
+    if isinstance(start, dict):
+        flat.update(start)
+    return flat

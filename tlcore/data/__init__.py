@@ -1,0 +1,1 @@
+"""Dataset layouts, splits, loading and patch sampling."""

@@ -1,0 +1,62 @@
+"""Whole-volume sliding-window inference and Dice (MONAI), pure where possible."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi, device: torch.device,
+                   sw_batch_size: int = 2, overlap: float = 0.5, amp_dtype: torch.dtype | None = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Logits (1, K, H, W, D) of a (C, H, W, D) volume, aggregated over roi-sized windows."""
+    x = image[None].to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with autocast(device, amp_dtype):
+        logits = sliding_window_inference(x, roi_size=tuple(roi), sw_batch_size=sw_batch_size,
+                                          predictor=model, overlap=overlap, mode="gaussian")
+    return torch.as_tensor(logits).float()
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice of each foreground class for one subject; a class absent from both is 1.0.
+
+    pred, target: (1, H, W, D) or (H, W, D) class indices.
+    """
+    pred = pred.reshape(1, 1, *pred.shape[-3:]).long()
+    target = target.reshape(1, 1, *target.shape[-3:]).long().to(pred.device)
+    d = compute_dice(one_hot(pred, num_classes), one_hot(target, num_classes),
+                     include_background=False, ignore_empty=False)
+    return d[0].cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, device: torch.device,
+                      loss_fn=None, sw_batch_size: int = 2, overlap: float = 0.5,
+                      amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+    """Mean loss and Dice over subjects, plus each subject's Dice (mean over foreground classes)."""
+    was_training = model.training
+    model.eval()
+    losses, per_subject = [], {}
+    for s in subjects:
+        logits = predict_logits(model, s.image, roi, device, sw_batch_size, overlap, amp_dtype, channels_last)
+        if loss_fn is not None:
+            losses.append(float(loss_fn(logits, s.label[None].to(logits.device))))
+        per_subject[s.id] = float(dice_per_class(logits.argmax(1), s.label, num_classes).mean())
+    model.train(was_training)
+    return {"loss": float(np.mean(losses)) if losses else float("nan"),
+            "dice": float(np.mean(list(per_subject.values()))) if per_subject else float("nan"),
+            "per_subject": per_subject}

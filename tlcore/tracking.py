@@ -1,0 +1,225 @@
+"""Everything tlcore says to MLflow goes through here (the only module importing mlflow).
+
+Runs are addressed by id through `MlflowClient`, never through mlflow's global "active run"
+state, so the same code serves the sweep driver, Tune callbacks and trials on other nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STORE_DIR = REPO_ROOT / "mlflow"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+# Progress bars from trials flood the Ray driver's console.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def default_tracking_uri() -> str:
+    """The embedded store: SQLite under `mlflow/` in the repository."""
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+
+
+@lru_cache(maxsize=8)
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def prepare_store(uri: str) -> None:
+    """Create (and migrate) the store once, in the driver, before any trial opens it.
+
+    Many processes opening a fresh SQLite store at once race on the schema migration.
+    """
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        raise RuntimeError(f"MLflow tracking store {uri} is not usable: {e}. "
+                           "Check --mlflow-uri (or start the server, see mlflow/README.md).") from e
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Id of experiment `name`, created if missing (artifacts beside a SQLite store)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    db = _sqlite_path(uri)
+    if db is not None:  # default would be ./mlartifacts relative to whichever process logs first
+        location = (db.parent / "artifacts" / name).absolute().as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def _params(params: dict) -> list[Param]:
+    out = []
+    for k, v in params.items():
+        s = v if isinstance(v, str) else json.dumps(v, default=str)
+        out.append(Param(k, s[:MAX_PARAM_LEN]))
+    return out
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict | None = None,
+              tags: dict | None = None, parent_run_id: str | None = None) -> str:
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run = client(uri).create_run(experiment_id(uri, experiment), run_name=run_name,
+                                 tags={k: str(v) for k, v in tags.items()})
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def find_child_run(uri: str, experiment: str, parent_run_id: str, trial_id: str) -> str | None:
+    """The child run already logged for a trial (so a resumed trial keeps its run)."""
+    runs = client(uri).search_runs(
+        [experiment_id(uri, experiment)],
+        filter_string=f"tags.trial_id = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    existing = client(uri).get_run(run_id).data.params
+    new = [p for p in _params(params) if p.key not in existing]
+    for i in range(0, len(new), 100):  # MLflow caps a batch at 100 params
+        client(uri).log_batch(run_id, params=new[i:i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    ts = get_current_time_millis()
+    batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if batch:
+        client(uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dict(uri: str, run_id: str, obj, artifact_file: str) -> None:
+    client(uri).log_dict(run_id, obj, artifact_file)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+def run_info(uri: str, run_id: str):
+    return client(uri).get_run(run_id)
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str):
+    return client(uri).search_runs([experiment_id(uri, experiment)],
+                                   filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                   max_results=10_000)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+# ----------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    source: str          # artifact URI of the weights folder
+    run_id: str          # the run that produced the model (lineage)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+
+
+def register_model(uri: str, name: str, run_id: str, artifact_path: str = "model",
+                   tags: dict | None = None) -> ModelRef:
+    """Register the weights folder `artifact_path` of run `run_id` as a new version of `name`."""
+    c = client(uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={k: str(v) for k, v in (tags or {}).items()})
+    return ModelRef(name, str(mv.version), source, run_id)
+
+
+def resolve_model(uri: str, model_uri: str) -> ModelRef:
+    """`models:/name/3`, `models:/name/latest` or `models:/name@alias` -> a concrete version."""
+    m = _MODEL_URI.match(model_uri)
+    if not m:
+        raise ModelNotFoundError(f"{model_uri!r} is not a model URI (models:/<name>/<version|latest> "
+                                 "or models:/<name>@<alias>)")
+    c, name = client(uri), m["name"]
+    try:
+        if m["alias"]:
+            mv = c.get_model_version_by_alias(name, m["alias"])
+        elif m["version"] == "latest":
+            versions = c.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelNotFoundError(f"model {name!r} has no versions in the registry at {uri}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = c.get_model_version(name, m["version"])
+    except MlflowException as e:
+        raise ModelNotFoundError(f"{model_uri} not found in the MLflow registry at {uri}: {e.message}") from e
+    return ModelRef(name, str(mv.version), mv.source, mv.run_id or "")
+
+
+def download_model(uri: str, ref: ModelRef, dst: str | Path | None = None) -> Path:
+    """Download a registered model's weights folder; returns the local folder."""
+    dst = Path(dst or tempfile.mkdtemp(prefix=f"tlcore-{ref.name}-{ref.version}-"))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(dst),
+                                                   tracking_uri=uri))
+
+
+def is_local_uri(uri: str) -> bool:
+    return urlparse(uri).scheme in ("sqlite", "file", "")

@@ -1,0 +1,243 @@
+"""Ray Tune glue (the only module importing ray.tune): the trainable, the MLflow callback,
+and `run_sweep`, which every script in sweeps/ calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from safetensors.torch import save_file
+
+from tlcore import tracking
+from tlcore.config import RunConfig, flatten_config
+from tlcore.data.layouts import default_label_map, find_subjects
+from tlcore.data.pipeline import PatchSampler, load_subject
+from tlcore.data.splits import read_splits
+from tlcore.evaluate import evaluate_subjects
+from tlcore.models import build_model
+from tlcore.train import amp_dtype, pick_device, train_segmentation, use_channels_last
+from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
+
+METRICS = ("train_loss", "val_loss", "val_dice", "lr", "patches_per_s")
+_SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
+
+
+def num_classes(cfg: RunConfig) -> int:
+    return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
+
+
+def load_split(cfg: RunConfig, split: str, with_weights: bool = False) -> list:
+    """Subjects of one split, loaded and normalised once per worker process."""
+    label_map = cfg.label_map or default_label_map(cfg.dataset)
+    ids = read_splits(cfg.splits_file)[split]
+    files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities)
+    out = []
+    for sid in ids:
+        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, with_weights)
+        if key not in _SUBJECT_CACHE:
+            if sid not in files:
+                raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
+            _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
+                                               num_classes(cfg), cfg.patch_size, with_weights)
+        out.append(_SUBJECT_CACHE[key])
+    return out
+
+
+def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+    """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
+    report = TransferReport(source="scratch")
+    if cfg.source_model != "scratch":
+        ref = tracking.resolve_model(cfg.tracking_uri, cfg.source_model)
+        folder = tracking.download_model(cfg.tracking_uri, ref)
+        report = load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+    return model, freeze_first(model, cfg.frozen_layers, report)
+
+
+def train_segmentation_trial(config: dict) -> None:
+    """Function trainable: train one configuration, report every `report_every` iterations."""
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model, transfer = build_start_model(cfg)
+    train = load_split(cfg, "train", with_weights=cfg.sampler == "weighted")
+    val = load_split(cfg, "val")
+    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed)
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    # The transfer report rides along with the first result; the driver's callback logs it.
+    first = {"transfer": _transfer_summary(transfer)} if resume is None else {}
+
+    def report(metrics: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            per_subject = state.pop("val_per_subject")
+            torch.save(state, Path(d) / "state.pt")
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(Path(d) / "model.safetensors"))
+            (Path(d) / "val_per_subject.json").write_text(json.dumps(per_subject, indent=1))
+            tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
+        first.clear()
+
+    train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume)
+
+
+def _transfer_summary(r: TransferReport) -> dict:
+    return {**r.counts(), "source": r.source, "frozen": ",".join(r.frozen_groups) or "none",
+            "reinitialised": ",".join(r.reinitialised) or "none"}
+
+
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
+    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data)."""
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    device = pick_device()
+    model.to(device)
+    ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
+                           cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device), use_channels_last(cfg, device))
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
+
+
+def run_name(config: dict) -> str:
+    c = flatten_config(config)
+    src = c.get("source_model", "scratch").replace("models:/", "")
+    return f"{src} k={c.get('frozen_layers', 0)} lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()
+
+
+class MLflowTrialLogger(tune.Callback):
+    """One MLflow child run per trial, found again by its `trial_id` tag after a restore.
+
+    Ray's MLflowLoggerCallback keeps its trial -> run map in memory, so a restored sweep
+    gets a second run per trial. This callback holds only strings (callbacks are pickled
+    with the experiment state) and looks runs up in the store.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.parent_run_id, self.max_iterations = parent_run_id, max_iterations
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_runs": {}}
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            uri = self.tracking_uri
+            run_id = tracking.find_child_run(uri, self.experiment, self.parent_run_id, trial.trial_id)
+            if run_id is None:
+                cfg = RunConfig.from_dict(trial.config)
+                tags = {"sweep": self.experiment, "trial_id": trial.trial_id}
+                if cfg.source_model != "scratch":
+                    tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
+                run_id = tracking.start_run(uri, self.experiment, run_name(trial.config), cfg.to_params(),
+                                            tags, parent_run_id=self.parent_run_id)
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_id(trial)
+        tracking.log_metrics(self.tracking_uri, run_id, {k: result[k] for k in METRICS if k in result},
+                             step=result.get("iteration", result.get("training_iteration", 0)))
+        transfer = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("transfer/")}
+        if not transfer and isinstance(result.get("transfer"), dict):
+            transfer = result["transfer"]
+        if transfer:
+            tracking.log_params(self.tracking_uri, run_id, {f"transfer.{k}": v for k, v in transfer.items()})
+            tracking.log_dict(self.tracking_uri, run_id, transfer, "transfer_report.json")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        done = (trial.last_result or {}).get("iteration", 0)
+        tracking.set_tags(self.tracking_uri, run_id, {"iterations": done,
+                                                      "stopped_early": done < self.max_iterations})
+        tracking.end_run(self.tracking_uri, run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tracking.set_tags(self.tracking_uri, self._run_id(trial), {"error_file": trial.error_file or ""})
+        tracking.end_run(self.tracking_uri, self._run_id(trial), "FAILED")
+
+
+def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
+              max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
+              cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
+              resume: bool = False, metric: str = "val_dice", mode: str = "max",
+              grace_period: int = 1, reduction_factor: int = 3):
+    """Run (or resume) a sweep of `train_segmentation_trial` with ASHA; returns the ResultGrid."""
+    trainable = tune.with_resources(train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    exp_dir = os.path.join(storage_path, name)
+    if resume and tune.Tuner.can_restore(exp_dir):
+        print(f"[tlcore] resuming {exp_dir}")
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=True)
+    else:
+        if resume:
+            print(f"[tlcore] nothing to resume at {exp_dir}; starting a new sweep")
+        reports = math.ceil(max_iterations / report_every)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                                  grace_period=min(grace_period, reports), reduction_factor=reduction_factor)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=num_samples, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, verbose=1,
+                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                        checkpoint_score_order=mode),
+                failure_config=tune.FailureConfig(max_failures=max_failures)))
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def results_rows(results, max_iterations: int, metric: str = "val_dice") -> list[dict]:
+    """One row per trial: configuration, best metric, iterations run, stopped early or not."""
+    rows = []
+    for r in results:
+        c = flatten_config(r.config)
+        df = r.metrics_dataframe
+        best = float(df[metric].max()) if df is not None and metric in df else float("nan")
+        its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
+        rows.append({"trial_id": (r.metrics or {}).get("trial_id", ""),
+                     "source_model": c.get("source_model", "scratch"),
+                     "frozen_layers": int(c.get("frozen_layers", 0)),
+                     "lr": c.get("lr"), "lr_schedule": c.get("lr_schedule", "constant"),
+                     "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
+                     "iterations": its, "stopped_early": r.error is None and its < max_iterations,
+                     "status": "ERROR" if r.error else "OK"})
+    return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
+                                         row["frozen_layers"], str(row["lr"]), row["seed"]))
+
+
+def best_checkpoint_dir(results, metric: str = "val_dice", mode: str = "max"):
+    """(ResultGrid entry, local checkpoint folder) of the best trial's best checkpoint."""
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    ckpt = best.get_best_checkpoint(metric, mode) or best.checkpoint
+    return best, ckpt
+
+
+def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    return ray.get(task.remote(config, checkpoint, split))
+
+
+def _evaluate_task(config: dict, checkpoint, split: str) -> dict:
+    with checkpoint.as_directory() as d:
+        return evaluate_checkpoint(config, d, split)
