@@ -44,6 +44,7 @@ def main() -> None:
     gpus = cli.start_ray(args)
     sweep = cli.prepare(NAME, "brats", args)
     source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    cli.begin(sweep)
     space, searcher, samples = dict(sweep.base_config), None, 1
     if args.search == "grid":
         space.update(search_space(source))

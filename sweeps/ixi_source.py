@@ -26,6 +26,7 @@ def main() -> None:
     args = cli.sweep_parser(__doc__).parse_args()
     gpus = cli.start_ray(args)
     sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
+    cli.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     if args.num_samples > 1:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])

@@ -103,7 +103,7 @@ def start_ray(args: argparse.Namespace) -> float:
 
 
 def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None) -> Sweep:
-    """Everything that can fail before a trial starts: data, splits, store, parent run."""
+    """Checks that can fail before anything is written: data, splits, the tracking store."""
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     storage = str(Path(args.storage_path).absolute())
     exp_dir = Path(storage) / name
@@ -123,12 +123,6 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         fail(str(e))
 
     previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
-    if exp_dir.exists() and previous is None:
-        aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results
-        print(f"[tlcore] earlier results of {name} moved to {aside}")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-
     if args.splits:
         splits = read_splits(args.splits)
     elif previous:
@@ -138,7 +132,7 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     unknown = sorted(set(sum(splits.values(), [])) - set(subjects))
     if unknown:
         fail(f"split lists name subjects not found in {data_dir}: {unknown[:10]}")
-    splits_file = str(write_splits(exp_dir / "splits.json", splits))
+    splits_file = str(exp_dir / "splits.json")
 
     tracking.prepare_store(uri)
     base = {"dataset": dataset, "data_dir": data_dir, "splits_file": splits_file, "tracking_uri": uri,
@@ -152,30 +146,45 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     base.setdefault("max_iterations", 10_000)
     base.setdefault("report_every", 250)
     sweep = Sweep(name, args, uri, storage, data_dir, splits_file, base)
+    sweep.extra.update(splits=splits, previous=previous)
+    return sweep
 
+
+def begin(sweep: Sweep) -> None:
+    """After every check passed: set the results folder aside or reuse it, open the parent run."""
+    uri, args, name = sweep.tracking_uri, sweep.args, sweep.name
+    exp_dir = Path(sweep.storage_path) / name
+    previous, splits = sweep.extra["previous"], sweep.extra["splits"]
+    if exp_dir.exists() and previous is None:
+        aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results
+        print(f"[tlcore] earlier results of {name} moved to {aside}")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    write_splits(sweep.splits_file, splits)
     if previous:
         sweep.parent_run_id = previous["parent_run_id"]
         tracking.set_tags(uri, sweep.parent_run_id, {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     else:
         params = {k: v for k, v in vars(args).items()}
-        params.update({f"base.{k}": v for k, v in base.items()})
+        params.update({f"base.{k}": v for k, v in sweep.base_config.items()})
         sweep.parent_run_id = tracking.start_run(uri, name, f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
                                                  params, {"sweep": name, "role": "parent"})
         tracking.log_dict(uri, sweep.parent_run_id, splits, "splits.json")
-        state_file.write_text(json.dumps({"parent_run_id": sweep.parent_run_id, "splits_file": splits_file}))
+        (exp_dir / "tlcore_sweep.json").write_text(json.dumps({"parent_run_id": sweep.parent_run_id,
+                                                               "splits_file": sweep.splits_file}))
     print(f"[tlcore] {name}: {len(splits['train'])} train / {len(splits['val'])} val / "
-          f"{len(splits['test'])} test subjects from {data_dir}")
+          f"{len(splits['test'])} test subjects from {sweep.data_dir}")
     print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
-    return sweep
 
 
 def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.ModelRef:
-    """The registered source model, or an error saying how to produce it (before any trial)."""
+    """The registered source model, or an error saying how to produce it (call before `begin`)."""
     try:
         return tracking.resolve_model(sweep.tracking_uri, model_uri)
     except tracking.ModelNotFoundError as e:
-        tracking.end_run(sweep.tracking_uri, sweep.parent_run_id, "FAILED")
-        fail(f"{e}\nProduce the source model first:\n    {how_to_make}\n"
+        if sweep.tracking_uri != tracking.default_tracking_uri():
+            how_to_make += f" --mlflow-uri {sweep.tracking_uri}"
+        fail(f"source model {model_uri} is not available: {e}\nProduce the source model first:\n    {how_to_make}\n"
              f"or pass --source models:/<name>/<version> of a model in this registry.")
 
 

@@ -177,7 +177,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
-              grace_period: int = 1, reduction_factor: int = 3):
+              grace_period: int = 2, reduction_factor: int = 3):
     """Run (or resume) a sweep of `train_segmentation_trial` with ASHA; returns the ResultGrid."""
     trainable = tune.with_resources(train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)

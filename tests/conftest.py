@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """Small synthetic BraTS and IXI datasets in their real layouts (32^3 volumes)."""
+    from tlcore.data.synthetic import ensure_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic(root / "brats", "brats", seed=0, n_hgg=12, n_lgg=2)
+    ensure_synthetic(root / "ixi", "ixi", seed=0, n=10)
+    return root
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path):
+    from tlcore import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    return uri

@@ -1,0 +1,135 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tlcore.data.layouts import DatasetLayoutError, default_label_map, find_brats, find_ixi
+from tlcore.data.pipeline import PatchSampler, SubjectLoadError, load_subject, map_labels
+from tlcore.data.splits import read_splits, split_subjects, write_splits
+from tlcore.data.synthetic import ensure_synthetic, write_brats
+
+
+def test_brats_layout_and_labels(synthetic_root):
+    root = synthetic_root / "brats"
+    hgg = sorted(p.name for p in (root / "HGG").iterdir())
+    assert len(hgg) == 12 and len(list((root / "LGG").iterdir())) == 2
+    sid = hgg[0]
+    for suffix in ("t1", "t1ce", "t2", "flair", "seg"):
+        assert (root / "HGG" / sid / f"{sid}_{suffix}.nii.gz").exists()
+    labels = set()
+    for sid in hgg:
+        labels |= set(np.unique(nib.load(root / "HGG" / sid / f"{sid}_seg.nii.gz").get_fdata()).astype(int))
+    assert labels == {0, 1, 2, 4}
+    assert any(s.startswith("Brats18_CBICA_") for s in hgg) and any(s.startswith("Brats18_2013_") for s in hgg)
+
+
+def test_ixi_layout_and_freesurfer_codes(synthetic_root):
+    root = synthetic_root / "ixi"
+    t1 = sorted((root / "IXI-T1").glob("*.nii.gz"))
+    assert len(t1) == 10 and t1[0].name == "IXI002-Guys-0828-T1.nii.gz"
+    assert (root / "IXI-T2" / "IXI002-Guys-0828-T2.nii.gz").exists()
+    seg = nib.load(root / "labels" / "IXI002-Guys-0828-seg.nii.gz").get_fdata()
+    assert {17, 53} <= set(np.unique(seg).astype(int))
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = write_brats(tmp_path / "a", n_hgg=2, n_lgg=0, shape=(16, 16, 16), seed=3)
+    b = write_brats(tmp_path / "b", n_hgg=2, n_lgg=0, shape=(16, 16, 16), seed=3)
+    c = write_brats(tmp_path / "c", n_hgg=2, n_lgg=0, shape=(16, 16, 16), seed=4)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.nii.gz"))
+    assert files and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
+
+
+def test_ensure_synthetic_reuses_matching_data(tmp_path):
+    root = ensure_synthetic(tmp_path / "ixi", "ixi", seed=0, shape=(16, 16, 16), n=3)
+    f = next(root.rglob("*-T1.nii.gz"))
+    mtime = f.stat().st_mtime_ns
+    ensure_synthetic(tmp_path / "ixi", "ixi", seed=0, shape=(16, 16, 16), n=3)
+    assert f.stat().st_mtime_ns == mtime
+    assert json.loads((root / "tlcore_synthetic.json").read_text())["n"] == 3
+
+
+def test_find_subjects(synthetic_root):
+    brats = find_brats(synthetic_root / "brats")
+    assert len(brats) == 12  # HGG only, as the thesis
+    assert set(next(iter(brats.values()))) == {"t1", "t2", "label"}
+    ixi = find_ixi(synthetic_root / "ixi")
+    assert sorted(ixi)[:2] == ["IXI002", "IXI003"] and ixi["IXI002"]["label"].endswith("IXI002-Guys-0828-seg.nii.gz")
+
+
+def test_missing_files_are_all_named(tmp_path):
+    root = write_brats(tmp_path, n_hgg=3, n_lgg=0, shape=(16, 16, 16))
+    victims = sorted((root / "HGG").iterdir())
+    (victims[0] / f"{victims[0].name}_t2.nii.gz").unlink()
+    (victims[1] / f"{victims[1].name}_seg.nii.gz").unlink()
+    with pytest.raises(DatasetLayoutError) as e:
+        find_brats(root)
+    assert f"{victims[0].name}_t2.nii.gz" in str(e.value) and f"{victims[1].name}_seg.nii.gz" in str(e.value)
+    with pytest.raises(DatasetLayoutError, match="HGG"):
+        find_brats(tmp_path / "nowhere")
+
+
+def test_splits_disjoint_reproducible_and_roundtrip(tmp_path):
+    ids = [f"s{i:03d}" for i in range(210)]
+    s = split_subjects(ids, (0.5, 0.3, 0.2), seed=1)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [105, 63, 42]  # the thesis's BraTS split
+    assert not (set(s["train"]) & set(s["val"])) and not (set(s["val"]) & set(s["test"]))
+    assert set(s["train"]) | set(s["val"]) | set(s["test"]) == set(ids)
+    assert split_subjects(reversed(ids), (0.5, 0.3, 0.2), seed=1) == s
+    assert split_subjects(ids, (0.5, 0.3, 0.2), seed=2) != s
+    assert read_splits(write_splits(tmp_path / "splits.json", s)) == s
+
+
+def test_label_maps():
+    raw = torch.tensor([0, 1, 2, 4, 17, 53, 3])
+    assert map_labels(raw, default_label_map("brats")).tolist() == [0, 1, 0, 1, 0, 0, 0]  # core = 1 + 4
+    assert map_labels(raw, default_label_map("ixi")).tolist() == [0, 0, 0, 0, 1, 2, 0]
+
+
+def _subjects(root, n=4):
+    files = find_brats(root)
+    return [load_subject(sid, f, ("t1", "t2"), default_label_map("brats"), 2, (16, 16, 16))
+            for sid, f in list(files.items())[:n]]
+
+
+def test_zscore_inside_brain(synthetic_root):
+    s = _subjects(synthetic_root / "brats", 1)[0]
+    assert s.image.shape == (2, 32, 32, 32) and s.label.shape == (1, 32, 32, 32)
+    brain = s.image[0] != 0
+    for c in range(2):
+        v = s.image[c][brain]
+        assert abs(float(v.mean())) < 1e-3 and abs(float(v.std()) - 1) < 1e-2
+    assert set(s.label.unique().tolist()) == {0, 1}
+
+
+def test_weighted_sampler_finds_rare_class_more_often(synthetic_root):
+    subjects = _subjects(synthetic_root / "brats")
+    fg = {}
+    for name in ("weighted", "uniform"):
+        sampler = PatchSampler(subjects, (16, 16, 16), 2, name, augment=False, seed=0)
+        hits = [bool((sampler.next_batch()[1][i] > 0).any()) for _ in range(30) for i in range(2)]
+        fg[name] = np.mean(hits)
+    assert fg["weighted"] > 0.9 and fg["weighted"] > fg["uniform"]
+
+
+def test_patches_shapes_augmentation_and_seed(synthetic_root):
+    subjects = _subjects(synthetic_root / "brats")
+    a = PatchSampler(subjects, (16, 12, 8), 3, "weighted", augment=True, seed=5)
+    x, y = a.next_batch()
+    assert x.shape == (3, 2, 16, 12, 8) and y.shape == (3, 1, 16, 12, 8) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) <= {0, 1}  # nearest-neighbour labels survive the affine
+    b = PatchSampler(subjects, (16, 12, 8), 3, "weighted", augment=True, seed=5)
+    assert torch.equal(b.next_batch()[0], x)
+    plain = PatchSampler(subjects, (16, 12, 8), 3, "weighted", augment=False, seed=5)
+    assert not torch.equal(plain.next_batch()[0], x)
+
+
+def test_shape_mismatch_names_subject(tmp_path):
+    root = write_brats(tmp_path, n_hgg=1, n_lgg=0, shape=(16, 16, 16))
+    sid, files = next(iter(find_brats(root).items()))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.uint8), np.eye(4)), files["label"])
+    with pytest.raises(SubjectLoadError, match=f"subject {sid}: image and label shapes differ"):
+        load_subject(sid, files, ("t1", "t2"), {1: 1}, 2)

@@ -1,0 +1,84 @@
+"""End to end: the sweep scripts as a user runs them, with a real local Ray and SQLite MLflow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlcore import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedule", "seed"}
+pytestmark = pytest.mark.slow
+
+
+def run_sweep(script, *args, timeout=600):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, synthetic_root):
+    tmp = tmp_path_factory.mktemp("sweeps")
+    uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    common = ["--mlflow-uri", uri, "--storage-path", str(tmp / "results"), "--smoke-test"]
+    return {"tmp": tmp, "uri": uri, "common": common, "data": synthetic_root}
+
+
+def test_missing_source_fails_before_any_trial(workspace):
+    w = workspace
+    proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "models:/ixi_hippocampus/latest" in proc.stderr and "python sweeps/ixi_source.py" in proc.stderr
+    assert not (w["tmp"] / "results" / "brats_layers").exists()  # nothing written, no trial started
+    assert tracking.client(w["uri"]).get_experiment_by_name("brats_layers") is None
+
+
+def test_source_then_layer_sweep(workspace):
+    w = workspace
+    src = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
+    assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
+    ref = tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
+    assert ref.version == "1" and "registered models:/ixi_hippocampus/1" in src.stdout
+
+    proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "brats_layers results" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+
+    c = tracking.client(w["uri"])
+    exp = c.get_experiment_by_name("brats_layers")
+    parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = tracking.child_runs(w["uri"], "brats_layers", parent)
+    assert len(children) == 7
+    configs = sorted((r.data.params["source_model"], int(r.data.params["frozen_layers"])) for r in children)
+    assert configs == sorted([("scratch", 0)] + [("models:/ixi_hippocampus/1", k) for k in range(6)])
+    for r in children:
+        assert SPEC_PARAMS <= set(r.data.params), set(r.data.params)
+        assert r.data.tags["sweep"] == "brats_layers" and r.data.tags["trial_id"]
+        assert r.info.status == "FINISHED"
+        history = tracking.metric_history(w["uri"], r.info.run_id, "val_dice")
+        assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
+        assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
+        if r.data.params["source_model"] != "scratch":
+            assert r.data.tags["source_run_id"] == ref.run_id
+            assert int(r.data.params["transfer.loaded_tensors"]) > 0
+            assert r.data.params["transfer.reinitialised_tensors"] == "6"  # 3 IXI classes -> 2 BraTS
+    assert any(r.data.tags["stopped_early"] == "True" for r in children), "ASHA stopped nothing"
+    assert any(r.data.tags["stopped_early"] == "False" for r in children)
+    table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"])))
+    assert table.read_text().count("models:/ixi_hippocampus/1") == 6
+
+    # --resume on a finished sweep re-runs nothing and duplicates no run
+    again = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
+    assert len(tracking.child_runs(w["uri"], "brats_layers", parent)) == 7
+    splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["val"])

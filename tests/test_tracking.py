@@ -1,0 +1,52 @@
+import pytest
+
+from tlcore import tracking
+
+
+def test_child_runs_are_found_again_by_trial_id(mlflow_uri):
+    parent = tracking.start_run(mlflow_uri, "exp", "parent", {"a": 1}, {"sweep": "exp"})
+    child = tracking.start_run(mlflow_uri, "exp", "child", {"lr": 0.001, "patch_size": [16, 16, 16]},
+                               {"trial_id": "t1"}, parent_run_id=parent)
+    assert tracking.find_child_run(mlflow_uri, "exp", parent, "t1") == child
+    assert tracking.find_child_run(mlflow_uri, "exp", parent, "t2") is None
+    tracking.log_metrics(mlflow_uri, child, {"val_dice": 0.5, "note": "x"}, step=10)
+    tracking.log_metrics(mlflow_uri, child, {"val_dice": 0.7}, step=20)
+    assert tracking.metric_history(mlflow_uri, child, "val_dice") == [(10, 0.5), (20, 0.7)]
+    tracking.log_params(mlflow_uri, child, {"lr": 0.001, "extra": "y"})  # re-logging is harmless
+    run = tracking.run_info(mlflow_uri, child)
+    assert run.data.params["patch_size"] == "[16, 16, 16]" and run.data.params["extra"] == "y"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    tracking.end_run(mlflow_uri, child)
+    assert tracking.run_info(mlflow_uri, child).info.status == "FINISHED"
+    assert [r.info.run_id for r in tracking.child_runs(mlflow_uri, "exp", parent)] == [child]
+
+
+def test_artifacts_go_next_to_the_sqlite_store(mlflow_uri, tmp_path):
+    run = tracking.start_run(mlflow_uri, "exp2", "r")
+    tracking.log_dict(mlflow_uri, run, {"x": 1}, "d.json")
+    assert (tmp_path / "mlflow" / "artifacts" / "exp2").is_dir()
+
+
+def test_register_and_resolve_models(mlflow_uri, tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"weights")
+    runs = []
+    for _ in range(2):
+        run = tracking.start_run(mlflow_uri, "src", "r")
+        tracking.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
+        runs.append(run)
+        ref = tracking.register_model(mlflow_uri, "ixi_hippocampus", run, tags={"source_run_id": run})
+    assert ref.uri == "models:/ixi_hippocampus/2"
+    latest = tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus/latest")
+    assert (latest.version, latest.run_id) == ("2", runs[1])
+    assert tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus/1").run_id == runs[0]
+    tracking.client(mlflow_uri).set_registered_model_alias("ixi_hippocampus", "champion", "1")
+    assert tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus@champion").version == "1"
+    folder = tracking.download_model(mlflow_uri, latest, tmp_path / "dl")
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("uri", ["models:/nope/latest", "models:/nope/1", "runs:/abc/model"])
+def test_missing_models_raise_model_not_found(mlflow_uri, uri):
+    with pytest.raises(tracking.ModelNotFoundError):
+        tracking.resolve_model(mlflow_uri, uri)
