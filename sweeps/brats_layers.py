@@ -8,6 +8,8 @@
 Needs the source model: run sweeps/ixi_source.py first (or pass --source models:/<name>/<v>).
 """
 
+from functools import partial
+
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -28,13 +30,12 @@ def search_space(source: str) -> dict:
     }
 
 
-def optuna_space(source: str):
-    def define_by_run(trial) -> None:  # frozen layers only mean something for a transferred model
-        if trial.suggest_categorical("source_model", ["scratch", source]) != "scratch":
-            trial.suggest_int("frozen_layers", 0, 5)
-        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-        trial.suggest_categorical("lr_schedule", ["constant", "cosine", "poly", "one_cycle"])
-    return define_by_run
+def optuna_space(trial, source: str) -> None:
+    # define-by-run: frozen layers only mean something for a transferred model
+    if trial.suggest_categorical("source_model", ["scratch", source]) != "scratch":
+        trial.suggest_int("frozen_layers", 0, 5)
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    trial.suggest_categorical("lr_schedule", ["constant", "cosine", "poly", "one_cycle"])
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         if args.num_samples > 1:  # repeats differ by seed, reproducibly
             space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     else:
-        searcher = ConcurrencyLimiter(OptunaSearch(optuna_space(source), metric="val_dice", mode="max",
+        searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
                                                    seed=args.seed), max_concurrent=4)
         samples = args.num_samples
     results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,

@@ -117,6 +117,11 @@ def run_name(config: dict) -> str:
     return f"{src} k={c.get('frozen_layers', 0)} lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()
 
 
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Tune's default spells out the whole config)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
 class MLflowTrialLogger(tune.Callback):
     """One MLflow child run per trial, found again by its `trial_id` tag after a restore.
 
@@ -193,7 +198,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=num_samples, reuse_actors=True),
+                                        num_samples=num_samples, reuse_actors=True,
+                                        trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=1,
                 callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations)],
@@ -217,7 +223,7 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice") -> list
         rows.append({"trial_id": (r.metrics or {}).get("trial_id", ""),
                      "source_model": c.get("source_model", "scratch"),
                      "frozen_layers": int(c.get("frozen_layers", 0)),
-                     "lr": c.get("lr"), "lr_schedule": c.get("lr_schedule", "constant"),
+                     "lr": f"{c.get('lr', 0):.3g}", "lr_schedule": c.get("lr_schedule", "constant"),
                      "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
                      "iterations": its, "stopped_early": r.error is None and its < max_iterations,
                      "status": "ERROR" if r.error else "OK"})

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# MLflow UI over the embedded store, on 127.0.0.1 only. Usage: mlflow/ui.sh [port]
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+exec "$here/../.venv/bin/mlflow" ui --backend-store-uri "sqlite:///$here/mlflow.db" \
+    --default-artifact-root "$here/artifacts" --host 127.0.0.1 --port "${1:-5000}"
