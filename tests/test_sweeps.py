@@ -39,12 +39,29 @@ def test_missing_source_fails_before_any_trial(workspace):
     assert tracking.client(w["uri"]).get_experiment_by_name("brats_layers") is None
 
 
-def test_source_then_layer_sweep(workspace):
+@pytest.fixture(scope="module")
+def source_model(workspace):
     w = workspace
     src = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
     assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
-    ref = tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
-    assert ref.version == "1" and "registered models:/ixi_hippocampus/1" in src.stdout
+    assert "registered models:/ixi_hippocampus/1" in src.stdout and "test_dice" in src.stdout
+    return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
+
+
+def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
+    w, ref = workspace, source_model
+    assert ref.version == "1"
+    run = tracking.run_info(w["uri"], ref.run_id)
+    assert run.data.tags["sweep"] == "ixi_source" and "test_dice" in run.data.metrics
+    mv = tracking.client(w["uri"]).get_model_version("ixi_hippocampus", "1")
+    assert mv.tags["source_run_id"] == ref.run_id
+    folder = tracking.download_model(w["uri"], ref, w["tmp"] / "dl")
+    assert (folder / "model.safetensors").stat().st_size > 3_000_000  # ~0.81 M float32 parameters
+    assert json.loads((folder / "tlcore_model.json").read_text())["num_classes"] == 3
+
+
+def test_layer_sweep(workspace, source_model):
+    w, ref = workspace, source_model
 
     proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,3 +99,43 @@ def test_source_then_layer_sweep(workspace):
     assert len(tracking.child_runs(w["uri"], "brats_layers", parent)) == 7
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["val"])
+
+
+def test_optuna_search(workspace, source_model):
+    w = workspace
+    proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"],
+                     "--search", "optuna", "--num-samples", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = tracking.client(w["uri"])
+    exp = c.get_experiment_by_name("brats_layers")
+    newest = c.search_runs([exp.experiment_id], "tags.role = 'parent'", order_by=["attributes.start_time DESC"])[0]
+    children = tracking.child_runs(w["uri"], "brats_layers", newest.info.run_id)
+    assert len(children) == 3
+    assert len({r.data.params["lr"] for r in children}) == 3
+    for r in children:
+        assert r.data.params["lr_schedule"] in {"constant", "cosine", "poly", "one_cycle"}
+        assert 1e-4 <= float(r.data.params["lr"]) <= 1e-2
+        if r.data.params["source_model"] == "scratch":
+            assert r.data.params["frozen_layers"] == "0"
+
+
+def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
+    """`--address` with a cluster started by `ray start --head` (here: on this machine)."""
+    w = workspace
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = "6391"
+    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2",
+                            "--include-dashboard", "false", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        proc = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--smoke-test",
+                         "--address", f"127.0.0.1:{port}", "--mlflow-uri", uri,
+                         "--storage-path", str(tmp_path / "results"), "--max-iterations", "4")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr
+        assert tracking.resolve_model(uri, "models:/ixi_hippocampus/latest").version == "1"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
