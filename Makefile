@@ -1,7 +1,6 @@
 # The two commands of the README:  make demo   and   make test
 # Both create the virtual environment on first use (about 2 minutes).
 PY := .venv/bin/python
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test bench clean-results
 

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Run-config overrides per data situation. Real data keeps the thesis regime (RunConfig defaults).
 SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 32, 32),
-             "max_iterations": 150, "report_every": 25}
+             "max_iterations": 120, "report_every": 20}
 SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 32),
          "max_iterations": 12, "report_every": 4, "max_val_subjects": 2}
 SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24}}
@@ -85,8 +85,8 @@ def start_ray(args: argparse.Namespace) -> float:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if args.address is None:
-        # A private local Ray for one machine: no token needed, nothing listens beyond loopback.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A private local Ray for this machine: no dashboard; Ray's token authentication stays
+        # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=args.address)

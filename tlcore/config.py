@@ -73,8 +73,8 @@ class RunConfig:
             problems.append(f"precision={self.precision!r} (choose from {PRECISIONS})")
         if self.channels_last not in ("auto", "on", "off"):
             problems.append(f"channels_last={self.channels_last!r} (choose from auto, on, off)")
-        if not 0 <= int(self.frozen_layers) <= NUM_LAYER_GROUPS:
-            problems.append(f"frozen_layers={self.frozen_layers} (0..{NUM_LAYER_GROUPS})")
+        if not 0 <= int(self.frozen_layers) < NUM_LAYER_GROUPS:  # the head always trains
+            problems.append(f"frozen_layers={self.frozen_layers} (0..{NUM_LAYER_GROUPS - 1})")
         if self.source_model == "scratch" and self.frozen_layers:
             problems.append("frozen_layers > 0 with source_model='scratch' would freeze random weights")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
