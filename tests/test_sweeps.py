@@ -48,6 +48,15 @@ def source_model(workspace):
     return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
 
 
+def test_more_gpus_than_the_cluster_has_fails_fast(workspace, tmp_path):
+    w = workspace
+    proc = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--smoke-test",
+                     "--gpus-per-trial", "1", "--storage-path", str(tmp_path / "results"),
+                     "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", timeout=120)
+    assert proc.returncode == 2 and "--gpus-per-trial 1.0 but the Ray cluster has 0 GPUs" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     w, ref = workspace, source_model
     assert ref.version == "1"
@@ -132,7 +141,7 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
     try:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         proc = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--smoke-test",
-                         "--address", f"127.0.0.1:{port}", "--mlflow-uri", uri,
+                         "--address", "auto", "--mlflow-uri", uri,
                          "--storage-path", str(tmp_path / "results"), "--max-iterations", "4")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr

@@ -207,9 +207,14 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
     tracking.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
     tracking.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
-    ui_uri = uri if not uri.startswith("sqlite:///") else uri
     print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}")
-    print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {ui_uri} --host 127.0.0.1 --port 5000")
+    if uri.startswith("sqlite:///"):
+        print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"[tlcore] open the UI:  {uri}")
+    if errors:
+        fail(f"{errors} trial(s) failed (status ERROR above); their error files are under "
+             f"{Path(sweep.storage_path) / sweep.name}; rerun with --resume to retry them")
     return table
 
 
