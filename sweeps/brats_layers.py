@@ -42,8 +42,8 @@ def main() -> None:
     parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     args = parser.parse_args()
-    gpus = cli.start_ray(args)
     sweep = cli.prepare(NAME, "brats", args)
+    gpus = cli.start_ray(args)
     source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     cli.begin(sweep)
     space, searcher, samples = dict(sweep.base_config), None, 1

@@ -24,8 +24,8 @@ SEARCH_SPACE = {
 
 def main() -> None:
     args = cli.sweep_parser(__doc__).parse_args()
-    gpus = cli.start_ray(args)
     sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
+    gpus = cli.start_ray(args)
     cli.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     if args.num_samples > 1:

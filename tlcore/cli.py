@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.data.layouts import DatasetLayoutError, find_subjects
-from tlcore.data.splits import DEFAULT_FRACTIONS, read_splits, split_subjects, write_splits
+from tlcore.data.layouts import find_subjects
+from tlcore.data.splits import DEFAULT_FRACTIONS, nested_subsets, read_splits, split_subjects, write_splits
 from tlcore.data.synthetic import ensure_synthetic
+from tlcore.validate import validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,8 @@ def start_ray(args: argparse.Namespace) -> float:
     return gpus
 
 
-def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None) -> Sweep:
+def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None,
+            modalities=("t1", "t2"), subset_sizes=None) -> Sweep:
     """Checks that can fail before anything is written: data, splits, the tracking store."""
     uri = args.mlflow_uri or tracking.default_tracking_uri()
     storage = str(Path(args.storage_path).absolute())
@@ -117,10 +119,11 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         profile = dict(SYNTHETIC)
     if args.smoke_test:
         profile = dict(SMOKE)
-    try:
-        subjects = find_subjects(dataset, data_dir)
-    except DatasetLayoutError as e:
-        fail(str(e))
+    report = validate_dataset(dataset, data_dir, modalities, label_map)
+    if not report.ok:
+        fail("the dataset has problems; no trial was started and nothing was written.\n" + report.format())
+    print("[tlcore] " + report.format())
+    subjects = find_subjects(dataset, data_dir, modalities)
 
     previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
     if args.splits:
@@ -129,7 +132,12 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         splits = read_splits(previous["splits_file"])
     else:
         splits = split_subjects(subjects, DEFAULT_FRACTIONS[dataset], seed=args.seed)
-    unknown = sorted(set(sum(splits.values(), [])) - set(subjects))
+    if "subsets" not in splits or subset_sizes:
+        try:
+            splits["subsets"] = nested_subsets(splits["train"], subset_sizes, seed=args.seed)
+        except ValueError as e:
+            fail(str(e))
+    unknown = sorted(set(splits["train"] + splits["val"] + splits["test"]) - set(subjects))
     if unknown:
         fail(f"split lists name subjects not found in {data_dir}: {unknown[:10]}")
     splits_file = str(exp_dir / "splits.json")
@@ -240,3 +248,22 @@ def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name
     tracking.set_tags(uri, sweep.parent_run_id, {"registered_model": ref.uri})
     print(f"[tlcore] registered {ref.uri} (run {run_id}, {metrics})")
     return ref
+
+
+def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
+    """Rows in the shape of thesis Tables 6.3-6.6: per subset and model, train / val / test Dice
+    and the iteration of the chosen (best validation) checkpoint."""
+    subsets = splits.get("subsets", {})
+    out = []
+    for r in rows:
+        s = scores.get(r["trial_id"], {})
+        fmt = lambda v: "" if v is None else round(v, 4)
+        subset = r.get("train_subset", "all")
+        out.append({"train_subset": f"{subset} ({len(subsets.get(subset, splits['train']))})",
+                    "model": "scratch" if r["source_model"] == "scratch" else f"k={r['frozen_layers']}",
+                    "lr_schedule": r["lr_schedule"], "seed": r["seed"],
+                    "train_dice": fmt(s.get("train_dice")), "val_dice": r["best_val_dice"],
+                    "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", ""),
+                    "iterations": r["iterations"], "stopped_early": r["stopped_early"],
+                    "status": r["status"], "trial_id": r["trial_id"]})
+    return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))

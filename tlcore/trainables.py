@@ -21,7 +21,7 @@ from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
-from tlcore.data.splits import read_splits
+from tlcore.data.splits import read_splits, training_ids
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.train import amp_dtype, pick_device, train_segmentation, use_channels_last
@@ -38,7 +38,8 @@ def num_classes(cfg: RunConfig) -> int:
 def load_split(cfg: RunConfig, split: str, with_weights: bool = False) -> list:
     """Subjects of one split, loaded and normalised once per worker process."""
     label_map = cfg.label_map or default_label_map(cfg.dataset)
-    ids = read_splits(cfg.splits_file)[split]
+    splits = read_splits(cfg.splits_file)
+    ids = training_ids(splits, cfg.train_subset) if split == "train" else splits[split]
     files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities)
     out = []
     for sid in ids:
@@ -223,6 +224,7 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice") -> list
         rows.append({"trial_id": (r.metrics or {}).get("trial_id", ""),
                      "source_model": c.get("source_model", "scratch"),
                      "frozen_layers": int(c.get("frozen_layers", 0)),
+                     "train_subset": c.get("train_subset", "all"),
                      "lr": f"{c.get('lr', 0):.3g}", "lr_schedule": c.get("lr_schedule", "constant"),
                      "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
                      "iterations": its, "stopped_early": r.error is None and its < max_iterations,
@@ -247,3 +249,34 @@ def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: flo
 def _evaluate_task(config: dict, checkpoint, split: str) -> dict:
     with checkpoint.as_directory() as d:
         return evaluate_checkpoint(config, d, split)
+
+
+def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
+                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice") -> dict:
+    """Evaluate each surviving trial's best checkpoint on `splits`, in parallel Ray tasks.
+
+    A trial survives when ASHA let it run to `max_iterations`. Whole-volume Dice per split
+    (train = the trial's own training subset) is logged to the trial's MLflow run, with the
+    per-subject Dice as artifacts. Returns trial_id -> {"<split>_dice", "best_iteration"}.
+    """
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    pending = {}
+    for r in results:
+        df = r.metrics_dataframe
+        if r.error or df is None or df["iteration"].max() < max_iterations:
+            continue
+        checkpoint = r.get_best_checkpoint(metric, "max") or r.checkpoint
+        best_iteration = int(df.loc[df[metric].idxmax(), "iteration"])
+        trial_id = r.metrics["trial_id"]
+        pending[trial_id] = (best_iteration, {s: task.remote(r.config, checkpoint, s) for s in splits})
+    out = {}
+    for trial_id, (best_iteration, refs) in pending.items():
+        scores = {s: ray.get(ref) for s, ref in refs.items()}
+        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()}}
+        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+        if run_id:
+            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()},
+                                 step=best_iteration)
+            for s, v in scores.items():
+                tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+    return out

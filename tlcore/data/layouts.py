@@ -31,15 +31,18 @@ def default_label_map(dataset: str) -> dict[int, int]:
     return dict(BRATS_TARGETS["tumour_core"] if dataset == "brats" else IXI_HIPPOCAMPUS)
 
 
-def find_subjects(dataset: str, data_dir: str | Path, modalities=("t1", "t2")) -> dict[str, dict[str, str]]:
+def find_subjects(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
+                  strict: bool = True) -> dict[str, dict[str, str]]:
+    """Subject id -> files. strict=False keeps subjects with missing files (their expected
+    paths are listed) so that validation can report every problem at once."""
     if dataset == "brats":
-        return find_brats(data_dir, modalities)
+        return find_brats(data_dir, modalities, strict=strict)
     if dataset == "ixi":
-        return find_ixi(data_dir, modalities)
+        return find_ixi(data_dir, modalities, strict=strict)
     raise DatasetLayoutError(f"unknown dataset {dataset!r}: expected 'brats' or 'ixi'")
 
 
-def find_brats(root: str | Path, modalities=("t1", "t2"), grades=("HGG",)) -> dict[str, dict[str, str]]:
+def find_brats(root: str | Path, modalities=("t1", "t2"), grades=("HGG",), strict: bool = True) -> dict[str, dict[str, str]]:
     """`<root>/HGG/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz` (the thesis used HGG only)."""
     root = Path(root).absolute()
     bad = [m for m in modalities if m not in BRATS_MODALITIES]
@@ -63,7 +66,7 @@ def find_brats(root: str | Path, modalities=("t1", "t2"), grades=("HGG",)) -> di
                     missing.append(str(path))
                 files[key] = str(path)
             subjects[case.name] = files
-    if missing:
+    if missing and strict:
         raise DatasetLayoutError(
             f"{len(missing)} BraTS file(s) missing under {root}:\n  " + "\n  ".join(missing)
             + "\nRestore them from the BraTS 2018 archive or remove those subject folders.")
@@ -72,7 +75,8 @@ def find_brats(root: str | Path, modalities=("t1", "t2"), grades=("HGG",)) -> di
     return subjects
 
 
-def find_ixi(root: str | Path, modalities=("t1", "t2"), label_dir: str = "labels") -> dict[str, dict[str, str]]:
+def find_ixi(root: str | Path, modalities=("t1", "t2"), label_dir: str = "labels",
+             strict: bool = True) -> dict[str, dict[str, str]]:
     """IXI files `IXI002-Guys-0828-T1.nii.gz` anywhere under root, labels under `<root>/<label_dir>`.
 
     Labels are the user's own segmentations (e.g. FreeSurfer aseg resampled to the T1): one
@@ -101,8 +105,10 @@ def find_ixi(root: str | Path, modalities=("t1", "t2"), label_dir: str = "labels
                 missing.append(f"{sid}: no {m.upper()} image (expected {sid}-<Site>-<####>-{m.upper()}.nii.gz)")
         if sid not in labels:
             missing.append(f"{sid}: no label file {root / label_dir / (sid + '-seg.nii.gz')}")
-        subjects[sid] = {**{m: files.get(m, "") for m in modalities}, "label": labels.get(sid, "")}
-    if missing:
+        subjects[sid] = {**{m: files.get(m, str(root / f"IXI-{m.upper()}" / f"{sid}-<Site>-<####>-{m.upper()}.nii.gz"))
+                            for m in modalities},
+                         "label": labels.get(sid, str(root / label_dir / f"{sid}-seg.nii.gz"))}
+    if missing and strict:
         raise DatasetLayoutError(
             f"{len(missing)} IXI problem(s) under {root}:\n  " + "\n  ".join(missing)
             + "\nAdd the files, or move incomplete subjects out of the data folder.")

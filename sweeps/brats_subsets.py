@@ -1,0 +1,58 @@
+"""Does transfer help more when the target has fewer training subjects?
+(thesis ch. 6, experiment B: nested training subsets S1 < S2 < S3 < S4 of BraTS HGG)
+
+    python sweeps/brats_subsets.py                        # synthetic BraTS, local Ray
+    python sweeps/brats_subsets.py --address auto --data-dir /data/MICCAI_BraTS_2018_Data_Training \
+        --subset-sizes 26,52,78,105
+
+Needs the source model: run sweeps/ixi_source.py first (or pass --source models:/<name>/<v>).
+Surviving trials are evaluated on the test split; the table has the shape of thesis Tables 6.3-6.6.
+"""
+
+from ray import tune
+
+from tlcore import cli
+from tlcore.trainables import evaluate_trials, results_rows, run_sweep
+
+NAME = "brats_subsets"
+
+
+def search_space(source: str) -> dict:
+    return {
+        # scratch and the IXI model with its first 1, 2 or 3 layer groups frozen (thesis models 1-3)
+        "start": tune.grid_search([{"source_model": "scratch", "frozen_layers": 0}]
+                                  + [{"source_model": source, "frozen_layers": k} for k in (1, 2, 3)]),
+        "train_subset": tune.grid_search(["S1", "S2", "S3", "S4"]),
+        "lr_schedule": tune.grid_search(["constant", "cosine"]),
+        "lr": 1e-3,
+    }
+
+
+def main() -> None:
+    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest")
+    parser.add_argument("--subset-sizes", default=None,
+                        help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
+    sweep = cli.prepare(NAME, "brats", args, subset_sizes=sizes)
+    gpus = cli.start_ray(args)
+    source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    cli.begin(sweep)
+    space = {**sweep.base_config, **search_space(source)}
+    if args.smoke_test:
+        space["lr_schedule"] = "constant"
+    if args.num_samples > 1:
+        space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
+    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
+                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
+                        report_every=sweep.report_every, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=gpus, max_failures=args.max_failures, resume=args.resume)
+    scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
+                             parent_run_id=sweep.parent_run_id, max_iterations=sweep.max_iterations,
+                             cpus=args.cpus_per_trial, gpus=gpus)
+    rows = cli.subset_table(results_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
+    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
