@@ -148,3 +148,44 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
         assert tracking.resolve_model(uri, "models:/ixi_hippocampus/latest").version == "1"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_broken_dataset_stops_the_sweep_before_anything_is_written(workspace, tmp_path):
+    import shutil
+
+    data = tmp_path / "brats"
+    shutil.copytree(workspace["data"] / "brats", data)
+    cases = sorted((data / "HGG").iterdir())
+    (cases[0] / f"{cases[0].name}_t2.nii.gz").unlink()
+    (cases[1] / f"{cases[1].name}_seg.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    db = tmp_path / "mlflow" / "mlflow.db"
+    proc = run_sweep("brats_layers.py", "--data-dir", str(data), "--smoke-test", "--mlflow-uri", f"sqlite:///{db}",
+                     "--storage-path", str(tmp_path / "results"), "--source", "models:/whatever/1", timeout=120)
+    assert proc.returncode == 2
+    assert f"{cases[0].name}_t2.nii.gz: file missing" in proc.stderr
+    assert f"{cases[1].name}_seg.nii.gz: truncated or corrupt gzip" in proc.stderr
+    assert "no trial was started" in proc.stderr
+    assert not db.exists() and not (tmp_path / "results").exists()
+
+
+def test_subsets_sweep(workspace, source_model):
+    w = workspace
+    proc = run_sweep("brats_subsets.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    c = tracking.client(w["uri"])
+    exp = c.get_experiment_by_name("brats_subsets")
+    parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
+    children = tracking.child_runs(w["uri"], "brats_subsets", parent)
+    assert len(children) == 16  # scratch + k=1,2,3 x S1..S4 (one lr schedule in a smoke test)
+    assert sorted({r.data.params["train_subset"] for r in children}) == ["S1", "S2", "S3", "S4"]
+    survivors = [r for r in children if r.data.tags["stopped_early"] == "False"]
+    assert survivors
+    for r in survivors:
+        assert 0 <= r.data.metrics["test_dice"] <= 1 and "train_dice" in r.data.metrics
+        arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert "test_per_subject_dice.json" in arts
+    splits = json.loads((w["tmp"] / "results" / "brats_subsets" / "splits.json").read_text())
+    s = [set(splits["subsets"][f"S{k}"]) for k in range(1, 5)]
+    assert s[0] < s[1] < s[2] < s[3] == set(splits["train"])
+    table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
+    assert "test_dice" in table and table.count("S1 (") == 4

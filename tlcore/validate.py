@@ -90,7 +90,7 @@ def inspect_file(path: str, is_label: bool) -> dict:
         except gzip.BadGzipFile as e:
             if raw[:2] != b"\x1f\x8b":
                 return {"error": "named .gz but not gzip-compressed: rename it to .nii or compress it with gzip"}
-            return {"error": f"corrupt gzip data ({e}): the file is damaged; extract or download it again"}
+            return {"error": f"truncated or corrupt gzip data ({e}): the file is damaged; extract or download it again"}
         except (EOFError, zlib.error, OSError) as e:
             return {"error": f"truncated or corrupt gzip data ({e or 'ended early'}): the file is damaged; "
                              "extract or download it again"}
