@@ -2,6 +2,8 @@
 
     python -m tlcore.validate brats --data-dir /data/MICCAI_BraTS_2018_Data_Training
     python -m tlcore.validate ixi   --data-dir /data/IXI
+    python -m tlcore.validate mura  --data-dir /data            # the folder holding MURA-v1.1/
+    python -m tlcore.validate chestxray --data-dir /data/ChestX-ray14 --finding Pneumothorax
 
 Every image is decompressed in full (nibabel stops reading before the gzip CRC, so a bit flip
 inside a .nii.gz would otherwise pass). Per-file results are cached by path, size and mtime
@@ -76,6 +78,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore" / "validate"
 
 
+def inspect_png(path: str) -> dict:
+    """Check a radiograph's structure and chunk CRCs without decoding every pixel."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.exists():
+        return {"error": "file missing: restore it, or remove it from the CSV"}
+    if p.stat().st_size == 0:
+        return {"error": "empty file (0 bytes): the copy or download was interrupted; copy it again"}
+    try:
+        with Image.open(p) as im:
+            size = im.size
+            im.verify()
+    except Exception as e:
+        return {"error": f"unreadable or truncated image ({type(e).__name__}: {e}); copy it again"}
+    return {"size": list(size)}
+
+
 def inspect_file(path: str, is_label: bool) -> dict:
     """Read one NIfTI file completely; a summary, or {'error': what is wrong and what to do}."""
     p = Path(path)
@@ -112,6 +132,10 @@ def inspect_file(path: str, is_label: bool) -> dict:
     return out
 
 
+def _inspect(path: str, is_label: bool) -> dict:
+    return inspect_png(path) if path.lower().endswith(".png") else inspect_file(path, is_label)
+
+
 def _cached_inspect(files: list[tuple[str, bool]], cache_file: Path) -> tuple[dict, int]:
     cache = {}
     if cache_file.exists():
@@ -137,7 +161,7 @@ def _cached_inspect(files: list[tuple[str, bool]], cache_file: Path) -> tuple[di
         else:
             todo.append((path, is_label, k))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
-        for (path, _, k), res in zip(todo, pool.map(lambda t: inspect_file(t[0], t[1]), todo)):
+        for (path, _, k), res in zip(todo, pool.map(lambda t: _inspect(t[0], t[1]), todo)):
             results[path] = res
             if k and "error" not in res:  # only cache good files: a broken one is re-read after a fix
                 cache["files"][k] = res
@@ -173,9 +197,43 @@ def _duplicates(dataset: str, root: Path) -> list[Problem]:
     return problems
 
 
+def validate_images_2d(dataset: str, data_dir: str | Path, finding: str = "Pneumothorax",
+                       use_cache: bool = True) -> ValidationReport:
+    """Check MURA or ChestX-ray14: CSVs against the images on disk, split lists, every PNG."""
+    t0 = time.perf_counter()
+    root = Path(data_dir).absolute()
+    report = ValidationReport(dataset, str(root))
+    try:
+        if dataset == "mura":
+            from tlcore.data.mura import find_mura
+            images, problems = find_mura(root)
+            report.subjects = len({i.patient for i in images})
+        else:
+            from tlcore.data.chestxray import find_chestxray
+            images, problems = find_chestxray(root, finding)
+            report.subjects = len({i.patient for i in images})
+    except DatasetLayoutError as e:
+        report.errors.append(Problem(str(root), str(e)))
+        return report
+    report.errors += [Problem(p, m) for p, m in problems]
+    files = [(i.path, False) for i in images]
+    report.files = len(files)
+    digest = hashlib.sha1(f"{dataset}|{root}".encode()).hexdigest()[:16]
+    results, report.cached = _cached_inspect(files, cache_dir() / f"{digest}.json") if use_cache else \
+        ({f: inspect_png(f) for f, _ in files}, 0)
+    report.errors += [Problem(f, r["error"]) for f, r in results.items() if "error" in r]
+    if dataset == "chestxray" and images and not any(i.label for i in images):
+        report.errors.append(Problem(str(root), f"no image labelled {finding!r}: check the finding's spelling"))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
 def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
-                     label_map: dict | None = None, use_cache: bool = True) -> ValidationReport:
-    """Check a 3D dataset (brats, ixi); never raises for a data problem, reports it."""
+                     label_map: dict | None = None, use_cache: bool = True,
+                     finding: str = "Pneumothorax") -> ValidationReport:
+    """Check a dataset (brats, ixi, mura, chestxray); never raises for a data problem, reports it."""
+    if dataset in ("mura", "chestxray"):
+        return validate_images_2d(dataset, data_dir, finding, use_cache)
     t0 = time.perf_counter()
     root = Path(data_dir).absolute()
     report = ValidationReport(dataset, str(root))
@@ -245,12 +303,14 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["brats", "ixi"])
+    p.add_argument("dataset", choices=["brats", "ixi", "mura", "chestxray"])
     p.add_argument("--data-dir", required=True)
     p.add_argument("--modalities", default="t1,t2", help=f"comma-separated (BraTS: {','.join(BRATS_MODALITIES)})")
+    p.add_argument("--finding", default="Pneumothorax", help="ChestX-ray14 finding against 'No Finding'")
     p.add_argument("--no-cache", action="store_true", help="re-read every file")
     a = p.parse_args(argv)
-    report = validate_dataset(a.dataset, a.data_dir, tuple(a.modalities.split(",")), use_cache=not a.no_cache)
+    report = validate_dataset(a.dataset, a.data_dir, tuple(a.modalities.split(",")), use_cache=not a.no_cache,
+                              finding=a.finding)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -92,3 +92,12 @@ def training_ids(splits: dict, subset: str = "all") -> list[str]:
     if subset not in subsets:
         raise KeyError(f"train_subset {subset!r} is not in the split file (has {sorted(subsets) or 'no subsets'})")
     return subsets[subset]
+
+
+def split_patients(pool: list[str], test: list[str], val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
+    """2D datasets: the official test patients stay the test split; the official training pool
+    is cut into train / val by patient, so no patient's images are in two splits."""
+    pool = sorted(set(pool) - set(test))
+    order = [pool[i] for i in np.random.default_rng([seed, 11]).permutation(len(pool))]
+    n_val = max(1, round(val_fraction * len(pool)))
+    return {"train": sorted(order[n_val:]), "val": sorted(order[:n_val]), "test": sorted(set(test))}
