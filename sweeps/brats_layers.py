@@ -39,7 +39,7 @@ def optuna_space(trial, source: str) -> None:
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest")
+    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     args = parser.parse_args()
     sweep = cli.prepare(NAME, "brats", args)

@@ -29,7 +29,7 @@ def search_space(source: str) -> dict:
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest")
+    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--subset-sizes", default=None,
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
     args = parser.parse_args()

@@ -133,3 +133,36 @@ def test_shape_mismatch_names_subject(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.uint8), np.eye(4)), files["label"])
     with pytest.raises(SubjectLoadError, match=f"subject {sid}: image and label shapes differ"):
         load_subject(sid, files, ("t1", "t2"), {1: 1}, 2)
+
+
+def test_nested_subsets_are_nested_stable_and_inside_train():
+    from tlcore.data.splits import check_splits, default_subset_sizes, nested_subsets
+
+    assert default_subset_sizes(105) == [26, 52, 79, 105]  # thesis: S1 = 26, S4 = all
+    assert default_subset_sizes(10) == [2, 5, 7, 10]
+    train = [f"s{i:03d}" for i in range(105)]
+    subsets = nested_subsets(train, seed=3)
+    sets = [set(subsets[f"S{k}"]) for k in range(1, 5)]
+    assert sets[0] < sets[1] < sets[2] < sets[3] == set(train)
+    assert nested_subsets(list(reversed(train)), seed=3) == subsets          # stable across runs
+    assert nested_subsets(train, [10, 20, 30, 40], seed=4)["S1"] != nested_subsets(train, [10, 20, 30, 40], seed=3)["S1"]
+    with pytest.raises(ValueError, match="must increase"):
+        nested_subsets(train, [30, 20, 40, 50])
+    bad = {"train": ["a", "b"], "val": ["b"], "test": ["c"], "subsets": {"S1": ["a"], "S2": ["b"]}}
+    problems = check_splits(bad)
+    assert any("in both train and val" in p for p in problems) and any("nested" in p for p in problems)
+
+
+def test_dataset_description_for_non_standard_layouts(tmp_path, synthetic_root):
+    from tlcore.data.layouts import find_subjects
+
+    src = find_brats(synthetic_root / "brats")
+    sid, files = next(iter(src.items()))
+    desc = tmp_path / "mydata.yaml"
+    desc.write_text(f"root: {synthetic_root / 'brats' / 'HGG'}\n"
+                    f"subjects:\n  case1: {{t1: {sid}/{sid}_t1.nii.gz, t2: {files['t2']}, label: {sid}/{sid}_seg.nii.gz}}\n")
+    subjects = find_subjects("brats", desc)
+    assert subjects == {"case1": files}
+    desc.write_text("subjects:\n  case1: {t1: nothere.nii.gz}\n")
+    with pytest.raises(DatasetLayoutError, match="case1: no 't2' entry"):
+        find_subjects("brats", desc)

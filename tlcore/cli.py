@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.data.layouts import find_subjects
+from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import DEFAULT_FRACTIONS, nested_subsets, read_splits, split_subjects, write_splits
 from tlcore.data.synthetic import ensure_synthetic
 from tlcore.validate import validate_dataset
@@ -30,8 +30,13 @@ SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 
 SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24}}
 
 
-def sweep_parser(doc: str, source: str | None = None) -> argparse.ArgumentParser:
+def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if dataset == "brats":
+        p.add_argument("--modalities", default="t1,t2", help="comma-separated of t1,t1ce,t2,flair (thesis: t1,t2 to match IXI)")
+        p.add_argument("--target", default="tumour_core", choices=sorted(BRATS_TARGETS),
+                       help="tumour_core = labels 1+4 (thesis), whole_tumour = 1+2+4, enhancing = 4")
+        p.add_argument("--grades", default="HGG", help="grade folders, comma-separated (thesis: HGG)")
     p.add_argument("--address", default=None, help="Ray address, e.g. 'auto' for a running cluster; omitted = start a local Ray")
     p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
     p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI; omitted = {tracking.default_tracking_uri()}")
@@ -119,11 +124,16 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         profile = dict(SYNTHETIC)
     if args.smoke_test:
         profile = dict(SMOKE)
-    report = validate_dataset(dataset, data_dir, modalities, label_map)
+    if hasattr(args, "modalities"):
+        modalities = tuple(m.strip() for m in args.modalities.split(","))
+    if hasattr(args, "target"):
+        label_map = BRATS_TARGETS[args.target]
+    grades = tuple(args.grades.split(",")) if hasattr(args, "grades") else ("HGG",)
+    report = validate_dataset(dataset, data_dir, modalities, label_map, grades=grades)
     if not report.ok:
         fail("the dataset has problems; no trial was started and nothing was written.\n" + report.format())
     print("[tlcore] " + report.format())
-    subjects = find_subjects(dataset, data_dir, modalities)
+    subjects = find_subjects(dataset, data_dir, modalities, grades=grades)
 
     previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
     if args.splits:
@@ -147,6 +157,8 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
             "seed": args.seed, "num_threads": max(1, int(args.cpus_per_trial)), **profile}
     if label_map:
         base["label_map"] = label_map
+    if modalities != ("t1", "t2"):
+        base["modalities"] = modalities
     if args.max_iterations:
         base["max_iterations"] = args.max_iterations
     if args.report_every:

@@ -40,7 +40,8 @@ def load_split(cfg: RunConfig, split: str, with_weights: bool = False) -> list:
     label_map = cfg.label_map or default_label_map(cfg.dataset)
     splits = read_splits(cfg.splits_file)
     ids = training_ids(splits, cfg.train_subset) if split == "train" else splits[split]
-    files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities)
+    # every grade: the driver's split file decides which subjects take part
+    files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
     out = []
     for sid in ids:
         key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, with_weights)
@@ -150,6 +151,8 @@ class MLflowTrialLogger(tune.Callback):
                     tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
                 run_id = tracking.start_run(uri, self.experiment, run_name(trial.config), cfg.to_params(),
                                             tags, parent_run_id=self.parent_run_id)
+                if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
+                    tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 

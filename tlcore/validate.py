@@ -230,7 +230,7 @@ def validate_images_2d(dataset: str, data_dir: str | Path, finding: str = "Pneum
 
 def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
                      label_map: dict | None = None, use_cache: bool = True,
-                     finding: str = "Pneumothorax") -> ValidationReport:
+                     finding: str = "Pneumothorax", grades=("HGG",)) -> ValidationReport:
     """Check a dataset (brats, ixi, mura, chestxray); never raises for a data problem, reports it."""
     if dataset in ("mura", "chestxray"):
         return validate_images_2d(dataset, data_dir, finding, use_cache)
@@ -238,13 +238,14 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
     root = Path(data_dir).absolute()
     report = ValidationReport(dataset, str(root))
     try:
-        subjects = find_subjects(dataset, root, modalities, strict=False)
+        subjects = find_subjects(dataset, root, modalities, strict=False, grades=grades)
     except DatasetLayoutError as e:
         report.errors.append(Problem(str(root), str(e)))
         return report
     label_map = label_map or default_label_map(dataset)
     report.subjects = len(subjects)
-    report.errors += _duplicates(dataset, root)
+    if root.is_dir():
+        report.errors += _duplicates(dataset, root)
 
     files = [(f, key == "label") for s in subjects.values() for key, f in s.items()]
     report.files = len(files)
@@ -307,10 +308,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--modalities", default="t1,t2", help=f"comma-separated (BraTS: {','.join(BRATS_MODALITIES)})")
     p.add_argument("--finding", default="Pneumothorax", help="ChestX-ray14 finding against 'No Finding'")
+    p.add_argument("--grades", default="HGG", help="BraTS grade folders, comma-separated (HGG,LGG)")
     p.add_argument("--no-cache", action="store_true", help="re-read every file")
     a = p.parse_args(argv)
     report = validate_dataset(a.dataset, a.data_dir, tuple(a.modalities.split(",")), use_cache=not a.no_cache,
-                              finding=a.finding)
+                              finding=a.finding, grades=tuple(a.grades.split(",")))
     print(report.format())
     return 0 if report.ok else 1
 

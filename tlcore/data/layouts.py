@@ -32,11 +32,17 @@ def default_label_map(dataset: str) -> dict[int, int]:
 
 
 def find_subjects(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
-                  strict: bool = True) -> dict[str, dict[str, str]]:
+                  strict: bool = True, grades=("HGG",)) -> dict[str, dict[str, str]]:
     """Subject id -> files. strict=False keeps subjects with missing files (their expected
-    paths are listed) so that validation can report every problem at once."""
+    paths are listed) so that validation can report every problem at once.
+
+    `data_dir` may also be a dataset description (.json / .yaml) listing each subject's files,
+    for layouts that are not the standard one.
+    """
+    if Path(data_dir).suffix.lower() in (".json", ".yaml", ".yml"):
+        return read_description(data_dir, modalities, strict)
     if dataset == "brats":
-        return find_brats(data_dir, modalities, strict=strict)
+        return find_brats(data_dir, modalities, grades, strict=strict)
     if dataset == "ixi":
         return find_ixi(data_dir, modalities, strict=strict)
     raise DatasetLayoutError(f"unknown dataset {dataset!r}: expected 'brats' or 'ixi'")
@@ -112,4 +118,50 @@ def find_ixi(root: str | Path, modalities=("t1", "t2"), label_dir: str = "labels
         raise DatasetLayoutError(
             f"{len(missing)} IXI problem(s) under {root}:\n  " + "\n  ".join(missing)
             + "\nAdd the files, or move incomplete subjects out of the data folder.")
+    return subjects
+
+
+def read_description(path: str | Path, modalities=("t1", "t2"), strict: bool = True) -> dict[str, dict[str, str]]:
+    """Subjects of a non-standard layout, listed in a small JSON or YAML file::
+
+        root: /data/my_scans          # optional; default: the folder of this file
+        subjects:
+          case001: {t1: case001/T1.nii.gz, t2: case001/T2.nii.gz, label: case001/seg.nii.gz}
+
+    Relative paths resolve against `root`.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise DatasetLayoutError(f"dataset description {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            import json
+            desc = json.loads(text)
+        else:
+            import yaml
+            desc = yaml.safe_load(text)
+    except Exception as e:
+        raise DatasetLayoutError(f"dataset description {path} cannot be parsed: {e}") from e
+    if not isinstance(desc, dict) or not isinstance(desc.get("subjects"), dict) or not desc["subjects"]:
+        raise DatasetLayoutError(f"dataset description {path} needs a 'subjects' mapping: "
+                                 "{<id>: {<modality>: <file>, ..., label: <file>}}")
+    root = Path(desc.get("root") or path.parent)
+    root = root if root.is_absolute() else path.parent / root
+    subjects, missing = {}, []
+    for sid, files in desc["subjects"].items():
+        files = files or {}
+        entry = {}
+        for key in (*modalities, "label"):
+            if key not in files:
+                missing.append(f"{sid}: no '{key}' entry")
+                entry[key] = str(root / f"{sid}-{key}-not-listed.nii.gz")
+                continue
+            p = Path(files[key])
+            entry[key] = str(p if p.is_absolute() else root / p)
+            if strict and not Path(entry[key]).exists():
+                missing.append(f"{sid}: {entry[key]} does not exist")
+        subjects[str(sid)] = entry
+    if missing and strict:
+        raise DatasetLayoutError(f"{len(missing)} problem(s) in {path}:\n  " + "\n  ".join(missing))
     return subjects
