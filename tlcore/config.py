@@ -13,7 +13,8 @@ from typing import Any
 LR_SCHEDULES = ("constant", "cosine", "poly", "one_cycle")
 SAMPLERS = ("weighted", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
-DATASETS = ("brats", "ixi")
+DATASETS = ("brats", "ixi", "mura", "chestxray")
+DATASETS_2D = ("mura", "chestxray")
 
 # Group names of HighRes3DNet, in network order (thesis Table 6.1).
 NUM_LAYER_GROUPS = 6
@@ -57,6 +58,13 @@ class RunConfig:
     channels_last: str = "auto"           # auto = channels-last-3d on a GPU
     num_threads: int = 0                  # torch CPU threads; 0 = the trial's CPUs
 
+    # --- 2D chain (DenseNet121 + fastai head; thesis: 299x299, batch 16, Adam lr 1e-4)
+    image_size: int = 299
+    max_epochs: int = 10
+    lr_ratio: float = 100.0               # the first layer group trains at lr / lr_ratio, the head at lr
+    finding: str = "Pneumothorax"         # ChestX-ray14: this finding vs No Finding
+    oversample: float = 0.0               # minority class repeated this often; 0 = balance (thesis 18)
+
     def __post_init__(self) -> None:
         # Tune and JSON hand us lists; tuples keep the dataclass hashable-ish and comparable.
         for name in ("modalities", "patch_size", "inference_roi"):
@@ -73,8 +81,9 @@ class RunConfig:
             problems.append(f"precision={self.precision!r} (choose from {PRECISIONS})")
         if self.channels_last not in ("auto", "on", "off"):
             problems.append(f"channels_last={self.channels_last!r} (choose from auto, on, off)")
-        if not 0 <= int(self.frozen_layers) < NUM_LAYER_GROUPS:  # the head always trains
-            problems.append(f"frozen_layers={self.frozen_layers} (0..{NUM_LAYER_GROUPS - 1})")
+        groups = 3 if self.dataset in DATASETS_2D else NUM_LAYER_GROUPS
+        if not 0 <= int(self.frozen_layers) < groups:  # the head always trains
+            problems.append(f"frozen_layers={self.frozen_layers} (0..{groups - 1})")
         if self.source_model == "scratch" and self.frozen_layers:
             problems.append("frozen_layers > 0 with source_model='scratch' would freeze random weights")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:

@@ -24,9 +24,47 @@ def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: i
     return HighResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes)
 
 
+# DenseNet121 with the fastai head: fastai's three parameter groups (its _densenet_split).
+DENSENET_GROUPS = ("body_1", "body_2", "head")
+
+
+def build_densenet121(num_classes: int = 2) -> nn.Module:
+    """torchvision DenseNet121 body + fastai head (AdaptiveConcatPool2d, Flatten, BN, Dropout,
+    Linear, ReLU, BN, Dropout, Linear), randomly initialised; see transfer.py for weights."""
+    from fastai.vision.learner import create_vision_model
+    from torchvision.models import densenet121
+
+    model = create_vision_model(densenet121, n_out=num_classes, pretrained=False)
+    model.tlcore_arch = "densenet121"
+    return model
+
+
 def layer_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Group name -> modules, in network order."""
+    if getattr(model, "tlcore_arch", "") == "densenet121":
+        features = model[0][0]
+        return {"body_1": [features[:7]], "body_2": [features[7:]], "head": [model[1]]}
     return {g: [model.blocks[i] for i in idx] for g, idx in HIGHRES3DNET_GROUPS.items()}
+
+
+def head_group(model: nn.Module) -> str:
+    return "head" if getattr(model, "tlcore_arch", "") == "densenet121" else HEAD_GROUP
+
+
+def group_keys(model: nn.Module) -> dict[str, set[str]]:
+    """Group name -> the state-dict keys of its parameters and buffers."""
+    owner = {}
+    for group, modules in layer_groups(model).items():
+        for top in modules:
+            for m in top.modules():
+                owner[id(m)] = group
+    keys: dict[str, set[str]] = {g: set() for g in layer_groups(model)}
+    for name, m in model.named_modules():
+        g = owner.get(id(m))
+        if g is not None:
+            keys[g].update(f"{name}.{k}" for k in list(m._parameters) + list(m._buffers)
+                           if getattr(m, k, None) is not None)
+    return keys
 
 
 def group_prefixes(group: str) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tlcore.models import HEAD_GROUP, group_of, group_prefixes, layer_groups
+from tlcore.models import group_keys, head_group, layer_groups
 
 
 @dataclass
@@ -53,7 +53,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_source(model: nn.Module, state: dict[str, torch.Tensor], source: str = "",
-                head_groups=(HEAD_GROUP,)) -> TransferReport:
+                head_groups=None) -> TransferReport:
     """Copy tensors whose name and shape match; re-initialise head groups that changed shape.
 
     A missing or mis-shaped tensor outside the head means the source is a different
@@ -61,17 +61,19 @@ def load_source(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     """
     report = TransferReport(source=source or "state dict")
     target = model.state_dict()
-    head_prefixes = tuple(p for g in head_groups for p in group_prefixes(g))
-    head_changed = any(k.startswith(head_prefixes) and (k not in state or state[k].shape != v.shape)
-                       for k, v in target.items())
+    keys = group_keys(model)
+    head_groups = head_groups or (head_group(model),)
+    head = set().union(*(keys[g] for g in head_groups))
+    group_of = {k: g for g, ks in keys.items() for k in ks}
+    head_changed = any(k in head and (k not in state or state[k].shape != v.shape) for k, v in target.items())
     new_state = {}
     for key, value in target.items():
-        if key.startswith(head_prefixes) and head_changed:
+        if key in head and head_changed:
             report.reinitialised.append(key)  # keep the fresh initialisation of build_model
             continue
         if key not in state:
-            raise KeyError(f"source {source!r} has no tensor {key!r} (group {group_of(key)}); "
-                           "is it a HighRes3DNet with the same layer layout?")
+            raise KeyError(f"source {source!r} has no tensor {key!r} (group {group_of.get(key, '?')}); "
+                           "is it the same architecture with the same layer layout?")
         if state[key].shape != value.shape:
             raise ValueError(f"source {source!r} tensor {key!r} has shape {tuple(state[key].shape)}, "
                              f"the model expects {tuple(value.shape)}: in_channels or widths differ "

@@ -166,8 +166,12 @@ def ensure_synthetic(root: str | Path, dataset: str, seed: int = 0, shape=(32, 3
         write_brats(root, shape=shape, seed=seed, **sizes)
     elif dataset == "ixi":
         write_ixi(root, shape=shape, seed=seed, **sizes)
+    elif dataset == "mura":
+        write_mura(root, seed=seed, size=shape[0], **sizes)
+    elif dataset == "chestxray":
+        write_chestxray(root, seed=seed, size=shape[0], **sizes)
     else:
-        raise ValueError(f"no synthetic generator for dataset {dataset!r} (brats, ixi)")
+        raise ValueError(f"no synthetic generator for dataset {dataset!r} (brats, ixi, mura, chestxray)")
     manifest.write_text(json.dumps(wanted))
     return root
 
@@ -185,3 +189,80 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- 2D radiographs
+
+def _png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(array * 255, 0, 255).astype(np.uint8)).save(path, optimize=False)
+
+
+def make_radiograph(size: int, rng, abnormal: bool, kind: str) -> np.ndarray:
+    """A grey radiograph-like image; abnormal ones carry a thin bright line (a fracture line on
+    a bone, the pleural edge of a pneumothorax) the model has to find."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 0.15 + 0.05 * gaussian_filter(rng.standard_normal((size, size)), 2)
+    if kind == "bone":
+        cx, w = rng.uniform(0.35, 0.65), rng.uniform(0.12, 0.2)
+        img = img + 0.55 * (np.abs(x - cx) < w)
+    else:  # chest: two dark lungs in a brighter body
+        img = img + 0.45 - 0.3 * ((((x - 0.3) / 0.16) ** 2 + ((y - 0.5) / 0.32) ** 2 < 1)
+                                  | (((x - 0.7) / 0.16) ** 2 + ((y - 0.5) / 0.32) ** 2 < 1))
+    if abnormal:
+        angle, offset = rng.uniform(0, np.pi), rng.uniform(0.3, 0.7)
+        d = np.abs((x - 0.5) * np.cos(angle) + (y - offset) * np.sin(angle))
+        img = img + 0.35 * (d < 0.02)
+    return img + rng.normal(0, 0.03, img.shape)
+
+
+def write_mura(root: str | Path, n_patients: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """`<root>/MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageI.png` + CSVs."""
+    root = Path(root)
+    parts = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST")
+    rows = {"train": ([], []), "valid": ([], [])}
+    for p in range(n_patients):
+        rng = np.random.default_rng([seed, 3, p])
+        split = "valid" if p % 5 == 4 else "train"
+        patient = f"patient{(11185 if split == 'valid' else 1) + p:05d}"
+        for s in range(1, 1 + rng.integers(1, 3)):
+            part, abnormal = parts[rng.integers(len(parts))], bool(rng.random() < 0.5)
+            rel = f"MURA-v1.1/{split}/{part}/{patient}/study{s}_{'positive' if abnormal else 'negative'}"
+            for i in range(1, 1 + rng.integers(1, 4)):
+                # in an abnormal study most, not all, views show the finding
+                _png(make_radiograph(size, rng, abnormal and (i == 1 or rng.random() < 0.7), "bone"),
+                     root / rel / f"image{i}.png")
+                rows[split][0].append(f"{rel}/image{i}.png")
+            rows[split][1].append(f"{rel}/,{int(abnormal)}")
+    for split, (paths, studies) in rows.items():
+        (root / "MURA-v1.1" / f"{split}_image_paths.csv").write_text("\n".join(paths) + "\n")
+        (root / "MURA-v1.1" / f"{split}_labeled_studies.csv").write_text("\n".join(studies) + "\n")
+    return root
+
+
+def write_chestxray(root: str | Path, n_patients: int = 60, size: int = 64, seed: int = 0,
+                    finding: str = "Pneumothorax", positive_rate: float = 0.15) -> Path:
+    """`<root>/Data_Entry_2017.csv`, `images_001/images/*.png`, `train_val_list.txt`, `test_list.txt`."""
+    root = Path(root)
+    entries = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"]
+    lists = {"train_val": [], "test": []}
+    for p in range(n_patients):
+        rng = np.random.default_rng([seed, 4, p])
+        split = "test" if p % 5 == 4 else "train_val"
+        for k in range(rng.integers(1, 4)):
+            name = f"{p + 1:08d}_{k:03d}.png"
+            r = rng.random()
+            labels = finding if r < positive_rate else ("Effusion" if r < positive_rate + 0.1 else "No Finding")
+            if labels == finding and rng.random() < 0.3:
+                labels = f"Effusion|{finding}"
+            _png(make_radiograph(size, rng, finding in labels, "chest"), root / "images_001" / "images" / name)
+            entries.append(f"{name},{labels},{k},{p + 1},{int(rng.integers(20, 80))},{'MF'[p % 2]},PA,"
+                           f"{size},{size},0.143,0.143,")
+            lists[split].append(name)
+    (root / "Data_Entry_2017.csv").write_text("\n".join(entries) + "\n")
+    (root / "train_val_list.txt").write_text("\n".join(lists["train_val"]) + "\n")
+    (root / "test_list.txt").write_text("\n".join(lists["test"]) + "\n")
+    return root

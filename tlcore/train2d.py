@@ -1,0 +1,120 @@
+"""Training the 2D chain with fastai: DenseNet121 + fastai head, discriminative learning rates.
+
+No Ray and no MLflow here: `fit_classifier` takes fastai callbacks (the trainable passes one
+that reports to Tune after each epoch).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+
+from tlcore.config import RunConfig
+from tlcore.models import layer_groups
+from tlcore.transfer import TransferReport, load_source
+
+DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
+# torchvision's old checkpoints name DenseNet layers "norm.1"; the modules are now "norm1".
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def imagenet_state(path: str | None = None) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet DenseNet121 weights, from a local file or the torch hub cache."""
+    if path:
+        from tlcore.transfer import read_weights
+        state = read_weights(path)
+    else:
+        try:
+            state = torch.hub.load_state_dict_from_url(DENSENET121_URL, progress=False, check_hash=True,
+                                                       weights_only=True)
+        except (URLError, OSError, RuntimeError) as e:
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(DENSENET121_URL).name
+            raise RuntimeError(
+                f"ImageNet weights for DenseNet121 are not in the torch cache ({cache}) and cannot be "
+                f"downloaded here ({e}). On a machine with internet run\n"
+                "    python -c \"import torchvision; torchvision.models.densenet121(weights='IMAGENET1K_V1')\"\n"
+                f"and copy the file to {cache}, or pass the file as --source /path/to/{cache.name}") from e
+    return {_LEGACY_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+
+
+def load_imagenet(model: nn.Module, path: str | None = None) -> TransferReport:
+    """Copy the ImageNet body into model[0][0] (torchvision `features.*`); the head stays new."""
+    state = {f"0.0.{k[len('features.'):]}": v for k, v in imagenet_state(path).items() if k.startswith("features.")}
+    if not state:
+        raise ValueError(f"{path or DENSENET121_URL} holds no DenseNet 'features.*' tensors: "
+                         "pass torchvision's densenet121 ImageNet weights")
+    return load_source(model, state, source=path or "imagenet")
+
+
+def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """fastai parameter groups = tlcore layer groups (earliest first)."""
+    return [[p for m in mods for p in m.parameters()] for mods in layer_groups(model).values()]
+
+
+def lr_slice(cfg: RunConfig) -> slice:
+    """Discriminative learning rates: `lr` for the head, `lr / lr_ratio` for the first group."""
+    return slice(cfg.lr / cfg.lr_ratio, cfg.lr)
+
+
+def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: torch.device, cbs=()):
+    from fastai.callback.core import Callback
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.optimizer import Adam
+
+    class ToDevice(Callback):  # plain torch DataLoaders: fastai does not move their batches
+        order = -10
+
+        def before_batch(self):
+            self.learn.xb = tuple(x.to(device, non_blocking=True) for x in self.xb)
+            self.learn.yb = tuple(y.to(device, non_blocking=True) for y in self.yb)
+            if device.type == "cuda" and cfg.channels_last != "off":
+                self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.learn.xb)
+
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last != "off":
+        model.to(memory_format=torch.channels_last)
+    dls = DataLoaders(train_dl, valid_dl, device=device)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, splitter=splitter,
+                    metrics=[accuracy], wd=cfg.weight_decay, train_bn=False, cbs=[ToDevice(), *cbs])
+    if device.type == "cuda" and cfg.precision in ("auto", "bf16"):
+        from fastai.callback.fp16 import MixedPrecision
+        learn.add_cb(MixedPrecision(amp_mode="bf16"))
+    return learn
+
+
+def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
+    """Train for `max_epochs` with the run's schedule and discriminative learning rates."""
+    from fastai.callback.schedule import ParamScheduler, SchedPoly
+
+    n, lrs = cfg.max_epochs, lr_slice(cfg)
+    with learn.no_bar(), learn.no_logging():  # progress bars would flood the Ray driver
+        if cfg.lr_schedule == "one_cycle":
+            learn.fit_one_cycle(n, lr_max=lrs, start_epoch=start_epoch)
+        elif cfg.lr_schedule == "cosine":
+            learn.fit_flat_cos(n, lr=lrs, pct_start=0.0, start_epoch=start_epoch)
+        elif cfg.lr_schedule == "poly":
+            if learn.opt is None:
+                learn.create_opt()
+            rates = learn.lr_range(lrs)
+            learn.fit(n, lr=rates, cbs=ParamScheduler({"lr": SchedPoly(rates, rates * 0, 0.9)}), start_epoch=start_epoch)
+        else:
+            learn.fit(n, lr=lrs, start_epoch=start_epoch)
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, loader, device: torch.device) -> tuple[list[int], list[float]]:
+    """Labels and P(positive) for every image of a loader, in order."""
+    model.eval().to(device)
+    ys, ps = [], []
+    for x, y in loader:
+        logits = model(x.to(device)).float()
+        ps += torch.softmax(logits, 1)[:, 1].cpu().tolist()
+        ys += y.tolist()
+    return ys, ps
