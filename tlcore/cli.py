@@ -14,9 +14,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tlcore import tracking
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
-from tlcore.data.splits import DEFAULT_FRACTIONS, nested_subsets, read_splits, split_subjects, write_splits
+from tlcore.data.splits import (
+    DEFAULT_FRACTIONS,
+    nested_subsets,
+    read_splits,
+    split_patients,
+    split_subjects,
+    write_splits,
+)
 from tlcore.data.synthetic import ensure_synthetic
 from tlcore.validate import validate_dataset
 
@@ -27,7 +36,12 @@ SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 
              "max_iterations": 120, "report_every": 20}
 SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 32),
          "max_iterations": 12, "report_every": 4, "max_val_subjects": 2}
-SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24}}
+SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24},
+                   "mura": {"n_patients": 40}, "chestxray": {"n_patients": 80}}
+# 2D: "iterations" are epochs, one report each. Real data: 299x299, batch 16 (thesis).
+SYNTHETIC_2D = {"image_size": 64, "batch_size": 8, "max_iterations": 4}
+SMOKE_2D = {"image_size": 32, "batch_size": 8, "max_iterations": 2}
+DATASETS_2D = ("mura", "chestxray")
 
 
 def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:
@@ -116,33 +130,43 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     exp_dir = Path(storage) / name
     state_file = exp_dir / "tlcore_sweep.json"
 
+    is_2d = dataset in DATASETS_2D
     if args.data_dir:
-        data_dir, profile = str(Path(args.data_dir).absolute()), {}
+        data_dir = str(Path(args.data_dir).absolute())
+        profile = {"image_size": 299, "batch_size": 16, "max_iterations": 10} if is_2d else {}
     else:
         data_dir = str(ensure_synthetic(REPO_ROOT / "data" / "synthetic" / dataset, dataset, seed=0,
-                                        **SYNTHETIC_SIZES[dataset]))
-        profile = dict(SYNTHETIC)
+                                        shape=(64,) if is_2d else (32, 32, 32), **SYNTHETIC_SIZES[dataset]))
+        profile = dict(SYNTHETIC_2D if is_2d else SYNTHETIC)
     if args.smoke_test:
-        profile = dict(SMOKE)
+        profile = dict(SMOKE_2D if is_2d else SMOKE)
+    finding = getattr(args, "finding", "Pneumothorax")
     if hasattr(args, "modalities"):
         modalities = tuple(m.strip() for m in args.modalities.split(","))
     if hasattr(args, "target"):
         label_map = BRATS_TARGETS[args.target]
     grades = tuple(args.grades.split(",")) if hasattr(args, "grades") else ("HGG",)
-    report = validate_dataset(dataset, data_dir, modalities, label_map, grades=grades)
+    report = validate_dataset(dataset, data_dir, modalities, label_map, grades=grades, finding=finding)
     if not report.ok:
         fail("the dataset has problems; no trial was started and nothing was written.\n" + report.format())
     print("[tlcore] " + report.format())
-    subjects = find_subjects(dataset, data_dir, modalities, grades=grades)
+    if is_2d:  # subjects are patients; the official test patients stay the test split
+        images = _images_2d(dataset, data_dir, finding)
+        subjects = sorted({i.patient for i in images})
+        official_test = sorted({i.patient for i in images if i.split in ("valid", "test")})
+    else:
+        subjects = find_subjects(dataset, data_dir, modalities, grades=grades)
 
     previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
     if args.splits:
         splits = read_splits(args.splits)
     elif previous:
         splits = read_splits(previous["splits_file"])
+    elif is_2d:
+        splits = split_patients(subjects, official_test, 0.1, seed=args.seed)
     else:
         splits = split_subjects(subjects, DEFAULT_FRACTIONS[dataset], seed=args.seed)
-    if "subsets" not in splits or subset_sizes:
+    if not is_2d and ("subsets" not in splits or subset_sizes):
         try:
             splits["subsets"] = nested_subsets(splits["train"], subset_sizes, seed=args.seed)
         except ValueError as e:
@@ -155,6 +179,8 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     tracking.prepare_store(uri)
     base = {"dataset": dataset, "data_dir": data_dir, "splits_file": splits_file, "tracking_uri": uri,
             "seed": args.seed, "num_threads": max(1, int(args.cpus_per_trial)), **profile}
+    if is_2d:
+        base.update(finding=finding, report_every=1)
     if label_map:
         base["label_map"] = label_map
     if modalities != ("t1", "t2"):
@@ -168,6 +194,14 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     sweep = Sweep(name, args, uri, storage, data_dir, splits_file, base)
     sweep.extra.update(splits=splits, previous=previous)
     return sweep
+
+
+def _images_2d(dataset: str, data_dir: str, finding: str) -> list:
+    if dataset == "mura":
+        from tlcore.data.mura import find_mura
+        return find_mura(data_dir)[0]
+    from tlcore.data.chestxray import find_chestxray
+    return find_chestxray(data_dir, finding)[0]
 
 
 def begin(sweep: Sweep) -> None:
@@ -246,10 +280,11 @@ def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name
     uri = sweep.tracking_uri
     trial_id = (result.metrics or {}).get("trial_id", "")
     run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id, trial_id) or sweep.parent_run_id
-    per_subject = metrics.pop("per_subject", {})
+    per_subject = metrics.pop("per_subject", None)
     for rid in {run_id, sweep.parent_run_id}:
         tracking.log_metrics(uri, rid, metrics, step=int((result.metrics or {}).get("iteration", 0)))
-    tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
+    if per_subject is not None:
+        tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
         shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
         (Path(out) / "tlcore_model.json").write_text(json.dumps(model_info, indent=1))
@@ -279,3 +314,64 @@ def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
                     "iterations": r["iterations"], "stopped_early": r["stopped_early"],
                     "status": r["status"], "trial_id": r["trial_id"]})
     return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))
+
+
+def check_imagenet(source: str) -> None:
+    """Fail before any trial when ImageNet weights are asked for but cannot be had."""
+    if source != "imagenet" and (source in ("scratch",) or source.startswith("models:/")):
+        return
+    from tlcore.train2d import imagenet_state
+    try:
+        imagenet_state(None if source == "imagenet" else source)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        fail(f"--source {source}: {e}")
+
+
+def _confusion_png(cm, labels, title: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(np.asarray(cm)):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks([0, 1], labels)
+    ax.set_yticks([0, 1], labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report_mura(sweep: Sweep, result, predictions: dict) -> dict:
+    """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
+    confusion matrix, logged to the best trial's run and the parent run."""
+    import tempfile
+
+    from tlcore.evaluate import classification_metrics, study_wise
+
+    ids, y, p = study_wise(predictions["study"], predictions["label"], predictions["prob"])
+    overall = classification_metrics(y, p)
+    part_of = dict(zip(predictions["study"], predictions["body_part"]))
+    per_part = {}
+    for part in sorted(set(part_of.values())):
+        mask = np.array([part_of[s] == part for s in ids])
+        per_part[part] = {"studies": int(mask.sum()),
+                          "accuracy": round(float(((p[mask] >= 0.5) == y[mask]).mean()), 4)}
+    table = format_table([{"body_part": k, **v} for k, v in per_part.items()]
+                         + [{"body_part": "all", "studies": len(ids), "accuracy": round(overall["accuracy"], 4)}])
+    print(f"\nMURA study-wise test accuracy (kappa {overall['kappa']:.3f})\n{table}\n")
+    uri = sweep.tracking_uri
+    run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id,
+                                     (result.metrics or {}).get("trial_id", "")) or sweep.parent_run_id
+    with tempfile.TemporaryDirectory() as d:
+        _confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
+        for rid in {run_id, sweep.parent_run_id}:
+            tracking.log_artifacts(uri, rid, d)
+            tracking.log_dict(uri, rid, {"study_wise": overall, "per_body_part": per_part}, "test_metrics.json")
+            tracking.log_text(uri, rid, table + "\n", "test_accuracy_by_body_part.md")
+    return {"test_accuracy": overall["accuracy"], "test_kappa": overall["kappa"], "test_auc": overall["auc"],
+            **{f"test_accuracy_{k.lower()}": v["accuracy"] for k, v in per_part.items()}}

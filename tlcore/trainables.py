@@ -27,7 +27,7 @@ from tlcore.models import build_model
 from tlcore.train import amp_dtype, pick_device, train_segmentation, use_channels_last
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
-METRICS = ("train_loss", "val_loss", "val_dice", "lr", "patches_per_s")
+METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
 
 
@@ -147,7 +147,7 @@ class MLflowTrialLogger(tune.Callback):
             if run_id is None:
                 cfg = RunConfig.from_dict(trial.config)
                 tags = {"sweep": self.experiment, "trial_id": trial.trial_id}
-                if cfg.source_model != "scratch":
+                if cfg.source_model.startswith("models:/"):
                     tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
                 run_id = tracking.start_run(uri, self.experiment, run_name(trial.config), cfg.to_params(),
                                             tags, parent_run_id=self.parent_run_id)
@@ -183,12 +183,13 @@ class MLflowTrialLogger(tune.Callback):
 
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
+              trainable=None,
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
               grace_period: int = 2, reduction_factor: int = 3):
     """Run (or resume) a sweep of `train_segmentation_trial` with ASHA; returns the ResultGrid."""
-    trainable = tune.with_resources(train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    trainable = tune.with_resources(trainable or train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
     if resume and tune.Tuner.can_restore(exp_dir):
         print(f"[tlcore] resuming {exp_dir}")
@@ -216,13 +217,13 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     return results
 
 
-def results_rows(results, max_iterations: int, metric: str = "val_dice") -> list[dict]:
+def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> list[dict]:
     """One row per trial: configuration, best metric, iterations run, stopped early or not."""
     rows = []
     for r in results:
         c = flatten_config(r.config)
         df = r.metrics_dataframe
-        best = float(df[metric].max()) if df is not None and metric in df else float("nan")
+        best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
         rows.append({"trial_id": (r.metrics or {}).get("trial_id", ""),
                      "source_model": c.get("source_model", "scratch"),
@@ -283,3 +284,117 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
             for s, v in scores.items():
                 tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
     return out
+
+
+# ----------------------------------------------------------------------------- 2D chain
+
+def load_images(cfg: RunConfig, split: str) -> list:
+    """Images (MuraImage / ChestImage records) of the patients in one split."""
+    patients = set(read_splits(cfg.splits_file)[split])
+    if cfg.dataset == "mura":
+        from tlcore.data.mura import find_mura
+        images = find_mura(cfg.data_dir)[0]
+    else:
+        from tlcore.data.chestxray import find_chestxray
+        images = find_chestxray(cfg.data_dir, cfg.finding)[0]
+    return [i for i in images if i.patient in patients]
+
+
+def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+    """DenseNet121 + fastai head from scratch, ImageNet (hub cache or a local file) or a registered model."""
+    from tlcore.models import build_densenet121
+    from tlcore.train2d import load_imagenet
+
+    model = build_densenet121(num_classes=2)
+    src = cfg.source_model
+    if src == "scratch":
+        report = TransferReport(source="scratch")
+    elif src == "imagenet":
+        report = load_imagenet(model)
+    elif src.startswith("models:/"):
+        ref = tracking.resolve_model(cfg.tracking_uri, src)
+        folder = tracking.download_model(cfg.tracking_uri, ref)
+        report = load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+    else:  # a local file of torchvision's ImageNet DenseNet121 weights
+        report = load_imagenet(model, src)
+    return model, freeze_first(model, cfg.frozen_layers, report)
+
+
+def image_loaders(cfg: RunConfig, train_images, val_images):
+    from tlcore.data.images2d import RadiographDataset, oversample
+
+    labels = [i.label for i in train_images]
+    train_ds = RadiographDataset([i.path for i in train_images], labels, cfg.image_size, train=True, seed=cfg.seed)
+    # the minority class is oversampled for ChestX-ray14 (thesis: pneumothorax 18x)
+    idx = oversample(labels, cfg.oversample, cfg.seed) if cfg.dataset == "chestxray" else list(range(len(labels)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, drop_last=True,
+                                           sampler=torch.utils.data.SubsetRandomSampler(idx, generator=g))
+    val_ds = RadiographDataset([i.path for i in val_images], [i.label for i in val_images], cfg.image_size)
+    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2)
+
+
+def train_classifier_trial(config: dict) -> None:
+    """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
+    from fastai.callback.core import Callback
+
+    from tlcore.train2d import build_learner, fit_classifier
+
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model, transfer = build_start_classifier(cfg)
+    start_epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
+            start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
+    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"))
+    first = {"transfer": _transfer_summary(transfer)} if not checkpoint else {}
+
+    class ReportToTune(Callback):
+        order = 60  # after fastai's Recorder has the epoch's values
+
+        def before_epoch(self):
+            self.t0 = time.perf_counter()
+
+        def after_epoch(self):
+            train_loss, val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][:3])
+            epoch = self.epoch + 1
+            metrics = {"iteration": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                       "step": epoch * len(train_dl), "lr": float(self.opt.hypers[-1]["lr"]),
+                       "images_per_s": len(train_dl) * cfg.batch_size / (time.perf_counter() - self.t0)}
+            with tempfile.TemporaryDirectory() as d:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                          str(Path(d) / "model.safetensors"))
+                (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch}))
+                tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
+            first.clear()
+
+    learn = build_learner(cfg, model, train_dl, val_dl, pick_device(), cbs=[ReportToTune()])
+    fit_classifier(learn, cfg, start_epoch)
+
+
+def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
+    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
+    from tlcore.models import build_densenet121
+    from tlcore.train2d import predict_probabilities
+    from tlcore.data.images2d import RadiographDataset
+
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_densenet121(num_classes=2)
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    images = load_images(cfg, split)
+    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
+    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
+    return {"label": y, "prob": p, "path": [i.path for i in images],
+            "study": [getattr(i, "study", i.path) for i in images],
+            "body_part": [getattr(i, "body_part", "") for i in images]}
+
+
+def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    def run(config, checkpoint, split):
+        with checkpoint.as_directory() as d:
+            return evaluate_classifier(config, d, split)
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))

@@ -1,0 +1,55 @@
+"""Source task of the 2D chain: DenseNet121 (fastai head) ImageNet -> MURA bone radiographs
+(thesis ch. 5): normal vs abnormal, judged study-wise.
+
+    python sweeps/mura_source.py                          # synthetic MURA, local Ray
+    python sweeps/mura_source.py --data-dir /data --address auto     # the folder holding MURA-v1.1/
+
+The best trial is evaluated on the official valid split (study-wise accuracy, per body part,
+Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
+"""
+
+from ray import tune
+
+from tlcore import cli
+from tlcore.trainables import (best_checkpoint_dir, evaluate_classifier_remote, results_rows, run_sweep,
+                               train_classifier_trial)
+
+NAME = "mura_source"
+REGISTERED_NAME = "mura_densenet121"
+
+SEARCH_SPACE = {
+    "lr": tune.grid_search([1e-4, 1e-3]),   # the head's rate; earlier groups get lr / lr_ratio
+    "lr_schedule": "one_cycle",
+    "frozen_layers": 0,
+}
+
+
+def main() -> None:
+    parser = cli.sweep_parser(__doc__)
+    parser.add_argument("--source", default="imagenet",
+                        help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
+    args = parser.parse_args()
+    sweep = cli.prepare(NAME, "mura", args)
+    gpus = cli.start_ray(args)
+    cli.check_imagenet(args.source)
+    cli.begin(sweep)
+    space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
+    results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",
+                        tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
+                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations, report_every=1,
+                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+                        max_failures=args.max_failures, resume=args.resume, grace_period=1)
+    rows = results_rows(results, sweep.max_iterations, metric="val_accuracy")
+    if all(r["status"] == "ERROR" for r in rows):
+        cli.finish(sweep, rows, errors=len(rows))
+    best, checkpoint = best_checkpoint_dir(results, metric="val_accuracy")
+    predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
+    metrics = cli.report_mura(sweep, best, predictions)
+    cli.publish_model(sweep, best, checkpoint, metrics, REGISTERED_NAME, model_info={
+        "architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": best.config["image_size"],
+        "task": "MURA v1.1 normal / abnormal"})
+    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
