@@ -30,8 +30,8 @@ def main() -> None:
                         help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
     args = parser.parse_args()
     sweep = cli.prepare(NAME, "mura", args)
-    gpus = cli.start_ray(args)
     cli.check_imagenet(args.source)
+    gpus = cli.start_ray(args)
     cli.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",

@@ -27,6 +27,7 @@ from tlcore.data.splits import (
     write_splits,
 )
 from tlcore.data.synthetic import ensure_synthetic
+from tlcore.plots import confusion_png
 from tlcore.validate import validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,8 +246,8 @@ def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.M
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)"
-    cols = list(rows[0])
-    cells = [[str(r[c]) for c in cols] for r in rows]
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
@@ -327,25 +328,6 @@ def check_imagenet(source: str) -> None:
         fail(f"--source {source}: {e}")
 
 
-def _confusion_png(cm, labels, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(np.asarray(cm)):
-        ax.text(j, i, str(v), ha="center", va="center")
-    ax.set_xticks([0, 1], labels)
-    ax.set_yticks([0, 1], labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def report_mura(sweep: Sweep, result, predictions: dict) -> dict:
     """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
     confusion matrix, logged to the best trial's run and the parent run."""
@@ -368,10 +350,17 @@ def report_mura(sweep: Sweep, result, predictions: dict) -> dict:
     run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id,
                                      (result.metrics or {}).get("trial_id", "")) or sweep.parent_run_id
     with tempfile.TemporaryDirectory() as d:
-        _confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
+        confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
         for rid in {run_id, sweep.parent_run_id}:
             tracking.log_artifacts(uri, rid, d)
             tracking.log_dict(uri, rid, {"study_wise": overall, "per_body_part": per_part}, "test_metrics.json")
             tracking.log_text(uri, rid, table + "\n", "test_accuracy_by_body_part.md")
     return {"test_accuracy": overall["accuracy"], "test_kappa": overall["kappa"], "test_auc": overall["auc"],
             **{f"test_accuracy_{k.lower()}": v["accuracy"] for k, v in per_part.items()}}
+
+
+def log_table(sweep: Sweep, rows: list[dict], artifact: str, title: str) -> None:
+    """Print a small table and log it to the parent run."""
+    table = format_table(rows)
+    print(f"\n{title}\n{table}\n")
+    tracking.log_text(sweep.tracking_uri, sweep.parent_run_id, f"{title}\n\n{table}\n", artifact)

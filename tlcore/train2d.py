@@ -19,7 +19,7 @@ from tlcore.transfer import TransferReport, load_source
 
 DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
 # torchvision's old checkpoints name DenseNet layers "norm.1"; the modules are now "norm1".
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def imagenet_state(path: str | None = None) -> dict[str, torch.Tensor]:

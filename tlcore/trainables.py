@@ -24,6 +24,7 @@ from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
+from tlcore.plots import confusion_png
 from tlcore.train import amp_dtype, pick_device, train_segmentation, use_channels_last
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
@@ -398,3 +399,40 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float
         with checkpoint.as_directory() as d:
             return evaluate_classifier(config, d, split)
     return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))
+
+
+def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
+                    max_iterations: int, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
+    """Evaluate surviving trials on the test split and add the data-efficiency figure: training
+    steps until the (smoothed, per-epoch) training loss first reaches `target_loss`."""
+    from tlcore.evaluate import classification_metrics, steps_to_reach
+
+    curves = {}
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and "train_loss" in df:
+            curves[r.metrics.get("trial_id", "")] = (df["step"].tolist(), df["train_loss"].tolist(), r)
+    if target_loss is None and curves:  # the loss every trial reached: the highest final training loss
+        target_loss = max(min(c[1]) for c in curves.values())
+    out = []
+    for row in rows:
+        steps, losses, r = curves.get(row["trial_id"], ([], [], None))
+        reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
+        row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
+               "steps_to_target": steps[reached - 1] if reached else "not reached"}
+        if r is not None and row["status"] == "OK" and not row["stopped_early"]:
+            checkpoint = r.get_best_checkpoint("val_loss", "min") or r.checkpoint
+            pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
+            m = classification_metrics(pred["label"], pred["prob"])
+            row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
+                       test_confusion=m["confusion"])
+            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, row["trial_id"])
+            if run_id:
+                tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
+                                     step=int(r.metrics.get("iteration", 0)))
+                tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
+                with tempfile.TemporaryDirectory() as d:
+                    confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
+                    tracking.log_artifacts(tracking_uri, run_id, d)
+        out.append(row)
+    return out

@@ -71,6 +71,8 @@ def load_source(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
         if key in head and head_changed:
             report.reinitialised.append(key)  # keep the fresh initialisation of build_model
             continue
+        if key not in state and key.endswith("num_batches_tracked"):
+            continue  # older checkpoints (torchvision's ImageNet files) predate this counter
         if key not in state:
             raise KeyError(f"source {source!r} has no tensor {key!r} (group {group_of.get(key, '?')}); "
                            "is it the same architecture with the same layer layout?")

@@ -1,0 +1,66 @@
+"""Target task of the 2D chain: pneumothorax vs No Finding on ChestX-ray14, starting from
+scratch, ImageNet, or ImageNet -> MURA (thesis ch. 5): does the medical source learn faster?
+
+    python sweeps/chestxray_transfer.py                                 # synthetic, local Ray
+    python sweeps/chestxray_transfer.py --data-dir /data/ChestX-ray14 --address auto
+
+Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/<name>/<v>).
+"""
+
+from ray import tune
+
+from tlcore import cli
+from tlcore.trainables import chestxray_table, results_rows, run_sweep, train_classifier_trial
+
+NAME = "chestxray_transfer"
+
+
+def search_space(imagenet: str | None, mura: str, smoke: bool) -> dict:
+    starts = [{"source_model": "scratch", "frozen_layers": 0}]
+    for source in ([imagenet] if imagenet else []) + [mura]:
+        starts += [{"source_model": source, "frozen_layers": k} for k in (0, 1, 2)]
+    return {
+        "start": tune.grid_search(starts),
+        "lr": 1e-4 if smoke else tune.grid_search([1e-4, 1e-3]),   # the head's rate (thesis 1e-4)
+        "lr_schedule": "one_cycle",
+    }
+
+
+def main() -> None:
+    parser = cli.sweep_parser(__doc__, source="models:/mura_densenet121/latest")
+    parser.add_argument("--imagenet", default="imagenet",
+                        help="ImageNet starting point: 'imagenet' (torch cache / download), a local weights file, or 'none'")
+    parser.add_argument("--finding", default="Pneumothorax", help="the finding against 'No Finding'")
+    parser.add_argument("--oversample", type=float, default=0, help="minority-class factor (0 = balance; thesis 18)")
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="training loss for the steps-to-reach table (default: the highest final loss)")
+    args = parser.parse_args()
+    sweep = cli.prepare(NAME, "chestxray", args)
+    imagenet = None if args.imagenet == "none" else args.imagenet
+    if imagenet:
+        cli.check_imagenet(imagenet)
+    mura = cli.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
+    gpus = cli.start_ray(args)
+    cli.begin(sweep)
+    space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
+    results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
+                        tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
+                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations, report_every=1,
+                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
+                        max_failures=args.max_failures, resume=args.resume, grace_period=1)
+    rows = chestxray_table(results, results_rows(results, sweep.max_iterations, "val_loss", "min"),
+                           tracking_uri=sweep.tracking_uri, experiment=NAME, parent_run_id=sweep.parent_run_id,
+                           max_iterations=sweep.max_iterations, target_loss=args.target_loss,
+                           cpus=args.cpus_per_trial, gpus=gpus)
+    per_start = {}
+    for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps
+        steps = r["steps_to_target"] if isinstance(r["steps_to_target"], int) else float("inf")
+        per_start[r["source_model"]] = min(per_start.get(r["source_model"], float("inf")), steps)
+    cli.log_table(sweep, [{"source_model": k, "target_loss": rows[0]["target_loss"],
+                           "fewest_steps_to_target": v if v != float("inf") else "not reached"}
+                          for k, v in per_start.items()], "steps_to_target.md", "Steps to reach the training loss")
+    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The 2D chain: DenseNet121 + fastai head, freezing, discriminative learning rates, metrics."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tlcore.config import RunConfig
+from tlcore.data.images2d import RadiographDataset, oversample
+from tlcore.data.mura import find_mura
+from tlcore.data.synthetic import write_mura
+from tlcore.evaluate import classification_metrics, steps_to_reach, study_wise
+from tlcore.models import build_densenet121, layer_groups
+from tlcore.train2d import build_learner, fit_classifier, load_imagenet
+from tlcore.transfer import freeze_first
+
+
+def test_fastai_head_and_three_groups():
+    model = build_densenet121(num_classes=2)
+    head = [type(m).__name__ for m in model[1]]
+    assert head == ["AdaptiveConcatPool2d", "Flatten", "BatchNorm1d", "Dropout", "Linear", "ReLU",
+                    "BatchNorm1d", "Dropout", "Linear"]
+    assert model[1][4].in_features == 2048 and model[1][8].out_features == 2
+    groups = layer_groups(model)
+    assert list(groups) == ["body_1", "body_2", "head"]
+    counts = [sum(p.numel() for m in mods for p in m.parameters()) for mods in groups.values()]
+    assert sum(counts) == sum(p.numel() for p in model.parameters()) and min(counts) > 0
+
+
+@pytest.fixture(scope="module")
+def mura_images(tmp_path_factory):
+    root = write_mura(tmp_path_factory.mktemp("mura"), n_patients=10, size=32)
+    return find_mura(root)[0]
+
+
+def test_freezing_and_discriminative_learning_rates(mura_images):
+    torch.manual_seed(0)
+    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, max_epochs=1, lr=1e-3, lr_ratio=100,
+                    lr_schedule="constant", source_model="imagenet", frozen_layers=1)
+    model = build_densenet121(2)
+    report = freeze_first(model, 1)
+    assert report.frozen_groups == ["body_1"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = RadiographDataset([i.path for i in mura_images], [i.label for i in mura_images], 32, train=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    learn = build_learner(cfg, model, dl, torch.utils.data.DataLoader(ds, batch_size=8), torch.device("cpu"))
+    fit_classifier(learn, cfg)
+    lrs = [h["lr"] for h in learn.opt.hypers]
+    assert np.allclose(lrs, [1e-5, 1e-4, 1e-3])  # per-group learning rates in the optimizer
+    after = model.state_dict()
+    body_1 = {f"0.0.{k}" for k in model[0][0][:7].state_dict()}
+    assert all(torch.equal(after[k], before[k]) for k in body_1)              # weights and BN stats frozen
+    assert not torch.equal(after["0.0.denseblock3.denselayer1.conv1.weight"], before["0.0.denseblock3.denselayer1.conv1.weight"])
+    assert not torch.equal(after["1.8.weight"], before["1.8.weight"])
+
+
+def test_imagenet_weights_from_a_local_file_including_legacy_names(tmp_path):
+    from torchvision.models import densenet121
+
+    ref = densenet121().state_dict()
+    legacy = {}
+    for k, v in ref.items():  # torchvision's published file uses "norm.1" for "norm1"
+        legacy[k.replace("norm1", "norm.1").replace("conv2", "conv.2") if "denselayer" in k else k] = v
+    torch.save(legacy, tmp_path / "densenet121-a639ec97.pth")
+    model = build_densenet121(2)
+    report = load_imagenet(model, str(tmp_path / "densenet121-a639ec97.pth"))
+    assert torch.equal(model.state_dict()["0.0.denseblock2.denselayer3.norm1.weight"],
+                       ref["features.denseblock2.denselayer3.norm1.weight"])
+    assert len(report.loaded) == sum(k.startswith("features.") for k in ref)
+    assert report.reinitialised and all(k.startswith("1.") for k in report.reinitialised)
+
+
+def test_offline_imagenet_error_says_how_to_prefetch(tmp_path, monkeypatch):
+    import tlcore.train2d as t2
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(t2, "DENSENET121_URL", "http://127.0.0.1:9/densenet121-a639ec97.pth")
+    with pytest.raises(RuntimeError, match="weights='IMAGENET1K_V1'") as e:
+        t2.imagenet_state()
+    assert "--source /path/to/densenet121-a639ec97.pth" in str(e.value)
+
+
+def test_study_wise_aggregation():
+    studies = ["s1", "s1", "s1", "s2", "s2", "s3"]
+    labels = [1, 1, 1, 0, 0, 1]
+    probs = [0.1, 0.2, 0.9, 0.4, 0.3, 0.2]   # s1 abnormal (one image), s2 normal, s3 missed
+    ids, y, p = study_wise(studies, labels, probs)
+    assert ids == ["s1", "s2", "s3"] and y.tolist() == [1, 0, 1] and p.tolist() == [0.9, 0.4, 0.2]
+    m = classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["confusion"] == [[1, 0], [1, 1]]
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 1.0
+    with pytest.raises(ValueError, match="different labels"):
+        study_wise(["a", "a"], [0, 1], [0.1, 0.2])
+
+
+def test_oversampling_ratio():
+    labels = [0] * 90 + [1] * 10
+    balanced = oversample(labels)
+    assert sum(labels[i] for i in balanced) == 90 and len(balanced) == 180
+    thesis = oversample(labels, factor=18)
+    assert sum(labels[i] for i in thesis) == 180
+    assert oversample(labels, factor=18, seed=1) != thesis and sorted(oversample(labels, 18, 1)) == sorted(thesis)
+
+
+def test_steps_to_reach():
+    assert steps_to_reach([1.0, 0.8, 0.6, 0.4, 0.2], 0.5, smooth=1) == 4
+    assert steps_to_reach([1.0, 0.9], 0.5) is None
