@@ -1,0 +1,91 @@
+"""End to end: ImageNet (a local weights file) -> MURA -> ChestX-ray14, real local Ray and SQLite MLflow."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlcore import tracking
+from tlcore.data.synthetic import write_chestxray, write_mura
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(script, *args, timeout=600):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from torchvision.models import densenet121
+
+    tmp = tmp_path_factory.mktemp("chain2d")
+    weights = tmp / "densenet121-a639ec97.pth"
+    torch.save(densenet121().state_dict(), weights)  # stands in for the ImageNet file offline
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--mlflow-uri", uri, "--storage-path", str(tmp / "results"), "--smoke-test"]
+    mura = write_mura(tmp / "mura", n_patients=16, size=32)
+    chest = write_chestxray(tmp / "chest", n_patients=30, size=32)
+    src = run("mura_source.py", "--data-dir", str(mura), "--source", str(weights), *common)
+    assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
+    return {"tmp": tmp, "uri": uri, "common": common, "weights": weights, "chest": chest, "mura_out": src.stdout}
+
+
+def test_mura_source_registers_a_model_with_study_wise_results(chain):
+    uri = chain["uri"]
+    assert "MURA study-wise test accuracy" in chain["mura_out"] and "XR_" in chain["mura_out"]
+    ref = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
+    run = tracking.run_info(uri, ref.run_id)
+    assert run.data.params["source_model"] == str(chain["weights"])
+    assert int(run.data.params["transfer.loaded_tensors"]) > 300  # the ImageNet body
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1 and "test_kappa" in run.data.metrics
+    arts = {a.path for a in tracking.client(uri).list_artifacts(ref.run_id)}
+    assert {"confusion_matrix.png", "test_metrics.json", "test_accuracy_by_body_part.md", "model"} <= arts
+    history = tracking.metric_history(uri, ref.run_id, "val_accuracy")
+    assert [s for s, _ in history] == [1, 2]  # one report per epoch
+
+
+def test_chestxray_transfer_compares_three_starting_points(chain):
+    uri = chain["uri"]
+    proc = run("chestxray_transfer.py", "--data-dir", str(chain["chest"]), "--imagenet", str(chain["weights"]),
+               *chain["common"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Steps to reach the training loss" in proc.stdout
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("chestxray_transfer")
+    parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
+    children = tracking.child_runs(uri, "chestxray_transfer", parent)
+    starts = sorted((r.data.params["source_model"], r.data.params["frozen_layers"]) for r in children)
+    mura = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
+    assert starts == sorted([("scratch", "0")] + [(str(chain["weights"]), str(k)) for k in range(3)]
+                            + [(mura.uri, str(k)) for k in range(3)])
+    for r in children:
+        assert {"train_loss", "val_loss", "val_accuracy", "step"} <= set(r.data.metrics)
+        if r.data.params["source_model"] == mura.uri:
+            assert r.data.tags["source_run_id"] == mura.run_id       # lineage to the MURA run
+    finished = [r for r in children if r.data.tags["stopped_early"] == "False"]
+    assert finished and all({"test_accuracy", "test_auc", "test_sensitivity", "test_specificity"} <= set(r.data.metrics)
+                            for r in finished)
+    arts = {a.path for a in c.list_artifacts(parent)}
+    assert {"results.md", "steps_to_target.md"} <= arts
+
+
+def test_offline_imagenet_fails_before_any_trial(chain, tmp_path):
+    env_home = {"TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mura_source.py"), "--smoke-test",
+                           "--data-dir", str(chain["tmp"] / "mura"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                           "--storage-path", str(tmp_path / "results")],
+                          cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env_home},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    if proc.returncode == 2:  # offline (as here): a clear error, and nothing written
+        assert "weights='IMAGENET1K_V1'" in proc.stderr and "--source /path/to/" in proc.stderr
+        assert not (tmp_path / "results").exists()
+    else:  # a machine that can download the weights trains from them
+        assert "registered models:/mura_densenet121/" in proc.stdout
