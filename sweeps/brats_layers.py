@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     args = parser.parse_args()
     sweep = cli.prepare(NAME, "brats", args)
-    gpus = cli.start_ray(args)
+    sweep.gpus_per_trial = cli.start_ray(args)
     source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     cli.begin(sweep)
     space, searcher, samples = dict(sweep.base_config), None, 1
@@ -55,11 +55,7 @@ def main() -> None:
         searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
                                                    seed=args.seed), max_concurrent=4)
         samples = args.num_samples
-    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
-                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
-                        report_every=sweep.report_every, num_samples=samples, search_alg=searcher,
-                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
-                        max_failures=args.max_failures, resume=args.resume)
+    results = run_sweep(NAME, space, num_samples=samples, search_alg=searcher, **sweep.tune_kwargs())
     rows = results_rows(results, sweep.max_iterations)
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 

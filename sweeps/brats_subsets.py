@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
     sweep = cli.prepare(NAME, "brats", args, subset_sizes=sizes)
-    gpus = cli.start_ray(args)
+    gpus = sweep.gpus_per_trial = cli.start_ray(args)
     source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     cli.begin(sweep)
     space = {**sweep.base_config, **search_space(source)}
@@ -43,10 +43,7 @@ def main() -> None:
         space["lr_schedule"] = "constant"
     if args.num_samples > 1:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
-    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
-                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
-                        report_every=sweep.report_every, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=gpus, max_failures=args.max_failures, resume=args.resume)
+    results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
                              parent_run_id=sweep.parent_run_id, max_iterations=sweep.max_iterations,
                              cpus=args.cpus_per_trial, gpus=gpus)

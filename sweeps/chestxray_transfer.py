@@ -40,14 +40,11 @@ def main() -> None:
     if imagenet:
         cli.check_imagenet(imagenet)
     mura = cli.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
-    gpus = cli.start_ray(args)
+    gpus = sweep.gpus_per_trial = cli.start_ray(args)
     cli.begin(sweep)
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
-                        tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
-                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations, report_every=1,
-                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
-                        max_failures=args.max_failures, resume=args.resume, grace_period=1)
+                        **sweep.tune_kwargs(), grace_period=1)
     rows = chestxray_table(results, results_rows(results, sweep.max_iterations, "val_loss", "min"),
                            tracking_uri=sweep.tracking_uri, experiment=NAME, parent_run_id=sweep.parent_run_id,
                            max_iterations=sweep.max_iterations, target_loss=args.target_loss,

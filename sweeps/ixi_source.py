@@ -25,15 +25,12 @@ SEARCH_SPACE = {
 def main() -> None:
     args = cli.sweep_parser(__doc__).parse_args()
     sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
-    gpus = cli.start_ray(args)
+    gpus = sweep.gpus_per_trial = cli.start_ray(args)
     cli.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     if args.num_samples > 1:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
-    results = run_sweep(NAME, space, tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
-                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations,
-                        report_every=sweep.report_every, cpus_per_trial=args.cpus_per_trial,
-                        gpus_per_trial=gpus, max_failures=args.max_failures, resume=args.resume)
+    results = run_sweep(NAME, space, **sweep.tune_kwargs())
     rows = results_rows(results, sweep.max_iterations)
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register

@@ -31,14 +31,11 @@ def main() -> None:
     args = parser.parse_args()
     sweep = cli.prepare(NAME, "mura", args)
     cli.check_imagenet(args.source)
-    gpus = cli.start_ray(args)
+    gpus = sweep.gpus_per_trial = cli.start_ray(args)
     cli.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",
-                        tracking_uri=sweep.tracking_uri, parent_run_id=sweep.parent_run_id,
-                        storage_path=sweep.storage_path, max_iterations=sweep.max_iterations, report_every=1,
-                        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
-                        max_failures=args.max_failures, resume=args.resume, grace_period=1)
+                        **sweep.tune_kwargs(), grace_period=1)
     rows = results_rows(results, sweep.max_iterations, metric="val_accuracy")
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))

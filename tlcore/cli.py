@@ -94,6 +94,14 @@ class Sweep:
     def report_every(self) -> int:
         return self.base_config["report_every"]
 
+    def tune_kwargs(self) -> dict:
+        """The `run_sweep` arguments every sweep passes the same way."""
+        a = self.args
+        return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id,
+                "storage_path": self.storage_path, "max_iterations": self.max_iterations,
+                "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
+                "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume}
+
 
 def fail(msg: str) -> None:
     print(f"\n[tlcore] error: {msg}", file=sys.stderr)
