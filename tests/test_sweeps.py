@@ -189,3 +189,19 @@ def test_subsets_sweep(workspace, source_model):
     assert s[0] < s[1] < s[2] < s[3] == set(splits["train"])
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
     assert "test_dice" in table and table.count("S1 (") == 4
+
+
+def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
+                         "--address", cluster.address, "--storage-path", str(tmp_path / "results"),
+                         "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", timeout=180)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "has 2 nodes" in proc.stderr and "shared file system" in proc.stderr
+        assert not (tmp_path / "results").exists()
+    finally:
+        cluster.shutdown()

@@ -60,6 +60,8 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--num-samples", type=int, default=1, help="repeats per grid point (each with its own seed), or trials of a search")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--autoscale", action="store_true",
+                   help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")
     p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
     p.add_argument("--report-every", type=int, default=None, help="iterations between validation reports / checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
@@ -108,6 +110,26 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+                       "9p", "virtiofs")
+
+
+def is_shared_path(path: str) -> bool:
+    """Whether `path` lies on a network file system (by the longest matching mount point)."""
+    target = os.path.realpath(path)
+    while not os.path.exists(target) and target != "/":
+        target = os.path.dirname(target)
+    best, fstype = "", ""
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fs = line.split()[:3]
+            if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, fstype = mount, fs
+    except OSError:
+        return True  # cannot tell (not Linux): do not block the user
+    return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
+
+
 def start_ray(args: argparse.Namespace) -> float:
     """Connect to (or start) Ray and check the GPU request fits; returns GPUs per trial."""
     import ray
@@ -121,11 +143,18 @@ def start_ray(args: argparse.Namespace) -> float:
         ray.init(address=args.address)
     resources = ray.cluster_resources()
     have_gpus = resources.get("GPU", 0)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus else 0.0)
-    if gpus > have_gpus:
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if (nodes > 1 or args.autoscale) and not is_shared_path(args.storage_path):
+        fail(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''} but --storage-path "
+             f"{args.storage_path} is on a local disk: trials on other nodes could not write their checkpoints "
+             "there, and a resumed trial could not find them. Use a path on a shared file system "
+             "(NFS, EFS, Filestore) that every node mounts at the same place.")
+    if gpus > have_gpus and not args.autoscale:
         # Ray would otherwise wait forever with a repeated warning.
         fail(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "
-             "use --gpus-per-trial 0 (CPU) or a fraction, or add GPU nodes")
+             "use --gpus-per-trial 0 (CPU) or a fraction, add GPU nodes, or pass --autoscale "
+             "if the cluster starts GPU workers on demand")
     if args.cpus_per_trial > resources.get("CPU", 0):
         fail(f"--cpus-per-trial {args.cpus_per_trial} but the cluster has {resources.get('CPU', 0):g} CPUs")
     return gpus
