@@ -205,3 +205,58 @@ def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):
         assert not (tmp_path / "results").exists()
     finally:
         cluster.shutdown()
+
+
+def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path):
+    """SIGKILL the driver mid-sweep, rerun with --resume: one parent, one run per trial, no step twice."""
+    import signal
+    import time
+
+    w = workspace
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    weights = tracking.download_model(w["uri"], source_model, tmp_path / "src")
+    run = tracking.start_run(uri, "ixi_source", "copied source")
+    tracking.log_artifacts(uri, run, weights, "model")
+    tracking.register_model(uri, "ixi_hippocampus", run)
+    args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
+            "--smoke-test", "--max-iterations", "24", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(3)
+            exp = tracking.client(uri).get_experiment_by_name("brats_layers")
+            runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+            done = [r for r in runs if r.info.status == "FINISHED"]
+            going = [r for r in runs if r.info.status == "RUNNING" and len(tracking.metric_history(uri, r.info.run_id, "val_dice")) >= 2]
+            if done and going:
+                break
+        else:
+            pytest.fail("the sweep made no progress to interrupt")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
+    before = {r.data.tags["trial_id"]: tracking.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
+
+    resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("brats_layers")
+    assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
+    children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
+    assert len(children) == 7 and len({r.data.tags["trial_id"] for r in children}) == 7
+    for r in children:
+        assert r.info.status == "FINISHED", (r.data.tags, r.info.status)
+        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        assert steps == sorted(set(steps)), steps                      # no step logged twice
+        old = [s for s, _ in before.get(r.data.tags["trial_id"], [])]
+        assert steps[:len(old)] == old                                 # history before the kill kept
+    for trial_dir in (tmp_path / "results" / "brats_layers").glob("train_segmentation_trial_*"):
+        import json as _json
+        its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert its.count(4) <= 1, its                                  # interrupted trials did not restart from 0

@@ -138,6 +138,11 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed trial continues its own run)."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 

@@ -137,9 +137,10 @@ class MLflowTrialLogger(tune.Callback):
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.parent_run_id, self.max_iterations = parent_run_id, max_iterations
         self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}
 
     def __getstate__(self):
-        return {**self.__dict__, "_runs": {}}
+        return {**self.__dict__, "_runs": {}, "_last_step": {}}
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
@@ -154,6 +155,10 @@ class MLflowTrialLogger(tune.Callback):
                                             tags, parent_run_id=self.parent_run_id)
                 if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
                     tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
+            else:  # a restored sweep: reopen the run and never log a step twice
+                history = tracking.metric_history(uri, run_id, "train_loss")
+                self._last_step[trial.trial_id] = max((step for step, _ in history), default=-1)
+                tracking.reopen_run(uri, run_id)
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 
@@ -162,8 +167,11 @@ class MLflowTrialLogger(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_id(trial)
-        tracking.log_metrics(self.tracking_uri, run_id, {k: result[k] for k in METRICS if k in result},
-                             step=result.get("iteration", result.get("training_iteration", 0)))
+        step = int(result.get("iteration", result.get("training_iteration", 0)))
+        if step <= self._last_step.get(trial.trial_id, -1):
+            return  # replayed after a restore from an older checkpoint: already in MLflow
+        self._last_step[trial.trial_id] = step
+        tracking.log_metrics(self.tracking_uri, run_id, {k: result[k] for k in METRICS if k in result}, step=step)
         transfer = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("transfer/")}
         if not transfer and isinstance(result.get("transfer"), dict):
             transfer = result["transfer"]
@@ -215,7 +223,25 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     t0 = time.perf_counter()
     results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
+    close_orphaned_runs(results, tracking_uri, name, parent_run_id, max_iterations)
     return results
+
+
+def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int) -> int:
+    """End child runs left RUNNING (a driver killed after a trial finished but before MLflow
+    heard of it); returns how many were closed."""
+    closed = 0
+    by_trial = {(r.metrics or {}).get("trial_id"): r for r in results}
+    for run in tracking.child_runs(tracking_uri, experiment, parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        r = by_trial.get(run.data.tags.get("trial_id"))
+        done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
+        tracking.set_tags(tracking_uri, run.info.run_id, {"iterations": done, "stopped_early": done < max_iterations,
+                                                          "closed_by": "close_orphaned_runs"})
+        tracking.end_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED")
+        closed += 1
+    return closed
 
 
 def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> list[dict]:
