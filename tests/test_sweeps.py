@@ -15,6 +15,20 @@ SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedu
 pytestmark = pytest.mark.slow
 
 
+def kill_ray_processes(marker: str) -> None:
+    """SIGKILL the Ray processes of one test's Ray instance (their command lines name its temp
+    dir). `ray stop` would also stop every other Ray on the machine, a user's sweep included."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 def run_sweep(script, *args, timeout=600):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
@@ -132,9 +146,12 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
     """`--address` with a cluster started by `ray start --head` (here: on this machine)."""
     w = workspace
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    import tempfile
+
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = "6391"
-    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2",
+    ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2", "--temp-dir", ray_tmp,
                             "--include-dashboard", "false", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
@@ -147,7 +164,7 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
         assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr
         assert tracking.resolve_model(uri, "models:/ixi_hippocampus/latest").version == "1"
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_ray_processes(ray_tmp)
 
 
 def test_broken_dataset_stops_the_sweep_before_anything_is_written(workspace, tmp_path):
@@ -222,7 +239,10 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
     args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
             "--smoke-test", "--max-iterations", "24", "--report-every", "4", "--mlflow-uri", uri,
             "--storage-path", str(tmp_path / "results")]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -238,9 +258,10 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
         else:
             pytest.fail("the sweep made no progress to interrupt")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver ...
         proc.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, env=env)
+        kill_ray_processes(ray_tmp)           # ... and the local Ray it started, nothing else
+    env.pop("RAY_TMPDIR")
     before = {r.data.tags["trial_id"]: tracking.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
 
     resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
