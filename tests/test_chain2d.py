@@ -105,3 +105,24 @@ def test_oversampling_ratio():
 def test_steps_to_reach():
     assert steps_to_reach([1.0, 0.8, 0.6, 0.4, 0.2], 0.5, smooth=1) == 4
     assert steps_to_reach([1.0, 0.9], 0.5) is None
+
+
+def test_resumed_training_runs_only_the_remaining_epochs(mura_images):
+    """A trial resumed from its epoch-k checkpoint trains epochs k+1.. with the schedule where it was."""
+    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, max_epochs=3, lr=1e-3, lr_schedule="one_cycle")
+    ds = RadiographDataset([i.path for i in mura_images], [i.label for i in mura_images], 32, train=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    epochs = []
+
+    from fastai.callback.core import Callback
+
+    class Seen(Callback):  # epochs in which training batches actually ran
+        def after_batch(self):
+            if self.training and self.epoch not in epochs:
+                epochs.append(self.epoch)
+
+    learn = build_learner(cfg, build_densenet121(2), dl, torch.utils.data.DataLoader(ds, batch_size=8),
+                          torch.device("cpu"), cbs=[Seen()])
+    fit_classifier(learn, cfg, start_epoch=2)
+    assert epochs == [2]
+    assert learn.opt.hypers[-1]["lr"] < 1e-3 / 10  # one-cycle annealed: the schedule resumed at its end

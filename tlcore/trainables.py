@@ -386,6 +386,8 @@ def train_classifier_trial(config: dict) -> None:
             self.t0 = time.perf_counter()
 
         def after_epoch(self):
+            if self.epoch < start_epoch:
+                return  # fastai still fires after_epoch for the epochs it skips on resume
             train_loss, val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][:3])
             epoch = self.epoch + 1
             metrics = {"iteration": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
