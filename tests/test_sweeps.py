@@ -281,3 +281,70 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
         import json as _json
         its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
         assert its.count(4) <= 1, its                                  # interrupted trials did not restart from 0
+
+
+def test_unreachable_tracking_server_fails_fast(workspace, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    t0 = time.time()
+    proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
+                     "--mlflow-uri", f"http://127.0.0.1:{port}", "--storage-path", str(tmp_path / "results"),
+                     timeout=120)
+    assert proc.returncode == 2 and f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in proc.stderr
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "results").exists()  # nothing that --resume could mistake for a sweep
+
+
+def test_lost_worker_node_trials_resume_elsewhere(workspace, source_model, tmp_path):
+    """A worker node removed mid-sweep: its trials continue from their checkpoints on the other node."""
+    import json as _json
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    w = workspace
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    weights = tracking.download_model(w["uri"], source_model, tmp_path / "src")
+    run = tracking.start_run(uri, "ixi_source", "copied source")
+    tracking.log_artifacts(uri, run, weights, "model")
+    tracking.register_model(uri, "ixi_hippocampus", run)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
+            "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results"), "--shared-storage", "--address", cluster.address,
+            "--max-failures", "3"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(2)
+            exp = tracking.client(uri).get_experiment_by_name("brats_layers")
+            runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+            if sum(len(tracking.metric_history(uri, r.info.run_id, "val_dice")) >= 1 for r in runs) >= 2:
+                break
+        cluster.remove_node(doomed, allow_graceful=False)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Trial task failed" in out  # the node loss did hit a running trial ...
+    exp = tracking.client(uri).get_experiment_by_name("brats_layers")
+    children = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''")
+    assert len(children) == 7 and all(r.info.status == "FINISHED" for r in children)  # ... which recovered
+    for trial_dir in (tmp_path / "results" / "brats_layers").glob("train_segmentation_trial_*"):
+        its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert its.count(4) <= 1, its                    # resumed from a checkpoint, not from scratch
+    for r in children:
+        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        assert steps == sorted(set(steps))

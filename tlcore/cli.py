@@ -60,6 +60,8 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--num-samples", type=int, default=1, help="repeats per grid point (each with its own seed), or trials of a search")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--shared-storage", action="store_true",
+                   help="--storage-path is shared by every node although tlcore cannot tell (e.g. one machine, several Ray nodes)")
     p.add_argument("--autoscale", action="store_true",
                    help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")
     p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
@@ -145,11 +147,12 @@ def start_ray(args: argparse.Namespace) -> float:
     have_gpus = resources.get("GPU", 0)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if (nodes > 1 or args.autoscale) and not is_shared_path(args.storage_path):
+    if (nodes > 1 or args.autoscale) and not (args.shared_storage or is_shared_path(args.storage_path)):
         fail(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''} but --storage-path "
              f"{args.storage_path} is on a local disk: trials on other nodes could not write their checkpoints "
              "there, and a resumed trial could not find them. Use a path on a shared file system "
-             "(NFS, EFS, Filestore) that every node mounts at the same place.")
+             "(NFS, EFS, Filestore) that every node mounts at the same place, or pass --shared-storage "
+             "if this path is shared in a way tlcore cannot detect.")
     if gpus > have_gpus and not args.autoscale:
         # Ray would otherwise wait forever with a repeated warning.
         fail(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "
@@ -214,7 +217,10 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         fail(f"split lists name subjects not found in {data_dir}: {unknown[:10]}")
     splits_file = str(exp_dir / "splits.json")
 
-    tracking.prepare_store(uri)
+    try:
+        tracking.prepare_store(uri)
+    except RuntimeError as e:
+        fail(str(e))
     base = {"dataset": dataset, "data_dir": data_dir, "splits_file": splits_file, "tracking_uri": uri,
             "seed": args.seed, "num_threads": max(1, int(args.cpus_per_trial)), **profile}
     if is_2d:

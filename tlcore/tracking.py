@@ -55,11 +55,28 @@ def prepare_store(uri: str) -> None:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     try:
         client(uri).search_experiments(max_results=1)
     except MlflowException as e:
         raise RuntimeError(f"MLflow tracking store {uri} is not usable: {e}. "
                            "Check --mlflow-uri (or start the server, see mlflow/README.md).") from e
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer (the client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy may refuse /health): reachable
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}). "
+                           "Start it (mlflow/server.sh on the head node) or fix --mlflow-uri; "
+                           "no trial was started and nothing was written.") from e
 
 
 def experiment_id(uri: str, name: str) -> str:
