@@ -29,6 +29,17 @@ def kill_ray_processes(marker: str) -> None:
                 pass
 
 
+def store_with_source(workspace, source_model, tmp_path) -> str:
+    """A fresh SQLite store holding a copy of the registered IXI source model."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    weights = tracking.download_model(workspace["uri"], source_model, tmp_path / "src")
+    run = tracking.start_run(uri, "ixi_source", "copied source")
+    tracking.log_artifacts(uri, run, weights, "model")
+    tracking.register_model(uri, "ixi_hippocampus", run)
+    return uri
+
+
 def run_sweep(script, *args, timeout=600):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
@@ -230,12 +241,7 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
     import time
 
     w = workspace
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.prepare_store(uri)
-    weights = tracking.download_model(w["uri"], source_model, tmp_path / "src")
-    run = tracking.start_run(uri, "ixi_source", "copied source")
-    tracking.log_artifacts(uri, run, weights, "model")
-    tracking.register_model(uri, "ixi_hippocampus", run)
+    uri = store_with_source(w, source_model, tmp_path)
     args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
             "--smoke-test", "--max-iterations", "24", "--report-every", "4", "--mlflow-uri", uri,
             "--storage-path", str(tmp_path / "results")]
@@ -307,12 +313,7 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, source_model, tmp_p
     from ray.cluster_utils import Cluster
 
     w = workspace
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.prepare_store(uri)
-    weights = tracking.download_model(w["uri"], source_model, tmp_path / "src")
-    run = tracking.start_run(uri, "ixi_source", "copied source")
-    tracking.log_artifacts(uri, run, weights, "model")
-    tracking.register_model(uri, "ixi_hippocampus", run)
+    uri = store_with_source(w, source_model, tmp_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
