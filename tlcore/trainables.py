@@ -217,7 +217,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=1,
                 callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                # Keep every checkpoint: after a killed driver, Tune restores from its last saved
+                # experiment state, which may name a checkpoint that num_to_keep already deleted.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode),
                 failure_config=tune.FailureConfig(max_failures=max_failures)))
     t0 = time.perf_counter()
