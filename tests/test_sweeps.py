@@ -40,6 +40,20 @@ def store_with_source(workspace, source_model, tmp_path) -> str:
     return uri
 
 
+def wait_for_trial_runs(uri: str, ready, timeout: float) -> list:
+    """Poll the brats_layers child runs until `ready(runs)`; fail the test on timeout."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        exp = tracking.client(uri).get_experiment_by_name("brats_layers")
+        runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+        if ready(runs):
+            return runs
+    pytest.fail("the sweep made no progress to interrupt")
+
+
 def run_sweep(script, *args, timeout=600):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
@@ -252,17 +266,12 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            time.sleep(3)
-            exp = tracking.client(uri).get_experiment_by_name("brats_layers")
-            runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
-            done = [r for r in runs if r.info.status == "FINISHED"]
-            going = [r for r in runs if r.info.status == "RUNNING" and len(tracking.metric_history(uri, r.info.run_id, "val_dice")) >= 2]
-            if done and going:
-                break
-        else:
-            pytest.fail("the sweep made no progress to interrupt")
+        def finished_one_and_one_under_way(runs):
+            steps = lambda r: len(tracking.metric_history(uri, r.info.run_id, "val_dice"))
+            return (any(r.info.status == "FINISHED" for r in runs)
+                    and any(r.info.status == "RUNNING" and steps(r) >= 2 for r in runs))
+
+        runs = wait_for_trial_runs(uri, finished_one_and_one_under_way, timeout=300)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver ...
         proc.wait()
@@ -325,13 +334,8 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, source_model, tmp_p
             "--max-failures", "3"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            time.sleep(2)
-            exp = tracking.client(uri).get_experiment_by_name("brats_layers")
-            runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
-            if sum(len(tracking.metric_history(uri, r.info.run_id, "val_dice")) >= 1 for r in runs) >= 2:
-                break
+        wait_for_trial_runs(uri, lambda runs: sum(
+            len(tracking.metric_history(uri, r.info.run_id, "val_dice")) >= 1 for r in runs) >= 2, timeout=240)
         cluster.remove_node(doomed, allow_graceful=False)
         out, _ = proc.communicate(timeout=600)
     finally:
