@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# tlcore's caches (validated files, downloaded source models) stay out of the user's ~/.cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tlcore-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -268,8 +268,10 @@ def begin(sweep: Sweep) -> None:
         sweep.parent_run_id = tracking.start_run(uri, name, f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
                                                  params, {"sweep": name, "role": "parent"})
         tracking.log_dict(uri, sweep.parent_run_id, splits, "splits.json")
-        (exp_dir / "tlcore_sweep.json").write_text(json.dumps({"parent_run_id": sweep.parent_run_id,
-                                                               "splits_file": sweep.splits_file}))
+        # what `python -m tlcore.sync` and `--resume` need to find this sweep's runs again
+        (exp_dir / "tlcore_sweep.json").write_text(json.dumps({
+            "name": name, "parent_run_id": sweep.parent_run_id, "splits_file": sweep.splits_file,
+            "tracking_uri": uri, "max_iterations": sweep.max_iterations}, indent=1))
     print(f"[tlcore] {name}: {len(splits['train'])} train / {len(splits['val'])} val / "
           f"{len(splits['test'])} test subjects from {sweep.data_dir}")
     print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
@@ -310,9 +312,14 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
         print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
         print(f"[tlcore] open the UI:  {uri}")
-    if errors:
-        fail(f"{errors} trial(s) failed (status ERROR above); their error files are under "
-             f"{Path(sweep.storage_path) / sweep.name}; rerun with --resume to retry them")
+    failed = [r for r in rows if r.get("status") == "ERROR"]
+    if errors or failed:
+        names = "\n".join(f"  trial {r['trial_id']} ({r.get('source_model', '')} k={r.get('frozen_layers', '')} "
+                          f"lr={r.get('lr', '')}): {r.get('error', 'failed')}\n    {r.get('error_file', '')}"
+                          for r in failed)
+        fail(f"{max(errors, len(failed))} trial(s) failed after {sweep.args.max_failures} retr"
+             f"{'y' if sweep.args.max_failures == 1 else 'ies'}:\n{names}\n"
+             f"Rerun the same command with --resume to retry only these; finished trials are kept.")
     return table
 
 

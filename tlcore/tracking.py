@@ -6,10 +6,13 @@ state, so the same code serves the sweep driver, Tune callbacks and trials on ot
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +34,7 @@ MAX_PARAM_LEN = 6000
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+log = logging.getLogger("tlcore")
 
 
 def default_tracking_uri() -> str:
@@ -77,6 +81,47 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         raise RuntimeError(f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}). "
                            "Start it (mlflow/server.sh on the head node) or fix --mlflow-uri; "
                            "no trial was started and nothing was written.") from e
+
+
+def server_reachable(uri: str, timeout: float = 3.0) -> bool:
+    """False when an http(s) tracking server does not answer; always True for local stores."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        check_server(uri, timeout)
+        return True
+    except RuntimeError:
+        return False
+
+
+_TRANSIENT = ("max retries exceeded", "connection refused", "connection aborted", "connectionerror",
+              "timed out", "read timeout", "database is locked", "temporarily_unavailable",
+              "502", "503", "504", "remote end closed")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error that goes away when the store comes back (server down, SQLite locked)."""
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    return isinstance(exc, MlflowException) and any(t in str(exc).lower() for t in _TRANSIENT)
+
+
+@contextlib.contextmanager
+def short_retries(retries: int = 1, timeout: int = 20):
+    """Fail within seconds instead of MLflow's minutes of retries, for callers with their own
+    buffer (the sweep's logging callback must not stall Tune's event loop)."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: v for k, v in keys.items() if old[k] is None})  # a user's setting wins
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -137,6 +182,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
              if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if batch:
         client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_metric_rows(uri: str, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
+    """Log (key, value, step, timestamp in ms) rows, e.g. a history replayed from files."""
+    batch = [Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in rows]
+    for i in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+        client(uri).log_batch(run_id, metrics=batch[i:i + 1000])
 
 
 def set_tags(uri: str, run_id: str, tags: dict) -> None:
@@ -241,6 +293,52 @@ def download_model(uri: str, ref: ModelRef, dst: str | Path | None = None) -> Pa
     dst = Path(dst or tempfile.mkdtemp(prefix=f"tlcore-{ref.name}-{ref.version}-"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(dst),
                                                    tracking_uri=uri))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore"
+
+
+def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:
+    """The weights folder of a registered model version, downloaded once per machine.
+
+    Every trial starting from a source model needs it. The registry is still asked which
+    version `model_uri` is (a store rebuilt at the same address may hold other weights under
+    the same version), but when it cannot be reached a pinned version already on this machine
+    is used, so trials restarted during a tracking-server outage go on training.
+    """
+    m = _MODEL_URI.match(model_uri)
+    pinned = m is not None and (m["version"] or "").isdigit()
+    key = hashlib.sha256(f"{uri}|{model_uri}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "models" / f"{m['name'] if m else 'model'}-{key}"
+    stamp = folder / "tlcore_registry_entry.json"
+    try:
+        with short_retries():
+            ref = resolve_model(uri, model_uri)
+    except ModelNotFoundError as e:
+        if not (pinned and stamp.exists() and is_transient(e.__cause__ or e)):
+            raise
+        ref = ModelRef(**json.loads(stamp.read_text()))
+        log.warning("MLflow at %s unreachable; using the cached weights of %s", uri, model_uri)
+        return ref, folder
+    if stamp.exists() and json.loads(stamp.read_text()) == ref.__dict__:
+        return ref, folder
+    if not pinned:
+        return ref, download_model(uri, ref)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
+    try:
+        got = download_model(uri, ref, tmp / "dl")
+        (got / stamp.name).write_text(json.dumps(ref.__dict__))
+        shutil.rmtree(folder, ignore_errors=True)  # stale: another model under the same name/version
+        try:
+            got.rename(folder)  # atomic: trials on one node may fetch the same model at once
+        except OSError:
+            if not stamp.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ref, folder
 
 
 def is_local_uri(uri: str) -> bool:

@@ -60,10 +60,14 @@ def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
     report = TransferReport(source="scratch")
     if cfg.source_model != "scratch":
-        ref = tracking.resolve_model(cfg.tracking_uri, cfg.source_model)
-        folder = tracking.download_model(cfg.tracking_uri, ref)
-        report = load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+        report = load_registered(model, cfg)
     return model, freeze_first(model, cfg.frozen_layers, report)
+
+
+def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
+    """Copy the weights of the registered source model (cached per machine) into `model`."""
+    ref, folder = tracking.cached_model(cfg.tracking_uri, cfg.source_model)
+    return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
 
 
 def train_segmentation_trial(config: dict) -> None:
@@ -126,69 +130,162 @@ def trial_dirname(trial) -> str:
 
 
 class MLflowTrialLogger(tune.Callback):
-    """One MLflow child run per trial, found again by its `trial_id` tag after a restore.
+    """One MLflow child run per trial, found again by its `trial_id` tag after a restore, with
+    every record buffered while the tracking store is unreachable.
 
-    Ray's MLflowLoggerCallback keeps its trial -> run map in memory, so a restored sweep
-    gets a second run per trial. This callback holds only strings (callbacks are pickled
-    with the experiment state) and looks runs up in the store.
+    Ray's MLflowLoggerCallback keeps its trial -> run map in memory, so a restored sweep gets
+    a second run per trial. This callback keeps only strings and plain records (callbacks are
+    pickled with the experiment state) and looks runs up in the store. When the store goes
+    away, training goes on: records wait in order, the store is tried again every
+    `retry_s` seconds, and at the end of the sweep the callback waits up to `final_wait_s`
+    for it. Anything still unwritten is in Ray's result files: `python -m tlcore.sync` replays it.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int):
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
+                 exp_dir: str = "", retry_s: float = 10.0, final_wait_s: float | None = None):
         self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.parent_run_id, self.max_iterations = parent_run_id, max_iterations
+        self.parent_run_id, self.max_iterations, self.exp_dir = parent_run_id, max_iterations, exp_dir
+        self.retry_s = retry_s
+        self.final_wait_s = final_wait_s if final_wait_s is not None else float(
+            os.environ.get("TLCORE_MLFLOW_WAIT_S", 600))
+        self._configs: dict[str, dict] = {}
+        self._pending: list[tuple[str, str, dict]] = []  # (trial_id, kind, payload), in order
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
+        self._retry_at, self._down_since, self.dropped = 0.0, None, 0
 
-    def __getstate__(self):
-        return {**self.__dict__, "_runs": {}, "_last_step": {}}
+    def __getstate__(self):  # run ids and steps are looked up again after a restore
+        return {**self.__dict__, "_runs": {}, "_last_step": {}, "_retry_at": 0.0}
 
-    def _run_id(self, trial) -> str:
-        if trial.trial_id not in self._runs:
-            uri = self.tracking_uri
-            run_id = tracking.find_child_run(uri, self.experiment, self.parent_run_id, trial.trial_id)
-            if run_id is None:
-                cfg = RunConfig.from_dict(trial.config)
-                tags = {"sweep": self.experiment, "trial_id": trial.trial_id}
-                if cfg.source_model.startswith("models:/"):
-                    tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
-                run_id = tracking.start_run(uri, self.experiment, run_name(trial.config), cfg.to_params(),
-                                            tags, parent_run_id=self.parent_run_id)
-                if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
-                    tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
-            else:  # a restored sweep: reopen the run and never log a step twice
-                history = tracking.metric_history(uri, run_id, "train_loss")
-                self._last_step[trial.trial_id] = max((step for step, _ in history), default=-1)
-                tracking.reopen_run(uri, run_id)
-            self._runs[trial.trial_id] = run_id
-        return self._runs[trial.trial_id]
+    # Saved with Tune's experiment state: records still buffered when the driver dies are
+    # written by the resumed sweep.
+    def get_state(self) -> dict | None:
+        return {"pending": list(self._pending), "configs": dict(self._configs), "dropped": self.dropped}
 
+    def set_state(self, state: dict) -> None:
+        self._pending, self._configs = list(state["pending"]), dict(state["configs"])
+        self.dropped = state.get("dropped", 0)
+
+    # ---------------------------------------------------------------- Tune hooks: enqueue, flush
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_id(trial)
+        self._configs[trial.trial_id] = dict(trial.config)
+        self._push(trial.trial_id, "start", {})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_id(trial)
-        step = int(result.get("iteration", result.get("training_iteration", 0)))
-        if step <= self._last_step.get(trial.trial_id, -1):
-            return  # replayed after a restore from an older checkpoint: already in MLflow
-        self._last_step[trial.trial_id] = step
-        tracking.log_metrics(self.tracking_uri, run_id, {k: result[k] for k in METRICS if k in result}, step=step)
+        self._configs.setdefault(trial.trial_id, dict(trial.config))
         transfer = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("transfer/")}
         if not transfer and isinstance(result.get("transfer"), dict):
             transfer = result["transfer"]
-        if transfer:
-            tracking.log_params(self.tracking_uri, run_id, {f"transfer.{k}": v for k, v in transfer.items()})
-            tracking.log_dict(self.tracking_uri, run_id, transfer, "transfer_report.json")
+        self._push(trial.trial_id, "result", {
+            "step": int(result.get("iteration", result.get("training_iteration", 0))),
+            "metrics": {k: result[k] for k in METRICS if k in result}, "transfer": transfer})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
         done = (trial.last_result or {}).get("iteration", 0)
-        tracking.set_tags(self.tracking_uri, run_id, {"iterations": done,
-                                                      "stopped_early": done < self.max_iterations})
-        tracking.end_run(self.tracking_uri, run_id, "FINISHED")
+        self._push(trial.trial_id, "end", {"status": "FINISHED", "tags": {
+            "iterations": done, "stopped_early": done < self.max_iterations}})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        tracking.set_tags(self.tracking_uri, self._run_id(trial), {"error_file": trial.error_file or ""})
-        tracking.end_run(self.tracking_uri, self._run_id(trial), "FAILED")
+        self._push(trial.trial_id, "end", {"status": "FAILED", "tags": {"error_file": trial.error_file or ""}})
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._pending:
+            self.flush()
+
+    def on_experiment_end(self, trials, **info):
+        deadline = time.time() + self.final_wait_s
+        while not self.flush(force=True) and time.time() < deadline:
+            time.sleep(min(self.retry_s, max(deadline - time.time(), 0)))
+        if self._pending or self.dropped:
+            print(f"[tlcore] WARNING: {len(self._pending) + self.dropped} MLflow record(s) could not be written "
+                  f"to {self.tracking_uri}. Nothing is lost: Ray's result files hold them. When the store is "
+                  f"back, run:\n    python -m tlcore.sync {self.exp_dir or '<storage-path>/' + self.experiment}",
+                  flush=True)
+
+    # ---------------------------------------------------------------- writing
+    def _push(self, trial_id: str, kind: str, payload: dict) -> None:
+        self._pending.append((trial_id, kind, payload))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Write buffered records in order; False while the store is unreachable."""
+        if not self._pending:
+            return True
+        if not force and time.time() < self._retry_at:
+            return False
+        with tracking.short_retries():
+            if self._down_since is not None and not tracking.server_reachable(self.tracking_uri):
+                return self._unreachable("no answer to /health")  # a cheap probe while it is down
+            while self._pending:
+                trial_id, kind, payload = self._pending[0]
+                try:
+                    self._write(trial_id, kind, payload)
+                except Exception as e:  # noqa: BLE001 -- a logging failure must not end the sweep
+                    if tracking.is_transient(e):
+                        return self._unreachable(str(e).splitlines()[0][:200])
+                    self.dropped += 1
+                    print(f"[tlcore] WARNING: MLflow refused a {kind} record of trial {trial_id} ({e}); "
+                          "skipped (python -m tlcore.sync replays results)", flush=True)
+                self._pending.pop(0)
+        if self._down_since is not None:
+            print(f"[tlcore] MLflow store {self.tracking_uri} reachable again after "
+                  f"{time.time() - self._down_since:.0f} s; buffered records written", flush=True)
+            self._down_since = None
+        return True
+
+    def _unreachable(self, why: str) -> bool:
+        if self._down_since is None:
+            self._down_since = time.time()
+            print(f"[tlcore] WARNING: MLflow store {self.tracking_uri} unreachable ({why}); training goes on, "
+                  f"records are buffered and retried every {self.retry_s:.0f} s", flush=True)
+        self._retry_at = time.time() + self.retry_s
+        return False
+
+    def _write(self, trial_id: str, kind: str, payload: dict) -> None:
+        uri, run_id = self.tracking_uri, self._run_id(trial_id)
+        if kind == "result":
+            step = payload["step"]
+            if step <= self._last_step.get(trial_id, -1):
+                return  # replayed after a restore from an older checkpoint: already in MLflow
+            if payload["transfer"]:
+                t = payload["transfer"]
+                tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in t.items()})
+                tracking.log_dict(uri, run_id, t, "transfer_report.json")
+            tracking.log_metrics(uri, run_id, payload["metrics"], step=step)
+            self._last_step[trial_id] = step
+        elif kind == "end":
+            tracking.set_tags(uri, run_id, payload["tags"])
+            tracking.end_run(uri, run_id, payload["status"])
+
+    def _run_id(self, trial_id: str) -> str:
+        if trial_id not in self._runs:
+            self._runs[trial_id] = open_trial_run(self.tracking_uri, self.experiment, self.parent_run_id,
+                                                  trial_id, self._configs[trial_id], self._last_step)
+        return self._runs[trial_id]
+
+
+def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, config: dict,
+                   last_step: dict | None = None, reopen: bool = True) -> str:
+    """The trial's child run: found by its trial_id tag (and reopened), or created with the
+    trial's parameters, source lineage and splits. `last_step[trial_id]` gets the last step
+    already logged, so a restored trial never logs a step twice."""
+    run_id = tracking.find_child_run(uri, experiment, parent_run_id, trial_id)
+    if run_id is None:
+        cfg = RunConfig.from_dict(config)
+        tags = {"sweep": experiment, "trial_id": trial_id}
+        if cfg.source_model.startswith("models:/"):
+            tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
+        run_id = tracking.start_run(uri, experiment, run_name(config), cfg.to_params(), tags,
+                                    parent_run_id=parent_run_id)
+        if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
+            tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
+    else:
+        if last_step is not None:
+            history = tracking.metric_history(uri, run_id, "train_loss")
+            last_step[trial_id] = max((step for step, _ in history), default=-1)
+        if reopen and tracking.run_info(uri, run_id).info.status != "RUNNING":
+            tracking.reopen_run(uri, run_id)
+    return run_id
 
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
@@ -216,7 +313,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=1,
-                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations)],
+                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir)],
                 # Keep every checkpoint: after a killed driver, Tune restores from its last saved
                 # experiment state, which may name a checkpoint that num_to_keep already deleted.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
@@ -254,7 +351,7 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: s
         df = r.metrics_dataframe
         best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
-        rows.append({"trial_id": (r.metrics or {}).get("trial_id", ""),
+        rows.append({"trial_id": (r.metrics or {}).get("trial_id") or trial_id_of(r.path),
                      "source_model": c.get("source_model", "scratch"),
                      "frozen_layers": int(c.get("frozen_layers", 0)),
                      "train_subset": c.get("train_subset", "all"),
@@ -262,8 +359,21 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: s
                      "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
                      "iterations": its, "stopped_early": r.error is None and its < max_iterations,
                      "status": "ERROR" if r.error else "OK"})
+        if r.error:  # the cause in a few words; the whole traceback is in the trial's error.txt
+            rows[-1]["error"] = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
+            rows[-1]["error_file"] = str(Path(r.path) / "error.txt")
     return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
                                          row["frozen_layers"], str(row["lr"]), row["seed"]))
+
+
+def trial_id_of(trial_path: str) -> str:
+    """The trial id in a folder named by `trial_dirname` (a trial that failed before its first
+    report has no metrics to read it from)."""
+    name = Path(trial_path or "").name
+    for prefix in ("train_segmentation_trial_", "train_classifier_trial_"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def best_checkpoint_dir(results, metric: str = "val_dice", mode: str = "max"):
@@ -341,9 +451,7 @@ def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferRep
     elif src == "imagenet":
         report = load_imagenet(model)
     elif src.startswith("models:/"):
-        ref = tracking.resolve_model(cfg.tracking_uri, src)
-        folder = tracking.download_model(cfg.tracking_uri, ref)
-        report = load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+        report = load_registered(model, cfg)
     else:  # a local file of torchvision's ImageNet DenseNet121 weights
         report = load_imagenet(model, src)
     return model, freeze_first(model, cfg.frozen_layers, report)
