@@ -127,6 +127,38 @@ def test_patches_shapes_augmentation_and_seed(synthetic_root):
     assert not torch.equal(plain.next_batch()[0], x)
 
 
+def test_unaugmented_patch_is_the_window_and_identity_affine_matches_it():
+    """The grid_sample path with no rotation and no scaling reproduces a plain crop, voxel for voxel."""
+    from tlcore.data.pipeline import Subject, centre_table
+
+    g = torch.Generator().manual_seed(0)
+    image, label = torch.randn(2, 20, 18, 16, generator=g), (torch.rand(1, 20, 18, 16, generator=g) > 0.9).long()
+    s = Subject("s", image, label, np.eye(4), centre_table(label, 2))
+    for seed in range(5):  # fresh samplers: the augmenting one also draws angles from its stream
+        crop = PatchSampler([s], (8, 6, 4), 1, "weighted", augment=False, seed=seed)
+        same = PatchSampler([s], (8, 6, 4), 1, "weighted", augment=True, seed=seed, rotate_deg=0, scale=0)
+        (xa, ya), (xb, yb) = crop.next_batch(), same.next_batch()
+        assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb)
+        hits = [(image[:, i:i + 8, j:j + 6, k:k + 4] == xa[0]).all() for i in range(13) for j in range(13)
+                for k in range(13)]
+        assert any(hits)  # the patch is a window of the volume
+
+
+def test_weighted_centres_give_each_class_equal_probability():
+    """NiftyNet's balanced sampling: a 1 % class holds the window centre half of the time."""
+    from tlcore.data.pipeline import Subject, centre_table
+
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.long)
+    label[0, 10:14, 10:30, 10:18] = 1                        # 640 of 64,000 voxels
+    s = Subject("s", torch.randn(1, 40, 40, 40), label, np.eye(4), centre_table(label, 2))
+    assert s.centres[0] is None and s.centres[1].numel() == 640   # background by rejection, not stored
+    sampler = PatchSampler([s], (1, 1, 1), 1, "weighted", augment=False, seed=0)
+    centres = [int(sampler.next_batch()[1]) for _ in range(2000)]
+    assert abs(np.mean(centres) - 0.5) < 0.05
+    uniform = PatchSampler([s], (1, 1, 1), 1, "uniform", augment=False, seed=0)
+    assert np.mean([int(uniform.next_batch()[1]) for _ in range(2000)]) < 0.05
+
+
 def test_shape_mismatch_names_subject(tmp_path):
     root = write_brats(tmp_path, n_hgg=1, n_lgg=0, shape=(16, 16, 16))
     sid, files = next(iter(find_brats(root).items()))

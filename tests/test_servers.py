@@ -1,22 +1,11 @@
 """Servers bind to 127.0.0.1 unless told otherwise."""
 
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import REPO, free_port, start_tracking_server, stop_tracking_server
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -37,24 +26,12 @@ def listening_addresses(port: int) -> set[str]:
 @pytest.mark.slow
 def test_team_mlflow_server_binds_to_loopback(tmp_path):
     port = free_port()
-    env = {**os.environ, "MLFLOW_BACKEND_URI": f"sqlite:///{tmp_path / 'm.db'}",
-           "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_AUTH": "off",
-           "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")}
-    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "server.sh"), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_tracking_server(tmp_path, port)
     try:
-        deadline, ok = time.time() + 90, False
-        while time.time() < deadline and not ok:
-            try:
-                ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-            except OSError:
-                time.sleep(1)
-        assert ok, "server did not answer /health on 127.0.0.1"
         addresses = listening_addresses(port)
         assert addresses and addresses <= {"127.0.0.1"}, addresses
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop_tracking_server(server)
 
 
 def test_team_server_refuses_to_start_without_a_backend():

@@ -67,6 +67,8 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
     p.add_argument("--report-every", type=int, default=None, help="iterations between validation reports / checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha: stop poor trials early; none: run every trial to --max-iterations")
     p.add_argument("--smoke-test", action="store_true", help="tiny everything: seconds per trial on a laptop")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --storage-path")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and initialisation")
@@ -104,7 +106,8 @@ class Sweep:
         return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id,
                 "storage_path": self.storage_path, "max_iterations": self.max_iterations,
                 "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
-                "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume}
+                "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume,
+                "early_stopping": a.scheduler == "asha"}
 
 
 def fail(msg: str) -> None:
@@ -223,6 +226,8 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         fail(str(e))
     base = {"dataset": dataset, "data_dir": data_dir, "splits_file": splits_file, "tracking_uri": uri,
             "seed": args.seed, "num_threads": max(1, int(args.cpus_per_trial)), **profile}
+    if is_2d and args.gpus_per_trial != 0:  # a GPU eats images faster than one process decodes PNGs
+        base["data_workers"] = max(0, int(args.cpus_per_trial) - 1)
     if is_2d:
         base.update(finding=finding, report_every=1)
     if label_map:

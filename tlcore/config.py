@@ -57,6 +57,7 @@ class RunConfig:
     precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU
     channels_last: str = "auto"           # auto = channels-last-3d on a GPU
     num_threads: int = 0                  # torch CPU threads; 0 = the trial's CPUs
+    data_workers: int = 0                 # 2D: image-decoding worker processes (0 = in the training process)
 
     # --- 2D chain (DenseNet121 + fastai head; thesis: 299x299, batch 16, Adam lr 1e-4)
     image_size: int = 299

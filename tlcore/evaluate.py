@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,3 +104,22 @@ def steps_to_reach(losses, target: float, smooth: int = 5) -> int | None:
     avg = np.convolve(losses, np.ones(k) / k, mode="valid")
     hit = np.flatnonzero(avg <= target)
     return int(hit[0] + k) if len(hit) else None
+
+
+def write_prediction(labels: torch.Tensor, reference: str | Path, out: str | Path) -> Path:
+    """Save a (H, W, D) or (1, H, W, D) label map as NIfTI with the affine and header of the
+    `reference` image it was predicted from, so it opens aligned in ITK-SNAP or 3D Slicer."""
+    import nibabel as nib
+
+    ref = nib.load(str(reference))
+    array = labels.reshape(labels.shape[-3:]).to(torch.uint8).cpu().numpy()
+    if array.shape != ref.shape[:3]:
+        raise ValueError(f"prediction shape {array.shape} differs from {reference} {ref.shape[:3]} "
+                         "(predict on the unpadded volume)")
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    header["scl_slope"], header["scl_inter"] = 1, 0  # class indices, not rescaled intensities
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, ref.affine, header), str(out))
+    return out

@@ -23,6 +23,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def staging_device(subjects, device: torch.device, share: float = 0.4) -> torch.device:
+    """Where the training volumes live while patches are drawn: the GPU when image + uint8 label
+    of every subject fit in `share` of its free memory (the rest is for the model and the
+    activations; fractional trials share the device), else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = sum(s.image.numel() * s.image.element_size() + s.label.numel() for s in subjects)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < share * free else torch.device("cpu")
+
+
 def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -97,15 +108,16 @@ def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, 
         optimizer.step()
         scheduler.step()
         iteration += 1
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"training loss became {losses[-1]} at iteration {iteration} "
-                                     f"(lr={cfg.lr}); lower the learning rate")
+        losses.append(loss.detach())  # no float() here: it would wait for the GPU every step
         if iteration % cfg.report_every == 0 or iteration == cfg.max_iterations:
+            train_loss = float(torch.stack(losses).mean())
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} before iteration {iteration} "
+                                         f"(lr={cfg.lr}); lower the learning rate")
             elapsed = time.perf_counter() - t0
             ev = evaluate_subjects(model, val, num_classes, cfg.roi, device, loss_fn,
                                    cfg.sw_batch_size, cfg.sw_overlap, dtype, cl)
-            metrics = {"iteration": iteration, "train_loss": sum(losses) / len(losses),
+            metrics = {"iteration": iteration, "train_loss": train_loss,
                        "val_loss": ev["loss"], "val_dice": ev["dice"],
                        "lr": scheduler.get_last_lr()[0],
                        "patches_per_s": len(losses) * cfg.batch_size / max(elapsed, 1e-9)}

@@ -25,7 +25,7 @@ from tlcore.data.splits import read_splits, training_ids
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
-from tlcore.train import amp_dtype, pick_device, train_segmentation, use_channels_last
+from tlcore.train import amp_dtype, pick_device, staging_device, train_segmentation, use_channels_last
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
@@ -36,7 +36,7 @@ def num_classes(cfg: RunConfig) -> int:
     return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
 
 
-def load_split(cfg: RunConfig, split: str, with_weights: bool = False) -> list:
+def load_split(cfg: RunConfig, split: str) -> list:
     """Subjects of one split, loaded and normalised once per worker process."""
     label_map = cfg.label_map or default_label_map(cfg.dataset)
     splits = read_splits(cfg.splits_file)
@@ -45,12 +45,12 @@ def load_split(cfg: RunConfig, split: str, with_weights: bool = False) -> list:
     files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
     out = []
     for sid in ids:
-        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, with_weights)
+        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size)
         if key not in _SUBJECT_CACHE:
             if sid not in files:
                 raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
             _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
-                                               num_classes(cfg), cfg.patch_size, with_weights)
+                                               num_classes(cfg), cfg.patch_size)
         out.append(_SUBJECT_CACHE[key])
     return out
 
@@ -75,9 +75,10 @@ def train_segmentation_trial(config: dict) -> None:
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
     model, transfer = build_start_model(cfg)
-    train = load_split(cfg, "train", with_weights=cfg.sampler == "weighted")
+    train = load_split(cfg, "train")
     val = load_split(cfg, "val")
-    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed)
+    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
+                           device=staging_device(train, pick_device()))
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -288,12 +289,18 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
     return run_id
 
 
+def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3) -> ASHAScheduler:
+    """The early-stopping rule of every sweep (bench/ replays it on recorded learning curves)."""
+    return ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                         grace_period=min(grace_period, reports), reduction_factor=reduction_factor)
+
+
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
               trainable=None,
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
-              grace_period: int = 2, reduction_factor: int = 3):
+              early_stopping: bool = True, grace_period: int = 2, reduction_factor: int = 3):
     """Run (or resume) a sweep of `train_segmentation_trial` with ASHA; returns the ResultGrid."""
     trainable = tune.with_resources(trainable or train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
@@ -304,8 +311,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
         if resume:
             print(f"[tlcore] nothing to resume at {exp_dir}; starting a new sweep")
         reports = math.ceil(max_iterations / report_every)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
-                                  grace_period=min(grace_period, reports), reduction_factor=reduction_factor)
+        scheduler = asha(reports, grace_period, reduction_factor) if early_stopping else None
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
@@ -465,10 +471,12 @@ def image_loaders(cfg: RunConfig, train_images, val_images):
     # the minority class is oversampled for ChestX-ray14 (thesis: pneumothorax 18x)
     idx = oversample(labels, cfg.oversample, cfg.seed) if cfg.dataset == "chestxray" else list(range(len(labels)))
     g = torch.Generator().manual_seed(cfg.seed)
+    workers = {"num_workers": cfg.data_workers, "pin_memory": torch.cuda.is_available(),
+               "persistent_workers": cfg.data_workers > 0}
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, drop_last=True,
-                                           sampler=torch.utils.data.SubsetRandomSampler(idx, generator=g))
+                                           sampler=torch.utils.data.SubsetRandomSampler(idx, generator=g), **workers)
     val_ds = RadiographDataset([i.path for i in val_images], [i.label for i in val_images], cfg.image_size)
-    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2)
+    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2, **workers)
 
 
 def train_classifier_trial(config: dict) -> None:

@@ -1,0 +1,465 @@
+"""tlcore benchmarks: how close the full pipeline comes to the model's own speed.
+
+    make bench                                   # CPU, small shapes, a few minutes
+    .venv/bin/python bench/run.py --full         # GPU: BraTS-size volumes, 96^3 patches, 299^2 images
+    .venv/bin/python bench/run.py --only train3d,inference
+
+Every figure that matters is a ratio of two timings taken in the same run (the machines are
+noisy); absolute times are meaningful only from a GPU run. Results: one JSON line per
+measurement on stdout and in bench/results-<device>.jsonl; the summary table of this device
+replaces its section in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from tlcore.config import RunConfig  # noqa: E402
+from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
+from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
+from tlcore.data.synthetic import write_brats  # noqa: E402
+from tlcore.evaluate import dice_per_class, predict_logits, write_prediction  # noqa: E402
+from tlcore.models import build_model  # noqa: E402
+from tlcore.train import amp_dtype, pick_device, staging_device, train_segmentation, use_channels_last  # noqa: E402
+
+# Targets of the performance issue, for one H100/H200 (ratios apply on every device).
+TARGETS = {
+    "train3d.pipeline_over_compute": (">=", 0.9),
+    "train3d.patches_per_s": (">=", 30.0),
+    "inference.model_only_s": ("<=", 0.6),
+    "inference.end_to_end_s": ("<=", 1.5),
+    "tune.overhead_ratio": ("<=", 1.10),
+    "mlflow.overhead_pct_of_step": ("<=", 2.0),
+    "asha.iterations_over_grid": ("<=", 0.35),
+    "asha.same_best": ("==", True),
+}
+GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    volume: tuple          # BraTS-like subject size
+    subjects: int
+    patch: tuple
+    batch: int
+    steps: int             # timed steps per measurement (after warm-up)
+    roi: tuple             # sliding-window size
+    image_size: int        # 2D
+    batch_2d: int
+    steps_2d: int
+    tune_trials: int
+    sweep_iterations: int  # ASHA: iterations per trial of the recorded grid
+
+
+SMALL = Profile("small", (64, 64, 48), 4, (24, 24, 24), 2, 12, (32, 32, 32), 64, 8, 6, 4, 60)
+FULL = Profile("full", (240, 240, 155), 8, (96, 96, 96), 2, 40, (96, 96, 96), 299, 16, 40, 4, 2000)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class FixedBatch:
+    """A sampler that hands out one pre-staged batch: the model's own speed, no data pipeline."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def reseed(self, seed: int) -> None:
+        pass
+
+    def next_batch(self):
+        return self.images, self.labels
+
+
+def synthetic_subjects(root: Path, p: Profile):
+    data = write_brats(root / "brats", n_hgg=p.subjects + 1, n_lgg=0, shape=p.volume, seed=0)
+    files = find_brats(data)
+    t0 = time.perf_counter()
+    subjects = [load_subject(sid, f, ("t1", "t2"), default_label_map("brats"), 2, p.patch)
+                for sid, f in sorted(files.items())]
+    load_s = (time.perf_counter() - t0) / len(subjects)
+    return subjects[:-1], subjects[-1], files, load_s
+
+
+def steady_patches_per_s(cfg: RunConfig, sampler, val, device) -> tuple[float, float]:
+    """train_segmentation's own patches/s over `cfg.max_iterations / 2` steps after as many
+    warm-up steps, and the seconds per step."""
+    reports = []
+    torch.manual_seed(0)
+    model = build_model(in_channels=2, num_classes=2)
+    train_segmentation(cfg, model, sampler, val, 2, report=lambda m, s: reports.append(m), device=device)
+    pps = reports[-1]["patches_per_s"]
+    return pps, cfg.batch_size / pps
+
+
+def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
+    subjects, val, files, load_s = synthetic_subjects(tmp, p)
+    half = p.steps
+    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * half,
+                    report_every=half, max_val_subjects=1, num_threads=torch.get_num_threads())
+    dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(p.batch, 2, *p.patch, generator=g).to(device)
+    y = (torch.rand(p.batch, 1, *p.patch, generator=g) > 0.9).long().to(device)
+    compute_pps, step_s = steady_patches_per_s(cfg, FixedBatch(x, y), [val], device)
+    stage = staging_device(subjects, device)
+    sampler = PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)
+    pipeline_pps, _ = steady_patches_per_s(cfg, sampler, [val], device)
+
+    from monai_sampler import MonaiPatchSampler
+    reference = MonaiPatchSampler(subjects, p.patch, p.batch, seed=0)
+    reference_pps, _ = steady_patches_per_s(cfg, reference, [val], device)
+
+    def per_patch(s, n=20) -> float:
+        s.next_batch()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            s.next_batch()
+        sync(device)
+        return (time.perf_counter() - t0) / (n * p.batch)
+
+    sample_s, reference_sample_s = per_patch(sampler), per_patch(reference, 5)
+    out = {"train3d.compute_patches_per_s": compute_pps, "train3d.patches_per_s": pipeline_pps,
+           "train3d.pipeline_over_compute": pipeline_pps / compute_pps,
+           "train3d.monai_reference_patches_per_s": reference_pps,
+           "train3d.monai_reference_over_compute": reference_pps / compute_pps,
+           "train3d.load_s_per_subject": load_s, "train3d.step_s": step_s,
+           "sampling.s_per_patch": sample_s, "sampling.per_patch_over_step": sample_s / step_s,
+           "sampling.monai_reference_per_patch_over_step": reference_sample_s / step_s,
+           "train3d.volumes_on": stage.type, "train3d.precision": str(dtype or "fp32"),
+           "train3d.channels_last_3d": cl}
+    emit("train3d", out)
+    return {"subjects": subjects, "val": val, "files": files, "step_s": step_s}
+
+
+def bench_inference(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    cfg = RunConfig(patch_size=p.patch, inference_roi=p.roi)
+    dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
+    model = build_model(in_channels=2, num_classes=2).to(device).eval()
+    if cl:
+        model.to(memory_format=torch.channels_last_3d)
+    val, files = staged["val"], staged["files"][staged["val"].id]
+    volume = torch.randn(2, *p.volume).to(device)
+
+    def model_only() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        predict_logits(model, volume, p.roi, device, 2, 0.5, dtype, cl).argmax(1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def end_to_end() -> float:  # NIfTI in, NIfTI + Dice out
+        t0 = time.perf_counter()
+        s = load_subject(val.id, files, ("t1", "t2"), default_label_map("brats"), 2, with_centres=False)
+        pred = predict_logits(model, s.image, p.roi, device, 2, 0.5, dtype, cl).argmax(1)
+        dice = float(dice_per_class(pred, s.label, 2).mean())
+        write_prediction(pred, files["t1"], tmp / "pred" / f"{val.id}_pred.nii.gz")
+        assert 0 <= dice <= 1
+        return time.perf_counter() - t0
+
+    model_only(), end_to_end()  # warm-up (cuDNN autotuning, first file reads)
+    emit("inference", {"inference.model_only_s": min(model_only() for _ in range(3)),
+                       "inference.end_to_end_s": min(end_to_end() for _ in range(3)),
+                       "inference.volume": list(p.volume), "inference.roi": list(p.roi)})
+
+
+def bench_train2d(p: Profile, device, tmp: Path, emit) -> None:
+    from tlcore.data.mura import find_mura
+    from tlcore.data.synthetic import write_mura
+    from tlcore.models import build_densenet121
+    from tlcore.train2d import build_learner
+    from tlcore.trainables import image_loaders
+
+    root = write_mura(tmp / "mura", n_patients=max(12, 2 * p.batch_2d), size=p.image_size)
+    images = [i for i in find_mura(root)[0] if i.split == "train"]  # the loader cycles over them
+    workers = 0 if device.type == "cpu" else min(8, (os.cpu_count() or 2) - 1)
+    cfg = RunConfig(dataset="mura", image_size=p.image_size, batch_size=p.batch_2d, data_workers=workers)
+    train_dl, _ = image_loaders(cfg, images, images[:p.batch_2d])
+    torch.manual_seed(0)
+    learn = build_learner(cfg, build_densenet121(), train_dl, train_dl, device)
+    learn.create_opt()
+    learn.model.train()
+
+    def steps(batches) -> float:
+        n = 0
+        sync(device)
+        t0 = time.perf_counter()
+        for xb, yb in batches:
+            learn.xb, learn.yb = (xb,), (yb,)
+            learn("before_batch")
+            learn.opt.zero_grad()
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = learn.loss_func(learn.model(*learn.xb), *learn.yb)
+            loss.backward()
+            learn.opt.step()
+            n += xb.shape[0]
+        sync(device)
+        return n / (time.perf_counter() - t0)
+
+    fixed = next(iter(train_dl))
+    steps([fixed] * 2)  # warm-up
+    compute = steps([fixed] * p.steps_2d)
+
+    def loader_batches(n):
+        it, out = iter(train_dl), 0
+        while out < n:
+            try:
+                yield next(it)
+            except StopIteration:
+                it = iter(train_dl)
+                continue
+            out += 1
+
+    pipeline = steps(loader_batches(p.steps_2d))
+    emit("train2d", {"train2d.compute_images_per_s": compute, "train2d.images_per_s": pipeline,
+                     "train2d.pipeline_over_compute": pipeline / compute, "train2d.image_size": p.image_size,
+                     "train2d.batch": p.batch_2d, "train2d.data_workers": workers})
+
+
+def bench_tracking(p: Profile, device, tmp: Path, emit, step_s: float) -> None:
+    from tlcore import tracking
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    run = tracking.start_run(uri, "bench", "bench")
+    metrics = {"train_loss": 0.5, "val_loss": 0.6, "val_dice": 0.7, "lr": 1e-3, "patches_per_s": 10.0}
+    tracking.log_metrics(uri, run, metrics, step=0)
+    n = 30
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        tracking.log_metrics(uri, run, metrics, step=i)
+    per_log = (time.perf_counter() - t0) / n
+    report_every = RunConfig().report_every
+    # The trial never waits for MLflow: Tune's driver logs each report. Per training step
+    # that is per_log / report_every, and even logging every step would cost per_log.
+    emit("mlflow", {"mlflow.s_per_log_call": per_log, "mlflow.every_step_pct_of_step": 100 * per_log / step_s,
+                    "mlflow.overhead_pct_of_step": 100 * per_log / report_every / step_s,
+                    "mlflow.report_every": report_every})
+
+
+def bench_tune(p: Profile, device, tmp: Path, emit) -> None:
+    """The same fixed trials in a plain loop and under Tune (one at a time, checkpoints on)."""
+    import ray
+    from ray import tune
+
+    cfg = dict(patch_size=p.patch, batch_size=p.batch, max_iterations=2 * p.steps, report_every=p.steps,
+               inference_roi=p.roi, max_val_subjects=1)
+    val_shape = p.volume
+
+    def trial(config, report):
+        torch.set_num_threads(config.get("threads", 1))
+        c = RunConfig(**{**cfg, "seed": config["seed"]})
+        g = torch.Generator().manual_seed(config["seed"])
+        x = torch.randn(p.batch, 2, *p.patch, generator=g)
+        y = (torch.rand(p.batch, 1, *p.patch, generator=g) > 0.9).long()
+        from tlcore.data.pipeline import Subject
+        val = Subject("v", torch.randn(2, *val_shape, generator=g), (torch.rand(1, *val_shape) > 0.9).long(),
+                      np.eye(4))
+        dev = pick_device()
+        train_segmentation(c, build_model(in_channels=2, num_classes=2), FixedBatch(x.to(dev), y.to(dev)),
+                           [val], 2, report, device=dev)
+
+    def save(metrics, state, d):
+        state.pop("val_per_subject")
+        torch.save(state, Path(d) / "state.pt")
+
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    for seed in range(p.tune_trials):
+        with tempfile.TemporaryDirectory() as d:
+            trial({"seed": seed, "threads": threads}, lambda m, s: save(m, s, d))
+    plain = time.perf_counter() - t0
+
+    def tune_trial(config):
+        def report(m, s):
+            with tempfile.TemporaryDirectory() as d:
+                save(m, s, d)
+                tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+        trial(config, report)
+
+    t_init = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count(), include_dashboard=False,
+             log_to_driver=False)
+    init_s = time.perf_counter() - t_init
+    try:
+        t0 = time.perf_counter()
+        tuner = tune.Tuner(
+            tune.with_resources(tune_trial, {"cpu": os.cpu_count(), "gpu": 1 if device.type == "cuda" else 0}),
+            param_space={"seed": tune.grid_search(list(range(p.tune_trials))), "threads": threads},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=str(tmp / "ray"), name="overhead", verbose=0))
+        tuner.fit()
+        tuned = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    emit("tune", {"tune.plain_s": plain, "tune.tune_s": tuned, "tune.overhead_ratio": tuned / plain,
+                  "tune.ray_init_s": init_s, "tune.with_init_ratio": (tuned + init_s) / plain,
+                  "tune.trials": p.tune_trials})
+
+
+def bench_asha(p: Profile, device, tmp: Path, emit) -> None:
+    """Run the brats_layers grid to the end once (no early stopping), then replay ASHA with the
+    sweeps' own settings on the recorded validation curves."""
+    import ray
+    from ray import tune
+
+    from tlcore.trainables import asha
+
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    uri = f"sqlite:///{tmp / 'sweep.db'}"
+    common = ["--mlflow-uri", uri, "--storage-path", str(tmp / "results")]
+    if p.name == "small":
+        common += ["--smoke-test"]
+    for script, extra in (("ixi_source.py", []),
+                          ("brats_layers.py", ["--scheduler", "none", "--max-iterations", str(p.sweep_iterations),
+                                               "--report-every", str(p.sweep_iterations // 12)])):
+        out = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *common, *extra], cwd=REPO, env=env,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{script} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    curves = {}
+    for d in (tmp / "results" / "brats_layers").glob("train_*"):
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        params = json.loads((d / "params.json").read_text())
+        name = f"{params['start']['source_model']} k={params['start']['frozen_layers']}"
+        curves[name] = [r["val_dice"] for r in rows]
+    reports = max(len(c) for c in curves.values())
+    grid_best = max(curves, key=lambda k: max(curves[k]))
+
+    def replay(config):
+        for v in curves[config["name"]]:
+            time.sleep(0.05)  # trials advance together, as equal-speed trials on a cluster do
+            tune.report({"val_dice": v})
+
+    concurrency = max(1, (os.cpu_count() or 2) if device.type == "cpu" else torch.cuda.device_count())
+    ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False)
+    try:
+        results = tune.Tuner(
+            tune.with_resources(replay, {"cpu": 1}),
+            param_space={"name": tune.grid_search(sorted(curves))},
+            tune_config=tune.TuneConfig(metric="val_dice", mode="max", scheduler=asha(reports)),
+            run_config=tune.RunConfig(storage_path=str(tmp / "ray_replay"), name="asha", verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    used = {r.config["name"]: int(r.metrics["training_iteration"]) for r in results}
+    survivors = [k for k, n in used.items() if n == len(curves[k])]
+    asha_best = max(survivors, key=lambda k: max(curves[k]))
+    emit("asha", {"asha.iterations_over_grid": sum(used.values()) / sum(len(c) for c in curves.values()),
+                  "asha.same_best": asha_best == grid_best, "asha.grid_best": grid_best,
+                  "asha.asha_best": asha_best, "asha.reports_per_trial": reports,
+                  "asha.concurrent_trials": concurrency,
+                  "asha.best_val_dice": {k: round(max(v), 4) for k, v in sorted(curves.items())}})
+
+
+def versions() -> dict:
+    import monai
+    import mlflow
+    import ray
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+         "ray": ray.__version__, "mlflow": mlflow.__version__}
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["cudnn"] = str(torch.backends.cudnn.version())
+    return v
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def verdict(key: str, value, on_gpu: bool) -> str:
+    if key not in TARGETS:
+        return ""
+    op, target = TARGETS[key]
+    if key in GPU_ONLY and not on_gpu:
+        return "GPU target"
+    ok = {">=": lambda: value >= target, "<=": lambda: value <= target, "==": lambda: value == target}[op]()
+    return "met" if ok else "NOT met"
+
+
+def write_summary(records: list[dict], device: torch.device, profile: Profile) -> None:
+    on_gpu = device.type == "cuda"
+    title = f"## {device_name(device)}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"
+    lines = [title, "", f"{time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
+             "| measurement | value | target | |", "|---|---|---|---|"]
+    for rec in records:
+        for k, v in rec.items():
+            if k in ("bench", "device", "profile") or isinstance(v, (dict, list)):
+                continue
+            shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+            target = " ".join(map(str, TARGETS[k])) if k in TARGETS else ""
+            lines.append(f"| {k} | {shown} | {target} | {verdict(k, v, on_gpu)} |")
+    section = "\n".join(lines) + "\n"
+    path = BENCH / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nWritten by `bench/run.py`; see bench/README.md.\n"
+    parts = text.split("\n## ")
+    kept = [parts[0]] + ["## " + s for s in parts[1:] if not ("## " + s).startswith(title)]
+    path.write_text("\n".join(x.rstrip("\n") + "\n" for x in kept) + "\n" + section)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the real shapes (for a GPU)")
+    ap.add_argument("--only", default="", help="comma-separated: train3d,inference,train2d,mlflow,tune,asha")
+    ap.add_argument("--no-summary", action="store_true", help="do not touch bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    profile = FULL if args.full else SMALL
+    device = pick_device()
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    only = set(filter(None, args.only.split(","))) or {"train3d", "inference", "train2d", "mlflow", "tune", "asha"}
+    records, log = [], BENCH / f"results-{device.type}.jsonl"
+
+    def emit(name: str, values: dict) -> None:
+        rec = {"bench": name, "device": device_name(device), "profile": profile.name, **values}
+        records.append({k: v for k, v in rec.items()})
+        line = json.dumps(rec, default=str)
+        print(line, flush=True)
+        with log.open("a") as f:
+            f.write(line + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
+        tmp = Path(d)
+        staged = bench_train3d(profile, device, tmp, emit) if only & {"train3d", "inference", "mlflow"} else None
+        if "inference" in only:
+            bench_inference(profile, device, tmp, emit, staged)
+        if "train2d" in only:
+            bench_train2d(profile, device, tmp, emit)
+        if "mlflow" in only:
+            bench_tracking(profile, device, tmp, emit, staged["step_s"])
+        if "tune" in only:
+            bench_tune(profile, device, tmp, emit)
+        if "asha" in only:
+            bench_asha(profile, device, tmp, emit)
+    if not args.no_summary:
+        write_summary(records, device, profile)
+        print(f"[bench] summary written to {BENCH / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
