@@ -19,5 +19,8 @@ demo: .venv/.installed
 test: .venv/.installed
 	$(PY) -m pytest -q --durations=10
 
+bench: .venv/.installed
+	$(PY) bench/run.py
+
 clean-results:
 	rm -rf results mlflow/mlflow.db mlflow/artifacts

@@ -72,3 +72,21 @@ def test_learning_happens_and_resume_continues(synthetic_root):
     train_segmentation(cfg2, build_model(num_classes=2), PatchSampler(train, (16, 16, 16), 2), val, 2,
                        report=lambda m, s: more.append(m), resume=states[0], device=torch.device("cpu"))
     assert [m["iteration"] for m in more] == [84]
+
+
+def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
+    import nibabel as nib
+
+    from tlcore.evaluate import write_prediction
+
+    affine = np.array([[-0.9, 0, 0, 90], [0, 1.1, 0, -126], [0, 0, 1.2, -72], [0, 0, 0, 1]])
+    ref = nib.Nifti1Image(np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32), affine)
+    ref.header.set_xyzt_units("mm", "sec")
+    nib.save(ref, tmp_path / "t1.nii.gz")
+    pred = torch.zeros(1, 12, 10, 8, dtype=torch.long)
+    pred[0, 3:6, 2:4, 1:7] = 1
+    out = nib.load(write_prediction(pred, tmp_path / "t1.nii.gz", tmp_path / "out" / "pred.nii.gz"))
+    assert np.allclose(out.affine, affine) and out.header.get_xyzt_units() == ("mm", "sec")
+    assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(out.dataobj), pred[0].numpy())
+    with pytest.raises(ValueError, match="differs from"):
+        write_prediction(pred[:, :6], tmp_path / "t1.nii.gz", tmp_path / "bad.nii.gz")
