@@ -50,3 +50,25 @@ def test_register_and_resolve_models(mlflow_uri, tmp_path):
 def test_missing_models_raise_model_not_found(mlflow_uri, uri):
     with pytest.raises(tracking.ModelNotFoundError):
         tracking.resolve_model(mlflow_uri, uri)
+
+
+def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
+    """imagenet -> source run -> registered v1 -> fine-tuned run -> registered v1 of the target."""
+    from tlcore.lineage import chain, main, short
+
+    src = tracking.start_run(mlflow_uri, "mura_source", "densenet imagenet", {"source_model": "imagenet"})
+    tracking.log_metrics(mlflow_uri, src, {"test_accuracy": 0.81}, step=1)
+    tracking.log_text(mlflow_uri, src, "weights", "model/model.safetensors")
+    mura = tracking.register_model(mlflow_uri, "mura_densenet121", src)
+    tuned = tracking.start_run(mlflow_uri, "chestxray_transfer", "mura k=1",
+                               {"source_model": mura.uri}, {"source_run_id": mura.run_id})
+    tracking.log_text(mlflow_uri, tuned, "weights", "model/model.safetensors")
+    target = tracking.register_model(mlflow_uri, "chestxray_pneumothorax", tuned)
+
+    links = chain(mlflow_uri, "models:/chestxray_pneumothorax/latest")
+    assert [link.start for link in links] == [target.uri, mura.uri, "imagenet"]
+    assert [link.run_id for link in links] == [tuned, src, ""]
+    assert links[1].experiment == "mura_source" and "test_accuracy 0.810" in links[1].metric
+    assert short(chain(mlflow_uri, f"runs:/{tuned}")) == f"imagenet -> {mura.uri} -> runs:/{tuned}"
+    assert main([target.uri, "--mlflow-uri", mlflow_uri]) == 0
+    assert main(["models:/nothing/1", "--mlflow-uri", mlflow_uri]) == 2
