@@ -125,6 +125,11 @@ def test_layer_sweep(workspace, source_model):
     assert any(r.data.tags["stopped_early"] == "False" for r in children)
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"])))
     assert table.read_text().count("models:/ixi_hippocampus/1") == 6
+    # the report: named in the output, in the results folder and in the parent run
+    page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
+    assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
+    assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
+    assert all(tracking.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
 
     # --resume on a finished sweep re-runs nothing and duplicates no run
     again = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
@@ -212,6 +217,15 @@ def test_subsets_sweep(workspace, source_model):
         assert 0 <= r.data.metrics["test_dice"] <= 1 and "train_dice" in r.data.metrics
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert "test_per_subject_dice.json" in arts
+    # test predictions as NIfTI on the input's grid
+    import nibabel as nib
+
+    preds = c.list_artifacts(survivors[0].info.run_id, "predictions/test")
+    assert len(preds) == len(json.loads((w["tmp"] / "results" / "brats_subsets" / "splits.json").read_text())["test"])
+    pred = nib.load(c.download_artifacts(survivors[0].info.run_id, preds[0].path, str(w["tmp"])))
+    sid = Path(preds[0].path).name.replace("_pred.nii.gz", "")
+    t1 = nib.load(next((w["data"] / "brats").glob(f"*/{sid}/{sid}_t1.nii.gz")))
+    assert pred.shape == t1.shape and (pred.affine == t1.affine).all()
     splits = json.loads((w["tmp"] / "results" / "brats_subsets" / "splits.json").read_text())
     s = [set(splits["subsets"][f"S{k}"]) for k in range(1, 5)]
     assert s[0] < s[1] < s[2] < s[3] == set(splits["train"])

@@ -310,8 +310,11 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
     tracking.log_text(uri, pid, table + "\n", "results.md")
     tracking.log_dict(uri, pid, rows, "results.json")
     tracking.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
+    report = write_report(sweep)
     tracking.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
+    if report:
+        print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
     print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}")
     if uri.startswith("sqlite:///"):
         print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
@@ -326,6 +329,19 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
              f"{'y' if sweep.args.max_failures == 1 else 'ies'}:\n{names}\n"
              f"Rerun the same command with --resume to retry only these; finished trials are kept.")
     return table
+
+
+def write_report(sweep: Sweep) -> Path | None:
+    """The sweep's HTML report (tables, statistics, figures), logged to the parent run."""
+    from tlcore.report import build
+
+    try:
+        return build(sweep.tracking_uri, sweep.name, sweep.parent_run_id,
+                     Path(sweep.storage_path) / sweep.name / "report").html
+    except Exception as e:  # noqa: BLE001 -- the sweep's results are safe; say how to retry
+        print(f"[tlcore] WARNING: the report could not be built ({type(e).__name__}: {e}); retry with\n"
+              f"    python -m tlcore.report {sweep.name} --parent-run {sweep.parent_run_id}", file=sys.stderr)
+        return None
 
 
 def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name: str,

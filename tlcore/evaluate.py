@@ -47,7 +47,8 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
 @torch.no_grad()
 def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, device: torch.device,
                       loss_fn=None, sw_batch_size: int = 2, overlap: float = 0.5,
-                      amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+                      amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                      predictions_dir: str | Path | None = None) -> dict:
     """Mean loss and Dice over subjects, plus each subject's Dice (mean over foreground classes)."""
     was_training = model.training
     model.eval()
@@ -56,7 +57,11 @@ def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, d
         logits = predict_logits(model, s.image, roi, device, sw_batch_size, overlap, amp_dtype, channels_last)
         if loss_fn is not None:
             losses.append(float(loss_fn(logits, s.label[None].to(logits.device))))
-        per_subject[s.id] = float(dice_per_class(logits.argmax(1), s.label, num_classes).mean())
+        pred = logits.argmax(1)
+        per_subject[s.id] = float(dice_per_class(pred, s.label, num_classes).mean())
+        if predictions_dir is not None and s.source:  # on the input's grid, aligned in any viewer
+            from tlcore.data.pipeline import unpad
+            write_prediction(unpad(pred, s.original_shape), s.source, Path(predictions_dir) / f"{s.id}_pred.nii.gz")
     model.train(was_training)
     return {"loss": float(np.mean(losses)) if losses else float("nan"),
             "dice": float(np.mean(list(per_subject.values()))) if per_subject else float("nan"),

@@ -207,6 +207,24 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
+def load_json(uri: str, run_id: str, artifact_file: str):
+    """A JSON artifact of a run, or None when the run has none by that name."""
+    names = {a.path for a in client(uri).list_artifacts(run_id, str(Path(artifact_file).parent).strip("."))}
+    if artifact_file not in names:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        return json.loads(Path(client(uri).download_artifacts(run_id, artifact_file, d)).read_text())
+
+
+def newest_parent_run(uri: str, experiment: str) -> str | None:
+    exp = client(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client(uri).search_runs([exp.experiment_id], "tags.role = 'parent'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a run RUNNING again (a resumed trial continues its own run)."""
     client(uri).update_run(run_id, status="RUNNING")

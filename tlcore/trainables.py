@@ -106,16 +106,23 @@ def _transfer_summary(r: TransferReport) -> dict:
             "reinitialised": ",".join(r.reinitialised) or "none"}
 
 
-def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
-    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data)."""
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
+    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
+    With `run_id`, the test predictions are logged to that MLflow run as NIfTI under
+    predictions/<split>/ (on each input's grid, with its affine and header)."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
     model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     device = pick_device()
     model.to(device)
-    ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
-                           cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device), use_channels_last(cfg, device))
+    with tempfile.TemporaryDirectory() as out:
+        predictions = out if run_id and split == "test" else None
+        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
+                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
+                               use_channels_last(cfg, device), predictions)
+        if predictions:
+            tracking.log_artifacts(cfg.tracking_uri, run_id, out, f"predictions/{split}")
     return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
 
 
@@ -329,7 +336,29 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
     close_orphaned_runs(results, tracking_uri, name, parent_run_id, max_iterations)
+    log_val_per_subject(results, tracking_uri, name, parent_run_id, metric, mode)
     return results
+
+
+def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_id: str,
+                        metric: str = "val_dice", mode: str = "max") -> None:
+    """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
+    plots and paired statistics (3D trials write it into every checkpoint)."""
+    for r in results:
+        try:
+            checkpoint = r.get_best_checkpoint(metric, mode) or r.checkpoint
+        except (RuntimeError, ValueError, KeyError):
+            checkpoint = r.checkpoint
+        trial_id = (r.metrics or {}).get("trial_id") or trial_id_of(r.path)
+        if checkpoint is None:
+            continue
+        with checkpoint.as_directory() as d:
+            f = Path(d) / "val_per_subject.json"
+            if not f.exists():
+                continue
+            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+            if run_id:
+                tracking.log_dict(tracking_uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
 def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int) -> int:
@@ -395,9 +424,9 @@ def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: flo
     return ray.get(task.remote(config, checkpoint, split))
 
 
-def _evaluate_task(config: dict, checkpoint, split: str) -> dict:
+def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> dict:
     with checkpoint.as_directory() as d:
-        return evaluate_checkpoint(config, d, split)
+        return evaluate_checkpoint(config, d, split, run_id)
 
 
 def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
@@ -417,7 +446,8 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
         checkpoint = r.get_best_checkpoint(metric, "max") or r.checkpoint
         best_iteration = int(df.loc[df[metric].idxmax(), "iteration"])
         trial_id = r.metrics["trial_id"]
-        pending[trial_id] = (best_iteration, {s: task.remote(r.config, checkpoint, s) for s in splits})
+        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
+        pending[trial_id] = (best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
     out = {}
     for trial_id, (best_iteration, refs) in pending.items():
         scores = {s: ray.get(ref) for s, ref in refs.items()}

@@ -26,6 +26,8 @@ class Subject:
     label: torch.Tensor        # (1, H, W, D) int64 class indices
     affine: np.ndarray         # of the first modality, for writing predictions aligned
     centres: dict = field(default_factory=dict, repr=False)  # class -> flat voxel indices (see centre_table)
+    source: str = ""           # the first modality's file: predictions are written on its grid
+    original_shape: tuple = ()  # before padding to the patch size
 
 
 class SubjectLoadError(ValueError):
@@ -80,12 +82,13 @@ def load_subject(sid: str, files: dict[str, str], modalities, label_map: dict[in
     d = ConcatItemsd(keys=list(modalities), name="image")(d)
     d = NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(d)
     d["label"] = map_labels(torch.as_tensor(d["label"]).round().long(), label_map)
-    if min_size is not None:  # volumes smaller than a patch are padded once, here
+    if min_size is not None:  # volumes smaller than a patch are padded once, here (centred: see unpad)
         d = SpatialPadd(keys=["image", "label"], spatial_size=min_size)(d)
+    original_shape = tuple(d["image"].shape[1:])
     image = _plain(d["image"]).float().contiguous()
     label = _plain(d["label"]).long().contiguous()
     centres = centre_table(label, num_classes) if with_centres else {}
-    return Subject(sid, image, label, affine, centres)
+    return Subject(sid, image, label, affine, centres, str(files[modalities[0]]), original_shape)
 
 
 class PatchSampler:
@@ -208,3 +211,12 @@ class PatchSampler:
             labels.append(F.grid_sample(label[None].float(), grid, mode="nearest", padding_mode="border",
                                         align_corners=False)[0])
         return torch.stack(images), torch.stack(labels).long()
+
+
+def unpad(volume: torch.Tensor, original_shape: tuple) -> torch.Tensor:
+    """Undo SpatialPadd's centred padding on the last three dimensions."""
+    if not original_shape or tuple(volume.shape[-3:]) == tuple(original_shape):
+        return volume
+    starts = [(n - o) // 2 for n, o in zip(volume.shape[-3:], original_shape)]
+    return volume[..., starts[0]:starts[0] + original_shape[0], starts[1]:starts[1] + original_shape[1],
+                  starts[2]:starts[2] + original_shape[2]]

@@ -1,0 +1,88 @@
+"""Sweep reports built from a hand-made MLflow store with known differences."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlcore import tracking
+from tlcore.report import build, smooth
+
+
+def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:
+    """Two seeds of scratch and of an IXI-started model on 10 real (synthetic) BraTS subjects; each
+    run has per-subject Dice, loss curves and, for three subjects, NIfTI test predictions."""
+    import nibabel as nib
+
+    from tlcore.data.layouts import find_brats
+    from tlcore.evaluate import write_prediction
+
+    files = find_brats(brats_dir)
+    src = tracking.start_run(uri, "ixi_source", "source", {"source_model": "scratch"})
+    tracking.log_text(uri, src, "w", "model/model.safetensors")
+    ref = tracking.register_model(uri, "ixi", src)
+    parent = tracking.start_run(uri, "brats_layers", "sweep", None, {"role": "parent", "sweep": "brats_layers"})
+    subjects = sorted(files)[:10]
+    for seed in (0, 1):
+        for source, frozen, gain in (("scratch", 0, 0.0), (ref.uri, 1, 0.05)):
+            params = {"source_model": source, "frozen_layers": frozen, "train_subset": "all", "lr": 0.001,
+                      "lr_schedule": "constant", "seed": seed, "dataset": "brats", "data_dir": str(brats_dir),
+                      "modalities": ["t1", "t2"], "label_map": {}}
+            run = tracking.start_run(uri, "brats_layers", f"{source} {seed}", params,
+                                     {"trial_id": f"{source}{seed}", "iterations": 120,
+                                      "stopped_early": False}, parent_run_id=parent)
+            for step in (20, 40, 60):
+                tracking.log_metrics(uri, run, {"train_loss": 1 / step + gain, "val_loss": 2 / step,
+                                                "val_dice": 0.5 + gain + step / 1000}, step=step)
+            # the transferred model is better by 0.05 + a distinct 0.001 * i on every subject
+            test = {s: 0.6 + (gain + 0.001 * i if gain else 0.0) for i, s in enumerate(subjects)}
+            tracking.log_dict(uri, run, test, "test_per_subject_dice.json")
+            tracking.log_dict(uri, run, {s: v - 0.1 for s, v in test.items()}, "val_per_subject_dice.json")
+            tracking.log_metrics(uri, run, {"test_dice": float(np.mean(list(test.values())))}, step=120)
+            out = tmp / run
+            for sid in subjects:  # "predictions": the ground truth, shifted for the scratch model
+                truth = torch.as_tensor(np.asarray(nib.load(files[sid]["label"]).dataobj) > 0).long()
+                write_prediction(truth if gain else truth.roll(2, 0), files[sid]["t1"], out / f"{sid}_pred.nii.gz")
+            tracking.log_artifacts(uri, run, out, "predictions/test")
+    return parent
+
+
+def test_report_table_statistics_figures_and_lineage(mlflow_uri, tmp_path, synthetic_root):
+    parent = make_sweep(mlflow_uri, synthetic_root / "brats", tmp_path / "preds")
+    report = build(mlflow_uri, "brats_layers", out=tmp_path / "report")
+    rows = {r["configuration"]: r for r in report.rows}
+    assert set(rows) == {"scratch (lr=0.001, constant)", "ixi/1 k=1 (lr=0.001, constant)"}
+    tl = rows["ixi/1 k=1 (lr=0.001, constant)"]
+    assert tl["seeds"] == 2 and tl["vs_scratch_split"] == "test" and tl["subjects"] == 10
+    assert tl["dice_difference"] == pytest.approx(0.0545, abs=1e-4)
+    assert float(tl["p_wilcoxon"]) == pytest.approx(2 / 2**10, rel=1e-2)   # 10 distinct positive differences
+    assert tl["p_holm"] == tl["p_wilcoxon"]                                # one comparison
+    low, high = (float(x) for x in tl["ci95"].strip("[]").split(","))
+    assert 0.05 <= low < 0.0545 < high <= 0.06
+    assert tl["lineage"] == "scratch -> models:/ixi/1"
+    assert tl["best_val_dice"] == "0.6100 ± 0.0000" and tl["stopped_early"] == "0/2"
+    assert "dice_difference" not in rows["scratch (lr=0.001, constant)"]
+
+    assert report.figures["dice_test"][1] == ["scratch (lr=0.001, constant)", "ixi/1 k=1 (lr=0.001, constant)"]
+    assert report.figures["dice_val"][0].stat().st_size > 5000
+    assert report.figures["loss_curves"][1] == ["train_loss", "val_loss"]
+    subjects = sorted(synthetic_subjects(synthetic_root))[:10]  # the gain grows with the index
+    assert report.figures["overlays_test"][1] == [f"best: {subjects[9]}", f"median: {subjects[5]}",
+                                                  f"worst: {subjects[0]}"]
+    page = report.html.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "ixi/1 k=1" in page
+    for f in ("summary.csv", "per_subject_dice.csv", "curves.csv"):
+        assert (tmp_path / "report" / f).exists()
+    logged = {a.path for a in tracking.client(mlflow_uri).list_artifacts(parent, "report")}
+    assert "report/report.html" in logged and "report/dice_test_boxplot.png" in logged
+
+
+def test_smoothing_is_an_exponential_moving_average():
+    assert smooth([1.0, 0.0, 0.0], 0.5) == [1.0, 0.5, 0.25]
+
+
+def synthetic_subjects(root):
+    from tlcore.data.layouts import find_brats
+
+    return find_brats(root / "brats")

@@ -1,0 +1,357 @@
+"""A sweep's report: summary table with statistics, box plots, learning curves and lineage, as one
+self-contained HTML page plus the PNGs and CSVs behind it.
+
+    python -m tlcore.report brats_layers                        # the newest sweep of the experiment
+    python -m tlcore.report brats_subsets --parent-run <id> --out reports/subsets
+
+Every sweep builds its report when it ends and logs it to its MLflow parent run under
+`report/`. Configurations (source, frozen layers, subset, lr, schedule) are summarised over
+seeds (mean and standard deviation); each is compared with the scratch baseline of the same
+subset and schedule on the same subjects (paired per-subject Dice: bootstrap 95 % interval of
+the mean difference, Wilcoxon signed-rank p, Holm-corrected over the report's comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcore import tracking
+from tlcore.lineage import chain, short
+from tlcore.stats import holm, paired_scores
+
+CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
+CURVES = ("train_loss", "val_loss")
+
+
+@dataclass
+class TrialRun:
+    run_id: str
+    params: dict
+    tags: dict
+    metrics: dict
+    histories: dict                 # metric -> [(step, value)]
+    per_subject: dict               # split -> {subject: dice}
+
+    @property
+    def config(self) -> tuple:
+        return tuple(self.params.get(k, "") for k in CONFIG_KEYS)
+
+
+@dataclass
+class Report:
+    html: Path
+    rows: list[dict]
+    figures: dict = field(default_factory=dict)   # name -> (png path, panel labels)
+
+
+def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
+    out = []
+    for run in tracking.child_runs(uri, experiment, parent_run_id):
+        rid = run.info.run_id
+        histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy")
+                     if k in run.data.metrics}
+        per_subject = {s: d for s in ("val", "test", "train")
+                       if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
+        out.append(TrialRun(rid, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics),
+                            histories, per_subject))
+    return out
+
+
+def label(config: tuple) -> str:
+    source, frozen, subset, lr, schedule = config
+    name = "scratch" if source == "scratch" else f"{source.replace('models:/', '')} k={frozen}"
+    extra = [x for x in (subset if subset not in ("", "all") else "", f"lr={lr}" if lr else "", schedule) if x]
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _best(trial: TrialRun, key: str, mode: str) -> float:
+    values = [v for _, v in trial.histories.get(key, [])]
+    return (max if mode == "max" else min)(values) if values else float("nan")
+
+
+def _subject_means(trials: list[TrialRun], split: str) -> dict[str, float]:
+    """Per-subject score averaged over a configuration's seeds."""
+    acc = defaultdict(list)
+    for t in trials:
+        for sid, v in t.per_subject.get(split, {}).items():
+            acc[sid].append(v)
+    return {sid: statistics.mean(v) for sid, v in acc.items()}
+
+
+def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
+    groups = defaultdict(list)
+    for t in trials:
+        groups[t.config].append(t)
+    rows, comparisons = [], []
+    for config in sorted(groups, key=lambda c: (c[2], c[3], c[4], c[0] != "scratch", c[0], str(c[1]))):
+        ts = groups[config]
+        its = [int(float(t.tags.get("iterations", 0) or 0)) for t in ts]
+        row = {"configuration": label(config), **dict(zip(CONFIG_KEYS, config)), "seeds": len(ts)}
+        for key, mode in (("val_dice", "max"), ("val_accuracy", "max"), ("val_loss", "min")):
+            if any(key in t.histories for t in ts):
+                row[f"best_{key}"] = _mean_sd([_best(t, key, mode) for t in ts])
+        for key in ("train_dice", "test_dice", "test_accuracy", "test_auc"):
+            if any(key in t.metrics for t in ts):
+                row[key] = _mean_sd([t.metrics.get(key, float("nan")) for t in ts])
+        row["iterations"] = round(statistics.mean(its)) if its else 0
+        row["stopped_early"] = f"{sum(t.tags.get('stopped_early') == 'True' for t in ts)}/{len(ts)}"
+        if uri and config[0] not in ("", "scratch"):
+            try:
+                row["lineage"] = short(chain(uri, config[0]))
+            except Exception as e:  # noqa: BLE001 -- a deleted model must not sink the report
+                row["lineage"] = f"{config[0]} (lineage unavailable: {type(e).__name__})"
+        baseline = groups.get(("scratch", "0", *config[2:]))
+        if baseline and config[0] != "scratch":
+            split = "test" if all("test" in t.per_subject for t in ts + baseline) else "val"
+            c = paired_scores(_subject_means(ts, split), _subject_means(baseline, split))
+            if c.n:
+                row.update({"vs_scratch_split": split, "dice_difference": round(c.mean_difference, 4),
+                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_wilcoxon": c.p_value,
+                            "subjects": c.n})
+                comparisons.append(row)
+        rows.append(row)
+    for row, p in zip(comparisons, holm([r["p_wilcoxon"] for r in comparisons])):
+        row["p_holm"] = p
+    for row in comparisons:
+        row["p_wilcoxon"], row["p_holm"] = f"{row['p_wilcoxon']:.3g}", f"{row['p_holm']:.3g}"
+    return rows
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def box_plot(groups: dict[str, list[float]], title: str, path: Path) -> list[str]:
+    """One box of per-subject Dice per configuration; returns the boxes' labels."""
+    plt = _plt()
+    labels = list(groups)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6), dpi=110)
+    ax.boxplot([groups[k] for k in labels], showmeans=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("Dice per subject")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return labels
+
+
+def smooth(values: list[float], weight: float = 0.6) -> list[float]:
+    """Exponential moving average, as TensorBoard's smoothing slider."""
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def curves_plot(curves: dict[str, dict[str, list]], path: Path) -> list[str]:
+    """Smoothed training and validation loss against iterations, one line per run; returns panels."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(10, 3.6), dpi=110, sharey=False)
+    for ax, key in zip(axes, CURVES):
+        for name, hist in curves.items():
+            pts = sorted(hist.get(key, []))
+            if pts:
+                ax.plot([s for s, _ in pts], smooth([v for _, v in pts]), label=name, linewidth=1.2)
+        ax.set_title(f"{key} (smoothed)")
+        ax.set_xlabel("iteration")
+    axes[-1].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return list(CURVES)
+
+
+def _ground_truth(run: TrialRun, subject: str):
+    """(first-modality image, class-index label) of a subject, from the run's dataset params."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from tlcore.data.layouts import default_label_map, find_subjects
+
+    p = run.params
+    modalities = tuple(json.loads(p.get("modalities", '["t1", "t2"]')))
+    files = find_subjects(p["dataset"], p["data_dir"], modalities, grades=("HGG", "LGG"))[subject]
+    mapping = {int(k): v for k, v in (json.loads(p.get("label_map") or "{}") or default_label_map(p["dataset"])).items()}
+    raw = np.asarray(nib.load(files["label"]).dataobj).round().astype(int)
+    label = np.zeros_like(raw)
+    for code, cls in mapping.items():
+        label[raw == code] = cls
+    return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), label
+
+
+def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:
+    """Ground truth and each configuration's test prediction on the same axial slice, for the
+    subjects with the best, median and worst mean Dice; returns the row titles."""
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+
+    common = set.intersection(*(set(r.per_subject.get("test", {})) for r in runs.values()))
+    if not common:
+        return []
+    mean = {sid: statistics.mean(r.per_subject["test"][sid] for r in runs.values()) for sid in common}
+    ranked = sorted(common, key=mean.get)
+    picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
+    plt = _plt()
+    fig, axes = plt.subplots(len(picks), 1 + len(runs), figsize=(2.2 * (1 + len(runs)), 2.3 * len(picks)),
+                             dpi=100, squeeze=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for i, (which, sid) in enumerate(picks.items()):
+            image, truth = _ground_truth(next(iter(runs.values())), sid)
+            z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
+            axes[i, 0].imshow(image[:, :, z].T, cmap="gray", origin="lower")
+            axes[i, 0].contour(truth[:, :, z].T > 0, levels=[0.5], colors="lime", linewidths=0.8)
+            axes[i, 0].set_title(f"{which}: {sid}\nground truth (z={z})", fontsize=7)
+            for j, (name, run) in enumerate(runs.items(), start=1):
+                f = tracking.client(uri).download_artifacts(run.run_id, f"predictions/test/{sid}_pred.nii.gz", d)
+                pred = np.asarray(nib.load(f).dataobj)
+                axes[i, j].imshow(image[:, :, z].T, cmap="gray", origin="lower")
+                axes[i, j].imshow(np.ma.masked_equal(pred[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")
+                axes[i, j].contour(truth[:, :, z].T > 0, levels=[0.5], colors="lime", linewidths=0.8)
+                axes[i, j].set_title(f"{name}\nDice {run.per_subject['test'][sid]:.3f}", fontsize=7)
+            rows.append(f"{which}: {sid}")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return rows
+
+
+# ----------------------------------------------------------------------------- page
+
+def _table_html(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str | Path | None = None,
+          log: bool = True) -> Report:
+    """Build the report of one sweep (the newest of `experiment` by default) into `out`, and log
+    it to the parent run under `report/` when `log`."""
+    parent_run_id = parent_run_id or tracking.newest_parent_run(uri, experiment)
+    if parent_run_id is None:
+        raise LookupError(f"no sweep of experiment {experiment!r} in {uri}")
+    out = Path(out or Path("reports") / f"{experiment}-{parent_run_id[:8]}")
+    out.mkdir(parents=True, exist_ok=True)
+    trials = collect(uri, experiment, parent_run_id)
+    rows = summarise(trials, uri)
+    _write_csv(rows, out / "summary.csv")
+
+    by_config = {r["configuration"]: [] for r in rows}  # the table's order: scratch first
+    for t in trials:
+        by_config[label(t.config)].append(t)
+    per_subject_rows, figures = [], {}
+    for split in ("val", "test"):
+        groups = {}
+        for name, ts in by_config.items():
+            scores = [v for t in ts for v in t.per_subject.get(split, {}).values()]
+            if scores:
+                groups[name] = scores
+            per_subject_rows += [{"configuration": name, "seed": t.params.get("seed", ""), "split": split,
+                                  "subject": sid, "dice": v}
+                                 for t in ts for sid, v in t.per_subject.get(split, {}).items()]
+        if groups:
+            png = out / f"dice_{split}_boxplot.png"
+            figures[f"dice_{split}"] = (png, box_plot(groups, f"{experiment}: per-subject {split} Dice", png))
+    if per_subject_rows:
+        _write_csv(per_subject_rows, out / "per_subject_dice.csv")
+    with_predictions = {}
+    for name, ts in by_config.items():  # one run per configuration (its first seed) with test predictions
+        for t in sorted(ts, key=lambda t: str(t.params.get("seed", ""))):
+            if t.per_subject.get("test") and tracking.client(uri).list_artifacts(t.run_id, "predictions/test"):
+                with_predictions[name] = t
+                break
+    if with_predictions:  # at most 8 columns: the configurations with the best mean test Dice
+        top = sorted(with_predictions, key=lambda k: -statistics.mean(with_predictions[k].per_subject["test"].values()))
+        png = out / "overlays_test.png"
+        drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png)
+        if drawn:
+            figures["overlays_test"] = (png, drawn)
+    curves = {f"{label(t.config)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
+    if curves:
+        png = out / "loss_curves.png"
+        figures["loss_curves"] = (png, curves_plot(curves, png))
+        _write_csv([{"run": name, "metric": k, "step": s, "value": v} for name, h in curves.items()
+                    for k, pts in h.items() for s, v in pts], out / "curves.csv")
+
+    page = out / "report.html"
+    images = "".join(
+        f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,"
+        f"{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)} report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(experiment)}</h1><p>MLflow parent run <code>{parent_run_id}</code> in "
+        f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
+        "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
+        "Holm-corrected over this table's comparisons.</p>"
+        f"<h2>Summary</h2>{_table_html(rows)}{images}"
+        "<p>CSV: summary.csv, per_subject_dice.csv, curves.csv</p></body></html>")
+    if log:
+        tracking.log_artifacts(uri, parent_run_id, out, "report")
+    return Report(page, rows, figures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tlcore.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="MLflow experiment = sweep name, e.g. brats_layers")
+    p.add_argument("--parent-run", default=None, help="the sweep's parent run id (default: the newest)")
+    p.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
+    p.add_argument("--mlflow-uri", default=None, help=f"default {tracking.default_tracking_uri()}")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    args = p.parse_args(argv)
+    try:
+        report = build(args.mlflow_uri or tracking.default_tracking_uri(), args.experiment, args.parent_run,
+                       args.out, log=not args.no_log)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[tlcore] report: {report.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
