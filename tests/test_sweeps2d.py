@@ -74,6 +74,10 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
                             for r in finished)
     arts = {a.path for a in c.list_artifacts(parent)}
     assert {"results.md", "steps_to_target.md"} <= arts
+    # the report: loss curves per starting point, the steps-to-reach table, lineage back to ImageNet
+    page = (chain["tmp"] / "results" / "chestxray_transfer" / "report" / "report.html").read_text()
+    assert "loss_curves" in page and "steps to target" in page
+    assert f"{chain['weights']} -&gt; {mura.uri}" in page
 
 
 def test_offline_imagenet_fails_before_any_trial(chain, tmp_path):

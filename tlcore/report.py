@@ -249,6 +249,24 @@ def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- page
 
+def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
+    """What the sweep itself logged to its parent run (2D: the confusion matrix, accuracy per
+    body part, steps to reach a loss), as HTML sections; copied into `out`."""
+    parts = []
+    for a in tracking.client(uri).list_artifacts(parent_run_id):
+        if a.is_dir or a.path in ("results.md",) or not a.path.endswith((".png", ".md")):
+            continue
+        f = Path(tracking.client(uri).download_artifacts(parent_run_id, a.path, str(out)))
+        title = html.escape(f.stem.replace("_", " "))
+        if f.suffix == ".png":
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,"
+                         f"{base64.b64encode(f.read_bytes()).decode()}'>")
+        else:
+            parts.append(f"<h2>{title}</h2><pre>{html.escape(f.read_text())}</pre>")
+    return "".join(parts)
+
+
+
 def _table_html(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -315,6 +333,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         _write_csv([{"run": name, "metric": k, "step": s, "value": v} for name, h in curves.items()
                     for k, pts in h.items() for s, v in pts], out / "curves.csv")
 
+    extras = sweep_artifacts(uri, parent_run_id, out)
     page = out / "report.html"
     images = "".join(
         f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,"
@@ -327,7 +346,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
         "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
         "Holm-corrected over this table's comparisons.</p>"
-        f"<h2>Summary</h2>{_table_html(rows)}{images}"
+        f"<h2>Summary</h2>{_table_html(rows)}{images}{extras}"
         "<p>CSV: summary.csv, per_subject_dice.csv, curves.csv</p></body></html>")
     if log:
         tracking.log_artifacts(uri, parent_run_id, out, "report")
