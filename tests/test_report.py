@@ -86,3 +86,24 @@ def synthetic_subjects(root):
     from tlcore.data.layouts import find_brats
 
     return find_brats(root / "brats")
+
+
+def test_classifier_report_compares_per_image_correctness_and_draws_roc(mlflow_uri, tmp_path):
+    parent = tracking.start_run(mlflow_uri, "chestxray_transfer", "sweep", None, {"role": "parent"})
+    images = [f"/data/images/{i:08d}_000.png" for i in range(60)]
+    labels = [i % 3 == 0 for i in range(60)]
+    for source, wrong in (("scratch", range(0, 30)), ("imagenet", range(0, 10))):  # imagenet: 20 more right
+        run = tracking.start_run(mlflow_uri, "chestxray_transfer", source,
+                                 {"source_model": source, "frozen_layers": 0, "train_subset": "all", "lr": 0.001,
+                                  "lr_schedule": "one_cycle", "seed": 0},
+                                 {"trial_id": source, "iterations": 4, "stopped_early": False},
+                                 parent_run_id=parent)
+        tracking.log_metrics(mlflow_uri, run, {"train_loss": 0.5, "val_loss": 0.6}, step=1)
+        probs = [(0.3 if y else 0.7) if i in wrong else (0.9 if y else 0.1) for i, y in enumerate(labels)]
+        tracking.log_dict(mlflow_uri, run, {"image": images, "label": [int(y) for y in labels], "prob": probs},
+                          "test_predictions.json")
+    report = build(mlflow_uri, "chestxray_transfer", parent, tmp_path / "r")
+    row = next(r for r in report.rows if r["source_model"] == "imagenet")
+    assert row["images"] == 60 and row["accuracy_difference"] == pytest.approx(20 / 60, abs=1e-4)
+    assert float(row["p_mcnemar"]) == pytest.approx(2 * 0.5**20, rel=1e-2)   # 20 discordant pairs, all one way
+    assert report.figures["roc_test"][1] == ["scratch (lr=0.001, one_cycle)", "imagenet k=0 (lr=0.001, one_cycle)"]

@@ -76,7 +76,7 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
     assert {"results.md", "steps_to_target.md"} <= arts
     # the report: loss curves per starting point, the steps-to-reach table, lineage back to ImageNet
     page = (chain["tmp"] / "results" / "chestxray_transfer" / "report" / "report.html").read_text()
-    assert "loss_curves" in page and "steps to target" in page
+    assert "loss_curves" in page and "steps to target" in page and "roc_test" in page
     assert f"{chain['weights']} -&gt; {mura.uri}" in page
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tlcore import tracking
 from tlcore.lineage import chain, short
-from tlcore.stats import holm, paired_scores
+from tlcore.stats import holm, paired_correctness, paired_scores
 
 CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
 CURVES = ("train_loss", "val_loss")
@@ -39,6 +39,7 @@ class TrialRun:
     metrics: dict
     histories: dict                 # metric -> [(step, value)]
     per_subject: dict               # split -> {subject: dice}
+    predictions: dict = field(default_factory=dict)  # 2D test images: path -> (label, P(positive))
 
     @property
     def config(self) -> tuple:
@@ -60,8 +61,9 @@ def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
                      if k in run.data.metrics}
         per_subject = {s: d for s in ("val", "test", "train")
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
+        pred = tracking.load_json(uri, rid, "test_predictions.json") or {"image": [], "label": [], "prob": []}
         out.append(TrialRun(rid, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics),
-                            histories, per_subject))
+                            histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"])))))
     return out
 
 
@@ -95,6 +97,15 @@ def _subject_means(trials: list[TrialRun], split: str) -> dict[str, float]:
     return {sid: statistics.mean(v) for sid, v in acc.items()}
 
 
+def _correct(trials: list[TrialRun]) -> dict[str, bool]:
+    """Per test image: right at threshold 0.5 for the majority of a configuration's seeds."""
+    votes = defaultdict(list)
+    for t in trials:
+        for image, (label, prob) in t.predictions.items():
+            votes[image].append((prob >= 0.5) == bool(label))
+    return {image: sum(v) * 2 > len(v) for image, v in votes.items()}
+
+
 def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
     groups = defaultdict(list)
     for t in trials:
@@ -118,7 +129,14 @@ def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
             except Exception as e:  # noqa: BLE001 -- a deleted model must not sink the report
                 row["lineage"] = f"{config[0]} (lineage unavailable: {type(e).__name__})"
         baseline = groups.get(("scratch", "0", *config[2:]))
-        if baseline and config[0] != "scratch":
+        if (baseline and config[0] != "scratch" and any(t.predictions for t in ts)
+                and any(t.predictions for t in baseline)):  # seeds that ASHA stopped have no test predictions
+            c = paired_correctness(_correct(ts), _correct(baseline))
+            if c.n:
+                row.update({"vs_scratch_split": "test", "accuracy_difference": round(c.mean_difference, 4),
+                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_mcnemar": c.p_value, "images": c.n})
+                comparisons.append(row)
+        elif baseline and config[0] != "scratch":
             split = "test" if all("test" in t.per_subject for t in ts + baseline) else "val"
             c = paired_scores(_subject_means(ts, split), _subject_means(baseline, split))
             if c.n:
@@ -127,10 +145,11 @@ def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
                             "subjects": c.n})
                 comparisons.append(row)
         rows.append(row)
-    for row, p in zip(comparisons, holm([r["p_wilcoxon"] for r in comparisons])):
+    test_key = lambda r: "p_wilcoxon" if "p_wilcoxon" in r else "p_mcnemar"
+    for row, p in zip(comparisons, holm([r[test_key(r)] for r in comparisons])):
         row["p_holm"] = p
     for row in comparisons:
-        row["p_wilcoxon"], row["p_holm"] = f"{row['p_wilcoxon']:.3g}", f"{row['p_holm']:.3g}"
+        row[test_key(row)], row["p_holm"] = f"{row[test_key(row)]:.3g}", f"{row['p_holm']:.3g}"
     return rows
 
 
@@ -247,6 +266,32 @@ def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:
     return rows
 
 
+def roc_plot(runs: dict[str, TrialRun], path: Path) -> list[str]:
+    """Test ROC curve of each configuration (its first seed), with the AUC; returns the curves' labels."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
+    drawn = []
+    for name, run in runs.items():
+        labels = [label for label, _ in run.predictions.values()]
+        probs = [prob for _, prob in run.predictions.values()]
+        if len(set(labels)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUC {roc_auc_score(labels, probs):.3f})")
+        drawn.append(name)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle="--")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("test ROC")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
 # ----------------------------------------------------------------------------- page
 
 def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
@@ -326,6 +371,13 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png)
         if drawn:
             figures["overlays_test"] = (png, drawn)
+    first_with_predictions = {name: next(t for t in ts if t.predictions)
+                              for name, ts in by_config.items() if any(t.predictions for t in ts)}
+    if first_with_predictions:
+        png = out / "roc_test.png"
+        drawn = roc_plot(first_with_predictions, png)
+        if drawn:
+            figures["roc_test"] = (png, drawn)
     curves = {f"{label(t.config)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
     if curves:
         png = out / "loss_curves.png"

@@ -607,6 +607,11 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
                 tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
                                      step=int(r.metrics.get("iteration", 0)))
                 tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
+                # per image, for the report's ROC curves and paired (McNemar) comparisons
+                tracking.log_dict(tracking_uri, run_id, {"image": list(pred["path"]),
+                                                         "label": list(map(int, pred["label"])),
+                                                         "prob": list(map(float, pred["prob"]))},
+                                  "test_predictions.json")
                 with tempfile.TemporaryDirectory() as d:
                     confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
                     tracking.log_artifacts(tracking_uri, run_id, d)
