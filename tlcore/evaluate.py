@@ -11,6 +11,8 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
+from tlcore.data.pipeline import unpad
+
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
@@ -60,7 +62,6 @@ def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, d
         pred = logits.argmax(1)
         per_subject[s.id] = float(dice_per_class(pred, s.label, num_classes).mean())
         if predictions_dir is not None and s.source:  # on the input's grid, aligned in any viewer
-            from tlcore.data.pipeline import unpad
             write_prediction(unpad(pred, s.original_shape), s.source, Path(predictions_dir) / f"{s.id}_pred.nii.gz")
     model.train(was_training)
     return {"loss": float(np.mean(losses)) if losses else float("nan"),

@@ -212,17 +212,17 @@ def _ground_truth(run: TrialRun, subject: str):
     import nibabel as nib
     import numpy as np
 
+    import torch
+
     from tlcore.data.layouts import default_label_map, find_subjects
+    from tlcore.data.pipeline import map_labels
 
     p = run.params
     modalities = tuple(json.loads(p.get("modalities", '["t1", "t2"]')))
     files = find_subjects(p["dataset"], p["data_dir"], modalities, grades=("HGG", "LGG"))[subject]
     mapping = {int(k): v for k, v in (json.loads(p.get("label_map") or "{}") or default_label_map(p["dataset"])).items()}
-    raw = np.asarray(nib.load(files["label"]).dataobj).round().astype(int)
-    label = np.zeros_like(raw)
-    for code, cls in mapping.items():
-        label[raw == code] = cls
-    return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), label
+    raw = torch.as_tensor(np.asarray(nib.load(files["label"]).dataobj).round().astype(np.int64))
+    return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), map_labels(raw, mapping).numpy()
 
 
 def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:

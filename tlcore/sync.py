@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.trainables import METRICS, open_trial_run
+from tlcore.trainables import METRICS, end_trial_run, iteration_tags, open_trial_run
 
 
 @dataclass
@@ -98,13 +98,11 @@ def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_itera
     status = tracking.run_info(uri, run_id).info.status
     done = int(trial.results[-1].get("iteration", 0)) if trial.results else 0
     if trial.status == "TERMINATED" and status != "FINISHED":
-        tracking.set_tags(uri, run_id, {"iterations": done, "stopped_early": done < max_iterations})
-        tracking.end_run(uri, run_id, "FINISHED")
         status = "FINISHED"
+        end_trial_run(uri, run_id, status, iteration_tags(done, max_iterations))
     elif trial.status == "ERROR" and status != "FAILED":
-        tracking.set_tags(uri, run_id, {"error_file": trial.error_file})
-        tracking.end_run(uri, run_id, "FAILED")
         status = "FAILED"
+        end_trial_run(uri, run_id, status, {"error_file": trial.error_file})
     return {"trial_id": trial.trial_id, "run_id": run_id, "tune_status": trial.status,
             "reported": len(trial.results), "metric_values_added": len(rows), "mlflow_status": status}
 

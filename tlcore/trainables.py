@@ -190,8 +190,7 @@ class MLflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("iteration", 0)
-        self._push(trial.trial_id, "end", {"status": "FINISHED", "tags": {
-            "iterations": done, "stopped_early": done < self.max_iterations}})
+        self._push(trial.trial_id, "end", {"status": "FINISHED", "tags": iteration_tags(done, self.max_iterations)})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._push(trial.trial_id, "end", {"status": "FAILED", "tags": {"error_file": trial.error_file or ""}})
@@ -262,8 +261,7 @@ class MLflowTrialLogger(tune.Callback):
             tracking.log_metrics(uri, run_id, payload["metrics"], step=step)
             self._last_step[trial_id] = step
         elif kind == "end":
-            tracking.set_tags(uri, run_id, payload["tags"])
-            tracking.end_run(uri, run_id, payload["status"])
+            end_trial_run(uri, run_id, payload["status"], payload["tags"])
 
     def _run_id(self, trial_id: str) -> str:
         if trial_id not in self._runs:
@@ -294,6 +292,16 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
         if reopen and tracking.run_info(uri, run_id).info.status != "RUNNING":
             tracking.reopen_run(uri, run_id)
     return run_id
+
+
+def iteration_tags(done: int, max_iterations: int) -> dict:
+    return {"iterations": done, "stopped_early": done < max_iterations}
+
+
+def end_trial_run(uri: str, run_id: str, status: str, tags: dict) -> None:
+    """Close a trial's run (FINISHED or FAILED) with its final tags."""
+    tracking.set_tags(uri, run_id, tags)
+    tracking.end_run(uri, run_id, status)
 
 
 def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3) -> ASHAScheduler:
@@ -349,7 +357,7 @@ def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_
             checkpoint = r.get_best_checkpoint(metric, mode) or r.checkpoint
         except (RuntimeError, ValueError, KeyError):
             checkpoint = r.checkpoint
-        trial_id = (r.metrics or {}).get("trial_id") or trial_id_of(r.path)
+        trial_id = trial_id_of(r)
         if checkpoint is None:
             continue
         with checkpoint.as_directory() as d:
@@ -371,9 +379,8 @@ def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_
             continue
         r = by_trial.get(run.data.tags.get("trial_id"))
         done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
-        tracking.set_tags(tracking_uri, run.info.run_id, {"iterations": done, "stopped_early": done < max_iterations,
-                                                          "closed_by": "close_orphaned_runs"})
-        tracking.end_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED")
+        end_trial_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED",
+                      {**iteration_tags(done, max_iterations), "closed_by": "close_orphaned_runs"})
         closed += 1
     return closed
 
@@ -386,7 +393,7 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: s
         df = r.metrics_dataframe
         best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
-        rows.append({"trial_id": (r.metrics or {}).get("trial_id") or trial_id_of(r.path),
+        rows.append({"trial_id": trial_id_of(r),
                      "source_model": c.get("source_model", "scratch"),
                      "frozen_layers": int(c.get("frozen_layers", 0)),
                      "train_subset": c.get("train_subset", "all"),
@@ -401,10 +408,12 @@ def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: s
                                          row["frozen_layers"], str(row["lr"]), row["seed"]))
 
 
-def trial_id_of(trial_path: str) -> str:
-    """The trial id in a folder named by `trial_dirname` (a trial that failed before its first
-    report has no metrics to read it from)."""
-    name = Path(trial_path or "").name
+def trial_id_of(result) -> str:
+    """A Tune result's trial id: from its metrics, or from the folder `trial_dirname` named
+    (a trial that failed before its first report has no metrics)."""
+    if (result.metrics or {}).get("trial_id"):
+        return result.metrics["trial_id"]
+    name = Path(result.path or "").name
     for prefix in ("train_segmentation_trial_", "train_classifier_trial_"):
         if name.startswith(prefix):
             return name[len(prefix):]
