@@ -1,5 +1,6 @@
 """Sweep reports built from a hand-made MLflow store with known differences."""
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,9 @@ def test_classifier_report_compares_per_image_correctness_and_draws_roc(mlflow_u
                                   "lr_schedule": "one_cycle", "seed": 0},
                                  {"trial_id": source, "iterations": 4, "stopped_early": False},
                                  parent_run_id=parent)
-        tracking.log_metrics(mlflow_uri, run, {"train_loss": 0.5, "val_loss": 0.6}, step=1)
+        # imagenet's loss falls faster: 0.9, 0.5, 0.3 against scratch's 0.9, 0.7, 0.5 (10 batches an epoch)
+        for epoch, loss in enumerate((0.9, 0.5, 0.3) if source == "imagenet" else (0.9, 0.7, 0.5), start=1):
+            tracking.log_metrics(mlflow_uri, run, {"train_loss": loss, "val_loss": 0.6, "step": 10 * epoch}, step=epoch)
         probs = [(0.3 if y else 0.7) if i in wrong else (0.9 if y else 0.1) for i, y in enumerate(labels)]
         tracking.log_dict(mlflow_uri, run, {"image": images, "label": [int(y) for y in labels], "prob": probs},
                           "test_predictions.json")
@@ -107,3 +110,25 @@ def test_classifier_report_compares_per_image_correctness_and_draws_roc(mlflow_u
     assert row["images"] == 60 and row["accuracy_difference"] == pytest.approx(20 / 60, abs=1e-4)
     assert float(row["p_mcnemar"]) == pytest.approx(2 * 0.5**20, rel=1e-2)   # 20 discordant pairs, all one way
     assert report.figures["roc_test"][1] == ["scratch (lr=0.001, one_cycle)", "imagenet k=0 (lr=0.001, one_cycle)"]
+
+    # steps to the loss both reached (the higher of the lowest losses: 0.5): scratch 30, imagenet 20
+    assert report.figures["training_steps"][1] == ["training loss vs steps", "steps to target"]
+    with (tmp_path / "r" / "steps_to_target.csv").open() as f:
+        steps = {r["source_model"]: r for r in csv.DictReader(f)}
+    assert steps["scratch"]["steps_to_target"] == "30" and steps["imagenet"]["steps_to_target"] == "20"
+    assert steps["scratch"]["target_loss"] == "0.5"
+    assert "accuracy_by_body_part" not in report.figures                  # not a MURA sweep
+
+
+def test_mura_report_draws_accuracy_per_body_part(mlflow_uri, tmp_path):
+    parent = tracking.start_run(mlflow_uri, "mura_source", "sweep", {"target_loss": None}, {"role": "parent"})
+    run = tracking.start_run(mlflow_uri, "mura_source", "imagenet",
+                             {"source_model": "imagenet", "frozen_layers": 0, "lr": 0.001, "seed": 0},
+                             {"trial_id": "t0", "iterations": 2}, parent_run_id=parent)
+    tracking.log_metrics(mlflow_uri, run, {"train_loss": 0.4, "step": 5}, step=1)
+    per_part = {"XR_HAND": {"studies": 20, "accuracy": 0.75}, "XR_WRIST": {"studies": 10, "accuracy": 0.9}}
+    tracking.log_dict(mlflow_uri, parent, {"per_body_part": per_part}, "test_metrics.json")
+    report = build(mlflow_uri, "mura_source", parent, tmp_path / "r")
+    assert report.figures["accuracy_by_body_part"][1] == ["XR_HAND", "XR_WRIST"]
+    assert report.figures["accuracy_by_body_part"][0].stat().st_size > 5000
+    assert report.html.read_text().count("data:image/png;base64,") >= 3   # losses, steps, body parts

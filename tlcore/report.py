@@ -57,7 +57,7 @@ def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
     out = []
     for run in tracking.child_runs(uri, experiment, parent_run_id):
         rid = run.info.run_id
-        histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy")
+        histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
                      if k in run.data.metrics}
         per_subject = {s: d for s in ("val", "test", "train")
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
@@ -198,7 +198,8 @@ def curves_plot(curves: dict[str, dict[str, list]], path: Path) -> list[str]:
                 ax.plot([s for s, _ in pts], smooth([v for _, v in pts]), label=name, linewidth=1.2)
         ax.set_title(f"{key} (smoothed)")
         ax.set_xlabel("iteration")
-    axes[-1].legend(fontsize=6, loc="upper right")
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -290,6 +291,100 @@ def roc_plot(runs: dict[str, TrialRun], path: Path) -> list[str]:
     fig.savefig(path)
     plt.close(fig)
     return drawn
+
+
+def default_target_loss(runs: list[TrialRun]) -> float | None:
+    """The training loss every run reached: the highest of the runs' lowest losses (as the
+    ChestX-ray sweep's steps-to-reach table when no --target-loss is given)."""
+    lows = [min(v for _, v in t.histories["train_loss"]) for t in runs if t.histories.get("train_loss")]
+    return max(lows) if lows else None
+
+
+def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | None]:
+    """(training steps, training loss, steps when the loss first reached `target` or None)."""
+    from tlcore.evaluate import steps_to_reach
+
+    steps_at = dict(run.histories.get("step", []))      # iteration -> optimizer steps so far
+    pts = sorted(run.histories.get("train_loss", []))
+    steps = [int(steps_at.get(i, i)) for i, _ in pts]
+    losses = [v for _, v in pts]
+    hit = steps_to_reach(losses, target, smooth=1) if losses else None
+    return steps, losses, (steps[hit - 1] if hit else None)
+
+
+def training_steps_plot(runs: list[TrialRun], target: float, path: Path) -> tuple[list[str], list[dict]]:
+    """Classifier sweeps (thesis Fig. 5.6/5.7): training loss against optimizer steps, one colour
+    per starting point; and the fewest steps each starting point needed to reach `target`.
+    Returns the panel titles and the per-run rows behind the figure."""
+    plt = _plt()
+    starts = sorted({t.params.get("source_model", "") for t in runs}, key=lambda s: (s != "scratch", s))
+    colour = {s: plt.cm.tab10(i % 10) for i, s in enumerate(starts)}
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
+    rows, fewest = [], {s: None for s in starts}
+    for t in sorted(runs, key=lambda t: label(t.config)):
+        source = t.params.get("source_model", "")
+        steps, losses, reached = steps_to_target(t, target)
+        if not steps:
+            continue
+        style = ("-", "--", ":", "-.")[int(t.params.get("frozen_layers", 0) or 0) % 4]
+        ax.plot(steps, losses, style, color=colour[source], linewidth=1.1,
+                label=f"{label(t.config)} s{t.params.get('seed', '')}")
+        if reached is not None:
+            ax.plot([reached], [losses[steps.index(reached)]], "o", color=colour[source], markersize=4)
+            fewest[source] = reached if fewest[source] is None else min(fewest[source], reached)
+        rows.append({"run": label(t.config), "seed": t.params.get("seed", ""), "source_model": source,
+                     "target_loss": round(target, 4), "steps_to_target": reached if reached is not None else "not reached"})
+    ax.axhline(target, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("training steps (batches)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"training loss; dots: first step at loss <= {target:.3f}")
+    ax.legend(fontsize=5.5, loc="upper right")
+    names = [short_source(s) for s in starts]
+    top = max([v for v in fewest.values() if v] or [1])
+    heights = [fewest[s] if fewest[s] is not None else top * 1.1 for s in starts]
+    drawn = bars.bar(range(len(starts)), heights, color=[colour[s] for s in starts])
+    for bar, s in zip(drawn, starts):
+        if fewest[s] is None:
+            bar.set_hatch("//")
+            bar.set_alpha(0.4)
+        bars.text(bar.get_x() + bar.get_width() / 2, bar.get_height(),
+                  "not reached" if fewest[s] is None else str(fewest[s]), ha="center", va="bottom", fontsize=7)
+    bars.set_xticks(range(len(starts)), names, rotation=20, ha="right", fontsize=7)
+    bars.set_ylabel("steps")
+    bars.set_title("fewest steps to the target loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return ["training loss vs steps", "steps to target"], rows
+
+
+def short_source(source: str) -> str:
+    return Path(source).name if source.endswith((".pth", ".pt", ".safetensors")) else source.replace("models:/", "")
+
+
+def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
+    """MURA study-wise test accuracy per body part (thesis Table 5.1) with Wilson 95 % intervals;
+    returns the body parts drawn."""
+    from scipy.stats import binomtest
+
+    plt = _plt()
+    parts = sorted(per_part)
+    acc = [per_part[k]["accuracy"] for k in parts]
+    n = [int(per_part[k]["studies"]) for k in parts]
+    ci = [binomtest(round(a * m), m).proportion_ci(method="wilson") for a, m in zip(acc, n)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(parts) + 1.5), 3.6), dpi=110)
+    ax.bar(range(len(parts)), acc, color="steelblue",
+           yerr=[[a - c.low for a, c in zip(acc, ci)], [c.high - a for a, c in zip(acc, ci)]], capsize=3)
+    for i, (a, m) in enumerate(zip(acc, n)):
+        ax.text(i, 0.02, f"n={m}", ha="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(parts)), [p.replace("XR_", "").lower() for p in parts], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("study-wise accuracy")
+    ax.set_title("MURA test accuracy per body part\n(study-wise, 95 % Wilson interval)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return parts
 
 
 # ----------------------------------------------------------------------------- page
@@ -385,6 +480,19 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         _write_csv([{"run": name, "metric": k, "step": s, "value": v} for name, h in curves.items()
                     for k, pts in h.items() for s, v in pts], out / "curves.csv")
 
+    with_steps = [t for t in trials if t.histories.get("step") and t.histories.get("train_loss")]
+    if with_steps:  # classifier sweeps: data efficiency per starting point
+        given = tracking.run_info(uri, parent_run_id).data.params.get("target_loss", "null")  # --target-loss
+        target = float(given) if given not in ("null", "None", "") else default_target_loss(with_steps)
+        png = out / "training_steps.png"
+        panels, step_rows = training_steps_plot(with_steps, target, png)
+        figures["training_steps"] = (png, panels)
+        _write_csv(step_rows, out / "steps_to_target.csv")
+    parts = (tracking.load_json(uri, parent_run_id, "test_metrics.json") or {}).get("per_body_part")
+    if parts:  # the MURA source sweep
+        png = out / "accuracy_by_body_part.png"
+        figures["accuracy_by_body_part"] = (png, body_part_plot(parts, png))
+
     extras = sweep_artifacts(uri, parent_run_id, out)
     page = out / "report.html"
     images = "".join(
@@ -399,7 +507,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
         "Holm-corrected over this table's comparisons.</p>"
         f"<h2>Summary</h2>{_table_html(rows)}{images}{extras}"
-        "<p>CSV: summary.csv, per_subject_dice.csv, curves.csv</p></body></html>")
+        f"<p>CSV: {', '.join(sorted(f.name for f in out.glob('*.csv')))}</p></body></html>")
     if log:
         tracking.log_artifacts(uri, parent_run_id, out, "report")
     return Report(page, rows, figures)
