@@ -49,6 +49,8 @@ def test_mura_source_registers_a_model_with_study_wise_results(chain):
     assert {"confusion_matrix.png", "test_metrics.json", "test_accuracy_by_body_part.md", "model"} <= arts
     history = tracking.metric_history(uri, ref.run_id, "val_accuracy")
     assert [s for s, _ in history] == [1, 2]  # one report per epoch
+    page = (chain["tmp"] / "results" / "mura_source" / "report" / "report.html").read_text()
+    assert "accuracy_by_body_part" in page and "training_steps" in page
 
 
 def test_chestxray_transfer_compares_three_starting_points(chain):
@@ -76,7 +78,9 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
     assert {"results.md", "steps_to_target.md"} <= arts
     # the report: loss curves per starting point, the steps-to-reach table, lineage back to ImageNet
     page = (chain["tmp"] / "results" / "chestxray_transfer" / "report" / "report.html").read_text()
-    assert "loss_curves" in page and "steps to target" in page and "roc_test" in page
+    assert "loss_curves" in page and "steps to target" in page and "roc_test" in page and "training_steps" in page
+    steps = (chain["tmp"] / "results" / "chestxray_transfer" / "report" / "steps_to_target.csv").read_text()
+    assert "scratch" in steps and str(mura.uri) in steps
     assert f"{chain['weights']} -&gt; {mura.uri}" in page
 
 
