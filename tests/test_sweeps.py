@@ -1,5 +1,6 @@
 """End to end: the sweep scripts as a user runs them, with a real local Ray and SQLite MLflow."""
 
+import csv
 import json
 import os
 import subprocess
@@ -296,6 +297,21 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path)
         import json as _json
         its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
         assert its.count(4) <= 1, its                                  # interrupted trials did not restart from 0
+    # the resumed sweep's report covers every trial, those finished before the kill included, once
+    page = tmp_path / "results" / "brats_layers" / "report" / "report.html"
+    assert f"[tlcore] report: {page}" in resumed.stdout
+    parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
+    assert parent in page.read_text()
+    with (page.parent / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 7 and all(r["seeds"] == "1" and int(r["iterations"]) > 0 for r in summary)
+    with (page.parent / "per_subject_dice.csv").open() as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    assert len({r["configuration"] for r in val}) == 7
+    assert len(val) == len({(r["configuration"], r["subject"]) for r in val})   # no subject twice
+    with (page.parent / "curves.csv").open() as f:
+        points = [(r["run"], r["metric"], r["step"]) for r in csv.DictReader(f)]
+    assert len(points) == len(set(points))                                     # no step drawn twice
 
 
 def test_unreachable_tracking_server_fails_fast(workspace, tmp_path):
