@@ -15,7 +15,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from tlcore import cli
-from tlcore.trainables import results_rows, run_sweep
+from tlcore.trainables import evaluate_trials, results_rows, run_sweep
 
 NAME = "brats_layers"
 
@@ -57,6 +57,13 @@ def main() -> None:
         samples = args.num_samples
     results = run_sweep(NAME, space, num_samples=samples, search_alg=searcher, **sweep.tune_kwargs())
     rows = results_rows(results, sweep.max_iterations)
+    # thesis Table 6.2: whole-volume train and validation Dice of each surviving trial's best
+    # checkpoint; its validation predictions (NIfTI) feed the report's overlays (Figs 6.10-6.11)
+    scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
+                             parent_run_id=sweep.parent_run_id, max_iterations=sweep.max_iterations,
+                             splits=("train", "val"), cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
+    for r in rows:
+        r["train_dice"] = round(scores[r["trial_id"]]["train_dice"], 4) if r["trial_id"] in scores else ""
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 

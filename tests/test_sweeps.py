@@ -131,6 +131,11 @@ def test_layer_sweep(workspace, source_model):
     assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
     assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
     assert all(tracking.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
+    # surviving trials: whole-volume train Dice (thesis Table 6.2) and validation predictions for the overlays
+    survivors = [r for r in children if r.data.tags["stopped_early"] == "False"]
+    assert all(0 <= r.data.metrics["train_dice"] <= 1 for r in survivors)
+    assert all(c.list_artifacts(r.info.run_id, "predictions/val") for r in survivors)
+    assert "overlays_val" in page.read_text() and "train_dice" in table.read_text()
 
     # --resume on a finished sweep re-runs nothing and duplicates no run
     again = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")

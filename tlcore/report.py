@@ -226,18 +226,18 @@ def _ground_truth(run: TrialRun, subject: str):
     return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), map_labels(raw, mapping).numpy()
 
 
-def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:
-    """Ground truth and each configuration's test prediction on the same axial slice, for the
+def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path, split: str = "test") -> list[str]:
+    """Ground truth and each configuration's prediction on the same axial slice, for the `split`
     subjects with the best, median and worst mean Dice; returns the row titles."""
     import tempfile
 
     import nibabel as nib
     import numpy as np
 
-    common = set.intersection(*(set(r.per_subject.get("test", {})) for r in runs.values()))
+    common = set.intersection(*(set(r.per_subject.get(split, {})) for r in runs.values()))
     if not common:
         return []
-    mean = {sid: statistics.mean(r.per_subject["test"][sid] for r in runs.values()) for sid in common}
+    mean = {sid: statistics.mean(r.per_subject[split][sid] for r in runs.values()) for sid in common}
     ranked = sorted(common, key=mean.get)
     picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
     plt = _plt()
@@ -252,12 +252,13 @@ def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path) -> list[str]:
             axes[i, 0].contour(truth[:, :, z].T > 0, levels=[0.5], colors="lime", linewidths=0.8)
             axes[i, 0].set_title(f"{which}: {sid}\nground truth (z={z})", fontsize=7)
             for j, (name, run) in enumerate(runs.items(), start=1):
-                f = tracking.client(uri).download_artifacts(run.run_id, f"predictions/test/{sid}_pred.nii.gz", d)
+                f = tracking.client(uri).download_artifacts(run.run_id, f"predictions/{split}/{sid}_pred.nii.gz", d)
                 pred = np.asarray(nib.load(f).dataobj)
                 axes[i, j].imshow(image[:, :, z].T, cmap="gray", origin="lower")
                 axes[i, j].imshow(np.ma.masked_equal(pred[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")
                 axes[i, j].contour(truth[:, :, z].T > 0, levels=[0.5], colors="lime", linewidths=0.8)
-                axes[i, j].set_title(f"{name}\nDice {run.per_subject['test'][sid]:.3f}", fontsize=7)
+                wrapped = name.replace(" (", "\n(")  # the settings on a line of their own
+                axes[i, j].set_title(f"{wrapped}\nDice {run.per_subject[split][sid]:.3f}", fontsize=7)
             rows.append(f"{which}: {sid}")
     for ax in axes.flat:
         ax.axis("off")
@@ -454,18 +455,20 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
             figures[f"dice_{split}"] = (png, box_plot(groups, f"{experiment}: per-subject {split} Dice", png))
     if per_subject_rows:
         _write_csv(per_subject_rows, out / "per_subject_dice.csv")
-    with_predictions = {}
-    for name, ts in by_config.items():  # one run per configuration (its first seed) with test predictions
-        for t in sorted(ts, key=lambda t: str(t.params.get("seed", ""))):
-            if t.per_subject.get("test") and tracking.client(uri).list_artifacts(t.run_id, "predictions/test"):
-                with_predictions[name] = t
+    for split in ("test", "val"):  # test predictions where the sweep has a test split (subsets), else val (layers)
+        with_predictions = {}
+        for name, ts in by_config.items():  # one run per configuration (its first seed) with predictions
+            for t in sorted(ts, key=lambda t: str(t.params.get("seed", ""))):
+                if t.per_subject.get(split) and tracking.client(uri).list_artifacts(t.run_id, f"predictions/{split}"):
+                    with_predictions[name] = t
+                    break
+        if with_predictions:  # at most 8 columns: the configurations with the best mean Dice
+            top = sorted(with_predictions, key=lambda k: -statistics.mean(with_predictions[k].per_subject[split].values()))
+            png = out / f"overlays_{split}.png"
+            drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png, split)
+            if drawn:
+                figures[f"overlays_{split}"] = (png, drawn)
                 break
-    if with_predictions:  # at most 8 columns: the configurations with the best mean test Dice
-        top = sorted(with_predictions, key=lambda k: -statistics.mean(with_predictions[k].per_subject["test"].values()))
-        png = out / "overlays_test.png"
-        drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png)
-        if drawn:
-            figures["overlays_test"] = (png, drawn)
     first_with_predictions = {name: next(t for t in ts if t.predictions)
                               for name, ts in by_config.items() if any(t.predictions for t in ts)}
     if first_with_predictions:

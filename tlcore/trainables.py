@@ -108,8 +108,8 @@ def _transfer_summary(r: TransferReport) -> dict:
 
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
     """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
-    With `run_id`, the test predictions are logged to that MLflow run as NIfTI under
-    predictions/<split>/ (on each input's grid, with its affine and header)."""
+    With `run_id`, the predictions of a val or test split are logged to that MLflow run as NIfTI
+    under predictions/<split>/ (on each input's grid, with its affine and header)."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
     model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
@@ -117,7 +117,7 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     device = pick_device()
     model.to(device)
     with tempfile.TemporaryDirectory() as out:
-        predictions = out if run_id and split == "test" else None
+        predictions = out if run_id and split != "train" else None
         ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
                                cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
                                use_channels_last(cfg, device), predictions)
@@ -462,9 +462,9 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
         scores = {s: ray.get(ref) for s, ref in refs.items()}
         out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()}}
         run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
-        if run_id:
-            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()},
-                                 step=best_iteration)
+        if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
+            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()
+                                                        if s != "val"}, step=best_iteration)
             for s, v in scores.items():
                 tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
     return out
