@@ -29,6 +29,16 @@ from tlcore.stats import holm, paired_correctness, paired_scores
 
 CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
 CURVES = ("train_loss", "val_loss")
+FIGURE_TITLES = {
+    "dice_val": "Per-subject validation Dice (each trial's best checkpoint)",
+    "dice_test": "Per-subject test Dice",
+    "overlays_test": "Test predictions (red) and ground truth (green) on the best, median and worst subject",
+    "overlays_val": "Validation predictions (red) and ground truth (green) on the best, median and worst subject",
+    "loss_curves": "Training and validation loss",
+    "roc_test": "Test ROC curves",
+    "training_steps": "Training loss against steps, per starting point",
+    "accuracy_by_body_part": "Accuracy per body part",
+}
 
 
 @dataclass
@@ -409,11 +419,18 @@ def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
 
 
 def _table_html(rows: list[dict]) -> str:
+    """The summary as HTML: settings shared by every row are stated once above the table (the
+    CSV keeps every column), so the results fit the page."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
+    shared = [c for c in (*CONFIG_KEYS, "seeds") if c in cols and len(rows) > 1
+              and len({str(r.get(c, "")) for r in rows}) == 1]
+    cols = [c for c in cols if c not in shared and c != "source_model"]  # the configuration names the source
+    note = ("<p>Every row: " + ", ".join(f"{html.escape(c)} = <code>{html.escape(str(rows[0].get(c)))}</code>"
+                                         for c in shared) + "</p>") if shared else ""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"{note}<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -499,12 +516,13 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
     extras = sweep_artifacts(uri, parent_run_id, out)
     page = out / "report.html"
     images = "".join(
-        f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,"
-        f"{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
+        f"<h2 id='{name}'>{html.escape(FIGURE_TITLES.get(name, name))}</h2><img alt='{html.escape(name)}' "
+        f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
     page.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)} report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style></head><body>"
+        "<style>body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:12px}.wide{overflow-x:auto}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(experiment)}</h1><p>MLflow parent run <code>{parent_run_id}</code> in "
         f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
         "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
