@@ -50,7 +50,9 @@ TARGETS = {
     "mlflow.overhead_pct_of_step": ("<=", 2.0),
     "asha.iterations_over_grid": ("<=", 0.35),
     "asha.same_best": ("==", True),
+    "precision.same_weights_bf16_cl_agreement": (">=", 0.99),
 }
+BENCHES = ("train3d", "inference", "precision", "packing", "train2d", "mlflow", "tune", "asha")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s"}
 
 
@@ -157,6 +159,81 @@ def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
     return {"subjects": subjects, "val": val, "files": files, "step_s": step_s}
 
 
+PRECISIONS = (("fp32", "off"), ("fp32", "on"), ("bf16", "off"), ("bf16", "on"))  # (precision, channels_last)
+
+
+def bench_precision(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    """bf16 autocast and channels-last-3d, alone and together, against fp32: speed of the full
+    pipeline, and Dice parity (some PyTorch/cuDNN versions are slow or wrong on dilated 3D
+    convs, so the GPU defaults are kept only where this says they help).
+
+    Each variant trains the same initial model on the same patch stream for `2 * p.steps` steps
+    (patches/s over the second half), then predicts the validation volume. Parity: the Dice of
+    each variant's prediction against the fp32-trained model's, and, with the fp32 weights,
+    the agreement of a bf16 + channels-last prediction with the fp32 one (same weights)."""
+    subjects, val = staged["subjects"], staged["val"]
+    stage = staging_device(subjects, device)
+    out, preds, fp32_model = {}, {}, None
+    for precision, cl in PRECISIONS:
+        name = f"{precision}{'_cl' if cl == 'on' else ''}"
+        cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+                        report_every=p.steps, max_val_subjects=1, precision=precision, channels_last=cl,
+                        num_threads=torch.get_num_threads())
+        sampler = PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)
+        torch.manual_seed(0)
+        model = build_model(in_channels=2, num_classes=2)
+        reports = []
+        train_segmentation(cfg, model, sampler, [val], 2, report=lambda m, s: reports.append(m), device=device)
+        model.eval()
+        preds[name] = predict_logits(model, val.image, p.roi, device, 2, 0.5, amp_dtype(cfg, device),
+                                     cl == "on").argmax(1).cpu()
+        fp32_model = fp32_model or model
+        out[f"precision.{name}.patches_per_s"] = reports[-1]["patches_per_s"]
+        out[f"precision.{name}.val_dice"] = reports[-1]["val_dice"]
+        out[f"precision.{name}.train_loss"] = reports[-1]["train_loss"]
+    for name in preds:
+        out[f"precision.{name}.speedup_over_fp32"] = out[f"precision.{name}.patches_per_s"] / out["precision.fp32.patches_per_s"]
+        out[f"precision.{name}.prediction_dice_vs_fp32"] = float(dice_per_class(preds[name], preds["fp32"], 2).mean())
+    same_weights = predict_logits(fp32_model, val.image, p.roi, device, 2, 0.5, torch.bfloat16, True).argmax(1).cpu()
+    out["precision.same_weights_bf16_cl_agreement"] = float(dice_per_class(same_weights, preds["fp32"], 2).mean())
+    out["precision.bf16_cl.val_dice_minus_fp32"] = out["precision.bf16_cl.val_dice"] - out["precision.fp32.val_dice"]
+    out["precision.fastest"] = max(preds, key=lambda n: out[f"precision.{n}.patches_per_s"])
+    out["precision.dilated_convs"] = "HighRes3DNet: dilation 1, 2, 4"
+    emit("precision", out)
+
+
+def _packed_worker(args) -> float:
+    """One of k processes sharing the device, as k fractional-GPU trials would."""
+    p, threads = args
+    torch.set_num_threads(threads)
+    device = pick_device()
+    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+                    report_every=p.steps, max_val_subjects=1, num_threads=threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(p.batch, 2, *p.patch, generator=g).to(device)
+    y = (torch.rand(p.batch, 1, *p.patch, generator=g) > 0.9).long().to(device)
+    from tlcore.data.pipeline import Subject
+    val = Subject("v", torch.randn(2, *p.roi), torch.zeros(1, *p.roi, dtype=torch.long), np.eye(4))
+    return steady_patches_per_s(cfg, FixedBatch(x, y), [val], device)[0]
+
+
+def bench_packing(p: Profile, device, tmp: Path, emit) -> None:
+    """Fractional-GPU trial packing: total patches/s of k trials sharing one device (k processes
+    started together) over one trial alone. Above 1, `--gpus-per-trial 1/k` pays."""
+    import multiprocessing as mp
+
+    cores = os.cpu_count() or 1
+    ks = (1, 2, 4) if device.type == "cuda" else (1, 2)
+    total = {}
+    ctx = mp.get_context("spawn")
+    for k in ks:
+        with ctx.Pool(k) as pool:
+            total[k] = sum(pool.map(_packed_worker, [(p, max(1, cores // k))] * k))
+    emit("packing", {**{f"packing.k{k}_patches_per_s": v for k, v in total.items()},
+                     **{f"packing.k{k}_over_k1": total[k] / total[1] for k in ks if k > 1},
+                     "packing.patch": list(p.patch), "packing.batch": p.batch})
+
+
 def bench_inference(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     cfg = RunConfig(patch_size=p.patch, inference_roi=p.roi)
     dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
@@ -193,7 +270,7 @@ def bench_train2d(p: Profile, device, tmp: Path, emit) -> None:
     from tlcore.data.synthetic import write_mura
     from tlcore.models import build_densenet121
     from tlcore.train2d import build_learner
-    from tlcore.trainables import image_loaders
+    from tlcore.train2d import image_loaders
 
     root = write_mura(tmp / "mura", n_patients=max(12, 2 * p.batch_2d), size=p.image_size)
     images = [i for i in find_mura(root)[0] if i.split == "train"]  # the loader cycles over them
@@ -356,7 +433,7 @@ def bench_asha(p: Profile, device, tmp: Path, emit) -> None:
             time.sleep(0.05)  # trials advance together, as equal-speed trials on a cluster do
             tune.report({"val_dice": v})
 
-    def asha_replay(concurrency: int) -> tuple[float, str]:
+    def asha_replay(concurrency: int, grace_period: int = 2, reduction_factor: int = 3) -> tuple[float, str]:
         """ASHA's share of the grid's iterations and its best configuration, with `concurrency`
         trials running at once (async ASHA cannot stop a trial before others reach its rung)."""
         ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False)
@@ -364,7 +441,8 @@ def bench_asha(p: Profile, device, tmp: Path, emit) -> None:
             results = tune.Tuner(
                 tune.with_resources(replay, {"cpu": 1}),
                 param_space={"name": tune.grid_search(sorted(curves))},
-                tune_config=tune.TuneConfig(metric="val_dice", mode="max", scheduler=asha(reports)),
+                tune_config=tune.TuneConfig(metric="val_dice", mode="max",
+                                            scheduler=asha(reports, grace_period, reduction_factor)),
                 run_config=tune.RunConfig(storage_path=str(tmp / f"replay{concurrency}"), name="asha",
                                           verbose=0)).fit()
         finally:
@@ -377,21 +455,33 @@ def bench_asha(p: Profile, device, tmp: Path, emit) -> None:
     here = max(1, (os.cpu_count() or 2) if device.type == "cpu" else torch.cuda.device_count())
     share, best = asha_replay(here)
     share_all, best_all = asha_replay(len(curves))
+    # other settings on the same curves, at this machine's concurrency: [share of the grid, same best]
+    settings = {}
+    for grace_period in (1, 2, 4):
+        for reduction_factor in (2, 3, 4):
+            if (grace_period, reduction_factor) != (2, 3):
+                got, b = asha_replay(here, grace_period, reduction_factor)
+                settings[f"grace{grace_period}_rf{reduction_factor}"] = [round(got, 3), b == grid_best]
+    settings["grace2_rf3"] = [round(share, 3), best == grid_best]
     emit("asha", {"asha.iterations_over_grid": share, "asha.same_best": best == grid_best,
                   "asha.concurrent_trials": here,
                   "asha.iterations_over_grid_all_parallel": share_all,
                   "asha.same_best_all_parallel": best_all == grid_best,
                   "asha.grid_best": grid_best, "asha.asha_best": best, "asha.reports_per_trial": reports,
-                  "asha.best_val_dice": {k: round(max(v), 4) for k, v in sorted(curves.items())}})
+                  "asha.best_val_dice": {k: round(max(v), 4) for k, v in sorted(curves.items())},
+                  "asha.other_settings": "; ".join(f"{k} {v[0]}{'' if v[1] else ' (other best)'}"
+                                                   for k, v in sorted(settings.items()))})
 
 
 def versions() -> dict:
-    import monai
-    import mlflow
-    import ray
+    from importlib.metadata import PackageNotFoundError, version
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-         "ray": ray.__version__, "mlflow": mlflow.__version__}
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("monai", "ray", "mlflow", "fastai"):
+        try:
+            v[package] = version(package)
+        except PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         v["cuda"] = torch.version.cuda
         v["cudnn"] = str(torch.backends.cudnn.version())
@@ -423,7 +513,7 @@ def write_summary(log: Path, device: torch.device, profile: Profile) -> None:
         rec = json.loads(line)
         if rec.get("device") == device_name(device) and rec.get("profile") == profile.name:
             newest[rec["bench"]] = rec
-    order = ["train3d", "inference", "train2d", "mlflow", "tune", "asha"]
+    order = list(BENCHES)
     records = [newest[b] for b in order if b in newest]
     title = f"## {device_name(device)}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"
     lines = [title, "", f"{time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
@@ -446,14 +536,21 @@ def write_summary(log: Path, device: torch.device, profile: Profile) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the real shapes (for a GPU)")
-    ap.add_argument("--only", default="", help="comma-separated: train3d,inference,train2d,mlflow,tune,asha")
+    ap.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHES))
     ap.add_argument("--no-summary", action="store_true", help="do not touch bench/RESULTS.md")
     args = ap.parse_args(argv)
     profile = FULL if args.full else SMALL
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    only = set(filter(None, args.only.split(","))) or {"train3d", "inference", "train2d", "mlflow", "tune", "asha"}
+    only = set(filter(None, args.only.split(","))) or set(BENCHES)
+    if only - set(BENCHES):
+        ap.error(f"--only {args.only}: choose from {', '.join(BENCHES)}")
+    from importlib.util import find_spec
+    for bench, module in (("tune", "ray"), ("asha", "ray"), ("mlflow", "mlflow"), ("train2d", "fastai")):
+        if bench in only and find_spec(module) is None:  # e.g. a GPU box that cannot install Ray
+            print(f"[bench] skipping {bench}: {module} is not installed", file=sys.stderr)
+            only.discard(bench)
     log = BENCH / f"results-{device.type}.jsonl"
 
     def emit(name: str, values: dict) -> None:
@@ -465,9 +562,13 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
         tmp = Path(d)
-        staged = bench_train3d(profile, device, tmp, emit) if only & {"train3d", "inference", "mlflow"} else None
+        staged = bench_train3d(profile, device, tmp, emit) if only & {"train3d", "inference", "mlflow", "precision"} else None
         if "inference" in only:
             bench_inference(profile, device, tmp, emit, staged)
+        if "precision" in only:
+            bench_precision(profile, device, tmp, emit, staged)
+        if "packing" in only:
+            bench_packing(profile, device, tmp, emit)
         if "train2d" in only:
             bench_train2d(profile, device, tmp, emit)
         if "mlflow" in only:

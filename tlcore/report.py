@@ -77,11 +77,22 @@ def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
     return out
 
 
-def label(config: tuple) -> str:
+def label(config: tuple, shared: frozenset = frozenset()) -> str:
+    """A configuration's short name: the source, k, and the settings that vary across the sweep
+    (those in `shared`, the same for every trial, are stated once on the page instead)."""
     source, frozen, subset, lr, schedule = config
-    name = "scratch" if source == "scratch" else f"{source.replace('models:/', '')} k={frozen}"
-    extra = [x for x in (subset if subset not in ("", "all") else "", f"lr={lr}" if lr else "", schedule) if x]
+    name = "scratch" if source == "scratch" else f"{short_source(source)} k={frozen}"
+    extra = [x for k, x in (("train_subset", subset if subset not in ("", "all") else ""),
+                            ("lr", f"lr={lr}" if lr else ""), ("lr_schedule", schedule)) if x and k not in shared]
     return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def shared_settings(trials: list) -> frozenset:
+    """Settings (subset, lr, schedule) with one value in every trial of a sweep of several configurations."""
+    configs = {t.config for t in trials}
+    if len(configs) < 2:
+        return frozenset()
+    return frozenset(k for i, k in enumerate(CONFIG_KEYS) if i >= 2 and len({c[i] for c in configs}) == 1)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -116,7 +127,7 @@ def _correct(trials: list[TrialRun]) -> dict[str, bool]:
     return {image: sum(v) * 2 > len(v) for image, v in votes.items()}
 
 
-def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
+def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset = frozenset()) -> list[dict]:
     groups = defaultdict(list)
     for t in trials:
         groups[t.config].append(t)
@@ -124,7 +135,7 @@ def summarise(trials: list[TrialRun], uri: str | None = None) -> list[dict]:
     for config in sorted(groups, key=lambda c: (c[2], c[3], c[4], c[0] != "scratch", c[0], str(c[1]))):
         ts = groups[config]
         its = [int(float(t.tags.get("iterations", 0) or 0)) for t in ts]
-        row = {"configuration": label(config), **dict(zip(CONFIG_KEYS, config)), "seeds": len(ts)}
+        row = {"configuration": label(config, shared), **dict(zip(CONFIG_KEYS, config)), "seeds": len(ts)}
         for key, mode in (("val_dice", "max"), ("val_accuracy", "max"), ("val_loss", "min")):
             if any(key in t.histories for t in ts):
                 row[f"best_{key}"] = _mean_sd([_best(t, key, mode) for t in ts])
@@ -323,7 +334,8 @@ def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | Non
     return steps, losses, (steps[hit - 1] if hit else None)
 
 
-def training_steps_plot(runs: list[TrialRun], target: float, path: Path) -> tuple[list[str], list[dict]]:
+def training_steps_plot(runs: list[TrialRun], target: float, path: Path,
+                        shared: frozenset = frozenset()) -> tuple[list[str], list[dict]]:
     """Classifier sweeps (thesis Fig. 5.6/5.7): training loss against optimizer steps, one colour
     per starting point; and the fewest steps each starting point needed to reach `target`.
     Returns the panel titles and the per-run rows behind the figure."""
@@ -332,18 +344,18 @@ def training_steps_plot(runs: list[TrialRun], target: float, path: Path) -> tupl
     colour = {s: plt.cm.tab10(i % 10) for i, s in enumerate(starts)}
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
     rows, fewest = [], {s: None for s in starts}
-    for t in sorted(runs, key=lambda t: label(t.config)):
+    for t in sorted(runs, key=lambda t: label(t.config, shared)):
         source = t.params.get("source_model", "")
         steps, losses, reached = steps_to_target(t, target)
         if not steps:
             continue
         style = ("-", "--", ":", "-.")[int(t.params.get("frozen_layers", 0) or 0) % 4]
         ax.plot(steps, losses, style, color=colour[source], linewidth=1.1,
-                label=f"{label(t.config)} s{t.params.get('seed', '')}")
+                label=f"{label(t.config, shared)} s{t.params.get('seed', '')}")
         if reached is not None:
             ax.plot([reached], [losses[steps.index(reached)]], "o", color=colour[source], markersize=4)
             fewest[source] = reached if fewest[source] is None else min(fewest[source], reached)
-        rows.append({"run": label(t.config), "seed": t.params.get("seed", ""), "source_model": source,
+        rows.append({"run": label(t.config, shared), "seed": t.params.get("seed", ""), "source_model": source,
                      "target_loss": round(target, 4), "steps_to_target": reached if reached is not None else "not reached"})
     ax.axhline(target, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xlabel("training steps (batches)")
@@ -424,9 +436,15 @@ def _table_html(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     shared = [c for c in (*CONFIG_KEYS, "seeds") if c in cols and len(rows) > 1
               and len({str(r.get(c, "")) for r in rows}) == 1]
-    cols = [c for c in cols if c not in shared and c != "source_model"]  # the configuration names the source
-    note = ("<p>Every row: " + ", ".join(f"{html.escape(c)} = <code>{html.escape(str(rows[0].get(c)))}</code>"
-                                         for c in shared) + "</p>") if shared else ""
+    # and what every compared (non-scratch) row has in common: the source's lineage, the split, the count
+    compared = [c for c in ("lineage", "vs_scratch_split", "subjects", "images") if c in cols
+                and len({str(r[c]) for r in rows if r.get(c, "") != ""}) == 1]
+    cols = [c for c in cols if c not in shared and c not in compared and c != "source_model"]
+    first = lambda c: next(r[c] for r in rows if r.get(c, "") != "")
+    note = "".join(f"<p>{title}: " + ", ".join(f"{html.escape(c)} = <code>{html.escape(str(value(c)))}</code>"
+                                                for c in keys) + "</p>"
+                   for title, keys, value in (("Every row", shared, lambda c: rows[0].get(c)),
+                                              ("Every row compared with scratch", compared, first)) if keys)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for r in rows)
@@ -451,12 +469,13 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
     out = Path(out or Path("reports") / f"{experiment}-{parent_run_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
     trials = collect(uri, experiment, parent_run_id)
-    rows = summarise(trials, uri)
+    shared = shared_settings(trials)
+    rows = summarise(trials, uri, shared)
     _write_csv(rows, out / "summary.csv")
 
     by_config = {r["configuration"]: [] for r in rows}  # the table's order: scratch first
     for t in trials:
-        by_config[label(t.config)].append(t)
+        by_config[label(t.config, shared)].append(t)
     per_subject_rows, figures = [], {}
     for split in ("val", "test"):
         groups = {}
@@ -493,7 +512,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         drawn = roc_plot(first_with_predictions, png)
         if drawn:
             figures["roc_test"] = (png, drawn)
-    curves = {f"{label(t.config)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
+    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
     if curves:
         png = out / "loss_curves.png"
         figures["loss_curves"] = (png, curves_plot(curves, png))
@@ -505,7 +524,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         given = tracking.run_info(uri, parent_run_id).data.params.get("target_loss", "null")  # --target-loss
         target = float(given) if given not in ("null", "None", "") else default_target_loss(with_steps)
         png = out / "training_steps.png"
-        panels, step_rows = training_steps_plot(with_steps, target, png)
+        panels, step_rows = training_steps_plot(with_steps, target, png, shared)
         figures["training_steps"] = (png, panels)
         _write_csv(step_rows, out / "steps_to_target.csv")
     parts = (tracking.load_json(uri, parent_run_id, "test_metrics.json") or {}).get("per_body_part")

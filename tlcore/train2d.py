@@ -118,3 +118,20 @@ def predict_probabilities(model: nn.Module, loader, device: torch.device) -> tup
         ps += torch.softmax(logits, 1)[:, 1].cpu().tolist()
         ys += y.tolist()
     return ys, ps
+
+
+def image_loaders(cfg: RunConfig, train_images, val_images):
+    """Training (shuffled; minority class oversampled for ChestX-ray14) and validation DataLoaders."""
+    from tlcore.data.images2d import RadiographDataset, oversample
+
+    labels = [i.label for i in train_images]
+    train_ds = RadiographDataset([i.path for i in train_images], labels, cfg.image_size, train=True, seed=cfg.seed)
+    # the minority class is oversampled for ChestX-ray14 (thesis: pneumothorax 18x)
+    idx = oversample(labels, cfg.oversample, cfg.seed) if cfg.dataset == "chestxray" else list(range(len(labels)))
+    g = torch.Generator().manual_seed(cfg.seed)
+    workers = {"num_workers": cfg.data_workers, "pin_memory": torch.cuda.is_available(),
+               "persistent_workers": cfg.data_workers > 0}
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, drop_last=True,
+                                           sampler=torch.utils.data.SubsetRandomSampler(idx, generator=g), **workers)
+    val_ds = RadiographDataset([i.path for i in val_images], [i.label for i in val_images], cfg.image_size)
+    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2, **workers)
