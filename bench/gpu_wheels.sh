@@ -6,7 +6,6 @@
 # from the CPU run. Versions: the ones this project's environment resolves to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY=${PY:-.venv/bin/python}
 rm -rf .whl && mkdir .whl
 pins=$($PY -m pip list --format=freeze 2>/dev/null | grep -iE '^(monai|nibabel|fastai|fastcore|fastprogress|fastdownload|fasttransform|plum-dispatch|beartype)==')

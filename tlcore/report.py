@@ -8,7 +8,11 @@ Every sweep builds its report when it ends and logs it to its MLflow parent run 
 `report/`. Configurations (source, frozen layers, subset, lr, schedule) are summarised over
 seeds (mean and standard deviation); each is compared with the scratch baseline of the same
 subset and schedule on the same subjects (paired per-subject Dice: bootstrap 95 % interval of
-the mean difference, Wilcoxon signed-rank p, Holm-corrected over the report's comparisons).
+the mean difference, Wilcoxon signed-rank p, Holm-corrected over the report's comparisons;
+McNemar's exact test on per-image correctness for classifiers). Figures: per-subject Dice box
+plots, loss curves, prediction overlays (best / median / worst subject); for classifiers ROC
+curves, training loss against steps with the steps to reach a target loss per starting point,
+and MURA's accuracy per body part.
 """
 
 from __future__ import annotations
