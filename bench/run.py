@@ -130,8 +130,10 @@ def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
     reference = MonaiPatchSampler(subjects, p.patch, p.batch, seed=0)
     # interleaved and best of two, so a slow spell of the machine does not fall on one variant
     best = defaultdict(float)
-    for _ in range(2):
+    for round_ in range(2):
         for name, s in (("compute", FixedBatch(x, y)), ("pipeline", sampler), ("reference", reference)):
+            if name == "reference" and round_ and p.name == "full":
+                continue  # MONAI's CPU sampler on BraTS-size volumes: once is minutes of device time
             best[name] = max(best[name], steady_patches_per_s(cfg, s, [val], device)[0])
     compute_pps, pipeline_pps, reference_pps = best["compute"], best["pipeline"], best["reference"]
     step_s = p.batch / compute_pps
