@@ -142,6 +142,9 @@ def test_layer_sweep(workspace, source_model):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     assert len(tracking.child_runs(w["uri"], "brats_layers", parent)) == 7
+    for r in survivors:  # the same best checkpoints were not evaluated again
+        assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
+        assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["val"])
 

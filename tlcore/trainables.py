@@ -444,10 +444,12 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
 
     A trial survives when ASHA let it run to `max_iterations`. Whole-volume Dice per split
     (train = the trial's own training subset) is logged to the trial's MLflow run, with the
-    per-subject Dice as artifacts. Returns trial_id -> {"<split>_dice", "best_iteration"}.
+    per-subject Dice as artifacts, and recorded in the run's `evaluation` tag, so that a
+    `--resume` of a finished sweep does not evaluate the same checkpoint again.
+    Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
-    pending = {}
+    pending, out = {}, {}
     for r in results:
         df = r.metrics_dataframe
         if r.error or df is None or df["iteration"].max() < max_iterations:
@@ -456,17 +458,22 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
         best_iteration = int(df.loc[df[metric].idxmax(), "iteration"])
         trial_id = r.metrics["trial_id"]
         run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
-        pending[trial_id] = (best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
-    out = {}
-    for trial_id, (best_iteration, refs) in pending.items():
+        done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
+        if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
+            out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
+            continue
+        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
+    for trial_id, (run_id, best_iteration, refs) in pending.items():
         scores = {s: ray.get(ref) for s, ref in refs.items()}
-        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()}}
-        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+        dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
+        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v for s, v in dice.items()}}
         if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
-            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v[f"{s}_dice"] for s, v in scores.items()
-                                                        if s != "val"}, step=best_iteration)
+            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
+                                 step=best_iteration)
             for s, v in scores.items():
                 tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+            tracking.set_tags(tracking_uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
+                                                                                "dice": dice})})
     return out
 
 
