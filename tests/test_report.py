@@ -133,3 +133,29 @@ def test_mura_report_draws_accuracy_per_body_part(mlflow_uri, tmp_path):
     assert report.figures["accuracy_by_body_part"][1] == ["XR_HAND", "XR_WRIST"]
     assert report.figures["accuracy_by_body_part"][0].stat().st_size > 5000
     assert report.html.read_text().count("data:image/png;base64,") >= 3   # losses, steps, body parts
+
+
+def test_subsets_report_draws_dice_and_iterations_against_training_set_size(mlflow_uri, tmp_path):
+    parent = tracking.start_run(mlflow_uri, "brats_subsets", "sweep", None, {"role": "parent"})
+    tracking.log_dict(mlflow_uri, parent, {"subsets": {"S1": ["a"] * 3, "S2": ["a"] * 6}}, "splits.json")
+    subjects = [f"s{i}" for i in range(8)]
+    for subset, base in (("S1", 0.4), ("S2", 0.6)):
+        for source, gain, best_at in (("scratch", 0.0, 60), ("models:/ixi/1", 0.1, 20)):
+            run = tracking.start_run(mlflow_uri, "brats_subsets", f"{source} {subset}",
+                                     {"source_model": source, "frozen_layers": 0 if gain == 0 else 1,
+                                      "train_subset": subset, "lr": 0.001, "lr_schedule": "constant", "seed": 0},
+                                     {"trial_id": f"{source}{subset}", "iterations": 60}, parent_run_id=parent)
+            for step in (20, 40, 60):  # the best validation Dice at `best_at`
+                tracking.log_metrics(mlflow_uri, run, {"val_dice": 0.9 if step == best_at else 0.5}, step=step)
+            tracking.log_dict(mlflow_uri, run, {s: base + gain + 0.01 * (i % 2) for i, s in enumerate(subjects)},
+                              "test_per_subject_dice.json")
+    report = build(mlflow_uri, "brats_subsets", parent, tmp_path / "r")
+    assert report.figures["dice_by_subset"][1] == ["scratch", "ixi/1 k=1"]
+    with (tmp_path / "r" / "dice_by_subset.csv").open() as f:
+        rows = {(r["model"], r["train_subset"]): r for r in csv.DictReader(f)}
+    assert float(rows["ixi/1 k=1", "S2"]["mean_test_dice"]) == pytest.approx(0.705)  # 0.7 + half of 0.01
+    assert float(rows["scratch", "S1"]["mean_test_dice"]) == pytest.approx(0.405)
+    assert rows["scratch", "S1"]["subjects_in_subset"] == "3" and rows["scratch", "S2"]["test_subjects"] == "8"
+    assert rows["scratch", "S2"]["best_val_iteration"] == "60" and rows["ixi/1 k=1", "S1"]["best_val_iteration"] == "20"
+    low, high = float(rows["scratch", "S1"]["ci95_low"]), float(rows["scratch", "S1"]["ci95_high"])
+    assert 0.4 <= low < 0.405 < high <= 0.41

@@ -240,6 +240,11 @@ def test_subsets_sweep(workspace, source_model):
     assert s[0] < s[1] < s[2] < s[3] == set(splits["train"])
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
     assert "test_dice" in table and table.count("S1 (") == 2
+    report = w["tmp"] / "results" / "brats_subsets" / "report"
+    assert "dice_by_subset" in (report / "report.html").read_text()
+    drawn = {(r.split(",")[0], r.split(",")[1]) for r in (report / "dice_by_subset.csv").read_text().splitlines()[1:]}
+    assert {sub for _, sub in drawn} == {r.data.params["train_subset"] for r in survivors}  # evaluated subsets
+    assert len(drawn) == len({(r.data.params["frozen_layers"], r.data.params["train_subset"]) for r in survivors})
 
 
 def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):

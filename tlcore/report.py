@@ -36,6 +36,7 @@ CURVES = ("train_loss", "val_loss")
 FIGURE_TITLES = {
     "dice_val": "Per-subject validation Dice (each trial's best checkpoint)",
     "dice_test": "Per-subject test Dice",
+    "dice_by_subset": "Dice and iterations against training-set size, per model",
     "overlays_test": "Test predictions (red) and ground truth (green) on the best, median and worst subject",
     "overlays_val": "Validation predictions (red) and ground truth (green) on the best, median and worst subject",
     "loss_curves": "Training and validation loss",
@@ -319,6 +320,61 @@ def roc_plot(runs: dict[str, TrialRun], path: Path) -> list[str]:
     return drawn
 
 
+def subsets_plot(trials: list[TrialRun], split: str, sizes: dict[str, int], path: Path,
+                 shared: frozenset = frozenset()) -> tuple[list[str], list[dict]]:
+    """brats_subsets (thesis Tables 6.3-6.6): per model, the mean per-subject Dice on `split`
+    (seeds averaged per subject, bootstrap 95 % interval over subjects) and the iteration of the
+    best validation Dice, against the training-set size. Returns the models drawn and the rows."""
+    from tlcore.stats import bootstrap_ci
+
+    plt = _plt()
+    models = defaultdict(lambda: defaultdict(list))
+    for t in trials:
+        models[label((t.config[0], t.config[1], "", *t.config[3:]), shared | {"train_subset"})][t.config[2]].append(t)
+    subsets = sorted({t.config[2] for t in trials}, key=lambda k: (sizes.get(k, 0), k))
+    fig, (ax, its) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    rows = []
+    for i, (model, by_subset) in enumerate(sorted(models.items(), key=lambda kv: (kv[0] != "scratch", kv[0]))):
+        xs, mean, low, high, best_at = [], [], [], [], []
+        for x, subset in enumerate(subsets):
+            scores = list(_subject_means(by_subset.get(subset, []), split).values())
+            if not scores:
+                continue
+            ci = bootstrap_ci(scores)
+            at = [max(t.histories["val_dice"], key=lambda sv: sv[1])[0] for t in by_subset[subset]
+                  if t.histories.get("val_dice")]
+            xs.append(x)
+            mean.append(statistics.mean(scores))
+            low.append(ci[0] if ci[0] == ci[0] else mean[-1])
+            high.append(ci[1] if ci[1] == ci[1] else mean[-1])
+            best_at.append(statistics.mean(at) if at else float("nan"))
+            rows.append({"model": model, "train_subset": subset, "subjects_in_subset": sizes.get(subset, ""),
+                         f"mean_{split}_dice": round(mean[-1], 4), "ci95_low": round(low[-1], 4),
+                         "ci95_high": round(high[-1], 4), f"{split}_subjects": len(scores),
+                         "best_val_iteration": round(best_at[-1]) if at else ""})
+        if not xs:
+            continue
+        shift = (i - (len(models) - 1) / 2) * 0.06  # side by side, so the intervals do not hide each other
+        colour = plt.cm.tab10(i % 10)
+        ax.errorbar([x + shift for x in xs], mean, yerr=[[m - lo for m, lo in zip(mean, low)],
+                                                         [hi - m for m, hi in zip(mean, high)]],
+                    marker="o", capsize=3, color=colour, label=model)
+        its.plot(xs, best_at, marker="o", color=colour, label=model)
+    names = [f"{k} ({sizes[k]})" if k in sizes else k for k in subsets]
+    for a in (ax, its):
+        a.set_xticks(range(len(subsets)), names)
+        a.set_xlabel("training subset (subjects)")
+    ax.set_ylabel(f"mean {split} Dice per subject")
+    ax.set_title(f"{split} Dice against training-set size (95 % bootstrap interval)", fontsize=9)
+    its.set_ylabel("iteration of the best validation Dice")
+    its.set_title("iterations needed", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return sorted(models, key=lambda m: (m != "scratch", m)), rows
+
+
 def default_target_loss(runs: list[TrialRun]) -> float | None:
     """The training loss every run reached: the highest of the runs' lowest losses (as the
     ChestX-ray sweep's steps-to-reach table when no --target-loss is given)."""
@@ -523,6 +579,15 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         _write_csv([{"run": name, "metric": k, "step": s, "value": v} for name, h in curves.items()
                     for k, pts in h.items() for s, v in pts], out / "curves.csv")
 
+    subsets = {t.config[2] for t in trials} - {"", "all"}
+    if len(subsets) > 1:  # the training-set-size sweep
+        split = "test" if any("test" in t.per_subject for t in trials) else "val"
+        sizes = {k: len(v) for k, v in
+                 ((tracking.load_json(uri, parent_run_id, "splits.json") or {}).get("subsets") or {}).items()}
+        png = out / "dice_by_subset.png"
+        models, subset_rows = subsets_plot(trials, split, sizes, png, shared)
+        figures["dice_by_subset"] = (png, models)
+        _write_csv(subset_rows, out / "dice_by_subset.csv")
     with_steps = [t for t in trials if t.histories.get("step") and t.histories.get("train_loss")]
     if with_steps:  # classifier sweeps: data efficiency per starting point
         given = tracking.run_info(uri, parent_run_id).data.params.get("target_loss", "null")  # --target-loss
