@@ -17,7 +17,8 @@ demo: .venv/.installed
 	$(PY) sweeps/brats_layers.py
 
 test: .venv/.installed
-	$(PY) -m pytest -q --durations=10
+	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
 
 bench: .venv/.installed
 	$(PY) bench/run.py

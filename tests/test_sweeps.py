@@ -56,6 +56,7 @@ def workspace(tmp_path_factory, synthetic_root):
     return {"tmp": tmp, "uri": uri, "common": common, "data": synthetic_root}
 
 
+@pytest.mark.xdist_group("workspace_store")  # one store, in this order (first: no source yet)
 def test_missing_source_fails_before_any_trial(workspace):
     w = workspace
     proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
@@ -83,6 +84,7 @@ def test_more_gpus_than_the_cluster_has_fails_fast(workspace, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.xdist_group("workspace_store")  # one store, in this order (first: no source yet)
 def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     w, ref = workspace, source_model
     assert ref.version == "1"
@@ -95,6 +97,7 @@ def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     assert json.loads((folder / "tlcore_model.json").read_text())["num_classes"] == 3
 
 
+@pytest.mark.xdist_group("workspace_store")  # one store, in this order (first: no source yet)
 def test_layer_sweep(workspace, source_model):
     w, ref = workspace, source_model
 
@@ -149,6 +152,7 @@ def test_layer_sweep(workspace, source_model):
     assert not set(splits["train"]) & set(splits["val"])
 
 
+@pytest.mark.xdist_group("workspace_store")  # one store, in this order (first: no source yet)
 def test_optuna_search(workspace, source_model):
     w = workspace
     proc = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"],
@@ -167,6 +171,7 @@ def test_optuna_search(workspace, source_model):
             assert r.data.params["frozen_layers"] == "0"
 
 
+@pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
 def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
     """`--address` with a cluster started by `ray start --head` (here: on this machine)."""
     w = workspace
@@ -210,6 +215,7 @@ def test_broken_dataset_stops_the_sweep_before_anything_is_written(workspace, tm
     assert not db.exists() and not (tmp_path / "results").exists()
 
 
+@pytest.mark.xdist_group("workspace_store")  # one store, in this order (first: no source yet)
 def test_subsets_sweep(workspace, source_model):
     w = workspace
     proc = run_sweep("brats_subsets.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
@@ -247,6 +253,7 @@ def test_subsets_sweep(workspace, source_model):
     assert len(drawn) == len({(r.data.params["frozen_layers"], r.data.params["train_subset"]) for r in survivors})
 
 
+@pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
 def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -343,6 +350,7 @@ def test_unreachable_tracking_server_fails_fast(workspace, tmp_path):
     assert not (tmp_path / "results").exists()  # nothing that --resume could mistake for a sweep
 
 
+@pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
 def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
     """A worker node removed mid-sweep: its trial continues from its checkpoint on the other node."""
     import json as _json

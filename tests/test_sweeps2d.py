@@ -12,7 +12,7 @@ from tlcore import tracking
 from tlcore.data.synthetic import write_chestxray, write_mura
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain2d")]  # one worker makes the chain once
 
 
 def run(script, *args, timeout=600):

@@ -143,7 +143,8 @@ def start_ray(args: argparse.Namespace) -> float:
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays
         # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # address="local": never join a cluster that `ray start` left running on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=args.address)
     resources = ray.cluster_resources()
