@@ -101,6 +101,13 @@ def study_wise(studies, y_true, prob_positive, threshold: float = 0.5) -> tuple[
     return ids, np.array([labels[s] for s in ids]), np.array([scores[s] for s in ids])
 
 
+def common_target_loss(loss_curves) -> float | None:
+    """The training loss every curve reached: the highest of the curves' lowest values (the
+    default target of the steps-to-reach comparison)."""
+    lows = [min(c) for c in loss_curves if len(c)]
+    return max(lows) if lows else None
+
+
 def steps_to_reach(losses, target: float, smooth: int = 5) -> int | None:
     """First step at which the moving average of the training loss is <= target (None = never)."""
     losses = np.asarray(losses, dtype=float)

@@ -375,13 +375,6 @@ def subsets_plot(trials: list[TrialRun], split: str, sizes: dict[str, int], path
     return sorted(models, key=lambda m: (m != "scratch", m)), rows
 
 
-def default_target_loss(runs: list[TrialRun]) -> float | None:
-    """The training loss every run reached: the highest of the runs' lowest losses (as the
-    ChestX-ray sweep's steps-to-reach table when no --target-loss is given)."""
-    lows = [min(v for _, v in t.histories["train_loss"]) for t in runs if t.histories.get("train_loss")]
-    return max(lows) if lows else None
-
-
 def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | None]:
     """(training steps, training loss, steps when the loss first reached `target` or None)."""
     from tlcore.evaluate import steps_to_reach
@@ -590,8 +583,11 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         _write_csv(subset_rows, out / "dice_by_subset.csv")
     with_steps = [t for t in trials if t.histories.get("step") and t.histories.get("train_loss")]
     if with_steps:  # classifier sweeps: data efficiency per starting point
+        from tlcore.evaluate import common_target_loss
+
         given = tracking.run_info(uri, parent_run_id).data.params.get("target_loss", "null")  # --target-loss
-        target = float(given) if given not in ("null", "None", "") else default_target_loss(with_steps)
+        target = (float(given) if given not in ("null", "None", "")
+                  else common_target_loss([v for _, v in t.histories["train_loss"]] for t in with_steps))
         png = out / "training_steps.png"
         panels, step_rows = training_steps_plot(with_steps, target, png, shared)
         figures["training_steps"] = (png, panels)

@@ -456,7 +456,7 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
             continue
         checkpoint = r.get_best_checkpoint(metric, "max") or r.checkpoint
         best_iteration = int(df.loc[df[metric].idxmax(), "iteration"])
-        trial_id = r.metrics["trial_id"]
+        trial_id = trial_id_of(r)
         run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
         done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
         if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
@@ -581,15 +581,15 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
                     max_iterations: int, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
     """Evaluate surviving trials on the test split and add the data-efficiency figure: training
     steps until the (smoothed, per-epoch) training loss first reaches `target_loss`."""
-    from tlcore.evaluate import classification_metrics, steps_to_reach
+    from tlcore.evaluate import classification_metrics, common_target_loss, steps_to_reach
 
     curves = {}
     for r in results:
         df = r.metrics_dataframe
         if df is not None and "train_loss" in df:
             curves[r.metrics.get("trial_id", "")] = (df["step"].tolist(), df["train_loss"].tolist(), r)
-    if target_loss is None and curves:  # the loss every trial reached: the highest final training loss
-        target_loss = max(min(c[1]) for c in curves.values())
+    if target_loss is None:  # the loss every trial reached
+        target_loss = common_target_loss(c[1] for c in curves.values())
     out = []
     for row in rows:
         steps, losses, r = curves.get(row["trial_id"], ([], [], None))
