@@ -38,7 +38,7 @@ from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.synthetic import write_brats  # noqa: E402
 from tlcore.evaluate import dice_per_class, predict_logits, write_prediction  # noqa: E402
 from tlcore.models import build_model  # noqa: E402
-from tlcore.train import amp_dtype, pick_device, staging_device, train_segmentation, use_channels_last  # noqa: E402
+from tlcore.train import amp_dtype, choose_channels_last, pick_device, staging_device, train_segmentation  # noqa: E402
 
 # Targets of the performance issue, for one H100/H200 (ratios apply on every device).
 TARGETS = {
@@ -126,7 +126,8 @@ def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
     half = p.steps
     cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * half,
                     report_every=half, max_val_subjects=1, num_threads=torch.get_num_threads())
-    dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
+    dtype = amp_dtype(cfg, device)
+    cl, layout = choose_channels_last(cfg, device, build_model(in_channels=2, num_classes=2), 2)  # as a trial does
     x, y = (t.to(device) for t in random_batch(p))
     stage = staging_device(subjects, device)
     sampler = PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)
@@ -160,7 +161,7 @@ def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
            "sampling.s_per_patch": sample_s, "sampling.per_patch_over_step": sample_s / step_s,
            "sampling.monai_reference_per_patch_over_step": reference_sample_s / step_s,
            "train3d.volumes_on": stage.type, "train3d.precision": str(dtype or "fp32"),
-           "train3d.channels_last_3d": cl}
+           "train3d.channels_last_3d": cl, "train3d.layout": layout}
     emit("train3d", out)
     return {"subjects": subjects, "val": val, "files": files, "step_s": step_s}
 
@@ -243,9 +244,10 @@ def bench_packing(p: Profile, device, tmp: Path, emit) -> None:
 
 
 def bench_inference(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
-    cfg = RunConfig(patch_size=p.patch, inference_roi=p.roi)
-    dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
-    model = build_model(in_channels=2, num_classes=2).to(device).eval()
+    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi)
+    model = build_model(in_channels=2, num_classes=2)
+    dtype, cl = amp_dtype(cfg, device), choose_channels_last(cfg, device, model, 2)[0]
+    model = model.to(device).eval()
     if cl:
         model.to(memory_format=torch.channels_last_3d)
     val, files = staged["val"], staged["files"][staged["val"].id]

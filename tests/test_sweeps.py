@@ -16,12 +16,19 @@ SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedu
 pytestmark = pytest.mark.slow
 
 
-def store_with_source(workspace, source_model, tmp_path) -> str:
-    """A fresh SQLite store holding a copy of the registered IXI source model."""
+def store_with_untrained_source(tmp_path) -> str:
+    """A fresh SQLite store with an untrained 3-class HighRes3DNet registered as the IXI source:
+    tests of resuming and recovery need a source to transfer from, not a good one."""
+    from safetensors.torch import save_file
+
+    from tlcore.models import build_model
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking.prepare_store(uri)
-    weights = tracking.download_model(workspace["uri"], source_model, tmp_path / "src")
-    run = tracking.start_run(uri, "ixi_source", "copied source")
+    weights = tmp_path / "src"
+    weights.mkdir()
+    save_file(build_model(in_channels=2, num_classes=3).state_dict(), str(weights / "model.safetensors"))
+    run = tracking.start_run(uri, "ixi_source", "untrained source")
     tracking.log_artifacts(uri, run, weights, "model")
     tracking.register_model(uri, "ixi_hippocampus", run)
     return uri
@@ -48,7 +55,9 @@ def run_sweep(script, *args, timeout=600):
     return proc
 
 
-@pytest.fixture(scope="module")
+# Session-scoped (per xdist worker): a module-scoped fixture is built again whenever the worker
+# interleaves another module's tests, and the source sweep behind `source_model` takes a minute.
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("sweeps")
     uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
@@ -66,7 +75,7 @@ def test_missing_source_fails_before_any_trial(workspace):
     assert tracking.client(w["uri"]).get_experiment_by_name("brats_layers") is None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def source_model(workspace):
     w = workspace
     src = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
@@ -118,6 +127,7 @@ def test_layer_sweep(workspace, source_model):
         assert SPEC_PARAMS <= set(r.data.params), set(r.data.params)
         assert r.data.tags["sweep"] == "brats_layers" and r.data.tags["trial_id"]
         assert r.info.status == "FINISHED"
+        assert (r.data.tags["runtime.device"], r.data.tags["runtime.layout"]) == ("cpu", "auto: NCDHW on cpu")
         history = tracking.metric_history(w["uri"], r.info.run_id, "val_dice")
         assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
         assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
@@ -270,13 +280,13 @@ def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):
         cluster.shutdown()
 
 
-def test_driver_killed_mid_sweep_then_resumed(workspace, source_model, tmp_path):
+def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     """SIGKILL the driver mid-sweep, rerun with --resume: one parent, one run per trial, no step twice."""
     import signal
     import time
 
     w = workspace
-    uri = store_with_source(w, source_model, tmp_path)
+    uri = store_with_untrained_source(tmp_path)
     args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
             "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
             "--storage-path", str(tmp_path / "results")]
@@ -408,7 +418,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
     uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
-                             str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "32",
+                             str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
                              "--report-every", "4", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")],
                             cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
     log = lambda: (tmp_path / "sweep.log").read_text()[-4000:]
@@ -450,6 +460,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         stop_tracking_server(server)
 
 
+@pytest.mark.xdist_group("workspace_store")  # reads the source sweep's results folder
 def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model, tmp_path):
     """`tlcore.sync` writes runs and every step from Ray's files; a second run adds nothing."""
     from tlcore.sync import sync
@@ -470,6 +481,7 @@ def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model
                 s: pytest.approx(v[key]) for s, v in steps.items()}
         assert r.info.status == "FINISHED" and r.data.params["lr"] in ("0.001", "0.003")
         assert int(r.data.params["transfer.total_params"]) > 0
+        assert r.data.tags["runtime.precision"] == "fp32" and r.data.tags["runtime.volumes_on"] == "cpu"
     assert all(row["metric_values_added"] > 0 for row in first)
     assert sum(row["metric_values_added"] for row in sync(results, uri)) == 0
     assert len(c.search_runs([exp.experiment_id], "")) == 3  # still one parent and two children

@@ -21,7 +21,7 @@ def run(script, *args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # module scope is rebuilt when the worker interleaves other modules
 def chain(tmp_path_factory):
     from torchvision.models import densenet121
 
@@ -44,6 +44,7 @@ def test_mura_source_registers_a_model_with_study_wise_results(chain):
     run = tracking.run_info(uri, ref.run_id)
     assert run.data.params["source_model"] == str(chain["weights"])
     assert int(run.data.params["transfer.loaded_tensors"]) > 300  # the ImageNet body
+    assert (run.data.tags["runtime.device"], run.data.tags["runtime.layout"]) == ("cpu", "NCHW")
     assert 0 <= run.data.metrics["test_accuracy"] <= 1 and "test_kappa" in run.data.metrics
     arts = {a.path for a in tracking.client(uri).list_artifacts(ref.run_id)}
     assert {"confusion_matrix.png", "test_metrics.json", "test_accuracy_by_body_part.md", "model"} <= arts

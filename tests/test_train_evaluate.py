@@ -90,3 +90,55 @@ def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
     assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(out.dataobj), pred[0].numpy())
     with pytest.raises(ValueError, match="differs from"):
         write_prediction(pred[:, :6], tmp_path / "t1.nii.gz", tmp_path / "bad.nii.gz")
+
+
+def test_layout_timing_leaves_the_model_untouched():
+    from tlcore.train import time_layouts
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # BN running stats included
+    images, labels = torch.randn(1, 2, 12, 12, 12), torch.randint(0, 2, (1, 1, 12, 12, 12))
+    seconds = time_layouts(model, images, labels, torch.device("cpu"), None, steps=2)
+    assert set(seconds) == {"ncdhw", "channels_last_3d"} and all(t > 0 for t in seconds.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert next(model.parameters()).is_contiguous()  # the copies were converted, not the model
+
+
+def test_channels_last_auto_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
+    import json
+
+    from tlcore import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu, model = torch.device("cpu"), build_model(num_classes=2)
+    cfg = RunConfig(patch_size=(12, 12, 12), batch_size=1)
+    assert train.choose_channels_last(RunConfig(channels_last="on"), cpu, model, 2) == (True, "channels_last=on")
+    assert train.choose_channels_last(RunConfig(channels_last="off"), cpu, model, 2)[0] is False
+    assert train.choose_channels_last(cfg, cpu, model, 2) == (False, "auto: NCDHW on cpu")
+    assert not (tmp_path / "tlcore" / "layouts.json").exists()  # CPUs are not measured
+
+    # measured where the device is one of LAYOUT_MEASURED_ON (GPUs); here the CPU stands in
+    monkeypatch.setattr(train, "LAYOUT_MEASURED_ON", ("cpu",))
+    use, why = train.choose_channels_last(cfg, cpu, model, 2)
+    cache = json.loads((tmp_path / "tlcore" / "layouts.json").read_text())
+    (key, seen), = cache.items()
+    assert "batch (1, 2, 12, 12, 12)" in key and "HighResNet" in key and "measured" in why
+    t = seen["s_per_step"]
+    assert use == (t["ncdhw"] / t["channels_last_3d"] >= train.LAYOUT_MIN_SPEEDUP)
+    # the cached timings decide from then on, for every trial of this machine
+    for ncdhw, expected in ((2.0, True), (1.02, False), (0.5, False)):
+        seen["s_per_step"] = {"ncdhw": ncdhw, "channels_last_3d": 1.0}
+        (tmp_path / "tlcore" / "layouts.json").write_text(json.dumps({key: seen}))
+        use, why = train.choose_channels_last(cfg, cpu, model, 2)
+        assert use is expected and "cached" in why and f"{ncdhw:.2f}x" in why
+    # another patch shape is another measurement, made once while the other trials wait for it
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = RunConfig(patch_size=(16, 16, 16), batch_size=1)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: train.choose_channels_last(other, cpu, model, 2), range(2)))
+    assert sorted(why.split(", ")[1].split()[0] for _, why in answers) == ["cached", "measured"]
+    assert answers[0][0] == answers[1][0]
+    assert len(json.loads((tmp_path / "tlcore" / "layouts.json").read_text())) == 2

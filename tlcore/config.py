@@ -7,7 +7,9 @@ script fails the first trial loudly instead of being silently ignored.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 LR_SCHEDULES = ("constant", "cosine", "poly", "one_cycle")
@@ -15,6 +17,11 @@ SAMPLERS = ("weighted", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 DATASETS = ("brats", "ixi", "mura", "chestxray")
 DATASETS_2D = ("mura", "chestxray")
+
+def cache_dir() -> Path:
+    """Per-machine caches (validated files, downloaded source models, layout timings)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore"
+
 
 # Group names of HighRes3DNet, in network order (thesis Table 6.1).
 NUM_LAYER_GROUPS = 6
@@ -55,7 +62,7 @@ class RunConfig:
 
     # --- speed
     precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU
-    channels_last: str = "auto"           # auto = channels-last-3d on a GPU
+    channels_last: str = "auto"           # auto = channels-last-3d where measured faster on this GPU; off on CPU
     num_threads: int = 0                  # torch CPU threads; 0 = the trial's CPUs
     data_workers: int = 0                 # 2D: image-decoding worker processes (0 = in the training process)
 

@@ -7,7 +7,7 @@ Every reported result of every trial is in `<storage-path>/<sweep>/<trial>/resul
 the tracking store was unreachable as a sweep ended (the sweep says so and prints this
 command), or a driver died with records still buffered, this writes what MLflow lacks: the
 trial's child run (found by its `trial_id` tag, or created), each metric step not yet logged
-(with its original time), the transfer report, and the final status of finished or failed
+(with its original time), the transfer report, the runtime tags, and the final status of finished or failed
 trials. Steps already present are skipped, so running it twice adds nothing.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.trainables import METRICS, end_trial_run, iteration_tags, open_trial_run
+from tlcore.trainables import METRICS, end_trial_run, iteration_tags, nested, open_trial_run
 
 
 @dataclass
@@ -92,9 +92,12 @@ def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_itera
                 rows.append((key, r[key], step, int(r.get("timestamp", 0) * 1000)))
                 logged.add(step)
     tracking.log_metric_rows(uri, run_id, rows)
-    transfer = next((r["transfer"] for r in trial.results if isinstance(r.get("transfer"), dict)), None)
+    transfer = next((t for t in (nested(r, "transfer") for r in trial.results) if t), None)
     if transfer:
         tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in transfer.items()})
+    runtime = next((t for t in (nested(r, "runtime") for r in reversed(trial.results)) if t), None)
+    if runtime:  # the last start's
+        tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in runtime.items()})
     status = tracking.run_info(uri, run_id).info.status
     done = int(trial.results[-1].get("iteration", 0)) if trial.results else 0
     if trial.status == "TERMINATED" and status != "FINISHED":

@@ -25,6 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from tlcore.config import cache_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = REPO_ROOT / "mlflow"
 PARENT_TAG = "mlflow.parentRunId"
@@ -311,10 +313,6 @@ def download_model(uri: str, ref: ModelRef, dst: str | Path | None = None) -> Pa
     dst = Path(dst or tempfile.mkdtemp(prefix=f"tlcore-{ref.name}-{ref.version}-"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(dst),
                                                    tracking_uri=uri))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore"
 
 
 def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:

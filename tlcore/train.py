@@ -7,20 +7,31 @@ the caller (a Tune trainable, a test, a notebook) turns into a checkpoint and lo
 
 from __future__ import annotations
 
+import copy
+import fcntl
+import json
 import math
+import os
+import statistics
+import tempfile
 import time
+from datetime import date
 from typing import Callable
 
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from tlcore.config import RunConfig
+from tlcore.config import RunConfig, cache_dir
 from tlcore.evaluate import autocast, evaluate_subjects
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        # Patches and sliding windows have fixed shapes: let cuDNN pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def staging_device(subjects, device: torch.device, share: float = 0.4) -> torch.device:
@@ -40,8 +51,97 @@ def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def use_channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+# Devices where channels_last="auto" measures both layouts; on CPUs it stays off (CPU runs are
+# tests and demos, and timings taken next to other trials on a few cores would pick at random).
+LAYOUT_MEASURED_ON = ("cuda",)
+LAYOUT_MIN_SPEEDUP = 1.05  # channels-last-3d must win clearly: a coin-flip choice would vary between runs
+
+
+def time_layouts(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype | None, steps: int = 3) -> dict[str, float]:
+    """Median seconds of a forward + backward training step of a copy of `model` (`model`
+    itself is untouched) in NCDHW and channels-last-3d layouts, after one warm-up step."""
+    loss_fn, out = build_loss(), {}
+    for name, layout in (("ncdhw", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+        trial_model = copy.deepcopy(model).to(device).to(memory_format=layout).train()
+        x, y = images.to(device).contiguous(memory_format=layout), labels.to(device)
+        times = []
+        for _ in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                loss = loss_fn(trial_model(x).float(), y)
+            loss.backward()
+            loss.detach().item()  # waits for the step
+            times.append(time.perf_counter() - t0)
+            trial_model.zero_grad(set_to_none=True)
+        out[name] = statistics.median(times[1:])
+        del trial_model
+    return out
+
+
+def layout_key(device: torch.device, model: nn.Module, batch_shape: tuple, dtype: torch.dtype | None) -> str:
+    """What the layout timings depend on: the chip, the PyTorch / cuDNN build, the net, the shape."""
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return (f"{chip} | torch {torch.__version__} cudnn {cudnn} | {type(model).__name__} "
+            f"{sum(p.numel() for p in model.parameters())} params | batch {tuple(batch_shape)} | "
+            f"{str(dtype).replace('torch.', '') if dtype else 'fp32'}")
+
+
+def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
+                         num_classes: int) -> tuple[bool, str]:
+    """Whether to train and infer in channels-last-3d, and why.
+
+    `on` / `off` are obeyed. `auto` on a GPU times both layouts once per chip, PyTorch / cuDNN
+    build, network and batch shape (a few seconds) and keeps channels-last-3d only when it is
+    clearly faster: some cuDNN versions run HighRes3DNet's dilated 3D convolutions slower in it.
+    The timings are cached per machine in <cache>/tlcore/layouts.json, so the trials of a sweep
+    that share a node agree and only the first one pays.
+    """
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "on", f"channels_last={cfg.channels_last}"
+    if device.type not in LAYOUT_MEASURED_ON:
+        return False, f"auto: NCDHW on {device.type}"
+    dtype = amp_dtype(cfg, device)
+    batch_shape = (cfg.batch_size, len(cfg.modalities), *cfg.patch_size)
+    key, path = layout_key(device, model, batch_shape, dtype), cache_dir() / "layouts.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One trial measures while the node's other trials wait for its answer: trials packed on one
+    # GPU would otherwise time each other and could choose differently.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = _read_json(path)
+        if key in cache:
+            seen, how = cache[key], "cached"
+        else:
+            gen = torch.Generator().manual_seed(0)  # not the trial's RNG: its patch stream stays the same
+            images = torch.randn(batch_shape, generator=gen)
+            labels = torch.randint(0, num_classes, (batch_shape[0], 1, *batch_shape[2:]), generator=gen)
+            seen, how = {"s_per_step": time_layouts(model, images, labels, device, dtype),
+                         "measured": date.today().isoformat()}, "measured"
+            _write_json(path, {**cache, key: seen})
+    t = seen["s_per_step"]
+    speedup = t["ncdhw"] / t["channels_last_3d"]
+    use = speedup >= LAYOUT_MIN_SPEEDUP
+    return use, (f"auto: {'channels-last-3d' if use else 'NCDHW'} (channels-last-3d {speedup:.2f}x the "
+                 f"speed of NCDHW, {how} {seen['measured']})")
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path, obj: dict) -> None:
+    """Atomically: a trial killed mid-write leaves the old file, not half a new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -70,14 +170,16 @@ def build_loss() -> nn.Module:
 
 def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
                        report: Callable[[dict, dict], None], resume: dict | None = None,
-                       device: torch.device | None = None) -> dict:
+                       device: torch.device | None = None, channels_last: bool | None = None) -> dict:
     """Train until `cfg.max_iterations`; call `report(metrics, state)` every `report_every`.
 
     `state` holds model / optimizer / scheduler state dicts and the iteration; passing it
-    back as `resume` continues where it stopped. Returns the last metrics.
+    back as `resume` continues where it stopped. `channels_last`: None = `choose_channels_last`.
+    Returns the last metrics.
     """
     device = device or pick_device()
-    dtype, cl = amp_dtype(cfg, device), use_channels_last(cfg, device)
+    dtype = amp_dtype(cfg, device)
+    cl = choose_channels_last(cfg, device, model, num_classes)[0] if channels_last is None else channels_last
     model.to(device)
     if cl:
         model.to(memory_format=torch.channels_last_3d)

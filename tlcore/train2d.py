@@ -60,6 +60,16 @@ def lr_slice(cfg: RunConfig) -> slice:
     return slice(cfg.lr / cfg.lr_ratio, cfg.lr)
 
 
+def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.precision in ("auto", "bf16")
+
+
+def uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    """2D channels-last is cuDNN's fast path for DenseNet on GPUs; unlike the dilated 3D convs it
+    needs no measuring."""
+    return device.type == "cuda" and cfg.channels_last != "off"
+
+
 def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: torch.device, cbs=()):
     from fastai.callback.core import Callback
     from fastai.data.core import DataLoaders
@@ -68,22 +78,24 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam
 
+    channels_last = uses_channels_last(cfg, device)
+
     class ToDevice(Callback):  # plain torch DataLoaders: fastai does not move their batches
         order = -10
 
         def before_batch(self):
             self.learn.xb = tuple(x.to(device, non_blocking=True) for x in self.xb)
             self.learn.yb = tuple(y.to(device, non_blocking=True) for y in self.yb)
-            if device.type == "cuda" and cfg.channels_last != "off":
+            if channels_last:
                 self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) for x in self.learn.xb)
 
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last != "off":
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     dls = DataLoaders(train_dl, valid_dl, device=device)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, splitter=splitter,
                     metrics=[accuracy], wd=cfg.weight_decay, train_bn=False, cbs=[ToDevice(), *cbs])
-    if device.type == "cuda" and cfg.precision in ("auto", "bf16"):
+    if uses_bf16(cfg, device):
         from fastai.callback.fp16 import MixedPrecision
         learn.add_cb(MixedPrecision(amp_mode="bf16"))
     return learn

@@ -25,7 +25,7 @@ from tlcore.data.splits import read_splits, training_ids
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
-from tlcore.train import amp_dtype, pick_device, staging_device, train_segmentation, use_channels_last
+from tlcore.train import amp_dtype, choose_channels_last, pick_device, staging_device, train_segmentation
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
@@ -77,16 +77,23 @@ def train_segmentation_trial(config: dict) -> None:
     model, transfer = build_start_model(cfg)
     train = load_split(cfg, "train")
     val = load_split(cfg, "val")
+    device = pick_device()
+    staged_on = staging_device(train, device)
     sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
-                           device=staging_device(train, pick_device()))
+                           device=staged_on)
+    channels_last, layout_choice = choose_channels_last(cfg, device, model, num_classes(cfg))
 
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    # The transfer report rides along with the first result; the driver's callback logs it.
-    first = {"transfer": _transfer_summary(transfer)} if resume is None else {}
+    # The transfer report (first start) and where this start runs (every start: a restored trial
+    # may land on another node) ride along with the first result; the driver's callback logs them.
+    first = {"runtime": runtime_summary(device, amp_dtype(cfg, device) is not None, layout_choice,
+                                        volumes_on=staged_on.type)}
+    if resume is None:
+        first["transfer"] = _transfer_summary(transfer)
 
     def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -98,7 +105,13 @@ def train_segmentation_trial(config: dict) -> None:
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
-    train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume)
+    train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume, device, channels_last)
+
+
+def runtime_summary(device: torch.device, bf16: bool, layout: str, **more) -> dict:
+    """Where and how a trial ran, for its run's tags (runs of one sweep may differ by node)."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": "bf16 autocast" if bf16 else "fp32", "layout": layout, **more}
 
 
 def _transfer_summary(r: TransferReport) -> dict:
@@ -115,12 +128,15 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     device = pick_device()
+    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     with tempfile.TemporaryDirectory() as out:
         predictions = out if run_id and split != "train" else None
         ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
                                cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
-                               use_channels_last(cfg, device), predictions)
+                               channels_last, predictions)
         if predictions:
             tracking.log_artifacts(cfg.tracking_uri, run_id, out, f"predictions/{split}")
     return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
@@ -181,12 +197,10 @@ class MLflowTrialLogger(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._configs.setdefault(trial.trial_id, dict(trial.config))
-        transfer = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("transfer/")}
-        if not transfer and isinstance(result.get("transfer"), dict):
-            transfer = result["transfer"]
         self._push(trial.trial_id, "result", {
             "step": int(result.get("iteration", result.get("training_iteration", 0))),
-            "metrics": {k: result[k] for k in METRICS if k in result}, "transfer": transfer})
+            "metrics": {k: result[k] for k in METRICS if k in result},
+            "transfer": nested(result, "transfer"), "runtime": nested(result, "runtime")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("iteration", 0)
@@ -258,6 +272,8 @@ class MLflowTrialLogger(tune.Callback):
                 t = payload["transfer"]
                 tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in t.items()})
                 tracking.log_dict(uri, run_id, t, "transfer_report.json")
+            if payload.get("runtime"):  # .get: records buffered by an older version have none
+                tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in payload["runtime"].items()})
             tracking.log_metrics(uri, run_id, payload["metrics"], step=step)
             self._last_step[trial_id] = step
         elif kind == "end":
@@ -268,6 +284,12 @@ class MLflowTrialLogger(tune.Callback):
             self._runs[trial_id] = open_trial_run(self.tracking_uri, self.experiment, self.parent_run_id,
                                                   trial_id, self._configs[trial_id], self._last_step)
         return self._runs[trial_id]
+
+
+def nested(result: dict, key: str) -> dict:
+    """A dict the trainable reported under `key` (Tune may flatten it to key/...)."""
+    flat = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(f"{key}/")}
+    return flat or (result[key] if isinstance(result.get(key), dict) else {})
 
 
 def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, config: dict,
@@ -513,7 +535,7 @@ def train_classifier_trial(config: dict) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
     from fastai.callback.core import Callback
 
-    from tlcore.train2d import build_learner, fit_classifier, image_loaders
+    from tlcore.train2d import build_learner, fit_classifier, image_loaders, uses_bf16, uses_channels_last
 
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
@@ -525,7 +547,11 @@ def train_classifier_trial(config: dict) -> None:
             model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
             start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
     train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"))
-    first = {"transfer": _transfer_summary(transfer)} if not checkpoint else {}
+    device = pick_device()
+    first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
+                                        "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
+    if not checkpoint:
+        first["transfer"] = _transfer_summary(transfer)
 
     class ReportToTune(Callback):
         order = 60  # after fastai's Recorder has the epoch's values
@@ -548,7 +574,7 @@ def train_classifier_trial(config: dict) -> None:
                 tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
             first.clear()
 
-    learn = build_learner(cfg, model, train_dl, val_dl, pick_device(), cbs=[ReportToTune()])
+    learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[ReportToTune()])
     fit_classifier(learn, cfg, start_epoch)
 
 

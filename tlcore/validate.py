@@ -29,6 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from tlcore.config import cache_dir
 from tlcore.data.layouts import (
     BRATS_MODALITIES,
     DatasetLayoutError,
@@ -72,10 +73,6 @@ class ValidationReport:
         lines += [f"  ERROR   {p}" for p in self.errors]
         lines += [f"  warning {p}" for p in self.warnings]
         return "\n".join(lines)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore" / "validate"
 
 
 def inspect_png(path: str) -> dict:
@@ -219,7 +216,7 @@ def validate_images_2d(dataset: str, data_dir: str | Path, finding: str = "Pneum
     files = [(i.path, False) for i in images]
     report.files = len(files)
     digest = hashlib.sha1(f"{dataset}|{root}".encode()).hexdigest()[:16]
-    results, report.cached = _cached_inspect(files, cache_dir() / f"{digest}.json") if use_cache else \
+    results, report.cached = _cached_inspect(files, cache_dir() / "validate" / f"{digest}.json") if use_cache else \
         ({f: inspect_png(f) for f, _ in files}, 0)
     report.errors += [Problem(f, r["error"]) for f, r in results.items() if "error" in r]
     if dataset == "chestxray" and images and not any(i.label for i in images):
@@ -250,7 +247,7 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
     files = [(f, key == "label") for s in subjects.values() for key, f in s.items()]
     report.files = len(files)
     digest = hashlib.sha1(f"{dataset}|{root}".encode()).hexdigest()[:16]
-    results, report.cached = _cached_inspect(files, cache_dir() / f"{digest}.json") if use_cache else \
+    results, report.cached = _cached_inspect(files, cache_dir() / "validate" / f"{digest}.json") if use_cache else \
         ({f: inspect_file(f, lab) for f, lab in files}, 0)
 
     expected = EXPECTED_LABELS.get(dataset)
