@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,8 @@ def wait_for_trial_runs(uri: str, ready, timeout: float) -> list:
     pytest.fail("the sweep made no progress to interrupt")
 
 
-def run_sweep(script, *args, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def run_sweep(script, *args, timeout=600, env=None):
+    env = {**(env or os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc
@@ -185,13 +186,16 @@ def test_optuna_search(workspace, source_model):
 def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
     """`--address` with a cluster started by `ray start --head` (here: on this machine)."""
     w = workspace
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     import tempfile
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = "6391"
     ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2", "--temp-dir", ray_tmp,
+    # `auto` reads the address `ray start` leaves in $RAY_TMPDIR/ray, and failing that joins ANY Ray
+    # running here, such as the private one of a sweep test in the other pytest worker. A user's
+    # `ray start` writes to /tmp/ray; this test's to its own folder, which the sweep is told of.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2",
                             "--include-dashboard", "false", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
@@ -199,9 +203,9 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         proc = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--smoke-test",
                          "--address", "auto", "--mlflow-uri", uri,
-                         "--storage-path", str(tmp_path / "results"), "--max-iterations", "4")
+                         "--storage-path", str(tmp_path / "results"), "--max-iterations", "4", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "Connecting to existing Ray cluster" in proc.stdout + proc.stderr
+        assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{port}", proc.stdout + proc.stderr)
         assert tracking.resolve_model(uri, "models:/ixi_hippocampus/latest").version == "1"
     finally:
         kill_ray_processes(ray_tmp)
