@@ -7,7 +7,9 @@ script fails the first trial loudly instead of being silently ignored.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,28 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DATASETS = ("brats", "ixi", "mura", "chestxray")
 DATASETS_2D = ("mura", "chestxray")
 
+
 def cache_dir() -> Path:
     """Per-machine caches (validated files, downloaded source models, layout timings)."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlcore"
+
+
+def read_json_cache(path: Path) -> dict:
+    """A JSON cache file's contents; {} when it is missing or unreadable (it is rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write via a temporary file and a rename: a process killed mid-write, or another one
+    writing at the same time, never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 # Group names of HighRes3DNet, in network order (thesis Table 6.1).

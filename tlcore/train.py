@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from datetime import date
 from typing import Callable
@@ -22,7 +20,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from tlcore.config import RunConfig, cache_dir
+from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic
 from tlcore.evaluate import autocast, evaluate_subjects
 
 
@@ -112,7 +110,7 @@ def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
     # GPU would otherwise time each other and could choose differently.
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = _read_json(path)
+        cache = read_json_cache(path)
         if key in cache:
             seen, how = cache[key], "cached"
         else:
@@ -121,27 +119,12 @@ def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
             labels = torch.randint(0, num_classes, (batch_shape[0], 1, *batch_shape[2:]), generator=gen)
             seen, how = {"s_per_step": time_layouts(model, images, labels, device, dtype),
                          "measured": date.today().isoformat()}, "measured"
-            _write_json(path, {**cache, key: seen})
+            write_json_atomic(path, {**cache, key: seen})
     t = seen["s_per_step"]
     speedup = t["ncdhw"] / t["channels_last_3d"]
     use = speedup >= LAYOUT_MIN_SPEEDUP
     return use, (f"auto: {'channels-last-3d' if use else 'NCDHW'} (channels-last-3d {speedup:.2f}x the "
                  f"speed of NCDHW, {how} {seen['measured']})")
-
-
-def _read_json(path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path, obj: dict) -> None:
-    """Atomically: a trial killed mid-write leaves the old file, not half a new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tlcore.config import cache_dir
+from tlcore.config import cache_dir, read_json_cache, write_json_atomic
 from tlcore.data.layouts import (
     BRATS_MODALITIES,
     DatasetLayoutError,
@@ -134,12 +133,7 @@ def _inspect(path: str, is_label: bool) -> dict:
 
 
 def _cached_inspect(files: list[tuple[str, bool]], cache_file: Path) -> tuple[dict, int]:
-    cache = {}
-    if cache_file.exists():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except json.JSONDecodeError:
-            cache = {}
+    cache = read_json_cache(cache_file)
     if cache.get("version") != CACHE_VERSION:
         cache = {"version": CACHE_VERSION, "files": {}}
 
@@ -163,10 +157,7 @@ def _cached_inspect(files: list[tuple[str, bool]], cache_file: Path) -> tuple[di
             if k and "error" not in res:  # only cache good files: a broken one is re-read after a fix
                 cache["files"][k] = res
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        write_json_atomic(cache_file, cache)
     except OSError:
         pass  # a read-only home must not stop validation
     return results, hits
