@@ -16,6 +16,7 @@ from typing import Any
 
 LR_SCHEDULES = ("constant", "cosine", "poly", "one_cycle")
 SAMPLERS = ("weighted", "uniform")
+HEAD_ACTIVATIONS = ("bn_relu", "none")  # MONAI's HighResNet ends in BN + ReLU; NiftyNet's HighRes3DNet in neither
 PRECISIONS = ("auto", "bf16", "fp32")
 DATASETS = ("brats", "ixi", "mura", "chestxray")
 DATASETS_2D = ("mura", "chestxray")
@@ -56,11 +57,13 @@ class RunConfig:
     splits_file: str = ""                 # JSON written by the driver: {"train": [...], "val": [...], "test": [...]}
     modalities: tuple = ("t1", "t2")      # the thesis used T1 + T2 so BraTS matches IXI
     label_map: dict = field(default_factory=dict)  # raw label -> class; {} = the dataset's default
+    spacing: tuple = ()                   # voxel size (mm) every volume is resampled to; () = keep each one's own
     train_subset: str = "all"             # S1..S4 (nested subsets, see the subsets issue) or all
 
     # --- where the weights come from
     source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3
     frozen_layers: int = 0                # freeze the first k layer groups (weights and BN stats)
+    head_activation: str = "bn_relu"      # what follows the last 1x1x1 conv: bn_relu (MONAI) | none (NiftyNet)
     tracking_uri: str = ""                # MLflow store holding the source model
 
     # --- optimisation (thesis: Adam, lr 1e-3, L2, batch 2, 96^3 patches)
@@ -73,7 +76,8 @@ class RunConfig:
     augment: bool = True                  # rotation +-10 degrees, scaling +-10 %
     max_iterations: int = 10_000
     report_every: int = 250               # iterations between validation reports (and checkpoints)
-    seed: int = 0
+    seed: int = 0                         # every random source of the trial derives from it
+    deterministic: bool = False           # GPU: deterministic kernels only (slower; CPU runs are deterministic anyway)
 
     # --- evaluation (whole-volume sliding window)
     inference_roi: tuple = ()             # () = patch_size
@@ -96,7 +100,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Tune and JSON hand us lists; tuples keep the dataclass hashable-ish and comparable.
-        for name in ("modalities", "patch_size", "inference_roi"):
+        for name in ("modalities", "patch_size", "inference_roi", "spacing"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "label_map", {int(k): int(v) for k, v in dict(self.label_map).items()})
         problems = []
@@ -106,6 +110,10 @@ class RunConfig:
             problems.append(f"lr_schedule={self.lr_schedule!r} (choose from {LR_SCHEDULES})")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler={self.sampler!r} (choose from {SAMPLERS})")
+        if self.head_activation not in HEAD_ACTIVATIONS:
+            problems.append(f"head_activation={self.head_activation!r} (choose from {HEAD_ACTIVATIONS})")
+        if self.spacing and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            problems.append(f"spacing={self.spacing} (three positive voxel sizes in mm, or () to keep each volume's own)")
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r} (choose from {PRECISIONS})")
         if self.channels_last not in ("auto", "on", "off"):
