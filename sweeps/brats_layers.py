@@ -57,14 +57,12 @@ def main() -> None:
         samples = args.num_samples
     results = run_sweep(NAME, space, num_samples=samples, search_alg=searcher, **sweep.tune_kwargs())
     rows = results_rows(results, sweep.max_iterations)
-    # thesis Table 6.2: whole-volume train and validation Dice of each surviving trial's best
-    # checkpoint; its validation predictions (NIfTI) feed the report's overlays (Figs 6.10-6.11)
+    # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
+    # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
-                             parent_run_id=sweep.parent_run_id, max_iterations=sweep.max_iterations,
-                             splits=("train", "val"), cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
-    for r in rows:
-        r["train_dice"] = round(scores[r["trial_id"]]["train_dice"], 4) if r["trial_id"] in scores else ""
-    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+                             parent_run_id=sweep.parent_run_id, splits=("train", "val", "test"),
+                             cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
+    cli.finish(sweep, cli.layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
         --subset-sizes 26,52,78,105
 
 Needs the source model: run sweeps/ixi_source.py first (or pass --source models:/<name>/<v>).
-Surviving trials are evaluated on the test split; the table has the shape of thesis Tables 6.3-6.6.
+Early stopping compares a trial only with trials on the same training subset; every trial is
+evaluated at its best checkpoint on its training subset and the test split; the table has the
+shape of thesis Tables 6.3-6.6.
 """
 
 from ray import tune
@@ -35,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
     sweep = cli.prepare(NAME, "brats", args, subset_sizes=sizes)
+    sweep.default_strata = ("train_subset",)  # early stopping compares trials on the same training subset
     gpus = sweep.gpus_per_trial = cli.start_ray(args)
     source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     cli.begin(sweep)
@@ -47,8 +50,7 @@ def main() -> None:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
-                             parent_run_id=sweep.parent_run_id, max_iterations=sweep.max_iterations,
-                             cpus=args.cpus_per_trial, gpus=gpus)
+                             parent_run_id=sweep.parent_run_id, cpus=args.cpus_per_trial, gpus=gpus)
     rows = cli.subset_table(results_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 

@@ -47,7 +47,7 @@ def main() -> None:
                         **sweep.tune_kwargs(), grace_period=1)
     rows = chestxray_table(results, results_rows(results, sweep.max_iterations, "val_loss", "min"),
                            tracking_uri=sweep.tracking_uri, experiment=NAME, parent_run_id=sweep.parent_run_id,
-                           max_iterations=sweep.max_iterations, target_loss=args.target_loss,
+                           target_loss=args.target_loss,
                            cpus=args.cpus_per_trial, gpus=gpus)
     per_start = {}
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps

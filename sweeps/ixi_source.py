@@ -10,7 +10,7 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import best_checkpoint_dir, evaluate_remote, results_rows, run_sweep
+from tlcore.trainables import best_trial_checkpoint, evaluate_remote, results_rows, run_sweep
 
 NAME = "ixi_source"
 REGISTERED_NAME = "ixi_hippocampus"
@@ -34,9 +34,9 @@ def main() -> None:
     rows = results_rows(results, sweep.max_iterations)
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
-    best, checkpoint = best_checkpoint_dir(results)
+    best, checkpoint, iteration = best_trial_checkpoint(results)
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    cli.publish_model(sweep, best, checkpoint, test, REGISTERED_NAME, model_info={
+    cli.publish_model(sweep, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
         "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
         "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))

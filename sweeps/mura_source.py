@@ -11,7 +11,7 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import (best_checkpoint_dir, evaluate_classifier_remote, results_rows, run_sweep,
+from tlcore.trainables import (best_trial_checkpoint, evaluate_classifier_remote, results_rows, run_sweep,
                                train_classifier_trial)
 
 NAME = "mura_source"
@@ -39,10 +39,10 @@ def main() -> None:
     rows = results_rows(results, sweep.max_iterations, metric="val_accuracy")
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))
-    best, checkpoint = best_checkpoint_dir(results, metric="val_accuracy")
+    best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
     metrics = cli.report_mura(sweep, best, predictions)
-    cli.publish_model(sweep, best, checkpoint, metrics, REGISTERED_NAME, model_info={
+    cli.publish_model(sweep, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
         "architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": best.config["image_size"],
         "task": "MURA v1.1 normal / abnormal"})
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))

@@ -11,12 +11,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from tlcore import tracking
+from tlcore.config import RunConfig
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import (
     DEFAULT_FRACTIONS,
@@ -67,8 +68,15 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
     p.add_argument("--report-every", type=int, default=None, help="iterations between validation reports / checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
-                   help="asha: stop poor trials early; none: run every trial to --max-iterations")
+    p.add_argument("--scheduler", choices=["asha", "asha-sync", "none"], default="asha",
+                   help="asha: stop poor trials early, deciding on the results in as they arrive; asha-sync: "
+                        "decide once every trial of the stratum reached the rung (same results, same decisions); "
+                        "none: run every trial to --max-iterations")
+    p.add_argument("--strata", default=None,
+                   help="comma-separated config keys; early stopping compares a trial only with trials sharing "
+                        "their values (default: the sweep's own, e.g. train_subset in brats_subsets)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels only (slower, see bench/RESULTS.md); CPU runs are already")
     p.add_argument("--smoke-test", action="store_true", help="tiny everything: seconds per trial on a laptop")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --storage-path")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and initialisation")
@@ -90,6 +98,7 @@ class Sweep:
     base_config: dict
     parent_run_id: str = ""
     gpus_per_trial: float = 0
+    default_strata: tuple = ()  # config keys early stopping compares within (the sweep's choice)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -107,7 +116,14 @@ class Sweep:
                 "storage_path": self.storage_path, "max_iterations": self.max_iterations,
                 "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
                 "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume,
-                "early_stopping": a.scheduler == "asha"}
+                "scheduler": a.scheduler, "strata": self.strata}
+
+    @property
+    def strata(self) -> tuple:
+        """Config keys that early stopping compares within: --strata, else the sweep's own."""
+        if self.args.strata is not None:
+            return tuple(k.strip() for k in self.args.strata.split(",") if k.strip())
+        return tuple(self.default_strata)
 
 
 def fail(msg: str) -> None:
@@ -140,13 +156,16 @@ def start_ray(args: argparse.Namespace) -> float:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial
+    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays
         # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
         # address="local": never join a cluster that `ray start` left running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env=runtime_env)
     else:
-        ray.init(address=args.address)
+        ray.init(address=args.address, runtime_env=runtime_env)
     resources = ray.cluster_resources()
     have_gpus = resources.get("GPU", 0)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
@@ -235,6 +254,14 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         base["label_map"] = label_map
     if modalities != ("t1", "t2"):
         base["modalities"] = modalities
+    if args.deterministic:
+        base["deterministic"] = True
+    if args.strata:
+        known = {f.name for f in fields(RunConfig)}
+        unknown = [k for k in args.strata.split(",") if k.strip() and k.strip() not in known]
+        if unknown:
+            fail(f"--strata {args.strata}: {unknown} are not run-config keys; use keys the sweep varies, "
+                 "e.g. train_subset, lr_schedule, source_model, frozen_layers")
     if args.max_iterations:
         base["max_iterations"] = args.max_iterations
     if args.report_every:
@@ -345,9 +372,10 @@ def write_report(sweep: Sweep) -> Path | None:
         return None
 
 
-def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name: str,
+def publish_model(sweep: Sweep, result, checkpoint, iteration: int, metrics: dict, registry_name: str,
                   model_info: dict) -> tracking.ModelRef:
-    """Log a checkpoint's weights to its trial's run and register them as `registry_name`."""
+    """Log a checkpoint's weights to its trial's run and register them as `registry_name`;
+    `metrics` (its test scores) are logged at the checkpoint's `iteration`."""
     import tempfile
 
     uri = sweep.tracking_uri
@@ -355,7 +383,7 @@ def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name
     run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id, trial_id) or sweep.parent_run_id
     per_subject = metrics.pop("per_subject", None)
     for rid in {run_id, sweep.parent_run_id}:
-        tracking.log_metrics(uri, rid, metrics, step=int((result.metrics or {}).get("iteration", 0)))
+        tracking.log_metrics(uri, rid, metrics, step=iteration)
     if per_subject is not None:
         tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
@@ -364,10 +392,23 @@ def publish_model(sweep: Sweep, result, checkpoint, metrics: dict, registry_name
         tracking.log_artifacts(uri, run_id, out, "model")
     ref = tracking.register_model(uri, registry_name, run_id, "model",
                                   tags={"source_run_id": run_id, "sweep_parent_run_id": sweep.parent_run_id,
+                                        "checkpoint_iteration": iteration,
                                         **{k: round(v, 4) for k, v in metrics.items()}})
     tracking.set_tags(uri, sweep.parent_run_id, {"registered_model": ref.uri})
     print(f"[tlcore] registered {ref.uri} (run {run_id}, {metrics})")
     return ref
+
+
+def layer_table(rows: list[dict], scores: dict) -> list[dict]:
+    """Rows in the shape of thesis Table 6.2: every trial's whole-volume train / val / test Dice
+    at its best checkpoint (the iteration of the best validation Dice), early-stopped or not."""
+    fmt = lambda v: "" if v is None else round(v, 4)
+    out = []
+    for r in rows:
+        s = scores.get(r["trial_id"], {})
+        out.append({**r, "train_dice": fmt(s.get("train_dice")), "val_dice": fmt(s.get("val_dice")),
+                    "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", "")})
+    return out
 
 
 def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:

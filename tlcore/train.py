@@ -11,23 +11,46 @@ import copy
 import fcntl
 import math
 import os
+import random
 import statistics
 import time
 from datetime import date
 from typing import Callable
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
 from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic
 from tlcore.evaluate import autocast, evaluate_subjects
+from tlcore.schedules import Schedule
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every global random source a trial touches: Python, NumPy, torch on the CPU and on
+    every GPU. Call it before the model is built: Ray reuses worker processes, so a model built
+    unseeded would start from whatever the previous trial left in the random state.
+
+    `deterministic`: GPU kernels without a deterministic implementation are replaced by slower
+    deterministic ones (cuDNN autotuning off; cuBLAS needs CUBLAS_WORKSPACE_CONFIG in the
+    environment before CUDA starts, which the sweep driver sets for every Ray worker). The last
+    few ops PyTorch has no deterministic version of warn instead of failing the trial. CPU
+    kernels are deterministic already. Switched off again for a trial that does not ask, since
+    the worker process may be reused.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
-        # Patches and sliding windows have fixed shapes: let cuDNN pick its fastest kernels once.
-        torch.backends.cudnn.benchmark = True
+        # Patches and sliding windows have fixed shapes: let cuDNN pick its fastest kernels once
+        # (its timing-based choice is not reproducible, so not under --deterministic).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -128,27 +151,24 @@ def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """Adam with an L2 penalty (coupled weight decay) on the parameters that train."""
+    """Adam with decoupled weight decay (AdamW) on the parameters that train: the same rule as
+    the 2D chain's fastai optimizer (tlcore/schedules.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Schedule:
     """Per-iteration schedule over `max_iterations` (the thesis used a constant rate)."""
-    n = cfg.max_iterations
-    if cfg.lr_schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n, eta_min=cfg.lr * 1e-2)
-    if cfg.lr_schedule == "poly":  # nnU-Net's (1 - t/T)^0.9
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, n - 1) / n) ** 0.9)
-    if cfg.lr_schedule == "one_cycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=n + 1)
-    raise ValueError(f"lr_schedule={cfg.lr_schedule!r}: choose constant, cosine, poly or one_cycle")
+    return Schedule(optimizer, cfg.lr_schedule, cfg.max_iterations)
 
 
 def build_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def stream_seed(seed: int, iteration: int) -> int:
+    """Seed of the random streams from `iteration` on (distinct per seed and per start point)."""
+    return seed * 1_000_003 + iteration
 
 
 def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
@@ -174,13 +194,14 @@ def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, 
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         iteration = int(resume["iteration"])
-    # A resumed trial draws a fresh but reproducible patch stream from where it stopped.
-    sampler.reseed(cfg.seed * 1_000_003 + iteration)
-    torch.manual_seed(cfg.seed * 1_000_003 + iteration)
-
     val = val_subjects[: cfg.max_val_subjects] if cfg.max_val_subjects else val_subjects
     metrics, losses, t0 = {}, [], time.perf_counter()
     while iteration < cfg.max_iterations:
+        if not losses:  # the start of a stretch between reports
+            # Each stretch between reports draws its patches from (seed, iteration): a trial
+            # resumed from a checkpoint (a lost node, a pause) goes on exactly as if uninterrupted.
+            sampler.reseed(stream_seed(cfg.seed, iteration))
+            torch.manual_seed(stream_seed(cfg.seed, iteration))
         model.train()
         images, labels = sampler.next_batch()
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -7,6 +7,7 @@ that reports to Tune after each epoch).
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from tlcore.config import RunConfig
 from tlcore.models import layer_groups
+from tlcore.schedules import beta1, lr_factor
 from tlcore.transfer import TransferReport, load_source
 
 DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
@@ -93,8 +95,11 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dls = DataLoaders(train_dl, valid_dl, device=device)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, splitter=splitter,
-                    metrics=[accuracy], wd=cfg.weight_decay, train_bn=False, cbs=[ToDevice(), *cbs])
+    # decoupled weight decay on every trainable tensor, as the 3D loop's AdamW (fastai would
+    # otherwise skip BatchNorm and bias tensors)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, decouple_wd=True),
+                    splitter=splitter, metrics=[accuracy], wd=cfg.weight_decay, wd_bn_bias=True,
+                    train_bn=False, cbs=[ToDevice(), *cbs])
     if uses_bf16(cfg, device):
         from fastai.callback.fp16 import MixedPrecision
         learn.add_cb(MixedPrecision(amp_mode="bf16"))
@@ -102,22 +107,18 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
 
 
 def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
-    """Train for `max_epochs` with the run's schedule and discriminative learning rates."""
-    from fastai.callback.schedule import ParamScheduler, SchedPoly
+    """Train for `max_epochs` with the run's schedule (tlcore/schedules.py: the same curves as
+    the 3D loop) and discriminative learning rates."""
+    from fastai.callback.schedule import ParamScheduler
 
-    n, lrs = cfg.max_epochs, lr_slice(cfg)
+    if learn.opt is None:
+        learn.create_opt()
+    rates = learn.lr_range(lr_slice(cfg))  # one peak rate per layer group
+    scheds = {"lr": lambda pct: rates * lr_factor(cfg.lr_schedule, pct)}
+    if beta1(cfg.lr_schedule, 0.0) is not None:
+        scheds["mom"] = lambda pct: beta1(cfg.lr_schedule, pct)  # fastai's name for Adam's beta1
     with learn.no_bar(), learn.no_logging():  # progress bars would flood the Ray driver
-        if cfg.lr_schedule == "one_cycle":
-            learn.fit_one_cycle(n, lr_max=lrs, start_epoch=start_epoch)
-        elif cfg.lr_schedule == "cosine":
-            learn.fit_flat_cos(n, lr=lrs, pct_start=0.0, start_epoch=start_epoch)
-        elif cfg.lr_schedule == "poly":
-            if learn.opt is None:
-                learn.create_opt()
-            rates = learn.lr_range(lrs)
-            learn.fit(n, lr=rates, cbs=ParamScheduler({"lr": SchedPoly(rates, rates * 0, 0.9)}), start_epoch=start_epoch)
-        else:
-            learn.fit(n, lr=lrs, start_epoch=start_epoch)
+        learn.fit(cfg.max_epochs, lr=rates, cbs=ParamScheduler(scheds), start_epoch=start_epoch)
 
 
 @torch.no_grad()
@@ -132,18 +133,22 @@ def predict_probabilities(model: nn.Module, loader, device: torch.device) -> tup
     return ys, ps
 
 
-def image_loaders(cfg: RunConfig, train_images, val_images):
-    """Training (shuffled; minority class oversampled for ChestX-ray14) and validation DataLoaders."""
-    from tlcore.data.images2d import RadiographDataset, oversample
+def image_loaders(cfg: RunConfig, train_images, val_images, start_epoch: int = 0):
+    """Training (shuffled; minority class oversampled for ChestX-ray14) and validation DataLoaders.
+    Order and flips come from `SeededSampler` (seed, epoch); the loaders' own generators only
+    seed worker processes, so the global torch stream (dropout) is the same for any number of
+    workers."""
+    from tlcore.data.images2d import RadiographDataset, SeededSampler, oversample
 
     labels = [i.label for i in train_images]
-    train_ds = RadiographDataset([i.path for i in train_images], labels, cfg.image_size, train=True, seed=cfg.seed)
+    train_ds = RadiographDataset([i.path for i in train_images], labels, cfg.image_size, train=True)
     # the minority class is oversampled for ChestX-ray14 (thesis: pneumothorax 18x)
     idx = oversample(labels, cfg.oversample, cfg.seed) if cfg.dataset == "chestxray" else list(range(len(labels)))
-    g = torch.Generator().manual_seed(cfg.seed)
     workers = {"num_workers": cfg.data_workers, "pin_memory": torch.cuda.is_available(),
                "persistent_workers": cfg.data_workers > 0}
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, drop_last=True,
-                                           sampler=torch.utils.data.SubsetRandomSampler(idx, generator=g), **workers)
+                                           sampler=SeededSampler(idx, cfg.seed, start_epoch),
+                                           generator=torch.Generator().manual_seed(cfg.seed), **workers)
     val_ds = RadiographDataset([i.path for i in val_images], [i.label for i in val_images], cfg.image_size)
-    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2, **workers)
+    return train_dl, torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2,
+                                                 generator=torch.Generator().manual_seed(cfg.seed), **workers)

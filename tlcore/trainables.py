@@ -14,7 +14,8 @@ from pathlib import Path
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from safetensors.torch import save_file
 
 from tlcore import tracking
@@ -25,7 +26,8 @@ from tlcore.data.splits import read_splits, training_ids
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
-from tlcore.train import amp_dtype, choose_channels_last, pick_device, staging_device, train_segmentation
+from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,
+                          stream_seed, train_segmentation)
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
@@ -74,6 +76,7 @@ def train_segmentation_trial(config: dict) -> None:
     """Function trainable: train one configuration, report every `report_every` iterations."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)  # before the model is built: its weights come from the seed
     model, transfer = build_start_model(cfg)
     train = load_split(cfg, "train")
     val = load_split(cfg, "val")
@@ -326,10 +329,157 @@ def end_trial_run(uri: str, run_id: str, status: str, tags: dict) -> None:
     tracking.end_run(uri, run_id, status)
 
 
-def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3) -> ASHAScheduler:
+class StratifiedASHA(FIFOScheduler):
+    """ASHA that compares a trial only with the trials of its stratum: the trials sharing its
+    values of the `strata` config keys (e.g. `train_subset`: a trial on 26 subjects is not
+    stopped because trials on 105 are ahead). Each stratum gets its own Ray `ASHAScheduler`;
+    with no strata this is plain ASHA.
+
+    `synchronous=True`: successive halving on the same rungs, decided only when every live trial
+    of the stratum has reported at the rung (the others wait PAUSED, their resources freed); then
+    the best ceil(n / reduction_factor) go on, ties broken by trial id. Asynchronous ASHA decides
+    on the trials that happen to have reported first, so two runs of one sweep can stop
+    different trials; synchronous decisions depend on the results only.
+    """
+
+    def __init__(self, strata=(), *, max_t: int, grace_period: int = 2, reduction_factor: int = 3,
+                 synchronous: bool = False, time_attr: str = "training_iteration",
+                 metric: str | None = None, mode: str | None = None):
+        super().__init__()
+        self.strata, self.synchronous, self.time_attr = tuple(strata), synchronous, time_attr
+        self.max_t, self.grace_period, self.reduction_factor = max_t, min(grace_period, max_t), reduction_factor
+        self._metric, self._mode = metric, mode
+        self._asha: dict[tuple, ASHAScheduler] = {}   # stratum -> its own ASHA (asynchronous)
+        self._stratum_of: dict[str, tuple] = {}
+        # synchronous bookkeeping
+        self._trials: dict[str, Trial] = {}
+        self._live: dict[tuple, set] = {}               # stratum -> trial ids still training
+        self._at_rung: dict[tuple, dict] = {}           # (stratum, rung) -> {trial id: signed metric}
+        self._released: set = set()                     # paused trials that may resume
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = self._metric or metric, self._mode or mode
+        return True
+
+    def stratum(self, trial: Trial) -> tuple:
+        config = flatten_config(trial.config)
+        return tuple(config.get(k) for k in self.strata)
+
+    @property
+    def rungs(self) -> list[int]:
+        """ASHA's rungs (grace_period * reduction_factor^k) below max_t."""
+        out, t = [], self.grace_period
+        while t < self.max_t:
+            out.append(t)
+            t *= self.reduction_factor
+        return out
+
+    def _sub(self, stratum: tuple) -> ASHAScheduler:
+        if stratum not in self._asha:
+            self._asha[stratum] = ASHAScheduler(time_attr=self.time_attr, metric=self._metric, mode=self._mode,
+                                                max_t=self.max_t, grace_period=self.grace_period,
+                                                reduction_factor=self.reduction_factor)
+        return self._asha[stratum]
+
+    # ---------------------------------------------------------------- Tune's scheduler hooks
+    def on_trial_add(self, tune_controller, trial):
+        stratum = self._stratum_of[trial.trial_id] = self.stratum(trial)
+        self._trials[trial.trial_id] = trial
+        self._live.setdefault(stratum, set()).add(trial.trial_id)
+        if not self.synchronous:
+            self._sub(stratum).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        stratum = self._stratum_of[trial.trial_id]
+        if not self.synchronous:
+            return self._sub(stratum).on_trial_result(tune_controller, trial, result)
+        t, value = result.get(self.time_attr), result.get(self._metric)
+        if t is None or value is None:
+            return self.CONTINUE
+        if t >= self.max_t:
+            return self.STOP
+        if t not in self.rungs:
+            return self.CONTINUE
+        self._released.discard(trial.trial_id)
+        sign = 1.0 if self._mode == "max" else -1.0
+        self._at_rung.setdefault((stratum, t), {})[trial.trial_id] = sign * float(value)
+        return self._decide(tune_controller, stratum, t, trial)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._leave(tune_controller, trial)
+        if not self.synchronous:
+            self._sub(self._stratum_of[trial.trial_id]).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._leave(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._leave(tune_controller, trial)
+        if not self.synchronous:
+            self._sub(self._stratum_of[trial.trial_id]).on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller):
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING:
+                return trial
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PAUSED and (not self.synchronous or trial.trial_id in self._released):
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        mode = "synchronous" if self.synchronous else "asynchronous"
+        return (f"Using {mode} ASHA per stratum {list(self.strata) or '(one stratum)'}: "
+                f"{len(self._live)} strata, rungs {self.rungs}")
+
+    # ---------------------------------------------------------------- synchronous decisions
+    def _leave(self, tune_controller, trial) -> None:
+        """A trial ended: the trials of its stratum no longer wait for it."""
+        stratum = self._stratum_of.get(trial.trial_id)
+        if stratum is None or trial.trial_id not in self._live.get(stratum, ()):
+            return
+        self._live[stratum].discard(trial.trial_id)
+        if self.synchronous:
+            for rung in self.rungs:
+                if (stratum, rung) in self._at_rung:
+                    self._decide(tune_controller, stratum, rung, None)
+
+    def _decide(self, tune_controller, stratum: tuple, rung: int, current: Trial | None) -> str:
+        """Once every live trial of `stratum` has reported at `rung`: stop all but the best
+        ceil(n / reduction_factor), release the waiting ones that go on. Returns the decision
+        for `current` (PAUSE while others are still on their way)."""
+        seen = self._at_rung[(stratum, rung)]
+        waiting_for = self._live[stratum] - set(seen)
+        if waiting_for:
+            return self.PAUSE
+        ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
+        keep = {tid for tid, _ in ranked[:math.ceil(len(ranked) / self.reduction_factor)]}
+        del self._at_rung[(stratum, rung)]
+        for tid in seen:
+            trial = self._trials[tid]
+            if current is not None and tid == current.trial_id or tid not in self._live[stratum]:
+                continue
+            if tid in keep:
+                self._released.add(tid)
+            elif trial.status == Trial.PAUSED or trial.is_saving:
+                self._live[stratum].discard(tid)
+                tune_controller.stop_trial(trial)
+        if current is None:
+            return self.CONTINUE
+        if current.trial_id in keep:
+            return self.CONTINUE
+        self._live[stratum].discard(current.trial_id)
+        return self.STOP
+
+
+SCHEDULERS = ("asha", "asha-sync", "none")
+
+
+def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3, strata=(),
+         synchronous: bool = False) -> StratifiedASHA:
     """The early-stopping rule of every sweep (bench/ replays it on recorded learning curves)."""
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports,
-                         grace_period=min(grace_period, reports), reduction_factor=reduction_factor)
+    return StratifiedASHA(strata, max_t=reports, grace_period=min(grace_period, reports),
+                          reduction_factor=reduction_factor, synchronous=synchronous)
 
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
@@ -337,8 +487,16 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
-              early_stopping: bool = True, grace_period: int = 2, reduction_factor: int = 3):
-    """Run (or resume) a sweep of `train_segmentation_trial` with ASHA; returns the ResultGrid."""
+              scheduler: str = "asha", strata=(), grace_period: int = 2, reduction_factor: int = 3):
+    """Run (or resume) a sweep of `train_segmentation_trial`; returns the ResultGrid.
+
+    scheduler: "asha" (asynchronous early stopping), "asha-sync" (decisions once every trial of
+    the stratum reached the rung: independent of the order results arrive in) or "none" (every
+    trial runs to the end). `strata`: config keys whose values split the trials into groups
+    that early stopping compares separately (e.g. ("train_subset",)).
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r}: choose from {SCHEDULERS}")
     trainable = tune.with_resources(trainable or train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
     if resume and tune.Tuner.can_restore(exp_dir):
@@ -348,10 +506,11 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
         if resume:
             print(f"[tlcore] nothing to resume at {exp_dir}; starting a new sweep")
         reports = math.ceil(max_iterations / report_every)
-        scheduler = asha(reports, grace_period, reduction_factor) if early_stopping else None
+        early_stopping = None if scheduler == "none" else asha(reports, grace_period, reduction_factor, strata,
+                                                                synchronous=scheduler == "asha-sync")
         tuner = tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=early_stopping, search_alg=search_alg,
                                         num_samples=num_samples, reuse_actors=True,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
@@ -375,10 +534,7 @@ def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_
     """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
     plots and paired statistics (3D trials write it into every checkpoint)."""
     for r in results:
-        try:
-            checkpoint = r.get_best_checkpoint(metric, mode) or r.checkpoint
-        except (RuntimeError, ValueError, KeyError):
-            checkpoint = r.checkpoint
+        checkpoint, _ = best_checkpoint_of(r, metric, mode)
         trial_id = trial_id_of(r)
         if checkpoint is None:
             continue
@@ -442,11 +598,11 @@ def trial_id_of(result) -> str:
     return name
 
 
-def best_checkpoint_dir(results, metric: str = "val_dice", mode: str = "max"):
-    """(ResultGrid entry, local checkpoint folder) of the best trial's best checkpoint."""
+def best_trial_checkpoint(results, metric: str = "val_dice", mode: str = "max"):
+    """(ResultGrid entry, checkpoint, its iteration) of the best trial's best report."""
     best = results.get_best_result(metric=metric, mode=mode, scope="all")
-    ckpt = best.get_best_checkpoint(metric, mode) or best.checkpoint
-    return best, ckpt
+    checkpoint, iteration = best_checkpoint_of(best, metric, mode)
+    return best, checkpoint, iteration
 
 
 def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
@@ -460,24 +616,37 @@ def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> di
         return evaluate_checkpoint(config, d, split, run_id)
 
 
-def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
-                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice") -> dict:
-    """Evaluate each surviving trial's best checkpoint on `splits`, in parallel Ray tasks.
+def best_checkpoint_of(result, metric: str = "val_dice", mode: str = "max"):
+    """(checkpoint, iteration) of a trial's best report by `metric`; (None, 0) without one."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or df[metric].isna().all():
+        return None, 0
+    row = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+    try:
+        checkpoint = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    except (RuntimeError, ValueError, KeyError):
+        checkpoint = result.checkpoint
+    return checkpoint, int(df.loc[row, "iteration"])
 
-    A trial survives when ASHA let it run to `max_iterations`. Whole-volume Dice per split
-    (train = the trial's own training subset) is logged to the trial's MLflow run, with the
-    per-subject Dice as artifacts, and recorded in the run's `evaluation` tag, so that a
-    `--resume` of a finished sweep does not evaluate the same checkpoint again.
+
+def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str,
+                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+                    mode: str = "max") -> dict:
+    """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
+
+    Every trial, early-stopped or not (a table with empty cells compares nothing): whole-volume
+    Dice per split (train = the trial's own training subset) is logged to the trial's MLflow
+    run at the best checkpoint's iteration, with the per-subject Dice as artifacts, and
+    recorded in the run's `evaluation` tag, so that a `--resume` of a finished sweep does not
+    evaluate the same checkpoint again. Trials that failed are left out.
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
     pending, out = {}, {}
     for r in results:
-        df = r.metrics_dataframe
-        if r.error or df is None or df["iteration"].max() < max_iterations:
+        checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
+        if r.error or checkpoint is None:
             continue
-        checkpoint = r.get_best_checkpoint(metric, "max") or r.checkpoint
-        best_iteration = int(df.loc[df[metric].idxmax(), "iteration"])
         trial_id = trial_id_of(r)
         run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
         done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
@@ -539,6 +708,7 @@ def train_classifier_trial(config: dict) -> None:
 
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)  # before the model is built: the head's weights come from the seed
     model, transfer = build_start_classifier(cfg)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
@@ -546,7 +716,7 @@ def train_classifier_trial(config: dict) -> None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
             start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
-    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"))
+    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
     device = pick_device()
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
                                         "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
@@ -575,6 +745,7 @@ def train_classifier_trial(config: dict) -> None:
             first.clear()
 
     learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[ReportToTune()])
+    torch.manual_seed(stream_seed(cfg.seed, start_epoch))  # dropout: a resumed trial goes on reproducibly
     fit_classifier(learn, cfg, start_epoch)
 
 
@@ -604,9 +775,10 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float
 
 
 def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
-                    max_iterations: int, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
-    """Evaluate surviving trials on the test split and add the data-efficiency figure: training
-    steps until the (smoothed, per-epoch) training loss first reaches `target_loss`."""
+                    target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
+    """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
+    or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
+    training loss first reaches `target_loss`."""
     from tlcore.evaluate import classification_metrics, common_target_loss, steps_to_reach
 
     curves = {}
@@ -622,8 +794,9 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
         reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
         row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
                "steps_to_target": steps[reached - 1] if reached else "not reached"}
-        if r is not None and row["status"] == "OK" and not row["stopped_early"]:
-            checkpoint = r.get_best_checkpoint("val_loss", "min") or r.checkpoint
+        checkpoint, best_epoch = best_checkpoint_of(r, "val_loss", "min") if r is not None else (None, 0)
+        if checkpoint is not None and row["status"] == "OK":
+            row["best_epoch"] = best_epoch
             pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
             m = classification_metrics(pred["label"], pred["prob"])
             row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
@@ -631,7 +804,7 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
             run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, row["trial_id"])
             if run_id:
                 tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
-                                     step=int(r.metrics.get("iteration", 0)))
+                                     step=best_epoch)
                 tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
                 # per image, for the report's ROC curves and paired (McNemar) comparisons
                 tracking.log_dict(tracking_uri, run_id, {"image": list(pred["path"]),
