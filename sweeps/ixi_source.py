@@ -23,7 +23,7 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    args = cli.sweep_parser(__doc__).parse_args()
+    args = cli.sweep_parser(__doc__, dataset="ixi").parse_args()
     sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
     gpus = sweep.gpus_per_trial = cli.start_ray(args)
     cli.begin(sweep)

@@ -53,6 +53,10 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
         p.add_argument("--target", default="tumour_core", choices=sorted(BRATS_TARGETS),
                        help="tumour_core = labels 1+4 (thesis), whole_tumour = 1+2+4, enhancing = 4")
         p.add_argument("--grades", default="HGG", help="grade folders, comma-separated (thesis: HGG)")
+    if dataset in ("brats", "ixi"):  # 3D: every volume is brought to RAS; optionally one voxel size
+        p.add_argument("--spacing", default=None,
+                       help="resample every volume to this voxel size in mm, e.g. 1,1,1 (default: keep each "
+                            "volume's own); predictions are written back on each input's grid")
     p.add_argument("--address", default=None, help="Ray address, e.g. 'auto' for a running cluster; omitted = start a local Ray")
     p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
     p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI; omitted = {tracking.default_tracking_uri()}")
@@ -256,6 +260,12 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         base["modalities"] = modalities
     if args.deterministic:
         base["deterministic"] = True
+    if getattr(args, "spacing", None):
+        try:
+            base["spacing"] = tuple(float(x) for x in args.spacing.split(","))
+            RunConfig(spacing=base["spacing"])
+        except ValueError:
+            fail(f"--spacing {args.spacing}: give three positive voxel sizes in mm, e.g. --spacing 1,1,1")
     if args.strata:
         known = {f.name for f in fields(RunConfig)}
         unknown = [k for k in args.strata.split(",") if k.strip() and k.strip() not in known]

@@ -11,7 +11,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
-from tlcore.data.pipeline import unpad
+from tlcore.data.pipeline import source_label, to_source_grid
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -51,7 +51,11 @@ def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, d
                       loss_fn=None, sw_batch_size: int = 2, overlap: float = 0.5,
                       amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                       predictions_dir: str | Path | None = None) -> dict:
-    """Mean loss and Dice over subjects, plus each subject's Dice (mean over foreground classes)."""
+    """Mean loss and Dice over subjects, plus each subject's Dice (mean over foreground classes).
+
+    The loss is computed in training space; Dice on each input's own grid (unpadded, original
+    orientation and voxel size), against its label file, where predictions are also written.
+    """
     was_training = model.training
     model.eval()
     losses, per_subject = [], {}
@@ -59,10 +63,11 @@ def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, d
         logits = predict_logits(model, s.image, roi, device, sw_batch_size, overlap, amp_dtype, channels_last)
         if loss_fn is not None:
             losses.append(float(loss_fn(logits, s.label[None].to(logits.device))))
-        pred = logits.argmax(1)
-        per_subject[s.id] = float(dice_per_class(pred, s.label, num_classes).mean())
+        # probabilities, not class indices, are resampled: no blocky label edges after `spacing`
+        pred = to_source_grid(torch.softmax(logits[0], 0), s).argmax(0, keepdim=True)
+        per_subject[s.id] = float(dice_per_class(pred, source_label(s), num_classes).mean())
         if predictions_dir is not None and s.source:  # on the input's grid, aligned in any viewer
-            write_prediction(unpad(pred, s.original_shape), s.source, Path(predictions_dir) / f"{s.id}_pred.nii.gz")
+            write_prediction(pred, s.source, Path(predictions_dir) / f"{s.id}_pred.nii.gz")
     model.train(was_training)
     return {"loss": float(np.mean(losses)) if losses else float("nan"),
             "dice": float(np.mean(list(per_subject.values()))) if per_subject else float("nan"),

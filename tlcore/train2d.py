@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,9 +112,12 @@ def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
     the 3D loop) and discriminative learning rates."""
     from fastai.callback.schedule import ParamScheduler
 
+    from fastcore.basics import even_mults
+
     if learn.opt is None:
         learn.create_opt()
-    rates = learn.lr_range(lr_slice(cfg))  # one peak rate per layer group
+    lrs = lr_slice(cfg)  # one peak rate per layer group, geometric from the first to the head
+    rates = np.array(even_mults(lrs.start, lrs.stop, len(learn.opt.param_lists)))
     scheds = {"lr": lambda pct: rates * lr_factor(cfg.lr_schedule, pct)}
     if beta1(cfg.lr_schedule, 0.0) is not None:
         scheds["mom"] = lambda pct: beta1(cfg.lr_schedule, pct)  # fastai's name for Adam's beta1

@@ -47,12 +47,12 @@ def load_split(cfg: RunConfig, split: str) -> list:
     files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
     out = []
     for sid in ids:
-        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size)
+        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, cfg.spacing)
         if key not in _SUBJECT_CACHE:
             if sid not in files:
                 raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
             _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
-                                               num_classes(cfg), cfg.patch_size)
+                                               num_classes(cfg), cfg.patch_size, spacing=cfg.spacing or None)
         out.append(_SUBJECT_CACHE[key])
     return out
 
@@ -72,18 +72,25 @@ def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
     return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
 
 
+def start_segmentation(cfg: RunConfig):
+    """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
+    worker processes, and the model's initial weights come from the random state).
+    Returns (model, transfer report, patch sampler, validation subjects, device)."""
+    torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)
+    model, transfer = build_start_model(cfg)
+    train = load_split(cfg, "train")
+    device = pick_device()
+    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
+                           device=staging_device(train, device))
+    return model, transfer, sampler, load_split(cfg, "val"), device
+
+
 def train_segmentation_trial(config: dict) -> None:
     """Function trainable: train one configuration, report every `report_every` iterations."""
     cfg = RunConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    seed_everything(cfg.seed, cfg.deterministic)  # before the model is built: its weights come from the seed
-    model, transfer = build_start_model(cfg)
-    train = load_split(cfg, "train")
-    val = load_split(cfg, "val")
-    device = pick_device()
-    staged_on = staging_device(train, device)
-    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
-                           device=staged_on)
+    model, transfer, sampler, val, device = start_segmentation(cfg)
+    staged_on = sampler.device
     channels_last, layout_choice = choose_channels_last(cfg, device, model, num_classes(cfg))
 
     resume = None
@@ -700,23 +707,36 @@ def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferRep
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
+def start_classifier(cfg: RunConfig, start_epoch: int = 0):
+    """What a 2D trial starts from, a function of its config alone (seeded before the model is
+    built: the fastai head's weights and dropout come from the random state).
+    Returns (model, transfer report, training loader, validation loader)."""
+    from tlcore.train2d import image_loaders
+
+    torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)
+    model, transfer = build_start_classifier(cfg)
+    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
+    torch.manual_seed(stream_seed(cfg.seed, start_epoch))  # dropout: a resumed trial goes on reproducibly
+    return model, transfer, train_dl, val_dl
+
+
 def train_classifier_trial(config: dict) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
     from fastai.callback.core import Callback
 
-    from tlcore.train2d import build_learner, fit_classifier, image_loaders, uses_bf16, uses_channels_last
+    from tlcore.train2d import build_learner, fit_classifier, uses_bf16, uses_channels_last
 
     cfg = RunConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    seed_everything(cfg.seed, cfg.deterministic)  # before the model is built: the head's weights come from the seed
-    model, transfer = build_start_classifier(cfg)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
             start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
-    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
+    model, transfer, train_dl, val_dl = start_classifier(cfg, start_epoch)
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
     device = pick_device()
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
                                         "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
@@ -745,7 +765,6 @@ def train_classifier_trial(config: dict) -> None:
             first.clear()
 
     learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[ReportToTune()])
-    torch.manual_seed(stream_seed(cfg.seed, start_epoch))  # dropout: a resumed trial goes on reproducibly
     fit_classifier(learn, cfg, start_epoch)
 
 

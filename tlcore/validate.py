@@ -185,6 +185,19 @@ def _duplicates(dataset: str, root: Path) -> list[Problem]:
     return problems
 
 
+def _mixed_geometry(root: str, refs: dict[str, dict]) -> list[Problem]:
+    """One note when the subjects' first modalities differ in orientation or voxel size: not an
+    error, training handles it, but the user should know what it does."""
+    orientations = Counter("".join(nib.aff2axcodes(np.array(v["affine"]))) for v in refs.values())
+    sizes = Counter(tuple(round(z, 2) for z in v["zooms"]) for v in refs.values())
+    differ = [f"{what} {dict(seen)}" for what, seen in (("orientation", orientations), ("voxel size (mm)", sizes))
+              if len(seen) > 1]
+    if not differ:
+        return []
+    return [Problem(root, f"subjects differ in {' and '.join(differ)}: tlcore brings every volume to RAS at load; "
+                          "set `spacing` in the run config (--spacing) to resample them to one voxel size")]
+
+
 def validate_images_2d(dataset: str, data_dir: str | Path, finding: str = "Pneumothorax",
                        use_cache: bool = True) -> ValidationReport:
     """Check MURA or ChestX-ray14: CSVs against the images on disk, split lists, every PNG."""
@@ -242,6 +255,7 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
         ({f: inspect_file(f, lab) for f, lab in files}, 0)
 
     expected = EXPECTED_LABELS.get(dataset)
+    refs = {}
     for sid, paths in sorted(subjects.items()):
         info = {k: results[p] for k, p in paths.items()}
         good = {k: v for k, v in info.items() if "error" not in v}
@@ -261,7 +275,7 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
         ref_key = next((m for m in modalities if m in good), None)
         if ref_key is None:
             continue
-        ref = good[ref_key]
+        ref = refs[sid] = good[ref_key]
         for k, v in good.items():
             if k == ref_key:
                 continue
@@ -286,6 +300,7 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
             elif not values & set(label_map):
                 report.warnings.append(Problem(paths["label"], f"no voxel of the target labels {sorted(label_map)} "
                                                                f"(empty target) in subject {sid}"))
+    report.warnings += _mixed_geometry(str(root), refs)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -6,6 +6,11 @@ CPU-side weighted window sampling. Drawing a patch here is tensor work on the vo
 pick a centre from per-subject tables built once, then crop, rotate and scale in one
 `grid_sample`. MONAI's RandWeightedCropd instead takes a cumulative sum over the whole weight
 map for every patch (9 M voxels for a BraTS volume); bench/ measures the difference.
+
+Training space is one geometry for every volume: RAS axes, optionally one voxel size
+(`spacing`), padded to at least the patch size. IXI (sagittal) and BraTS (axial) then present
+the same axis convention to transferred filters. `to_source_grid` maps a prediction back onto
+the input file's own grid, where Dice is scored and predictions are written.
 """
 
 from __future__ import annotations
@@ -16,7 +21,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import ConcatItemsd, LoadImaged, NormalizeIntensityd, SpatialPadd
+from monai.data import MetaTensor
+from monai.transforms import (
+    ConcatItemsd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientation,
+    Orientationd,
+    Spacingd,
+    SpatialPadd,
+    SpatialResample,
+)
+from nibabel.orientations import aff2axcodes
+
+
+@dataclass(frozen=True)
+class SourceGrid:
+    """The input file's own voxel grid: where Dice is scored and predictions are written."""
+    shape: tuple               # spatial shape of the first modality's file
+    affine: np.ndarray         # its voxel -> mm affine
+    label: torch.Tensor = field(repr=False)  # (1, *shape) uint8 class indices: the label file, mapped
 
 
 @dataclass
@@ -24,10 +48,11 @@ class Subject:
     id: str
     image: torch.Tensor        # (C, H, W, D) float32, z-scored per modality inside the brain
     label: torch.Tensor        # (1, H, W, D) int64 class indices
-    affine: np.ndarray         # of the first modality, for writing predictions aligned
+    affine: np.ndarray         # training space (RAS, resampled) before padding: voxel -> mm
     centres: dict = field(default_factory=dict, repr=False)  # class -> flat voxel indices (see centre_table)
     source: str = ""           # the first modality's file: predictions are written on its grid
-    original_shape: tuple = ()  # before padding to the patch size
+    original_shape: tuple = ()  # training space before padding to the patch size
+    source_grid: SourceGrid | None = None  # None: training space is the input's grid (hand-built subjects)
 
 
 class SubjectLoadError(ValueError):
@@ -64,8 +89,28 @@ def _plain(t) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
 
 
+def _check_shapes(sid: str, files: dict[str, str], d: dict, keys: list[str], after: str = "") -> None:
+    shapes = {k: tuple(d[k].shape[1:]) for k in keys}
+    if len(set(shapes.values())) != 1:
+        raise SubjectLoadError(
+            f"subject {sid}: {after}image and label shapes differ {shapes} "
+            f"({files['label']}); co-register / resample them to one grid first")
+
+
+def _to_training_grid(d: dict, modalities, spacing) -> dict:
+    """RAS axes for every volume; resampled to `spacing` mm when given (labels by nearest neighbour)."""
+    keys = [*modalities, "label"]
+    d = Orientationd(keys=keys, axcodes="RAS", labels=None)(d)
+    if spacing:
+        d = Spacingd(keys=keys, pixdim=tuple(spacing), mode=[*["bilinear"] * len(modalities), "nearest"],
+                     dtype=torch.float32)(d)
+    return d
+
+
 def load_subject(sid: str, files: dict[str, str], modalities, label_map: dict[int, int],
-                 num_classes: int, min_size=None, with_centres: bool = True) -> Subject:
+                 num_classes: int, min_size=None, with_centres: bool = True, spacing=None) -> Subject:
+    """Read, reorient to RAS, resample to `spacing` (mm; None or () keeps each volume's own voxel
+    size), z-score, map labels and pad to `min_size`: a subject in training space."""
     keys = [*modalities, "label"]
     try:
         d = LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)({k: files[k] for k in keys})
@@ -73,22 +118,25 @@ def load_subject(sid: str, files: dict[str, str], modalities, label_map: dict[in
         raise SubjectLoadError(
             f"subject {sid}: cannot read one of {[files[k] for k in keys]}: {e}. "
             "Re-extract the file from the dataset archive or remove the subject.") from e
-    shapes = {k: tuple(d[k].shape[1:]) for k in keys}
-    if len(set(shapes.values())) != 1:
-        raise SubjectLoadError(
-            f"subject {sid}: image and label shapes differ {shapes} "
-            f"({files['label']}); co-register / resample them to one grid first")
+    _check_shapes(sid, files, d, keys)
+    first = d[modalities[0]]
+    source_label = map_labels(_plain(d["label"]).round().long(), label_map).to(torch.uint8)
+    source_grid = SourceGrid(tuple(first.shape[1:]), np.asarray(first.affine), source_label)
+    d = _to_training_grid(d, modalities, spacing)
+    # equal shapes on disk can part here when the files' affines disagree
+    step = f"reorienting to RAS and resampling to {tuple(spacing)} mm" if spacing else "reorienting to RAS"
+    _check_shapes(sid, files, d, keys, f"after {step}, ")
     affine = np.asarray(d[modalities[0]].affine)
     d = ConcatItemsd(keys=list(modalities), name="image")(d)
-    d = NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(d)
+    d = NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(d)  # statistics of the voxels trained on
     d["label"] = map_labels(torch.as_tensor(d["label"]).round().long(), label_map)
+    original_shape = tuple(d["image"].shape[1:])
     if min_size is not None:  # volumes smaller than a patch are padded once, here (centred: see unpad)
         d = SpatialPadd(keys=["image", "label"], spatial_size=min_size)(d)
-    original_shape = tuple(d["image"].shape[1:])
     image = _plain(d["image"]).float().contiguous()
     label = _plain(d["label"]).long().contiguous()
     centres = centre_table(label, num_classes) if with_centres else {}
-    return Subject(sid, image, label, affine, centres, str(files[modalities[0]]), original_shape)
+    return Subject(sid, image, label, affine, centres, str(files[modalities[0]]), original_shape, source_grid)
 
 
 class PatchSampler:
@@ -220,3 +268,28 @@ def unpad(volume: torch.Tensor, original_shape: tuple) -> torch.Tensor:
     starts = [(n - o) // 2 for n, o in zip(volume.shape[-3:], original_shape)]
     return volume[..., starts[0]:starts[0] + original_shape[0], starts[1]:starts[1] + original_shape[1],
                   starts[2]:starts[2] + original_shape[2]]
+
+
+def to_source_grid(volume: torch.Tensor, s: Subject) -> torch.Tensor:
+    """A (C, *training shape) volume of intensities or class probabilities on the subject's
+    input grid: (C, *source shape).
+
+    Unpads, turns the RAS axes back into the file's (an exact permutation and flip), then undoes
+    the resampling to `spacing` through world coordinates, trilinearly (a no-op without it).
+    MONAI's own inverse (Invertd) needs the transform instances that recorded the operations,
+    which a cached Subject does not keep; this needs only the two affines.
+    """
+    volume = unpad(volume, s.original_shape)
+    grid = s.source_grid
+    if grid is None:
+        return volume
+    v = MetaTensor(volume, affine=torch.as_tensor(s.affine, dtype=torch.float64))
+    v = Orientation(axcodes="".join(aff2axcodes(grid.affine)), labels=None)(v)
+    v = SpatialResample(mode="bilinear")(v, dst_affine=torch.as_tensor(grid.affine, dtype=torch.float64),
+                                         spatial_size=grid.shape)
+    return _plain(v)
+
+
+def source_label(s: Subject) -> torch.Tensor:
+    """The (1, *shape) reference Dice is scored against: the label file on its own grid."""
+    return s.source_grid.label if s.source_grid is not None else unpad(s.label, s.original_shape)

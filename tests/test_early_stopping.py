@@ -1,0 +1,76 @@
+"""Early stopping per stratum, through a real local Ray Tune run (trials report made-up curves).
+
+Every trial reports `val_dice = quality` at each of 9 reports. Trials on S1 (few subjects) are
+all worse than every trial on S4, as small-subset trials are in a real brats_subsets sweep.
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+from ray import tune
+
+from tlcore.trainables import StratifiedASHA
+
+REPORTS = 9
+QUALITY = {"S1": [0.10, 0.20, 0.30], "S4": [0.60, 0.70, 0.80]}
+
+
+def curve_trial(config):
+    """Reports with a checkpoint each time, as tlcore's trainables do: a paused trial goes on."""
+    done = 0
+    if tune.get_checkpoint():
+        with tune.get_checkpoint().as_directory() as d:
+            done = int((Path(d) / "done").read_text())
+    for i in range(done, REPORTS):
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "done").write_text(str(i + 1))
+            tune.report({"val_dice": QUALITY[config["train_subset"]][config["rank"]]},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(scheduler, tmp_path) -> dict:
+    """(subset, quality) -> reports each trial made before it ended."""
+    space = {"train_subset": tune.grid_search(["S1", "S4"]), "rank": tune.grid_search([0, 1, 2])}
+    tuner = tune.Tuner(tune.with_resources(curve_trial, {"cpu": 1}), param_space=space,
+                       tune_config=tune.TuneConfig(metric="val_dice", mode="max", scheduler=scheduler),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    results = tuner.fit()
+    assert not results.errors
+    return {(r.config["train_subset"], QUALITY[r.config["train_subset"]][r.config["rank"]]):
+            int(r.metrics["training_iteration"]) for r in results}
+
+
+def survivors(reports: dict) -> set:
+    return {key for key, n in reports.items() if n == REPORTS}
+
+
+def test_one_stratum_stops_small_subset_trials_for_being_behind_large_ones(local_ray, tmp_path):
+    reports = run(StratifiedASHA((), max_t=REPORTS, grace_period=1, reduction_factor=3, synchronous=True), tmp_path)
+    assert survivors(reports) <= {("S4", q) for q in QUALITY["S4"]}  # no S1 trial ran to the end
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_a_small_subset_trial_is_judged_only_against_its_own_subset(local_ray, tmp_path, synchronous):
+    reports = run(StratifiedASHA(("train_subset",), max_t=REPORTS, grace_period=1, reduction_factor=3,
+                                 synchronous=synchronous), tmp_path)
+    # the best trial of each subset always survives its stratum's rungs
+    assert ("S1", 0.30) in survivors(reports) and ("S4", 0.80) in survivors(reports)
+    if synchronous:  # decisions depend on the results only: rungs 1 and 3 keep ceil(3/3) = 1 of 3
+        assert survivors(reports) == {("S1", 0.30), ("S4", 0.80)}
+        assert all(reports[(s, q)] == 1 for s in QUALITY for q in QUALITY[s][:2])
+
+
+def test_synchronous_rungs_are_asha_rungs():
+    s = StratifiedASHA(max_t=40, grace_period=2, reduction_factor=3, synchronous=True)
+    assert s.rungs == [2, 6, 18]  # grace_period * 3^k below max_t, as Ray's ASHA

@@ -1,0 +1,125 @@
+"""Same seed, same numbers: a trial's curves repeat bit for bit in fresh processes on CPU,
+whatever an earlier trial left in a reused worker's random state; another seed differs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+from tlcore.config import RunConfig
+from tlcore.data.images2d import RadiographDataset, SeededSampler
+from tlcore.data.layouts import find_brats
+from tlcore.data.mura import find_mura
+from tlcore.data.splits import split_patients, split_subjects, write_splits
+from tlcore.data.synthetic import write_mura
+
+# One 3D trial through the trainable's own start-up (start_segmentation) and loop, 8 iterations.
+TRIAL_3D = r"""
+import json, sys, torch
+from tlcore.config import RunConfig
+from tlcore.train import train_segmentation
+from tlcore.trainables import num_classes, start_segmentation
+cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
+model, _, sampler, val, device = start_segmentation(cfg)
+curve = []
+train_segmentation(cfg, model, sampler, val, num_classes(cfg),
+                   lambda m, s: curve.append([m["train_loss"], m["val_loss"], m["val_dice"]]), device=device)
+print("CURVE", json.dumps(curve))
+"""
+
+# One 2D trial (DenseNet121 + fastai head, dropout and flips) through start_classifier, one epoch.
+TRIAL_2D = r"""
+import json, sys, torch
+from tlcore.config import RunConfig
+from tlcore.train2d import build_learner, fit_classifier
+from tlcore.trainables import start_classifier
+cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+torch.rand(int(sys.argv[2]))
+model, _, train_dl, val_dl = start_classifier(cfg)
+learn = build_learner(cfg, model, train_dl, val_dl, torch.device("cpu"))
+fit_classifier(learn, cfg)
+print("CURVE", json.dumps([float(v) for v in learn.recorder.values[-1][:2]] + [float(l) for l in learn.recorder.losses]))
+"""
+
+
+def run_trial(script: str, cfg: dict, burn: int) -> list:
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cfg), str(burn)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("CURVE", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def brats_config(synthetic_root, tmp_path_factory):
+    splits = split_subjects(sorted(find_brats(synthetic_root / "brats")), (0.5, 0.3, 0.2), seed=0)
+    splits["val"] = splits["val"][:2]
+    path = write_splits(tmp_path_factory.mktemp("splits") / "splits.json", splits)
+    return {"dataset": "brats", "data_dir": str(synthetic_root / "brats"), "splits_file": str(path),
+            "patch_size": [16, 16, 16], "batch_size": 2, "inference_roi": [32, 32, 32],
+            "max_iterations": 8, "report_every": 4, "num_threads": 1}
+
+
+def test_3d_trial_repeats_in_fresh_processes_and_another_seed_differs(brats_config):
+    first = run_trial(TRIAL_3D, {**brats_config, "seed": 0}, burn=0)
+    again = run_trial(TRIAL_3D, {**brats_config, "seed": 0}, burn=1000)
+    other = run_trial(TRIAL_3D, {**brats_config, "seed": 1}, burn=0)
+    assert len(first) == 2 and first == again  # bit-identical losses and Dice at every report
+    assert other != first
+
+
+def test_2d_trial_repeats_in_fresh_processes(tmp_path):
+    images = find_mura(write_mura(tmp_path / "mura", n_patients=8, size=32))[0]
+    patients = sorted({i.patient for i in images})
+    official_test = sorted({i.patient for i in images if i.split == "valid"})
+    path = write_splits(tmp_path / "splits.json", split_patients(patients, official_test, 0.25, seed=0))
+    cfg = {"dataset": "mura", "data_dir": str(tmp_path / "mura"), "splits_file": str(path), "image_size": 32,
+           "batch_size": 4, "max_epochs": 1, "lr_schedule": "one_cycle", "num_threads": 1, "seed": 0}
+    first, again = run_trial(TRIAL_2D, cfg, burn=0), run_trial(TRIAL_2D, cfg, burn=1000)
+    assert len(first) > 3 and first == again
+
+
+def test_resumed_trial_continues_exactly_as_an_uninterrupted_one(brats_config):
+    """Tune pauses and restores trials (a lost node, synchronous early stopping): from a
+    checkpoint the trial must go on with the same patches, not a fresh stream."""
+    from tlcore.train import train_segmentation
+    from tlcore.trainables import start_segmentation
+
+    cfg = RunConfig.from_dict({**brats_config, "seed": 3})
+    whole, states = [], []
+    model, _, sampler, val, device = start_segmentation(cfg)
+    train_segmentation(cfg, model, sampler, val, 2, lambda m, s: (whole.append(m["val_dice"]),
+                                                                  states.append(_copy(s))), device=device)
+    model, _, sampler, val, device = start_segmentation(cfg)
+    sampler.reseed(12345)  # whatever stream it had: the resumed stretch must not depend on it
+    resumed = []
+    train_segmentation(cfg, model, sampler, val, 2, lambda m, s: resumed.append(m["val_dice"]),
+                       resume=states[0], device=device)
+    assert resumed == whole[1:]
+
+
+def _copy(state: dict) -> dict:
+    import copy
+    return copy.deepcopy({k: v for k, v in state.items() if k != "val_per_subject"})
+
+
+def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
+    from tlcore.train2d import image_loaders
+
+    images = find_mura(write_mura(tmp_path / "mura", n_patients=6, size=32))[0]
+    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, seed=5)
+    batches = {}
+    for workers in (0, 2, 3):
+        train_dl, _ = image_loaders(RunConfig.from_dict({**cfg.to_params(), "data_workers": workers}), images, images[:4])
+        batches[workers] = torch.cat([x for x, _ in train_dl])
+    assert torch.equal(batches[0], batches[2]) and torch.equal(batches[0], batches[3])
+    # each drawn seed flips its image or keeps it, and both happen
+    train, plain = train_dl.dataset, RadiographDataset(train_dl.dataset.paths, train_dl.dataset.labels, 32)
+    seen = set()
+    for i, seed in SeededSampler(list(range(len(train))), seed=5):
+        x, original = train[(i, seed)][0], plain[i][0]
+        seen.add("flipped" if torch.equal(x, original.flip(-1)) else "kept" if torch.equal(x, original) else "other")
+    assert seen == {"flipped", "kept"}
