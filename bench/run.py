@@ -38,7 +38,8 @@ from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.synthetic import write_brats  # noqa: E402
 from tlcore.evaluate import dice_per_class, predict_logits, write_prediction  # noqa: E402
 from tlcore.models import build_model  # noqa: E402
-from tlcore.train import amp_dtype, choose_channels_last, pick_device, staging_device, train_segmentation  # noqa: E402
+from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,  # noqa: E402
+                          train_segmentation)
 
 # Targets of the performance issue, for one H100/H200 (ratios apply on every device).
 TARGETS = {
@@ -51,11 +52,12 @@ TARGETS = {
     "asha.iterations_over_grid": ("<=", 0.35),
     "asha.same_best": ("==", True),
     "precision.same_weights_abs_dice_delta": ("<=", 0.01),
+    "deterministic.repeats_bit_identical": ("==", True),
 }
 # Reports per trial of a real sweep (10,000 iterations, a report every 250): ASHA's rungs sit on
 # reports, so the recorded grid reports as often, whatever its length.
 SWEEP_REPORTS = RunConfig().max_iterations // RunConfig().report_every
-BENCHES = ("train3d", "inference", "precision", "packing", "train2d", "mlflow", "tune", "asha")
+BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "mlflow", "tune", "asha")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s"}
 
 
@@ -214,6 +216,34 @@ def bench_precision(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     out["precision.fastest"] = max(preds, key=lambda n: out[f"precision.{n}.patches_per_s"])
     out["precision.dilated_convs"] = "HighRes3DNet: dilation 1, 2, 4"
     emit("precision", out)
+
+
+def bench_deterministic(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    """What --deterministic costs: patches/s of the full pipeline with deterministic kernels over
+    the default kernels (interleaved, best of two), and whether two deterministic runs from the
+    same seed give the same losses. (cuBLAS also needs CUBLAS_WORKSPACE_CONFIG before CUDA
+    starts; bench/gpu.sh sets it, as the sweep driver does for its workers.)"""
+    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+                    report_every=p.steps, max_val_subjects=1, num_threads=torch.get_num_threads())
+    stage = staging_device(staged["subjects"], device)
+    best, losses = defaultdict(float), defaultdict(list)
+    for _ in range(2):
+        for deterministic in (False, True):
+            seed_everything(0, deterministic)
+            pick_device()  # cuDNN autotuning follows the deterministic setting
+            sampler = PatchSampler(staged["subjects"], p.patch, p.batch, "weighted", True, seed=0, device=stage)
+            reports = []
+            model = build_model(in_channels=2, num_classes=2)
+            train_segmentation(cfg, model, sampler, [staged["val"]], 2, report=lambda m, s: reports.append(m),
+                               device=device)
+            best[deterministic] = max(best[deterministic], reports[-1]["patches_per_s"])
+            losses[deterministic].append([r["train_loss"] for r in reports])
+    seed_everything(0, False)
+    pick_device()
+    emit("deterministic", {"deterministic.patches_per_s": best[True], "default.patches_per_s": best[False],
+                           "deterministic.slowdown": best[False] / best[True],
+                           "deterministic.repeats_bit_identical": losses[True][0] == losses[True][1],
+                           "default.repeats_bit_identical": losses[False][0] == losses[False][1]})
 
 
 def _packed_worker(args) -> float:
@@ -573,11 +603,14 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
         tmp = Path(d)
-        staged = bench_train3d(profile, device, tmp, emit) if only & {"train3d", "inference", "mlflow", "precision"} else None
+        staged = (bench_train3d(profile, device, tmp, emit)
+                  if only & {"train3d", "inference", "mlflow", "precision", "deterministic"} else None)
         if "inference" in only:
             bench_inference(profile, device, tmp, emit, staged)
         if "precision" in only:
             bench_precision(profile, device, tmp, emit, staged)
+        if "deterministic" in only:
+            bench_deterministic(profile, device, tmp, emit, staged)
         if "packing" in only:
             bench_packing(profile, device, tmp, emit)
         if "train2d" in only:

@@ -145,18 +145,23 @@ def test_layer_sweep(workspace, source_model):
     assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
     assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
     assert all(tracking.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
-    # surviving trials: whole-volume train Dice (thesis Table 6.2) and validation predictions for the overlays
-    survivors = [r for r in children if r.data.tags["stopped_early"] == "False"]
-    assert all(0 <= r.data.metrics["train_dice"] <= 1 for r in survivors)
-    assert all(c.list_artifacts(r.info.run_id, "predictions/val") for r in survivors)
-    assert "overlays_val" in page.read_text() and "train_dice" in table.read_text()
+    # every trial, early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at its best
+    # checkpoint's iteration, and validation predictions for the overlays
+    for r in children:
+        best = max(tracking.metric_history(w["uri"], r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
+        assert json.loads(r.data.tags["evaluation"])["best_iteration"] == best[0]
+        for split in ("train_dice", "test_dice"):
+            assert [s for s, _ in tracking.metric_history(w["uri"], r.info.run_id, split)] == [best[0]]
+            assert 0 <= r.data.metrics[split] <= 1
+        assert c.list_artifacts(r.info.run_id, "predictions/val")
+    assert "overlays_val" in page.read_text() and "test_dice" in table.read_text()
 
     # --resume on a finished sweep re-runs nothing and duplicates no run
     again = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     assert len(tracking.child_runs(w["uri"], "brats_layers", parent)) == 7
-    for r in survivors:  # the same best checkpoints were not evaluated again
+    for r in children:  # the same best checkpoints were not evaluated again
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
@@ -242,7 +247,7 @@ def test_subsets_sweep(workspace, source_model):
     assert sorted({r.data.params["train_subset"] for r in children}) == ["S1", "S4"]
     survivors = [r for r in children if r.data.tags["stopped_early"] == "False"]
     assert survivors
-    for r in survivors:
+    for r in children:  # every (model, subset) cell is evaluated, early-stopped or not
         assert 0 <= r.data.metrics["test_dice"] <= 1 and "train_dice" in r.data.metrics
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert "test_per_subject_dice.json" in arts
@@ -263,8 +268,8 @@ def test_subsets_sweep(workspace, source_model):
     report = w["tmp"] / "results" / "brats_subsets" / "report"
     assert "dice_by_subset" in (report / "report.html").read_text()
     drawn = {(r.split(",")[0], r.split(",")[1]) for r in (report / "dice_by_subset.csv").read_text().splitlines()[1:]}
-    assert {sub for _, sub in drawn} == {r.data.params["train_subset"] for r in survivors}  # evaluated subsets
-    assert len(drawn) == len({(r.data.params["frozen_layers"], r.data.params["train_subset"]) for r in survivors})
+    assert {sub for _, sub in drawn} == {r.data.params["train_subset"] for r in children}  # every subset
+    assert len(drawn) == len({(r.data.params["frozen_layers"], r.data.params["train_subset"]) for r in children})
 
 
 @pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
