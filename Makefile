@@ -12,9 +12,10 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q -e '.[test]'
 	touch $@
 
+# synchronous early stopping: two demo runs make the same decisions and print the same tables
 demo: .venv/.installed
-	$(PY) sweeps/ixi_source.py
-	$(PY) sweeps/brats_layers.py
+	$(PY) sweeps/ixi_source.py --scheduler asha-sync
+	$(PY) sweeps/brats_layers.py --scheduler asha-sync
 
 test: .venv/.installed
 	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing

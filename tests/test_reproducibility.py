@@ -161,3 +161,13 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
     assert len(a) == 2 and {stopped for _, stopped in a} == {"True", "False"}  # one stopped at the rung
     assert a == b  # every value of every curve, bit for bit, and the same trial stopped
     assert table(outputs[0]) == table(outputs[1])
+
+
+def test_the_table_says_how_many_seeds_stand_behind_each_row():
+    from tlcore.cli import DEMO_SEED_SD, seeds_note
+
+    one = [{"source_model": "scratch", "seed": 0}, {"source_model": "models:/ixi/1", "seed": 0}]
+    assert "every row is one seed" in seeds_note(one, synthetic=True) and f"~{DEMO_SEED_SD}" in seeds_note(one, True)
+    assert "cannot separate" in seeds_note(one, synthetic=False)
+    three = [{"source_model": m, "seed": s} for m in ("scratch", "models:/ixi/1") for s in range(3)]
+    assert "3+ seeds" in seeds_note(three, synthetic=True)

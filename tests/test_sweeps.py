@@ -154,7 +154,7 @@ def test_layer_sweep(workspace, source_model):
             assert [s for s, _ in tracking.metric_history(w["uri"], r.info.run_id, split)] == [best[0]]
             assert 0 <= r.data.metrics[split] <= 1
         assert c.list_artifacts(r.info.run_id, "predictions/val")
-    assert "overlays_val" in page.read_text() and "test_dice" in table.read_text()
+    assert "overlays_test" in page.read_text() and "test_dice" in table.read_text()  # every trial has test predictions
 
     # --resume on a finished sweep re-runs nothing and duplicates no run
     again = run_sweep("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
