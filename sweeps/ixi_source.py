@@ -38,6 +38,7 @@ def main() -> None:
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
     cli.publish_model(sweep, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
         "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
+        "head": best.config.get("head", "conv"), "spacing": best.config.get("spacing", ()),
         "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 

@@ -16,7 +16,9 @@ from typing import Any
 
 LR_SCHEDULES = ("constant", "cosine", "poly", "one_cycle")
 SAMPLERS = ("weighted", "uniform")
-HEAD_ACTIVATIONS = ("bn_relu", "none")  # MONAI's HighResNet ends in BN + ReLU; NiftyNet's HighRes3DNet in neither
+# What the last 1x1x1 conv of HighRes3DNet feeds: BN + ReLU (MONAI's HighResNet), BN (NiftyNet's
+# HighRes3DNet, the thesis's network), or nothing (the conv, with a bias, gives the logits).
+HEADS = ("bn_relu", "bn", "conv")
 PRECISIONS = ("auto", "bf16", "fp32")
 DATASETS = ("brats", "ixi", "mura", "chestxray")
 DATASETS_2D = ("mura", "chestxray")
@@ -63,7 +65,7 @@ class RunConfig:
     # --- where the weights come from
     source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3
     frozen_layers: int = 0                # freeze the first k layer groups (weights and BN stats)
-    head_activation: str = "bn_relu"      # what follows the last 1x1x1 conv: bn_relu (MONAI) | none (NiftyNet)
+    head: str = "conv"                    # the output block: conv | bn (NiftyNet) | bn_relu (MONAI); bench/RESULTS.md
     tracking_uri: str = ""                # MLflow store holding the source model
 
     # --- optimisation (thesis: Adam, lr 1e-3, L2, batch 2, 96^3 patches)
@@ -110,8 +112,8 @@ class RunConfig:
             problems.append(f"lr_schedule={self.lr_schedule!r} (choose from {LR_SCHEDULES})")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler={self.sampler!r} (choose from {SAMPLERS})")
-        if self.head_activation not in HEAD_ACTIVATIONS:
-            problems.append(f"head_activation={self.head_activation!r} (choose from {HEAD_ACTIVATIONS})")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} (choose from {HEADS})")
         if self.spacing and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             problems.append(f"spacing={self.spacing} (three positive voxel sizes in mm, or () to keep each volume's own)")
         if self.precision not in PRECISIONS:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 from monai.networks.nets import HighResNet
 
+from tlcore.config import HEADS
+
 # HighRes3DNet layer groups (thesis Table 6.1) -> indices into MONAI HighResNet.blocks.
 HIGHRES3DNET_GROUPS: dict[str, tuple[int, ...]] = {
     "conv_0": (0,),          # 3x3x3, 16 features
@@ -16,12 +18,33 @@ HIGHRES3DNET_GROUPS: dict[str, tuple[int, ...]] = {
 }
 HEAD_GROUP = "conv_2"
 
+# The output block (blocks[11], group conv_2): a 1x1x1 conv to one channel per class, then
+#   bn_relu: BN + ReLU, MONAI's HighResNet (no logit can be negative);
+#   bn:      BN, NiftyNet's HighRes3DNet, the thesis's network (its variable `conv_2_bn`; NiftyNet's
+#            ConvolutionalLayer has a BN and no bias, and Table 6.1 counts that BN in conv_2);
+#   conv:    nothing: the conv, with a bias, gives the logits.
+# A BN on the logits normalises the class scores with statistics of 2-patch batches: their
+# running average shifts every voxel's tumour/background offset from step to step, and
+# validation Dice jumps with it (bench/RESULTS.md, "Validation-curve noise"); hence the default.
+# bn_relu and bn have the same tensors (weights move between them); conv has a bias and no BN.
 
-def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: int = 2) -> nn.Module:
-    """HighRes3DNet (Li et al. 2017) as MONAI implements it (~0.81 M parameters)."""
+
+def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: int = 2,
+                head: str = "conv") -> nn.Module:
+    """HighRes3DNet (Li et al. 2017) on MONAI's HighResNet (~0.81 M parameters), with the output
+    block `head` (see HEADS)."""
     if name != "highres3dnet":
         raise ValueError(f"unknown model {name!r}; tlcore's 3D model is 'highres3dnet'")
-    return HighResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes)
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: choose from {HEADS}")
+    net = HighResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes)
+    block = net.blocks[HIGHRES3DNET_GROUPS[HEAD_GROUP][0]]
+    if head == "bn":
+        block.adn.A = nn.Identity()  # keeps the module names: state-dict keys are those of bn_relu
+    elif head == "conv":
+        block.conv = nn.Conv3d(block.conv.in_channels, num_classes, kernel_size=1, bias=True)
+        block.adn = nn.Identity()
+    return net
 
 
 # DenseNet121 with the fastai head: fastai's three parameter groups (its _densenet_split).

@@ -59,7 +59,8 @@ def load_split(cfg: RunConfig, split: str) -> list:
 
 def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
+                        head=cfg.head)
     report = TransferReport(source="scratch")
     if cfg.source_model != "scratch":
         report = load_registered(model, cfg)
@@ -135,7 +136,8 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     under predictions/<split>/ (on each input's grid, with its affine and header)."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg))
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
+                        head=cfg.head)
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     device = pick_device()
     channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
