@@ -216,6 +216,16 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
         kill_ray_processes(ray_tmp)
 
 
+def test_unknown_stratum_key_stops_the_sweep_before_anything_is_written(workspace, tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = run_sweep("brats_subsets.py", "--data-dir", str(workspace["data"] / "brats"), "--smoke-test",
+                     "--strata", "train_subset,subset_size", "--mlflow-uri", f"sqlite:///{db}",
+                     "--storage-path", str(tmp_path / "results"), timeout=120)
+    assert proc.returncode == 2
+    assert "--strata train_subset,subset_size: ['subset_size'] are not run-config keys" in proc.stderr
+    assert not db.exists() and not (tmp_path / "results").exists()
+
+
 def test_broken_dataset_stops_the_sweep_before_anything_is_written(workspace, tmp_path):
     import shutil
 

@@ -198,6 +198,12 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     exp_dir = Path(storage) / name
     state_file = exp_dir / "tlcore_sweep.json"
 
+    if args.strata:  # a typo would silently compare everything with everything
+        known = {f.name for f in fields(RunConfig)}
+        unknown = [k for k in args.strata.split(",") if k.strip() and k.strip() not in known]
+        if unknown:
+            fail(f"--strata {args.strata}: {unknown} are not run-config keys; use keys the sweep varies, "
+                 "e.g. train_subset, lr_schedule, source_model, frozen_layers")
     is_2d = dataset in DATASETS_2D
     if args.data_dir:
         data_dir = str(Path(args.data_dir).absolute())
@@ -266,12 +272,6 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
             RunConfig(spacing=base["spacing"])
         except ValueError:
             fail(f"--spacing {args.spacing}: give three positive voxel sizes in mm, e.g. --spacing 1,1,1")
-    if args.strata:
-        known = {f.name for f in fields(RunConfig)}
-        unknown = [k for k in args.strata.split(",") if k.strip() and k.strip() not in known]
-        if unknown:
-            fail(f"--strata {args.strata}: {unknown} are not run-config keys; use keys the sweep varies, "
-                 "e.g. train_subset, lr_schedule, source_model, frozen_layers")
     if args.max_iterations:
         base["max_iterations"] = args.max_iterations
     if args.report_every:

@@ -399,6 +399,8 @@ class StratifiedASHA(FIFOScheduler):
             self._sub(stratum).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id not in self._stratum_of:  # e.g. a trial restored into a fresh scheduler
+            self.on_trial_add(tune_controller, trial)
         stratum = self._stratum_of[trial.trial_id]
         if not self.synchronous:
             return self._sub(stratum).on_trial_result(tune_controller, trial, result)
