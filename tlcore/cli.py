@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tlcore import tracking
-from tlcore.config import RunConfig
+from tlcore.config import HEADS, RunConfig
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import (
     DEFAULT_FRACTIONS,
@@ -54,6 +54,9 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
                        help="tumour_core = labels 1+4 (thesis), whole_tumour = 1+2+4, enhancing = 4")
         p.add_argument("--grades", default="HGG", help="grade folders, comma-separated (thesis: HGG)")
     if dataset in ("brats", "ixi"):  # 3D: every volume is brought to RAS; optionally one voxel size
+        p.add_argument("--head", default=None, choices=HEADS,
+                       help="HighRes3DNet's output block: conv (default: logits from a 1x1x1 conv), bn (NiftyNet, "
+                            "the thesis's network), bn_relu (MONAI); see bench/RESULTS.md")
         p.add_argument("--spacing", default=None,
                        help="resample every volume to this voxel size in mm, e.g. 1,1,1 (default: keep each "
                             "volume's own); predictions are written back on each input's grid")
@@ -266,6 +269,8 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         base["modalities"] = modalities
     if args.deterministic:
         base["deterministic"] = True
+    if getattr(args, "head", None):
+        base["head"] = args.head
     if getattr(args, "spacing", None):
         try:
             base["spacing"] = tuple(float(x) for x in args.spacing.split(","))
