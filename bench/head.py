@@ -83,7 +83,7 @@ def train_one(cfg: RunConfig, head: str, data: tuple, source_state: dict | None 
     dice = [c["val_dice"] for c in curve]
     finite = error is None and all(math.isfinite(c["val_loss"]) and math.isfinite(c["val_dice"]) for c in curve)
     best = max(dice) if dice else float("nan")
-    rec = {"head": head, "seed": cfg.seed, "iterations": cfg.max_iterations,
+    rec = {"head": head, "seed": cfg.seed, "iterations": cfg.max_iterations, "precise_bn": cfg.precise_bn_batches,
            "best_val_dice": best, "final_val_dice": dice[-1] if dice else float("nan"),
            "finite": finite, "failed": (not finite) or not best >= FAIL_BELOW, "error": error,
            "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
@@ -112,6 +112,7 @@ def run(args) -> None:
         if all(("target", head, "transferred", seed, args.iterations) in done for seed in range(args.seeds)):
             continue  # every transferred run of this head is in the JSONL already
         cfg = RunConfig(dataset="ixi", max_iterations=args.source_iterations, seed=SOURCE_SEED,
+                        precise_bn_batches=args.precise_bn,
                         **{**DEMO, "report_every": max(1, args.source_iterations // 4)})
         rec, state = train_one(cfg, head, ixi)
         sources[head] = state  # retrained on a rerun (seconds-cheap next to the targets; not cached on disk)
@@ -125,7 +126,8 @@ def run(args) -> None:
             for head in args.heads.split(","):  # the heads of a (seed, start) pair back to back
                 if ("target", head, start, seed, args.iterations) in done:
                     continue
-                cfg = RunConfig(dataset="brats", max_iterations=args.iterations, seed=seed, **DEMO)
+                cfg = RunConfig(dataset="brats", max_iterations=args.iterations, seed=seed,
+                                precise_bn_batches=args.precise_bn, **DEMO)
                 rec, _ = train_one(cfg, head, brats, sources.get(head) if start == "transferred" else None)
                 write({"kind": "target", "start": start, **rec})
                 print(f"seed {seed} {start:11s} {head:8s} best {rec['best_val_dice']:.3f} "
@@ -135,16 +137,18 @@ def run(args) -> None:
 
 
 def summarise(path: Path, iterations: int) -> str:
-    """The Markdown table of bench/RESULTS.md from the JSONL: per cell, then paired per start."""
-    from scipy.stats import wilcoxon
-
+    """The Markdown table of bench/RESULTS.md from the JSONL: per cell, then paired per start.
+    A run with precise BatchNorm statistics is labelled `<head>+pbn`."""
     recs = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    for r in recs:
+        r["head"] += "+pbn" if r.get("precise_bn") else ""
     targets = [r for r in recs if r["kind"] == "target" and r["iterations"] == iterations]
+    variants = [h for h in (*HEADS, *(f"{h}+pbn" for h in HEADS)) if any(r["head"] == h for r in targets)]
     lines = ["| start | head | runs | best val Dice mean ± sd | median | final val Dice mean ± sd | "
-             "report-to-report noise | failures |", "|---|---|---|---|---|---|---|---|"]
+             "noise (mean abs Δ Dice, reports 60-120) | failures |", "|---|---|---|---|---|---|---|---|"]
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
     for start in STARTS:
-        for head in HEADS:
+        for head in variants:
             rs = [r for r in targets if r["start"] == start and r["head"] == head]
             if not rs:
                 continue
@@ -156,7 +160,7 @@ def summarise(path: Path, iterations: int) -> str:
     lines += ["", "Paired by seed against MONAI's head (other − bn_relu); Wilcoxon signed-rank, two-sided:", "",
               "| other head | start | pairs | metric | mean diff | median diff | other better | p |",
               "|---|---|---|---|---|---|---|---|"]
-    for b in HEADS[1:]:
+    for b in variants[1:]:
         lines += paired_rows(targets, "bn_relu", b)
     sources = [r for r in recs if r["kind"] == "source"]
     if sources:
@@ -167,9 +171,10 @@ def summarise(path: Path, iterations: int) -> str:
     return text
 
 
-def noise(rec: dict) -> float:
-    """Mean |change of validation Dice| between consecutive reports."""
-    dice = [c["val_dice"] for c in rec["curve"]]
+def noise(rec: dict, from_iteration: int = 60) -> float:
+    """Mean |change of validation Dice| between consecutive reports from `from_iteration` on
+    (earlier changes are mostly learning)."""
+    dice = [c["val_dice"] for c in rec["curve"] if c["iteration"] >= from_iteration]
     return statistics.mean(abs(b - a) for a, b in zip(dice, dice[1:])) if len(dice) > 1 else float("nan")
 
 
@@ -201,6 +206,8 @@ def main() -> None:
     p.add_argument("--data", default="/tmp/tlcore-bench-head", help="where the synthetic datasets are written")
     p.add_argument("--out", default=str(BENCH / "results-head.jsonl"))
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to run (e.g. one per core)")
+    p.add_argument("--precise-bn", type=int, default=RunConfig().precise_bn_batches,
+                   help="RunConfig.precise_bn_batches of every run (0 = momentum running statistics)")
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
     args = p.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, python {platform.python_version()}")

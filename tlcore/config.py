@@ -86,6 +86,7 @@ class RunConfig:
     sw_batch_size: int = 2
     sw_overlap: float = 0.5
     max_val_subjects: int = 0             # 0 = all validation subjects at every report
+    precise_bn_batches: int = 16          # BatchNorm statistics re-estimated on this many batches before validation; 0 = off
 
     # --- speed
     precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU

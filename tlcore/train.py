@@ -166,6 +166,39 @@ def build_loss() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, sampler, batches: int, device: torch.device,
+                            dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    """Precise BatchNorm (Wu & Johnson 2021): before validation, replace the running statistics of
+    every trainable BatchNorm by their average over `batches` fresh training batches.
+
+    With 2-patch batches, momentum-0.1 running statistics average the last ~10 batches and
+    wander with how much tumour those few patches held; validation Dice then jumps between
+    reports on the same kind of weights (bench/RESULTS.md, "Validation-curve noise"). Frozen
+    BatchNorm layers keep the source's statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
+    if not layers or batches < 1:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    was_training = model.training
+    model.train()
+    for _ in range(batches):
+        images, _ = sampler.next_batch()
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, dtype):
+            model(images)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def stream_seed(seed: int, iteration: int) -> int:
     """Seed of the random streams from `iteration` on (distinct per seed and per start point)."""
     return seed * 1_000_003 + iteration
@@ -221,6 +254,8 @@ def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, 
                 raise FloatingPointError(f"training loss became {train_loss} before iteration {iteration} "
                                          f"(lr={cfg.lr}); lower the learning rate")
             elapsed = time.perf_counter() - t0
+            # from the sampler's stream of this stretch: the next stretch reseeds, so resumes stay exact
+            recompute_bn_statistics(model, sampler, cfg.precise_bn_batches, device, dtype, cl)
             ev = evaluate_subjects(model, val, num_classes, cfg.roi, device, loss_fn,
                                    cfg.sw_batch_size, cfg.sw_overlap, dtype, cl)
             metrics = {"iteration": iteration, "train_loss": train_loss,
