@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 32, 32),
              "max_iterations": 120, "report_every": 20}
 SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 32),
-         "max_iterations": 12, "report_every": 4, "max_val_subjects": 2}
+         "max_iterations": 12, "report_every": 4, "max_val_subjects": 2, "precise_bn_batches": 2}
 SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24},
                    "mura": {"n_patients": 40}, "chestxray": {"n_patients": 80}}
 # 2D: "iterations" are epochs, one report each. Real data: 299x299, batch 16 (thesis).
