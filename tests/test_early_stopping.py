@@ -74,3 +74,44 @@ def test_a_small_subset_trial_is_judged_only_against_its_own_subset(local_ray, t
 def test_synchronous_rungs_are_asha_rungs():
     s = StratifiedASHA(max_t=40, grace_period=2, reduction_factor=3, synchronous=True)
     assert s.rungs == [2, 6, 18]  # grace_period * 3^k below max_t, as Ray's ASHA
+
+
+class ResumeCount(tune.Callback):
+    def __init__(self):
+        self.count = 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.count += bool(trial.checkpoint)
+
+
+class StaleStorageCopy(tune.Callback):
+    """What Ray's periodic sync leaves behind: before a paused trial resumes, the storage path
+    holds an older copy of its result file (here: one report behind)."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        local = Path(trial.local_path, "result.json")
+        if trial.checkpoint and local.exists():
+            remote = Path(trial.storage.trial_fs_path, "result.json")
+            remote.parent.mkdir(parents=True, exist_ok=True)
+            remote.write_text("".join(local.read_text().splitlines(keepends=True)[:-1]))
+
+
+def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
+    """asha-sync pauses trials at every rung; their results (metrics_dataframe: best values,
+    best checkpoints, tables) must not depend on when Ray last synced to storage."""
+    from tlcore.trainables import result_loggers
+
+    # the best trial starts first, so it waits PAUSED at the rung (report 3) for the others
+    space = {"train_subset": "S4", "rank": tune.grid_search([2, 1, 0])}
+    resumed = ResumeCount()
+    tuner = tune.Tuner(
+        tune.with_resources(curve_trial, {"cpu": 1}), param_space=space,
+        tune_config=tune.TuneConfig(metric="val_dice", mode="max", scheduler=StratifiedASHA(
+            (), max_t=REPORTS, grace_period=3, reduction_factor=3, synchronous=True)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0,
+                                  callbacks=[resumed, StaleStorageCopy(), *result_loggers()]))
+    results = tuner.fit()
+    assert not results.errors
+    survivor = [r for r in results if r.metrics["training_iteration"] == REPORTS]
+    assert [r.config["rank"] for r in survivor] == [2] and resumed.count >= 1
+    assert list(survivor[0].metrics_dataframe["training_iteration"]) == list(range(1, REPORTS + 1))

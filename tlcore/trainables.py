@@ -15,6 +15,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from safetensors.torch import save_file
 
@@ -163,6 +164,36 @@ def run_name(config: dict) -> str:
 def trial_dirname(trial) -> str:
     """Short trial folder names (Tune's default spells out the whole config)."""
     return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+class _KeepDriverCopy:
+    """Ray's result loggers, minus one step that loses reports.
+
+    When a paused trial resumes (asha-sync pauses every trial at every rung), Ray's JSON and CSV
+    loggers copy the trial's result file back from the storage path over the driver's own copy.
+    The storage copy is only as new as the last periodic sync, so the reports in between vanish
+    from `result.json`, and with them from `Result.metrics_dataframe`: best values, best
+    checkpoints and tables then depend on when Ray happened to sync (MLflow, fed from the driver,
+    kept them). The driver's copy is complete whenever it exists; only a new driver (--resume)
+    needs the storage copy.
+    """
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+class JsonResults(_KeepDriverCopy, JsonLoggerCallback):
+    pass
+
+
+class CsvResults(_KeepDriverCopy, CSVLoggerCallback):
+    pass
+
+
+def result_loggers() -> list:
+    """The loggers every sweep passes to Tune (given these, Tune adds no JSON or CSV logger of its own)."""
+    return [JsonResults(), CsvResults()]
 
 
 class MLflowTrialLogger(tune.Callback):
@@ -526,7 +557,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=1,
-                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir)],
+                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir),
+                           *result_loggers()],
                 # Keep every checkpoint: after a killed driver, Tune restores from its last saved
                 # experiment state, which may name a checkpoint that num_to_keep already deleted.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
