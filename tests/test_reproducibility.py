@@ -72,12 +72,7 @@ def test_3d_trial_repeats_in_fresh_processes_and_another_seed_differs(brats_conf
 
 
 def test_2d_trial_repeats_in_fresh_processes(tmp_path):
-    images = find_mura(write_mura(tmp_path / "mura", n_patients=8, size=32))[0]
-    patients = sorted({i.patient for i in images})
-    official_test = sorted({i.patient for i in images if i.split == "valid"})
-    path = write_splits(tmp_path / "splits.json", split_patients(patients, official_test, 0.25, seed=0))
-    cfg = {"dataset": "mura", "data_dir": str(tmp_path / "mura"), "splits_file": str(path), "image_size": 32,
-           "batch_size": 4, "max_epochs": 1, "lr_schedule": "one_cycle", "num_threads": 1, "seed": 0}
+    cfg = _mura_config(tmp_path)
     first, again = run_trial(TRIAL_2D, cfg, burn=0), run_trial(TRIAL_2D, cfg, burn=1000)
     assert len(first) > 3 and first == again
 
@@ -99,6 +94,56 @@ def test_resumed_trial_continues_exactly_as_an_uninterrupted_one(brats_config):
     train_segmentation(cfg, model, sampler, val, 2, lambda m, s: resumed.append(m["val_dice"]),
                        resume=states[0], device=device)
     assert resumed == whole[1:]
+
+
+def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
+    """The 2D trainable's checkpoint (weights and Adam's moments) and per-epoch seeds: resumed
+    at epoch 2, a trial trains on as if it had never stopped."""
+    from fastai.callback.core import Callback
+
+    from tlcore.train2d import build_learner, fit_classifier, load_classifier_state, save_classifier_state
+    from tlcore.trainables import start_classifier
+
+    cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_epochs": 2, "seed": 5})
+    saved = tmp_path / "after_epoch_1"
+    saved.mkdir()
+
+    class SaveFirstEpoch(Callback):
+        def after_epoch(self):
+            if self.epoch == 0:
+                save_classifier_state(self.learn, saved)
+
+    class BatchLosses(Callback):  # the raw loss of every step (fastai's recorder smooths them)
+        def __init__(self):
+            self.losses = []
+
+        def after_loss(self):
+            if self.training:
+                self.losses.append(float(self.loss))
+
+    whole_losses, resumed_losses = BatchLosses(), BatchLosses()
+    model, _, train_dl, val_dl = start_classifier(cfg)
+    whole = build_learner(cfg, model, train_dl, val_dl, torch.device("cpu"), cbs=[SaveFirstEpoch(), whole_losses])
+    fit_classifier(whole, cfg)
+    model, _, train_dl, val_dl = start_classifier(cfg, start_epoch=1)
+    torch.rand(1000)  # whatever the random state: the epoch's own seed decides
+    resumed = build_learner(cfg, model, train_dl, val_dl, torch.device("cpu"), cbs=[resumed_losses])
+    load_classifier_state(resumed, saved)
+    fit_classifier(resumed, cfg, start_epoch=1)
+    second_epoch = len(resumed_losses.losses)
+    assert second_epoch > 1 and len(whole_losses.losses) == 2 * second_epoch
+    assert resumed_losses.losses == whole_losses.losses[second_epoch:]
+    # validation loss and accuracy (fastai's train_loss is smoothed across epochs: not reported)
+    assert [float(v) for v in resumed.recorder.values[-1][1:]] == [float(v) for v in whole.recorder.values[-1][1:]]
+
+
+def _mura_config(tmp_path) -> dict:
+    images = find_mura(write_mura(tmp_path / "mura", n_patients=8, size=32))[0]
+    patients = sorted({i.patient for i in images})
+    official_test = sorted({i.patient for i in images if i.split == "valid"})
+    path = write_splits(tmp_path / "splits.json", split_patients(patients, official_test, 0.25, seed=0))
+    return {"dataset": "mura", "data_dir": str(tmp_path / "mura"), "splits_file": str(path), "image_size": 32,
+            "batch_size": 4, "max_epochs": 1, "lr_schedule": "one_cycle", "num_threads": 1, "seed": 0}
 
 
 def _copy(state: dict) -> dict:

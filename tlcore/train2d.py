@@ -18,6 +18,7 @@ from torch import nn
 from tlcore.config import RunConfig
 from tlcore.models import layer_groups
 from tlcore.schedules import beta1, lr_factor
+from tlcore.train import stream_seed
 from tlcore.transfer import TransferReport, load_source
 
 DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
@@ -79,7 +80,7 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
-    from fastai.optimizer import Adam
+    from fastai.optimizer import OptimWrapper
 
     channels_last = uses_channels_last(cfg, device)
 
@@ -96,9 +97,13 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dls = DataLoaders(train_dl, valid_dl, device=device)
-    # decoupled weight decay on every trainable tensor, as the 3D loop's AdamW (fastai would
-    # otherwise skip BatchNorm and bias tensors)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, decouple_wd=True),
+    # torch's AdamW (fused on a GPU) through fastai's OptimWrapper, not fastai's own Adam: fastai
+    # updates one tensor at a time in Python, which halved DenseNet121's step rate on an H100
+    # (bench/RESULTS.md, train2d.torch_adamw_over_fastai_adam). Same update rule: decoupled
+    # weight decay on every trainable tensor (wd_bn_bias), fastai's constants (betas 0.9/0.99,
+    # eps 1e-5, as the thesis's fastai had); fastai's schedulers set lr and beta1 through it.
+    adamw = partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, fused=device.type == "cuda")
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=partial(OptimWrapper, opt=adamw),
                     splitter=splitter, metrics=[accuracy], wd=cfg.weight_decay, wd_bn_bias=True,
                     train_bn=False, cbs=[ToDevice(), *cbs])
     if uses_bf16(cfg, device):
@@ -122,7 +127,56 @@ def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
     if beta1(cfg.lr_schedule, 0.0) is not None:
         scheds["mom"] = lambda pct: beta1(cfg.lr_schedule, pct)  # fastai's name for Adam's beta1
     with learn.no_bar(), learn.no_logging():  # progress bars would flood the Ray driver
-        learn.fit(cfg.max_epochs, lr=rates, cbs=ParamScheduler(scheds), start_epoch=start_epoch)
+        learn.fit(cfg.max_epochs, lr=rates, cbs=[ParamScheduler(scheds), SeedEachEpoch(cfg.seed)],
+                  start_epoch=start_epoch)
+
+
+def SeedEachEpoch(seed: int):
+    """A fastai callback: dropout draws from (seed, epoch), so a trial resumed at an epoch
+    (Tune pauses trials at asha-sync rungs) goes on exactly as the uninterrupted one."""
+    from fastai.callback.core import Callback
+
+    class _SeedEachEpoch(Callback):
+        order = -30  # before the epoch's first batch, whoever else starts it
+
+        def before_epoch(self):
+            torch.manual_seed(stream_seed(seed, self.epoch))
+
+    return _SeedEachEpoch()
+
+
+def _plain(value):
+    """NumPy scalars (fastai's schedulers set them as hyper-parameters) as Python numbers, so
+    that the optimizer state loads with torch.load(weights_only=True)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def save_classifier_state(learn, directory: Path) -> None:
+    """Weights (safetensors) and optimizer state: a trial resumed from them goes on exactly."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()},
+              str(Path(directory) / "model.safetensors"))
+    torch.save(_plain(learn.opt.state_dict()), Path(directory) / "optimizer.pt")
+
+
+def load_classifier_state(learn, directory: Path) -> None:
+    """The inverse of `save_classifier_state` (a checkpoint without optimizer state, from an
+    older tlcore, restores the weights and starts Adam's moments afresh)."""
+    from safetensors.torch import load_file
+
+    learn.model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    if learn.opt is None:
+        learn.create_opt()
+    state = Path(directory) / "optimizer.pt"
+    if state.exists():
+        learn.opt.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
 
 
 @torch.no_grad()

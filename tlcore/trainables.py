@@ -28,7 +28,7 @@ from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
 from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,
-                          stream_seed, train_segmentation)
+                          train_segmentation)
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
@@ -753,15 +753,15 @@ def start_classifier(cfg: RunConfig, start_epoch: int = 0):
     seed_everything(cfg.seed, cfg.deterministic)
     model, transfer = build_start_classifier(cfg)
     train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
-    torch.manual_seed(stream_seed(cfg.seed, start_epoch))  # dropout: a resumed trial goes on reproducibly
-    return model, transfer, train_dl, val_dl
+    return model, transfer, train_dl, val_dl  # fit_classifier seeds dropout per epoch
 
 
 def train_classifier_trial(config: dict) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
     from fastai.callback.core import Callback
 
-    from tlcore.train2d import build_learner, fit_classifier, uses_bf16, uses_channels_last
+    from tlcore.train2d import (build_learner, fit_classifier, load_classifier_state, save_classifier_state,
+                                uses_bf16, uses_channels_last)
 
     cfg = RunConfig.from_dict(config)
     start_epoch = 0
@@ -770,9 +770,6 @@ def train_classifier_trial(config: dict) -> None:
         with checkpoint.as_directory() as d:
             start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
     model, transfer, train_dl, val_dl = start_classifier(cfg, start_epoch)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
     device = pick_device()
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
                                         "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
@@ -783,24 +780,33 @@ def train_classifier_trial(config: dict) -> None:
         order = 60  # after fastai's Recorder has the epoch's values
 
         def before_epoch(self):
-            self.t0 = time.perf_counter()
+            self.t0, self.losses = time.perf_counter(), []
+
+        def after_loss(self):
+            if self.training:
+                self.losses.append(float(self.loss))
 
         def after_epoch(self):
             if self.epoch < start_epoch:
                 return  # fastai still fires after_epoch for the epochs it skips on resume
-            train_loss, val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][:3])
+            # the epoch's mean training loss: fastai's own train_loss is smoothed across epochs,
+            # so it would differ between a resumed trial and an uninterrupted one
+            train_loss = sum(self.losses) / max(len(self.losses), 1)
+            val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][1:3])
             epoch = self.epoch + 1
             metrics = {"iteration": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
                        "step": epoch * len(train_dl), "lr": float(self.opt.hypers[-1]["lr"]),
                        "images_per_s": len(train_dl) * cfg.batch_size / (time.perf_counter() - self.t0)}
             with tempfile.TemporaryDirectory() as d:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                          str(Path(d) / "model.safetensors"))
+                save_classifier_state(self.learn, Path(d))
                 (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch}))
                 tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
             first.clear()
 
     learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[ReportToTune()])
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            load_classifier_state(learn, Path(d))
     fit_classifier(learn, cfg, start_epoch)
 
 
