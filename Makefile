@@ -9,7 +9,7 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q --upgrade pip
 	# torch first, pinned: other versions download gigabytes on machines that have these on disk
 	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv/bin/pip install -q -e '.[test]'
+	.venv/bin/pip install -q -e '.[test,server]'
 	touch $@
 
 # synchronous early stopping: two demo runs make the same decisions and print the same tables

@@ -3,13 +3,18 @@
 # S3 / MinIO or an NFS path, basic-auth, bound to 127.0.0.1 unless told otherwise.
 #
 #   export MLFLOW_BACKEND_URI=postgresql://mlflow@127.0.0.1:5432/mlflow   # password in ~/.pgpass, not here
+#     (or MLFLOW_BACKEND_URI_FILE=~/.mlflow_backend_uri, a mode-0600 file holding the URI)
 #   export MLFLOW_ARTIFACTS=s3://my-bucket/mlflow                          # or /shared/mlflow-artifacts (NFS)
 #   export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9000                    # only for MinIO
 #   mlflow/server.sh                       # http://127.0.0.1:5000, basic-auth on
 #   mlflow/server.sh --host 10.0.0.5       # reachable from the cluster's private network (never 0.0.0.0 on a public IP)
 #
-# Basic-auth: the admin account comes from $MLFLOW_AUTH_CONFIG_PATH (an .ini outside the repo,
-# see mlflow/README.md); MLFLOW_AUTH=off turns it off for a single-user machine.
+# Basic-auth (needs `pip install -e '.[server]'`: mlflow[auth]): the admin account comes from
+# $MLFLOW_AUTH_CONFIG_PATH (an .ini outside the repo, see mlflow/README.md); the Flask session
+# key from $MLFLOW_FLASK_SERVER_SECRET_KEY, else from a mode-0600 file created once under
+# ~/.config/tlcore. MLFLOW_AUTH=off turns auth off for a single-user machine.
+# Secrets travel in the environment only: nothing here puts them on a command line (visible in
+# `ps` to every user of the node) or prints them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 host=127.0.0.1
@@ -21,14 +26,36 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1 (use --host, --port)" >&2; exit 2 ;;
   esac
 done
-: "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI, e.g. postgresql://mlflow@127.0.0.1:5432/mlflow}"
+if [ -z "${MLFLOW_BACKEND_URI:-}" ] && [ -n "${MLFLOW_BACKEND_URI_FILE:-}" ]; then
+  MLFLOW_BACKEND_URI="$(tr -d '\n' < "$MLFLOW_BACKEND_URI_FILE")"
+fi
+: "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI (or MLFLOW_BACKEND_URI_FILE), e.g. postgresql://mlflow@127.0.0.1:5432/mlflow}"
 : "${MLFLOW_ARTIFACTS:?set MLFLOW_ARTIFACTS, e.g. s3://my-bucket/mlflow or /shared/mlflow-artifacts}"
 mlflow_bin="${MLFLOW_BIN:-$here/../.venv/bin/mlflow}"
-args=(server --backend-store-uri "$MLFLOW_BACKEND_URI" --artifacts-destination "$MLFLOW_ARTIFACTS"
-      --serve-artifacts --host "$host" --port "$port")
+# `mlflow server` reads these two from the environment
+export MLFLOW_BACKEND_STORE_URI="$MLFLOW_BACKEND_URI" MLFLOW_ARTIFACTS_DESTINATION="$MLFLOW_ARTIFACTS"
+args=(server --serve-artifacts --host "$host" --port "$port")
+auth=off
 if [ "${MLFLOW_AUTH:-on}" != "off" ]; then
   : "${MLFLOW_AUTH_CONFIG_PATH:?set MLFLOW_AUTH_CONFIG_PATH to your basic_auth.ini (or MLFLOW_AUTH=off)}"
+  python_bin="$(dirname "$mlflow_bin")/python"
+  if ! "$python_bin" -c "import flask_wtf" 2>/dev/null; then
+    echo "MLflow's basic-auth needs Flask-WTF: pip install -e '.[server]' (mlflow[auth])" >&2
+    exit 2
+  fi
+  if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+    key_file="${XDG_CONFIG_HOME:-$HOME/.config}/tlcore/mlflow-flask-secret-key"
+    if [ ! -s "$key_file" ]; then
+      (umask 077 && mkdir -p "$(dirname "$key_file")" && "$python_bin" -c "import secrets; print(secrets.token_hex(32))" > "$key_file")
+    fi
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$key_file")"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
   args+=(--app-name basic-auth)
+  auth=on
 fi
-echo "MLflow tracking server on http://$host:$port (backend ${MLFLOW_BACKEND_URI%%@*}@..., artifacts $MLFLOW_ARTIFACTS)"
+# what the backend is, without its user and password
+backend="${MLFLOW_BACKEND_URI%%://*}://${MLFLOW_BACKEND_URI#*://}"
+case "${MLFLOW_BACKEND_URI#*://}" in *@*) backend="${MLFLOW_BACKEND_URI%%://*}://***@${MLFLOW_BACKEND_URI##*@}" ;; esac
+echo "MLflow tracking server on http://$host:$port (basic-auth $auth; backend $backend, artifacts ${MLFLOW_ARTIFACTS##*@})"
 exec "$mlflow_bin" "${args[@]}"

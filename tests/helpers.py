@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,19 +43,31 @@ def kill_ray_processes(marker: str) -> None:
                 pass
 
 
-def start_tracking_server(workdir: Path, port: int, timeout: float = 90) -> subprocess.Popen:
+def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_password: str | None = None,
+                          log: Path | None = None) -> subprocess.Popen:
     """mlflow/server.sh on 127.0.0.1:`port` with a SQLite backend in `workdir`; returns once it
-    answers /health (the same store again when called again with the same `workdir`)."""
-    env = {**os.environ, "MLFLOW_BACKEND_URI": f"sqlite:///{workdir / 'server.db'}",
-           "MLFLOW_ARTIFACTS": str(workdir / "artifacts"), "MLFLOW_AUTH": "off",
-           "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")}
+    answers /health (the same store again when called again with the same `workdir`).
+    With `admin_password`: basic-auth on, as server.sh runs by default (user `admin`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"MLFLOW_BACKEND_URI": f"sqlite:///{workdir / 'server.db'}",
+                "MLFLOW_ARTIFACTS": str(workdir / "artifacts"), "MLFLOW_AUTH": "off",
+                "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")})
+    if admin_password is not None:
+        ini = workdir / "basic_auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'auth.db'}\n"
+                       f"admin_username = admin\nadmin_password = {admin_password}\n")
+        ini.chmod(0o600)
+        env.update({"MLFLOW_AUTH": "on", "MLFLOW_AUTH_CONFIG_PATH": str(ini), "XDG_CONFIG_HOME": str(workdir / "config")})
+    out = log.open("ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "server.sh"), "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
                 return proc
+        except urllib.error.HTTPError:
+            return proc  # it answers (basic-auth may guard /health too)
         except OSError:
             time.sleep(0.5)
         if proc.poll() is not None:

@@ -38,3 +38,63 @@ def test_team_server_refuses_to_start_without_a_backend():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh")], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "MLFLOW_BACKEND_URI" in out.stderr
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        return urllib.request.urlopen(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _cmdlines_containing(secret: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if secret.encode() in cmd:
+                found.append(cmd.replace(b"\0", b" ").decode(errors="ignore")[:200])
+    return found
+
+
+@pytest.mark.slow
+def test_team_server_with_basic_auth_starts_and_refuses_anonymous_requests(tmp_path):
+    """server.sh as shipped (auth on): it starts, answers 401 without credentials and 200 with
+    them; the backend URI and the Flask key stay off every command line and out of its output."""
+    import secrets
+
+    password, port, log = secrets.token_hex(8), free_port(), tmp_path / "server.log"
+    server = start_tracking_server(tmp_path, port, admin_password=password, log=log)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _get(api) == 401
+        assert _get(api, ("admin", "wrong")) == 401
+        assert _get(api, ("admin", password)) == 200
+        key_file = tmp_path / "config" / "tlcore" / "mlflow-flask-secret-key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert len(key) >= 32
+        for secret in (key, str(tmp_path / "server.db")):  # the backend URI names the database
+            assert not _cmdlines_containing(secret), secret
+        assert "basic-auth on" in log.read_text() and key not in log.read_text()
+    finally:
+        stop_tracking_server(server)
+
+
+def test_team_server_prints_no_backend_password(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"MLFLOW_BACKEND_URI": "postgresql://mlflow:hunter2@db.internal:5432/mlflow",
+                "MLFLOW_ARTIFACTS": str(tmp_path), "MLFLOW_AUTH": "off", "MLFLOW_BIN": "/bin/true"})
+    out = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "db.internal:5432/mlflow" in out.stdout and "hunter2" not in out.stdout + out.stderr

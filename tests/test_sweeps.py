@@ -428,6 +428,39 @@ def reported_steps(trial_dir: Path) -> dict[int, dict]:
     return {r["iteration"]: r for r in rows}
 
 
+def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(workspace, tmp_path, monkeypatch):
+    """The team path: basic-auth on, the password given in --mlflow-uri. Every trial logs; the
+    password is in none of the output, the runs' params and tags, Tune's files or the artifacts."""
+    import secrets
+
+    password, port = secrets.token_hex(8), free_port()
+    (tmp_path / "server").mkdir()
+    server = start_tracking_server(tmp_path / "server", port, admin_password=password)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
+                         "--mlflow-uri", f"http://admin:{password}@127.0.0.1:{port}",
+                         "--storage-path", str(tmp_path / "results"), env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert password not in proc.stdout + proc.stderr
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        uri = f"http://127.0.0.1:{port}"
+        c = tracking.client(uri)
+        runs = c.search_runs([c.get_experiment_by_name("ixi_source").experiment_id])
+        children = [r for r in runs if r.data.tags.get("trial_id")]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" and "val_dice" in r.data.metrics
+                                          for r in children)
+        for r in runs:
+            assert password not in json.dumps([r.data.params, r.data.tags])
+        leaked = [f for root in (tmp_path / "results", tmp_path / "server" / "artifacts")
+                  for f in root.rglob("*") if f.is_file() and password.encode() in f.read_bytes()]
+        assert not leaked, leaked
+    finally:
+        stop_tracking_server(server)
+
+
 def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path):
     """The MLflow server dies mid-sweep and comes back: training goes on, every step reaches MLflow."""
     import time

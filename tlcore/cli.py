@@ -163,7 +163,9 @@ def start_ray(args: argparse.Namespace) -> float:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial
+    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
+    # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
+    # trials through trainables.with_credentials.)
     runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays
@@ -196,7 +198,12 @@ def start_ray(args: argparse.Namespace) -> float:
 def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None,
             modalities=("t1", "t2"), subset_sizes=None) -> Sweep:
     """Checks that can fail before anything is written: data, splits, the tracking store."""
-    uri = args.mlflow_uri or tracking.default_tracking_uri()
+    try:  # user:password@ leave the URI here, before it (or args) is recorded anywhere
+        uri = tracking.take_credentials(args.mlflow_uri or tracking.default_tracking_uri())
+    except ValueError as e:
+        fail(str(e))
+    if args.mlflow_uri:
+        args.mlflow_uri = uri
     storage = str(Path(args.storage_path).absolute())
     exp_dir = Path(storage) / name
     state_file = exp_dir / "tlcore_sweep.json"

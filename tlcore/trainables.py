@@ -4,6 +4,7 @@ and `run_sweep`, which every script in sweeps/ calls.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -524,6 +525,24 @@ def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3, strata=
                           reduction_factor=reduction_factor, synchronous=synchronous)
 
 
+def with_credentials(trainable):
+    """`trainable`, first putting the driver's MLflow credentials (tracking.credentials_env) into
+    the trial's environment, where MLflow's client reads them: trials on nodes whose Ray was
+    started without them still reach the model registry. They travel inside the function Ray
+    ships to the workers; not in the config (recorded as params and in Tune's result files) and
+    not in a Ray runtime environment (Ray's runtime-env agent writes those values to its log)."""
+    credentials = tracking.credentials_env()
+    if not credentials:
+        return trainable
+
+    @functools.wraps(trainable)
+    def trial(config):
+        os.environ.update(credentials)
+        return trainable(config)
+
+    return trial
+
+
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
               trainable=None,
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
@@ -539,7 +558,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}: choose from {SCHEDULERS}")
-    trainable = tune.with_resources(trainable or train_segmentation_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    trainable = tune.with_resources(with_credentials(trainable or train_segmentation_trial),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
     if resume and tune.Tuner.can_restore(exp_dir):
         print(f"[tlcore] resuming {exp_dir}")
