@@ -108,3 +108,35 @@ def test_chestxray_validation(chest):
     assert "00000004_000.png: row of Data_Entry_2017.csv but the image is missing" in text
     assert "00000099_000.png: image on disk but not in Data_Entry_2017.csv" in text
     assert "1 patient(s) in both train_val and test" in text
+
+
+def _undecodable_png(path):
+    """A PNG whose chunks and CRCs are all valid but whose pixel data does not inflate."""
+    import struct
+    import zlib
+
+    raw, out, pos = path.read_bytes(), bytearray(), 8
+    out += raw[:8]
+    while pos < len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        data = raw[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            data = b"\x78\x9c" + bytes((i * 37 + 7) % 256 for i in range(len(data) - 2))  # zlib header, garbage
+        out += struct.pack(">I4s", len(data), kind) + data + struct.pack(">I", zlib.crc32(kind + data))
+        pos += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def test_inputs_that_used_to_pass_or_crash_are_named(mura, chest):
+    base = mura / "MURA-v1.1"
+    with open(base / "train_image_paths.csv", "a") as f:
+        f.write("MURA-v1.1/train/XR_HAND/../../../../outside.png\n")                 # leaves the dataset
+    _undecodable_png(base / "train/XR_HAND/patient00004/study1_negative/image1.png")
+    text = "\n".join(map(str, validate_dataset("mura", mura).errors))
+    assert "outside.png' points outside the dataset folder" in text
+    assert "patient00004/study1_negative/image1.png: unreadable or truncated image" in text
+
+    with open(chest / "Data_Entry_2017.csv", "a") as f:
+        f.write("00000007_000.png,No Finding\n")                                       # a short row
+    r = validate_dataset("chestxray", chest)
+    assert "Data_Entry_2017.csv:9: row without ['Patient ID']" in "\n".join(map(str, r.errors)), r.format()

@@ -141,3 +141,33 @@ def test_command_line(brats):
     bad = subprocess.run([sys.executable, "-m", "tlcore.validate", "brats", "--data-dir", str(root)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and f"{ids[1]}_seg.nii.gz: file missing" in bad.stdout
+
+
+def test_a_broken_brats_set_is_named_without_a_traceback(brats):
+    """Inputs that used to crash the validator: each is named with its file and a fix."""
+    root, ids = brats
+    a, b, c, d = ids
+    seg = np.zeros((16, 16, 16), np.float32)
+    seg[5:8, 5:8, 5:8], seg[2, 2, 2] = 1, np.nan
+    save(path(root, a, "seg"), seg)                                   # NaN in a float segmentation
+    path(root, b, "t1").unlink()
+    path(root, b, "t1").mkdir()                                       # a folder where an image should be
+    save(path(root, c, "t2"), np.zeros((16, 0, 16), np.float32))     # an empty axis
+    save(path(root, d, "t1"), np.zeros((16, 16, 16), np.float32))    # an all-zero modality
+    out = subprocess.run([sys.executable, "-m", "tlcore.validate", "brats", "--data-dir", str(root)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert f"{a}_seg.nii.gz: 1 NaN/Inf voxels" in out.stdout
+    assert f"{b}_t1.nii.gz: a folder where a NIfTI file is expected" in out.stdout
+    assert f"{c}_t2.nii.gz: no voxels (shape [16, 0, 16])" in out.stdout and "1D image" not in out.stdout
+    assert f"{d}_t1.nii.gz: every voxel is 0: a blank t1 image" in out.stdout
+
+
+def test_an_internal_error_says_so_and_has_its_own_exit_code(brats):
+    root, _ = brats
+    script = ("import sys, tlcore.validate as v\n"
+              "def broken(*a, **k): raise KeyError('a bug')\n"
+              "v.validate_dataset = broken\n"
+              f"sys.exit(v.main(['brats', '--data-dir', {str(root)!r}]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 3 and "internal error of the validator" in out.stderr and "a bug in tlcore" in out.stderr

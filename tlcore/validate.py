@@ -36,7 +36,8 @@ from tlcore.data.layouts import (
     find_subjects,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: blank volumes, PNG pixels decoded
+INTERNAL_ERROR = 3  # exit code: the validator failed (1: the data has errors)
 EXPECTED_LABELS = {"brats": {0, 1, 2, 4}}  # IXI labels are the user's own (e.g. FreeSurfer aseg)
 
 
@@ -83,10 +84,14 @@ def inspect_png(path: str) -> dict:
         return {"error": "file missing: restore it, or remove it from the CSV"}
     if p.stat().st_size == 0:
         return {"error": "empty file (0 bytes): the copy or download was interrupted; copy it again"}
+    if p.is_dir():
+        return {"error": "a folder where a PNG is expected: put the image file here"}
     try:
         with Image.open(p) as im:
             size = im.size
-            im.verify()
+            im.verify()  # chunk structure and CRCs
+        with Image.open(p) as im:
+            im.load()  # and the pixels: a PNG with valid CRCs can still hold data that does not decode
     except Exception as e:
         return {"error": f"unreadable or truncated image ({type(e).__name__}: {e}); copy it again"}
     return {"size": list(size)}
@@ -97,7 +102,13 @@ def inspect_file(path: str, is_label: bool) -> dict:
     p = Path(path)
     if not p.exists():
         return {"error": "file missing: restore it from the dataset archive, or move the subject out of the data folder"}
-    raw = p.read_bytes()
+    if p.is_dir():
+        return {"error": "a folder where a NIfTI file is expected: put the image file here (unpacked archives "
+                         "sometimes nest one more level)"}
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        return {"error": f"cannot be read ({e.strerror or e}): check its permissions (chmod a+r) or copy it again"}
     if not raw:
         return {"error": "empty file (0 bytes): the copy or download was interrupted; copy it again"}
     if p.name.endswith(".gz"):
@@ -117,12 +128,21 @@ def inspect_file(path: str, is_label: bool) -> dict:
         return {"error": f"not a readable NIfTI-1 image ({type(e).__name__}: {e}); export it again as NIfTI"}
     out = {"shape": list(data.shape), "zooms": [float(z) for z in img.header.get_zooms()[:3]],
            "affine": np.asarray(img.affine).round(4).tolist(), "dtype": str(data.dtype)}
+    if data.size == 0:  # an empty axis (reported with the shape checks); nibabel's shape drops it
+        dim = [int(x) for x in img.header["dim"]]
+        out["shape"] = dim[1:1 + max(1, min(dim[0], 7))]
+        return out
+    finite = data
     if np.issubdtype(data.dtype, np.floating):
-        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        mask = np.isfinite(data)
+        bad = int(np.size(data) - np.count_nonzero(mask))
         if bad:
             out["nonfinite"] = bad
+            finite = data[mask]
+    if finite.size and not is_label and float(finite.min()) == float(finite.max()):
+        out["constant"] = float(finite.min())
     if is_label:
-        values = np.unique(data)
+        values = np.unique(finite)  # NaN voxels are reported as such, not as a label value
         out["non_integer"] = bool(np.any(values != np.round(values)))
         out["values"] = [float(v) for v in values[:256]]
     return out
@@ -269,6 +289,12 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
                                                        "extract the one volume you want (e.g. fslroi) or remove the subject"))
             elif len(shape) < 3:
                 report.errors.append(Problem(paths[k], f"{len(shape)}D image {shape}: a 3D volume is expected"))
+            if 0 in shape:
+                report.errors.append(Problem(paths[k], f"no voxels (shape {shape}): the export failed; export the "
+                                                       "volume again or remove the subject"))
+            if "constant" in v:
+                report.errors.append(Problem(paths[k], f"every voxel is {v['constant']:g}: a blank {k} image (a failed "
+                                                       "export or conversion); export it again or remove the subject"))
             if v.get("nonfinite"):
                 report.errors.append(Problem(paths[k], f"{v['nonfinite']} NaN/Inf voxels: replace them "
                                                        "(e.g. numpy.nan_to_num) or remove the subject"))
@@ -289,7 +315,7 @@ def validate_dataset(dataset: str, data_dir: str | Path, modalities=("t1", "t2")
                 report.errors.append(Problem(paths[k], f"affine differs from {paths[ref_key]}: the images are not in the "
                                                        "same space; co-register them"))
         lab = good.get("label")
-        if lab is not None:
+        if lab is not None and "values" in lab:  # (an empty label volume is reported above)
             values = {int(x) for x in lab["values"] if x == int(x)}
             if lab["non_integer"]:
                 report.errors.append(Problem(paths["label"], "non-integer label values: a label map must hold class "
@@ -314,8 +340,16 @@ def main(argv=None) -> int:
     p.add_argument("--grades", default="HGG", help="BraTS grade folders, comma-separated (HGG,LGG)")
     p.add_argument("--no-cache", action="store_true", help="re-read every file")
     a = p.parse_args(argv)
-    report = validate_dataset(a.dataset, a.data_dir, tuple(a.modalities.split(",")), use_cache=not a.no_cache,
-                              finding=a.finding, grades=tuple(a.grades.split(",")))
+    try:
+        report = validate_dataset(a.dataset, a.data_dir, tuple(a.modalities.split(",")), use_cache=not a.no_cache,
+                                  finding=a.finding, grades=tuple(a.grades.split(",")))
+    except Exception as e:  # a data problem is reported, never raised: this is a bug of the validator
+        import traceback
+        traceback.print_exc()
+        print(f"\n[tlcore] internal error of the validator ({type(e).__name__}: {e}): a bug in tlcore, not "
+              f"necessarily in your data. Please report it with the traceback above. Exit code {INTERNAL_ERROR}.",
+              file=sys.stderr)
+        return INTERNAL_ERROR
     print(report.format())
     return 0 if report.ok else 1
 

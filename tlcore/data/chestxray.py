@@ -41,6 +41,11 @@ def find_chestxray(data_dir: str | Path, finding: str = "Pneumothorax") -> tuple
         if not needed <= set(reader.fieldnames or []):
             raise DatasetLayoutError(f"{entry} lacks the columns {sorted(needed - set(reader.fieldnames or []))}")
         for n, row in enumerate(reader, 2):
+            missing = sorted(c for c in needed if not isinstance(row.get(c), str))
+            if missing:  # a short row: DictReader fills the absent cells with None
+                cells = sum(v is not None for v in row.values())
+                problems.append((f"{entry}:{n}", f"row without {missing} (it has {cells} cells): complete or delete it"))
+                continue
             name = row["Image Index"].strip()
             if name in rows:
                 problems.append((f"{entry}:{n}", f"image {name} listed twice: keep one row"))

@@ -62,6 +62,10 @@ def find_mura(data_dir: str | Path) -> tuple[list[MuraImage], list[tuple[str, st
                     continue
                 rel = row[0].strip()
                 parts = Path(rel).parts
+                if ".." in parts or Path(rel).is_absolute():
+                    problems.append((f"{paths_csv}:{n}", f"{rel!r} points outside the dataset folder: MURA paths are "
+                                                         "relative, MURA-v1.1/<split>/...; fix the line"))
+                    continue
                 path = root / rel
                 if path in listed:
                     problems.append((f"{paths_csv}:{n}", f"{rel} listed twice: keep one line"))
