@@ -283,18 +283,23 @@ def test_subsets_sweep(workspace, source_model):
 
 
 @pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
-def test_multi_node_run_refuses_a_local_storage_path(workspace, tmp_path):
+def test_multi_node_run_refuses_a_local_storage_path_and_store(workspace, tmp_path):
+    """Paths only this node can read: the checkpoints' folder, and a SQLite store (trials on other
+    nodes would each create an empty database there and find no source model)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
+    db = tmp_path / "m.db"
     try:
         proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
                          "--address", cluster.address, "--storage-path", str(tmp_path / "results"),
-                         "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", timeout=180)
+                         "--mlflow-uri", f"sqlite:///{db}", timeout=180)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "has 2 nodes" in proc.stderr and "shared file system" in proc.stderr
-        assert not (tmp_path / "results").exists()
+        assert f"sqlite:///{db} is a file on this node's disk" in proc.stderr and "mlflow/server.sh" in proc.stderr
+        assert not (tmp_path / "results").exists()  # no trial, no run: the checks come first
+        assert tracking.client(f"sqlite:///{db}").get_experiment_by_name("ixi_source") is None
     finally:
         cluster.shutdown()
 
@@ -432,12 +437,16 @@ def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(wo
     """The team path: basic-auth on, the password given in --mlflow-uri. Every trial logs; the
     password is in none of the output, the runs' params and tags, Tune's files or the artifacts."""
     import secrets
+    import shutil
+    import tempfile
 
     password, port = secrets.token_hex(8), free_port()
     (tmp_path / "server").mkdir()
     server = start_tracking_server(tmp_path / "server", port, admin_password=password)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        env["RAY_TMPDIR"] = str(ray_tmp)  # the sweep's own Ray logs, to search too
         proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
                          "--mlflow-uri", f"http://admin:{password}@127.0.0.1:{port}",
                          "--storage-path", str(tmp_path / "results"), env=env)
@@ -454,11 +463,13 @@ def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(wo
                                           for r in children)
         for r in runs:
             assert password not in json.dumps([r.data.params, r.data.tags])
-        leaked = [f for root in (tmp_path / "results", tmp_path / "server" / "artifacts")
-                  for f in root.rglob("*") if f.is_file() and password.encode() in f.read_bytes()]
+        assert any(ray_tmp.rglob("raylet.out"))  # Ray did log there
+        leaked = [f for root in (tmp_path / "results", tmp_path / "server" / "artifacts", ray_tmp)
+                  for f in root.rglob("*") if f.is_file() and not f.is_socket() and password.encode() in f.read_bytes()]
         assert not leaked, leaked
     finally:
         stop_tracking_server(server)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path):

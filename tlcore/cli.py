@@ -69,7 +69,8 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--shared-storage", action="store_true",
-                   help="--storage-path is shared by every node although tlcore cannot tell (e.g. one machine, several Ray nodes)")
+                   help="--storage-path (and a SQLite MLflow store) is shared by every node although tlcore cannot "
+                        "tell (e.g. one machine, several Ray nodes)")
     p.add_argument("--autoscale", action="store_true",
                    help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")
     p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
@@ -179,12 +180,24 @@ def start_ray(args: argparse.Namespace) -> float:
     have_gpus = resources.get("GPU", 0)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if (nodes > 1 or args.autoscale) and not (args.shared_storage or is_shared_path(args.storage_path)):
-        fail(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''} but --storage-path "
-             f"{args.storage_path} is on a local disk: trials on other nodes could not write their checkpoints "
-             "there, and a resumed trial could not find them. Use a path on a shared file system "
-             "(NFS, EFS, Filestore) that every node mounts at the same place, or pass --shared-storage "
-             "if this path is shared in a way tlcore cannot detect.")
+    if nodes > 1 or args.autoscale:
+        local = []  # what the other nodes could not reach, all of it in one message
+        if not (args.shared_storage or is_shared_path(args.storage_path)):
+            local.append(f"--storage-path {args.storage_path} is on a local disk: trials on other nodes could not "
+                         "write their checkpoints there, and a resumed trial could not find them. Use a path on a "
+                         "shared file system (NFS, EFS, Filestore) that every node mounts at the same place.")
+        uri = args.mlflow_uri or tracking.default_tracking_uri()
+        db = tracking.local_store_path(uri)
+        # trials on other nodes read source models from the registry: each would open (and
+        # create) its own empty database at this path
+        if db is not None and not (args.shared_storage or is_shared_path(str(db.parent))):
+            local.append(f"the MLflow store {uri} is a file on this node's disk, which the other nodes cannot read. "
+                         "Run the team server (mlflow/server.sh on the head node) and pass --mlflow-uri "
+                         "http://<head private IP>:5000, or keep the store on a shared file system.")
+        if local:
+            fail(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''}, but\n  - "
+                 + "\n  - ".join(local) + "\nPass --shared-storage if these paths are shared in a way tlcore "
+                 "cannot detect. No trial was started.")
     if gpus > have_gpus and not args.autoscale:
         # Ray would otherwise wait forever with a repeated warning.
         fail(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "

@@ -401,3 +401,14 @@ def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:
 
 def is_local_uri(uri: str) -> bool:
     return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a store that lives on this machine's disk (sqlite, file, a bare
+    path); None for a server or a database reached over the network."""
+    if not is_local_uri(uri):
+        return None
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    parsed = urlparse(uri)
+    return Path(parsed.path if parsed.scheme == "file" else uri)
