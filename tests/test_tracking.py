@@ -89,3 +89,20 @@ def test_credentials_leave_the_tracking_uri_for_the_environment(monkeypatch):
 def test_redact_hides_passwords_anywhere_in_a_line():
     line = "store postgresql://u:pw1@h/db, server http://admin:pw2@10.0.0.5:5000 (no secret: http://h:5000)"
     assert tracking.redact(line) == "store postgresql://u:***@h/db, server http://admin:***@10.0.0.5:5000 (no secret: http://h:5000)"
+
+
+def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
+    """The store failed between create_run and log_params: the next time the trial's run is
+    found (a restored trial, `python -m tlcore.sync`), its params are completed."""
+    from tlcore.config import RunConfig
+    from tlcore.trainables import open_trial_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.start_run(uri, "ixi_source", "parent", {"seed": 0}, {"role": "parent"})
+    orphan = tracking.start_run(uri, "ixi_source", "trial", None, {"sweep": "ixi_source", "trial_id": "t1"},
+                                parent_run_id=parent)  # tags only: the params never arrived
+    config = {"dataset": "ixi", "lr": 0.003, "lr_schedule": "cosine"}
+    assert open_trial_run(uri, "ixi_source", parent, "t1", config, reopen=False) == orphan
+    params = tracking.client(uri).get_run(orphan).data.params
+    expected = RunConfig.from_dict(config).to_params()
+    assert set(expected) <= set(params) and params["lr"] == "0.003" and params["lr_schedule"] == "cosine"

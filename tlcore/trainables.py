@@ -352,6 +352,9 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
         if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
             tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
     else:
+        # A store outage between create_run and log_params leaves a run without params; finding
+        # it again completes them (log_params adds only the missing keys).
+        tracking.log_params(uri, run_id, RunConfig.from_dict(config).to_params())
         if last_step is not None:
             history = tracking.metric_history(uri, run_id, "train_loss")
             last_step[trial_id] = max((step for step, _ in history), default=-1)
