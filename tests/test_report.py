@@ -159,3 +159,16 @@ def test_subsets_report_draws_dice_and_iterations_against_training_set_size(mlfl
     assert rows["scratch", "S2"]["best_val_iteration"] == "60" and rows["ixi/1 k=1", "S1"]["best_val_iteration"] == "20"
     low, high = float(rows["scratch", "S1"]["ci95_low"]), float(rows["scratch", "S1"]["ci95_high"])
     assert 0.4 <= low < 0.405 < high <= 0.41
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_defused(tmp_path):
+    import csv
+
+    from tlcore.report import _write_csv
+
+    _write_csv([{"subject": "=HYPERLINK(\"http://x\")", "run": "@SUM(A1)", "dice": -0.5, "note": "-1+1"},
+                {"subject": "Brats18_2013_2_1", "run": "scratch", "dice": 0.81, "note": ""}], tmp_path / "t.csv")
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert rows[0]["subject"] == "'=HYPERLINK(\"http://x\")" and rows[0]["run"] == "'@SUM(A1)"
+    assert rows[0]["note"] == "'-1+1" and rows[0]["dice"] == "-0.5"  # numbers stay numbers
+    assert rows[1]["subject"] == "Brats18_2013_2_1" and rows[1]["dice"] == "0.81"

@@ -106,3 +106,29 @@ def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     params = tracking.client(uri).get_run(orphan).data.params
     expected = RunConfig.from_dict(config).to_params()
     assert set(expected) <= set(params) and params["lr"] == "0.003" and params["lr_schedule"] == "cosine"
+
+
+def test_cached_models_latest_by_version_no_temp_left_and_concurrent_trials_agree(mlflow_uri, tmp_path, monkeypatch):
+    """`latest` is cached under the version it resolves to (no download left in a temp folder),
+    and trials fetching one model at once on a node all get the complete folder."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where a stray download would land
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"weights-1")
+    run = tracking.start_run(mlflow_uri, "src", "r")
+    tracking.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
+    tracking.register_model(mlflow_uri, "ixi_hippocampus", run)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: tracking.cached_model(mlflow_uri, "models:/ixi_hippocampus/latest"), range(4)))
+    folders = {folder for _, folder in got}
+    assert len(folders) == 1 and {ref.version for ref, _ in got} == {"1"}
+    folder = folders.pop()
+    assert (folder / "model.safetensors").read_bytes() == b"weights-1"
+    assert tracking.cached_model(mlflow_uri, "models:/ixi_hippocampus/1")[1] == folder  # the same cache entry
+    assert not list((tmp_path / "tmp").iterdir())           # nothing left in the temp folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nor next to the cache

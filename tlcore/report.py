@@ -504,12 +504,20 @@ def _table_html(rows: list[dict]) -> str:
     return f"{note}<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
+def spreadsheet_safe(value):
+    """A text cell that a spreadsheet would run as a formula (subject ids and run names come from
+    file names and user input) gets a leading apostrophe; numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=[spreadsheet_safe(c) for c in cols])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({spreadsheet_safe(k): spreadsheet_safe(v) for k, v in r.items()} for r in rows)
 
 
 def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str | Path | None = None,

@@ -306,6 +306,9 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
+STAMP = "tlcore_registry_entry.json"  # in a cached weights folder: which registry entry it holds
+
+
 class ModelNotFoundError(LookupError):
     pass
 
@@ -363,36 +366,50 @@ def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:
     Every trial starting from a source model needs it. The registry is still asked which
     version `model_uri` is (a store rebuilt at the same address may hold other weights under
     the same version), but when it cannot be reached a pinned version already on this machine
-    is used, so trials restarted during a tracking-server outage go on training.
+    is used, so trials restarted during a tracking-server outage go on training. `latest` and
+    aliases are cached under the version they resolve to (no download left in a temp folder).
     """
     m = _MODEL_URI.match(model_uri)
     pinned = m is not None and (m["version"] or "").isdigit()
-    key = hashlib.sha256(f"{uri}|{model_uri}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "models" / f"{m['name'] if m else 'model'}-{key}"
-    stamp = folder / "tlcore_registry_entry.json"
+
+    def folder_of(name: str, version: str) -> Path:
+        key = hashlib.sha256(f"{uri}|models:/{name}/{version}".encode()).hexdigest()[:16]
+        return cache_dir() / "models" / f"{name}-{key}"
+
     try:
         with short_retries():
             ref = resolve_model(uri, model_uri)
     except ModelNotFoundError as e:
-        if not (pinned and stamp.exists() and is_transient(e.__cause__ or e)):
+        stamp = folder_of(m["name"], m["version"]) / STAMP if pinned else None
+        if not (stamp and stamp.exists() and is_transient(e.__cause__ or e)):
             raise
-        ref = ModelRef(**json.loads(stamp.read_text()))
         log.warning("MLflow at %s unreachable; using the cached weights of %s", uri, model_uri)
+        return ModelRef(**json.loads(stamp.read_text())), stamp.parent
+    folder = folder_of(ref.name, ref.version)
+
+    def installed() -> bool:  # this exact version, by this or another trial on the node
+        try:
+            return json.loads((folder / STAMP).read_text()) == ref.__dict__
+        except (OSError, ValueError):
+            return False
+
+    if installed():
         return ref, folder
-    if stamp.exists() and json.loads(stamp.read_text()) == ref.__dict__:
-        return ref, folder
-    if not pinned:
-        return ref, download_model(uri, ref)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
     try:
         got = download_model(uri, ref, tmp / "dl")
-        (got / stamp.name).write_text(json.dumps(ref.__dict__))
-        shutil.rmtree(folder, ignore_errors=True)  # stale: another model under the same name/version
+        (got / STAMP).write_text(json.dumps(ref.__dict__))
+        if installed():  # another trial finished first: keep its folder, which it may be reading
+            return ref, folder
+        try:  # stale (another model under the same name/version): moved aside in one step
+            folder.rename(tmp / "stale")
+        except FileNotFoundError:
+            pass
         try:
             got.rename(folder)  # atomic: trials on one node may fetch the same model at once
         except OSError:
-            if not stamp.exists():
+            if not installed():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
