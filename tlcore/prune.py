@@ -39,11 +39,12 @@ def earlier_sweeps(storage: Path, keep: int = 0) -> list[Path]:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n:.1f} TB"
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 def main(argv=None) -> int:

@@ -425,7 +425,7 @@ def local_store_path(uri: str) -> Path | None:
     path); None for a server or a database reached over the network."""
     if not is_local_uri(uri):
         return None
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+    if _sqlite_path(uri) is not None:
+        return _sqlite_path(uri)
     parsed = urlparse(uri)
     return Path(parsed.path if parsed.scheme == "file" else uri)
