@@ -1,5 +1,6 @@
 """The `ray up` YAMLs: valid for Ray's own cluster-config schema, commented, and closed by default."""
 
+import json
 import re
 from pathlib import Path
 
@@ -41,13 +42,6 @@ def test_secure_by_default(path):
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head                      # dashboard via `ray dashboard <yaml>`
     assert "pip install -q -e ~/tlcore" in " ".join(config["setup_commands"])
-    sg = config["provider"].get("security_group")
-    if config["provider"]["type"] == "aws":
-        rules = sg["IpPermissions"]
-        assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
-        assert all(ip["CidrIp"] != "0.0.0.0/0" for r in rules for ip in r["IpRanges"])
-        opened = {p for r in rules for p in range(r["FromPort"], r["ToPort"] + 1)}
-        assert not opened & RAY_PORTS
 
 
 def _ray_command(config: dict, key: str, ray_bin: str, port: int) -> str:
@@ -123,3 +117,123 @@ def test_nodes_started_as_the_yaml_says_require_the_token(tmp_path):
         assert "NODES 2" in driver(with_token)
     finally:
         kill_ray_processes(temp)
+
+
+# ----------------------------------------------------------------------------- AWS: what `ray up` prepares
+
+@pytest.fixture()
+def aws(monkeypatch, tmp_path):
+    """An AWS account in this process (moto): Ray's own AWS bootstrap and cluster/aws_setup.py talk
+    to it through boto3 as they would to AWS. HOME is the test's: Ray writes its key pair there."""
+    moto = pytest.importorskip("moto")
+    for k in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with moto.mock_aws():
+        yield
+
+
+def _aws_setup():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aws_setup", CLUSTER / "aws_setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _aws_config_with(made: dict) -> dict:
+    """aws-gpu.yaml with its CHANGE ME ids replaced by what aws_setup.py printed."""
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type["node_config"]
+        assert node_config["SecurityGroupIds"] == ["sg-0123456789abcdef0"]
+        node_config["SecurityGroupIds"] = [made["security_group_id"]]
+        kind = "head" if name == config["head_node_type"] else "worker"
+        assert node_config["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/tlcore-aws-{kind}")
+        node_config["IamInstanceProfile"] = {"Arn": made[f"{kind}_profile_arn"]}
+    return config
+
+
+def test_ray_up_on_aws_creates_no_group_or_role_and_uses_the_scoped_ones(aws):
+    """Ray's own preparation of aws-gpu.yaml (what `ray up` runs before launching anything): with
+    the ids aws_setup.py made, Ray creates no security group (its own would open SSH to 0.0.0.0/0)
+    and no IAM role (its own has EC2 and S3 full access); every node runs with ours."""
+    import boto3
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    region = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())["provider"]["region"]
+    made = _aws_setup().setup(region, "198.51.100.0/24", "tlcore-test-data")
+    ec2, iam = boto3.client("ec2", region_name=region), boto3.client("iam")
+    groups_before = {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
+    roles_before = {r["RoleName"] for r in iam.list_roles()["Roles"]}
+
+    prepared = _bootstrap_config(_aws_config_with(made), no_config_cache=True)
+
+    assert {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]} == groups_before
+    assert {r["RoleName"] for r in iam.list_roles()["Roles"]} == roles_before == {"tlcore-aws-head", "tlcore-aws-worker"}
+    assert "IamInstanceProfile" not in prepared.get("head_node", {})  # Ray added no default profile
+    for name, node_type in prepared["available_node_types"].items():
+        node_config = node_type["node_config"]
+        assert node_config["SecurityGroupIds"] == [made["security_group_id"]], name
+        kind = "head" if name == prepared["head_node_type"] else "worker"
+        assert node_config["IamInstanceProfile"] == {"Arn": made[f"{kind}_profile_arn"]}, name
+
+
+def test_the_aws_group_lets_in_ssh_from_one_network_and_the_cluster_itself(aws):
+    import boto3
+
+    setup = _aws_setup()
+    made = setup.setup("eu-west-1", "198.51.100.0/24", "tlcore-test-data")
+    ec2 = boto3.client("ec2", region_name="eu-west-1")
+    gid = made["security_group_id"]
+    ec2.authorize_security_group_ingress(GroupId=gid, IpPermissions=[  # someone opens Ray's ports by hand
+        {"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    assert setup.setup("eu-west-1", "198.51.100.0/24", "tlcore-test-data") == made  # run again: the same ids
+    group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+    assert sorted(setup._rules(group["IpPermissions"]), key=str) == sorted(
+        [("tcp", 22, 22, "CidrIp", "198.51.100.0/24"), ("-1", None, None, "GroupId", gid)], key=str)
+    for wide in ("0.0.0.0/0", "::/0", "10.0.0.0/4"):
+        with pytest.raises(SystemExit, match="--ssh-cidr"):
+            setup.setup("eu-west-1", wide, "tlcore-test-data")
+
+
+def test_the_aws_identities_reach_one_bucket_and_this_clusters_instances(aws):
+    """The policies as AWS holds them after aws_setup.py: no wildcard service, S3 only the given
+    bucket, instance changes only on instances tagged for this cluster, workers: the bucket only."""
+    import boto3
+
+    _aws_setup().setup("eu-west-1", "198.51.100.0/24", "tlcore-test-data")
+    iam = boto3.client("iam")
+
+    def statements(role):
+        assert iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == []  # no managed policy
+        names = iam.list_role_policies(RoleName=role)["PolicyNames"]
+        docs = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in names]
+        docs = [d if isinstance(d, dict) else json.loads(d) for d in docs]
+        return [{**s, "Action": [s["Action"]] if isinstance(s["Action"], str) else s["Action"],
+                 "Resource": [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]}
+                for d in docs for s in d["Statement"]]
+
+    for role in ("tlcore-aws-head", "tlcore-aws-worker"):
+        for s in statements(role):
+            assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s
+            assert not any(a == "*" or a.endswith(":*") for a in s["Action"]), s
+            if any(a.startswith("s3:") for a in s["Action"]):
+                assert all(a.startswith("s3:") for a in s["Action"])
+                assert set(s["Resource"]) <= {"arn:aws:s3:::tlcore-test-data", "arn:aws:s3:::tlcore-test-data/*"}, s
+            changes = {"ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"}
+            if changes & set(s["Action"]):
+                assert s["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": "tlcore-aws"}}
+            if "ec2:RunInstances" in s["Action"] and any(":instance/" in r for r in s["Resource"]):
+                assert s["Condition"] == {"StringEquals": {"aws:RequestTag/ray-cluster-name": "tlcore-aws"}}
+            if "ec2:CreateTags" in s["Action"]:
+                assert "Condition" in s
+            if "iam:PassRole" in s["Action"]:
+                assert s["Resource"] == ["arn:aws:iam::123456789012:role/tlcore-aws-worker"]
+            if "*" in s["Resource"]:
+                assert all(a.startswith("ec2:Describe") for a in s["Action"]), s
+    assert {a for s in statements("tlcore-aws-worker") for a in s["Action"]} == {
+        "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}

@@ -20,12 +20,17 @@ pytestmark = pytest.mark.slow
 def store_with_untrained_source(tmp_path) -> str:
     """A fresh SQLite store with an untrained 3-class HighRes3DNet registered as the IXI source:
     tests of resuming and recovery need a source to transfer from, not a good one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    return register_untrained_source(uri, tmp_path)
+
+
+def register_untrained_source(uri: str, tmp_path) -> str:
+    """An untrained 3-class HighRes3DNet, registered as `ixi_hippocampus` in the store at `uri`."""
     from safetensors.torch import save_file
 
     from tlcore.models import build_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.prepare_store(uri)
     weights = tmp_path / "src"
     weights.mkdir()
     save_file(build_model(in_channels=2, num_classes=3).state_dict(), str(weights / "model.safetensors"))
@@ -434,8 +439,10 @@ def reported_steps(trial_dir: Path) -> dict[int, dict]:
 
 
 def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(workspace, tmp_path, monkeypatch):
-    """The team path: basic-auth on, the password given in --mlflow-uri. Every trial logs; the
-    password is in none of the output, the runs' params and tags, Tune's files or the artifacts."""
+    """The team path: basic-auth on, the password given in --mlflow-uri, trials on a Ray that was
+    started without it (as every worker node is): they download the source model from the
+    registry and the evaluation tasks log to their runs. Every trial logs; the password is in none
+    of the output, the runs' params and tags, Tune's files, the artifacts or Ray's own logs."""
     import secrets
     import shutil
     import tempfile
@@ -443,23 +450,32 @@ def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(wo
     password, port = secrets.token_hex(8), free_port()
     (tmp_path / "server").mkdir()
     server = start_tracking_server(tmp_path / "server", port, admin_password=password)
+    uri = f"http://127.0.0.1:{port}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update({"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"})  # Ray's logs go there, to search too
+    ray_port = free_port()
+    started = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(ray_port),
+                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=120)
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-        env["RAY_TMPDIR"] = str(ray_tmp)  # the sweep's own Ray logs, to search too
-        proc = run_sweep("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--smoke-test",
-                         "--mlflow-uri", f"http://admin:{password}@127.0.0.1:{port}",
-                         "--storage-path", str(tmp_path / "results"), env=env)
+        assert started.returncode == 0, started.stderr[-2000:]
+        with monkeypatch.context() as m:  # the source model, registered by someone with the password
+            m.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            m.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            register_untrained_source(uri, tmp_path)
+        proc = run_sweep("brats_layers.py", "--data-dir", str(workspace["data"] / "brats"), "--smoke-test",
+                         "--max-iterations", "4", "--mlflow-uri", f"http://admin:{password}@127.0.0.1:{port}",
+                         "--address", f"127.0.0.1:{ray_port}", "--storage-path", str(tmp_path / "results"), env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert password not in proc.stdout + proc.stderr
 
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-        uri = f"http://127.0.0.1:{port}"
         c = tracking.client(uri)
-        runs = c.search_runs([c.get_experiment_by_name("ixi_source").experiment_id])
+        runs = c.search_runs([c.get_experiment_by_name("brats_layers").experiment_id])
         children = [r for r in runs if r.data.tags.get("trial_id")]
-        assert len(children) == 2 and all(r.info.status == "FINISHED" and "val_dice" in r.data.metrics
+        assert len(children) == 7 and all(r.info.status == "FINISHED" and "test_dice" in r.data.metrics
                                           for r in children)
         for r in runs:
             assert password not in json.dumps([r.data.params, r.data.tags])
@@ -468,6 +484,7 @@ def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(wo
                   for f in root.rglob("*") if f.is_file() and not f.is_socket() and password.encode() in f.read_bytes()]
         assert not leaked, leaked
     finally:
+        kill_ray_processes(str(ray_tmp))
         stop_tracking_server(server)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -528,22 +528,23 @@ def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3, strata=
                           reduction_factor=reduction_factor, synchronous=synchronous)
 
 
-def with_credentials(trainable):
-    """`trainable`, first putting the driver's MLflow credentials (tracking.credentials_env) into
-    the trial's environment, where MLflow's client reads them: trials on nodes whose Ray was
-    started without them still reach the model registry. They travel inside the function Ray
-    ships to the workers; not in the config (recorded as params and in Tune's result files) and
-    not in a Ray runtime environment (Ray's runtime-env agent writes those values to its log)."""
+def with_credentials(fn):
+    """`fn` (a trainable or a Ray task), first putting the driver's MLflow credentials
+    (tracking.credentials_env) into the worker's environment, where MLflow's client reads them:
+    trials and evaluation tasks on nodes whose Ray was started without them still reach the
+    registry and their runs. They travel inside the function Ray ships to the workers; not in the
+    config (recorded as params and in Tune's result files) and not in a Ray runtime environment
+    (Ray's runtime-env agent writes those values to its log)."""
     credentials = tracking.credentials_env()
     if not credentials:
-        return trainable
+        return fn
 
-    @functools.wraps(trainable)
-    def trial(config):
+    @functools.wraps(fn)
+    def with_env(*args, **kwargs):
         os.environ.update(credentials)
-        return trainable(config)
+        return fn(*args, **kwargs)
 
-    return trial
+    return with_env
 
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
@@ -673,7 +674,7 @@ def best_trial_checkpoint(results, metric: str = "val_dice", mode: str = "max"):
 
 def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
     """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
     return ray.get(task.remote(config, checkpoint, split))
 
 
@@ -707,7 +708,7 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
     evaluate the same checkpoint again. Trials that failed are left out.
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
     pending, out = {}, {}
     for r in results:
         checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
@@ -855,7 +856,7 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float
     def run(config, checkpoint, split):
         with checkpoint.as_directory() as d:
             return evaluate_classifier(config, d, split)
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(run)).remote(config, checkpoint, split))
 
 
 def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
