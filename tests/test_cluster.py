@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import validate_config
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
-YAMLS = sorted(CLUSTER.glob("*.yaml"))
+YAMLS = sorted(p for p in CLUSTER.glob("*.yaml") if "cluster_name:" in p.read_text())  # not gcp-head-role.yaml
 RAY_PORTS = {6379, 8265, 10001}
 
 
@@ -21,7 +21,7 @@ def test_there_are_aws_gcp_and_onprem_configs():
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_validates_against_rays_schema(path):
     config = yaml.safe_load(path.read_text())
-    validate_config(config)  # raises jsonschema.ValidationError on an unknown or mistyped key
+    validate_config(prepare_config(config))  # as `ray up` does; raises on an unknown or mistyped key
     if config["provider"]["type"] != "local":
         gpus = {t: n for t, n in config["available_node_types"].items() if t.startswith("gpu")}
         assert set(gpus) == {"gpu1", "gpu4", "gpu8"}
@@ -237,3 +237,60 @@ def test_the_aws_identities_reach_one_bucket_and_this_clusters_instances(aws):
                 assert all(a.startswith("ec2:Describe") for a in s["Action"]), s
     assert {a for s in statements("tlcore-aws-worker") for a in s["Action"]} == {
         "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+
+
+# ----------------------------------------------------------------------------- GCP and on-prem
+
+def test_ray_up_on_gcp_adds_no_public_ip_to_workers_and_no_node_runs_as_a_default_account():
+    """Ray's GCP preparation picks a subnet and adds a public IP to every node type that names no
+    network interface (compute=None: here it must not need the API at all). Nodes run as the
+    accounts gcp_setup.sh makes, never the Compute Engine default or Ray's ray-autoscaler-sa-v1."""
+    from ray.autoscaler._private.gcp.config import DEFAULT_SERVICE_ACCOUNT_ID, _configure_subnet
+    from ray.autoscaler._private.util import prepare_config
+
+    config = yaml.safe_load((CLUSTER / "gcp-gpu.yaml").read_text())
+    prepared = _configure_subnet(prepare_config(config), compute=None)
+    for name, node_type in prepared["available_node_types"].items():
+        node_config, is_head = node_type["node_config"], name == prepared["head_node_type"]
+        (interface,) = node_config["networkInterfaces"]
+        assert interface["subnetwork"].endswith("/subnetworks/tlcore-subnet")
+        assert bool(interface["accessConfigs"]) == is_head, name      # only the head has a public IP
+        (account,) = node_config["serviceAccounts"]
+        assert account["email"].split("@")[0] == ("tlcore-head" if is_head else "tlcore-worker"), name
+        assert DEFAULT_SERVICE_ACCOUNT_ID not in account["email"] and "developer.gserviceaccount" not in account["email"]
+        assert "tlcore" in node_config["tags"]["items"] and ("tlcore-head" in node_config["tags"]["items"]) == is_head
+
+
+def test_gcp_setup_opens_ssh_to_one_network_and_the_head_only():
+    """The gcloud commands gcp_setup.sh runs (--dry-run prints them): a network of its own (no
+    default rules), SSH from the given network to the head, internal traffic between tagged nodes."""
+    import shlex
+    import subprocess
+
+    run = lambda *a: subprocess.run(["bash", str(CLUSTER / "gcp_setup.sh"), "--project", "p", "--region", "europe-west4",  # noqa: E731
+                                     "--bucket", "b", "--dry-run", *a], capture_output=True, text=True)
+    out = run("--ssh-cidr", "198.51.100.0/24")
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    rules = [dict(a.split("=", 1) for a in c if a.startswith("--") and "=" in a)
+             for c in commands if c[3:6] == ["compute", "firewall-rules", "create"]]
+    assert [r.get("--network") for r in rules] == ["tlcore-net", "tlcore-net"]
+    assert {(r["--allow"], r.get("--source-ranges"), r.get("--source-tags"), r["--target-tags"]) for r in rules} == {
+        ("tcp:22", "198.51.100.0/24", None, "tlcore-head"), ("all", None, "tlcore", "tlcore")}
+    roles = {a.split("=", 1)[1] for c in commands for a in c if a.startswith("--role=")}
+    assert roles == {"projects/p/roles/tlcoreAutoscaler", "roles/iam.serviceAccountUser", "roles/storage.objectAdmin"}
+    for wide in ("0.0.0.0/0", "10.0.0.0/4", "everyone"):
+        assert run("--ssh-cidr", wide).returncode == 2
+
+
+def test_ray_up_on_premises_accepts_the_file_and_copies_a_cluster_key_not_a_personal_one(monkeypatch, tmp_path):
+    """Ray's own on-premise preparation (what `ray up` runs first) accepts onprem.yaml; the key
+    it copies to the head (as ~/ray_bootstrap_key.pem) is one made for this cluster."""
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prepared = _bootstrap_config(yaml.safe_load((CLUSTER / "onprem.yaml").read_text()), no_config_cache=True)
+    key = Path(prepared["auth"]["ssh_private_key"]).name
+    assert key == "tlcore_cluster_ed25519" and not key.startswith("id_")
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == len(prepared["provider"]["worker_ips"])
