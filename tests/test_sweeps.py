@@ -540,6 +540,58 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         stop_tracking_server(server)
 
 
+def test_store_down_as_a_sweep_ends_stops_it_clearly_and_resume_completes_it(workspace, tmp_path):
+    """The MLflow server dies mid-sweep and is still down when the trials end: the sweep stops
+    with exit 75 and what to do, no traceback. Back up, `--resume` trains nothing again, writes
+    every step MLflow lacks, evaluates, registers the model and builds the report."""
+    import time
+
+    port = free_port()
+    server = start_tracking_server(tmp_path, port)
+    uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
+    args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(workspace["data"] / "ixi"),
+            "--smoke-test", "--max-iterations", "8", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TLCORE_MLFLOW_WAIT_S": "3"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not any(results.glob("train_*/checkpoint_*")) and time.time() < deadline:
+            time.sleep(0.5)
+        stop_tracking_server(server)
+        proc.wait(timeout=600)
+        out = (tmp_path / "sweep.log").read_text()
+        assert proc.returncode == 75, out[-4000:]
+        assert "stopped answering" in out and "rerun the same command with --resume" in out, out[-3000:]
+        assert str(results) in out and "Traceback" not in out, out[-3000:]
+        trials = sorted(results.glob("train_segmentation_trial_*"))
+        before = {t.name: reported_steps(t) for t in trials}
+        assert len(before) == 2 and all(max(steps) == 8 for steps in before.values())  # the trials did finish
+
+        server = start_tracking_server(tmp_path, port)
+        again = run_sweep("ixi_source.py", *args[2:], "--resume", env={**os.environ, "TLCORE_MLFLOW_WAIT_S": "3"})
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert {t.name: reported_steps(t) for t in trials} == before  # no trial trained again
+
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name("ixi_source")
+        (parent,) = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
+        assert parent.info.status == "FINISHED"
+        assert any(a.path == "report" for a in c.list_artifacts(parent.info.run_id))
+        children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        for r in children:
+            steps = before[next(n for n in before if n.endswith(r.data.tags["trial_id"]))]
+            assert dict(tracking.metric_history(uri, r.info.run_id, "val_dice")) == {
+                s: pytest.approx(v["val_dice"]) for s, v in steps.items()}
+        model = tracking.resolve_model(uri, "models:/ixi_hippocampus/latest")
+        assert model.version == "1" and "test_dice" in c.get_run(model.run_id).data.metrics
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_tracking_server(server)
+
+
 @pytest.mark.xdist_group("workspace_store")  # reads the source sweep's results folder
 def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model, tmp_path):
     """`tlcore.sync` writes runs and every step from Ray's files; a second run adds nothing."""

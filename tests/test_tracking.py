@@ -132,3 +132,35 @@ def test_cached_models_latest_by_version_no_temp_left_and_concurrent_trials_agre
     assert tracking.cached_model(mlflow_uri, "models:/ixi_hippocampus/1")[1] == folder  # the same cache entry
     assert not list((tmp_path / "tmp").iterdir())           # nothing left in the temp folder
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nor next to the cache
+
+
+def test_an_outage_is_recognised_inside_a_ray_task_error_and_other_errors_are_not():
+    """cli.run turns an unreachable store into a message and exit 75; it must see one wrapped
+    in a Ray task's error (evaluation runs in Ray tasks) and leave every other error alone."""
+    import requests
+    from ray.exceptions import RayTaskError
+
+    down = requests.exceptions.ConnectionError("Max retries exceeded: Connection refused")
+    wrapped = RayTaskError("_evaluate_task", "Traceback ...", down)
+    assert tracking.unreachable_cause(wrapped) is down
+    try:
+        try:
+            raise down
+        except Exception as e:
+            raise RuntimeError("evaluation failed") from e
+    except RuntimeError as chained:
+        assert tracking.unreachable_cause(chained) is down
+    assert tracking.unreachable_cause(RayTaskError("f", "tb", ValueError("bad label 7"))) is None
+    assert tracking.unreachable_cause(KeyError("val_dice")) is None
+
+
+def test_require_store_raises_store_unreachable_quickly(tmp_path):
+    import time
+
+    from helpers import free_port
+
+    t0 = time.time()
+    with pytest.raises(tracking.StoreUnreachable, match="does not answer"):
+        tracking.require_store(f"http://127.0.0.1:{free_port()}", attempts=2, wait_s=0.1)
+    assert time.time() - t0 < 60
+    tracking.require_store(f"sqlite:///{tmp_path / 'ok.db'}")  # a store that answers: no error

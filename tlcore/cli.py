@@ -139,6 +139,31 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+# Exit status of a sweep stopped by a tracking-store outage after its trials started (EX_TEMPFAIL:
+# try again later): distinct from 2 (fix the input) so that a job system can retry it.
+EXIT_STORE_DOWN = 75
+_running: dict = {}  # the sweep being run (begin()), for run()'s message
+
+
+def run(main) -> None:
+    """Run a sweep script's main(). A tracking store that stops answering once trials have started
+    ends the sweep with what to do instead of a traceback: every result is in Ray's files, and
+    --resume (no trial retrained) writes what MLflow lacks, then evaluates, registers and reports."""
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 -- anything else is re-raised unchanged
+        cause = tracking.unreachable_cause(e)
+        if cause is None or not _running:
+            raise
+        reason = tracking.redact((str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200])
+        print(f"\n[tlcore] error: the MLflow store {_running['uri']} stopped answering ({reason}).\n"
+              f"Nothing is lost: every trial's results and checkpoints are in {_running['exp_dir']}.\n"
+              "When the store answers again, rerun the same command with --resume: no trial is trained again;\n"
+              "the records the sweep kept for MLflow are written (Tune saved them), then it evaluates,\n"
+              "registers and builds the report.", file=sys.stderr)
+        raise SystemExit(EXIT_STORE_DOWN) from None
+
+
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
                        "9p", "virtiofs")
 
@@ -327,6 +352,7 @@ def begin(sweep: Sweep) -> None:
         print(f"[tlcore] earlier results of {name} moved to {aside}")
     exp_dir.mkdir(parents=True, exist_ok=True)
     write_splits(sweep.splits_file, splits)
+    _running.update(uri=uri, exp_dir=str(exp_dir))
     if previous:
         sweep.parent_run_id = previous["parent_run_id"]
         tracking.set_tags(uri, sweep.parent_run_id, {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")})

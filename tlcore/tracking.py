@@ -152,6 +152,41 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and any(t in str(exc).lower() for t in _TRANSIENT)
 
 
+class StoreUnreachable(RuntimeError):
+    """The tracking store stopped answering after trials had started (see cli.run)."""
+
+
+def require_store(uri: str, attempts: int = 3, wait_s: float = 2.0) -> None:
+    """Return once the store answers; StoreUnreachable after `attempts` quick tries (seconds,
+    not MLflow's minutes of retries). Other errors (a wrong password) are raised as they are."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            with short_retries():
+                client(uri).search_experiments(max_results=1)
+            return
+        except Exception as e:  # noqa: BLE001 -- sorted just below
+            if not is_transient(e):
+                raise
+            if attempt == attempts - 1:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+                raise StoreUnreachable(f"the MLflow store {redact(uri)} does not answer ({redact(reason)})") from e
+            time.sleep(wait_s)
+
+
+def unreachable_cause(exc: BaseException) -> BaseException | None:
+    """`exc`, or the error it wraps (a Ray task's, a chained one), when it means the store is
+    unreachable; None for any other error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StoreUnreachable) or is_transient(exc):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def short_retries(retries: int = 1, timeout: int = 20):
     """Fail within seconds instead of MLflow's minutes of retries, for callers with their own

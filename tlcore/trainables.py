@@ -264,7 +264,8 @@ class MLflowTrialLogger(tune.Callback):
         if self._pending or self.dropped:
             print(f"[tlcore] WARNING: {len(self._pending) + self.dropped} MLflow record(s) could not be written "
                   f"to {self.tracking_uri}. Nothing is lost: Ray's result files hold them. When the store is "
-                  f"back, run:\n    python -m tlcore.sync {self.exp_dir or '<storage-path>/' + self.experiment}",
+                  "back, rerun the sweep's command with --resume (it writes them, then evaluates), or for the "
+                  f"records alone:\n    python -m tlcore.sync {self.exp_dir or '<storage-path>/' + self.experiment}",
                   flush=True)
 
     # ---------------------------------------------------------------- writing
@@ -591,6 +592,10 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     t0 = time.perf_counter()
     results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
+    # Every trial's results are in Ray's files now. A store still down after the logging
+    # callback's final wait stops the sweep here, with what to do (cli.run), not in a traceback
+    # halfway through evaluation; --resume then writes the rest and evaluates.
+    tracking.require_store(tracking_uri)
     close_orphaned_runs(results, tracking_uri, name, parent_run_id, max_iterations)
     log_val_per_subject(results, tracking_uri, name, parent_run_id, metric, mode)
     return results
