@@ -197,6 +197,90 @@ def result_loggers() -> list:
     return [JsonResults(), CsvResults()]
 
 
+class KeepBestAndLatest(tune.Callback):
+    """Each trial keeps its best checkpoint (by `metric`; ties all kept) and its latest; the
+    others are deleted once Tune's experiment state in storage no longer needs them.
+
+    Why not Tune's CheckpointConfig(num_to_keep): Tune deletes a superseded checkpoint the moment
+    the next one registers, but the experiment state that `--resume` reads after a killed driver
+    reaches storage later (saved at the end of the controller's step, then copied to storage in
+    a background thread). Killed in between, the stored state names as latest a checkpoint that
+    is gone, and the trial cannot resume. Here a checkpoint goes only when it is older than the
+    latest one the stored state names (read back with Tune's own decoder), and is the best
+    neither now nor in that state: no state Tune has written or will write can still need it.
+    Tune itself keeps every entry (num_to_keep=None); best and latest always exist on disk.
+    """
+
+    def __init__(self, exp_dir: str, metric: str = "val_dice", mode: str = "max", every_s: float = 30.0):
+        self.exp_dir, self.metric, self.mode, self.every_s = exp_dir, metric, mode, every_s
+        self._next_check, self.deleted = 0.0, []
+
+    def __getstate__(self):  # pickled with the experiment state: no point keeping the log
+        return {**self.__dict__, "_next_check": 0.0, "deleted": []}
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if time.time() >= self._next_check:
+            self.prune(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.prune(trials)  # Tune wrote and synced its final state just before this
+
+    def _best(self, results) -> set[str]:
+        scores = [(r.metrics or {}).get(self.metric) for r in results]
+        scores = [s for s in scores if isinstance(s, (int, float)) and not math.isnan(s)]
+        if not scores:
+            return set()
+        best = max(scores) if self.mode == "max" else min(scores)
+        return {r.checkpoint.path for r in results if (r.metrics or {}).get(self.metric) == best}
+
+    def stored_state(self) -> dict[str, tuple[str, set[str]]]:
+        """trial_id -> (latest checkpoint path, best paths) in the newest experiment state in
+        storage; {} while none can be read (not yet written, or being written)."""
+        from ray.tune.experiment.trial import _TrainingRunMetadata
+
+        states = sorted(Path(self.exp_dir).glob("experiment_state-*.json"))
+        try:
+            trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+            stored = {}
+            for trial_json, meta_json in trial_data:
+                manager = _TrainingRunMetadata.from_json_state(meta_json).checkpoint_manager
+                latest = manager.latest_checkpoint_result
+                if latest is not None:
+                    stored[json.loads(trial_json)["trial_id"]] = (
+                        latest.checkpoint.path, self._best(manager.best_checkpoint_results))
+            return stored
+        except Exception:  # noqa: BLE001 -- a state mid-copy: try again next time, delete nothing
+            return {}
+
+    def prune(self, trials) -> None:
+        self._next_check = time.time() + self.every_s
+        stored = self.stored_state()
+        for trial in trials:
+            manager = trial.run_metadata.checkpoint_manager
+            latest = manager.latest_checkpoint_result
+            if latest is None or trial.trial_id not in stored:
+                continue
+            stored_latest, stored_best = stored[trial.trial_id]
+            keep = {latest.checkpoint.path, stored_latest} | stored_best | self._best(manager.best_checkpoint_results)
+            for result in manager.best_checkpoint_results:
+                path = result.checkpoint.path
+                if path in keep or _checkpoint_index(path) >= _checkpoint_index(stored_latest):
+                    continue
+                try:
+                    if result.checkpoint.filesystem.get_file_info(path).type.name == "NotFound":
+                        continue
+                    result.checkpoint.filesystem.delete_dir(path)
+                    self.deleted.append(path)
+                except OSError as e:  # a full disk is better than a lost checkpoint: leave it
+                    print(f"[tlcore] WARNING: could not delete {path} ({e})", flush=True)
+
+
+def _checkpoint_index(path: str) -> int:
+    """Tune's checkpoint_000012 -> 12 (indices grow with every checkpoint of a trial)."""
+    tail = Path(path).name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 class MLflowTrialLogger(tune.Callback):
     """One MLflow child run per trial, found again by its `trial_id` tag after a restore, with
     every record buffered while the tracking store is unreachable.
@@ -583,9 +667,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, verbose=1,
                 callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir),
-                           *result_loggers()],
-                # Keep every checkpoint: after a killed driver, Tune restores from its last saved
-                # experiment state, which may name a checkpoint that num_to_keep already deleted.
+                           KeepBestAndLatest(exp_dir, metric, mode), *result_loggers()],
+                # Tune keeps every entry; KeepBestAndLatest deletes what no saved state needs
+                # (num_to_keep deletes what a killed driver's stored state may still name).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode),
                 failure_config=tune.FailureConfig(max_failures=max_failures)))
