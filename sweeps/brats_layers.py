@@ -15,7 +15,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from tlcore import cli
-from tlcore.trainables import evaluate_trials, results_rows, run_sweep
+from tlcore.results import evaluate_trials, trial_rows
+from tlcore.trainables import run_sweep
 
 NAME = "brats_layers"
 
@@ -56,7 +57,7 @@ def main() -> None:
                                                    seed=args.seed), max_concurrent=4)
         samples = args.num_samples
     results = run_sweep(NAME, space, num_samples=samples, search_alg=searcher, **sweep.tune_kwargs())
-    rows = results_rows(results, sweep.max_iterations)
+    rows = trial_rows(results, sweep.max_iterations)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,

@@ -14,7 +14,8 @@ shape of thesis Tables 6.3-6.6.
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import evaluate_trials, results_rows, run_sweep
+from tlcore.results import evaluate_trials, trial_rows
+from tlcore.trainables import run_sweep
 
 NAME = "brats_subsets"
 
@@ -51,7 +52,7 @@ def main() -> None:
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
                              parent_run_id=sweep.parent_run_id, cpus=args.cpus_per_trial, gpus=gpus)
-    rows = cli.subset_table(results_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
+    rows = cli.subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
     cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 

@@ -10,7 +10,8 @@ Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import chestxray_table, results_rows, run_sweep, train_classifier_trial
+from tlcore.results import chestxray_table, trial_rows
+from tlcore.trainables import run_sweep, train_classifier_trial
 
 NAME = "chestxray_transfer"
 
@@ -45,7 +46,7 @@ def main() -> None:
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)
-    rows = chestxray_table(results, results_rows(results, sweep.max_iterations, "val_loss", "min"),
+    rows = chestxray_table(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),
                            tracking_uri=sweep.tracking_uri, experiment=NAME, parent_run_id=sweep.parent_run_id,
                            target_loss=args.target_loss,
                            cpus=args.cpus_per_trial, gpus=gpus)

@@ -10,7 +10,8 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import best_trial_checkpoint, evaluate_remote, results_rows, run_sweep
+from tlcore.results import best_trial_checkpoint, evaluate_remote, trial_rows
+from tlcore.trainables import run_sweep
 
 NAME = "ixi_source"
 REGISTERED_NAME = "ixi_hippocampus"
@@ -31,7 +32,7 @@ def main() -> None:
     if args.num_samples > 1:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
-    rows = results_rows(results, sweep.max_iterations)
+    rows = trial_rows(results, sweep.max_iterations)
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
     best, checkpoint, iteration = best_trial_checkpoint(results)

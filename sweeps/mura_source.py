@@ -11,8 +11,8 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 from ray import tune
 
 from tlcore import cli
-from tlcore.trainables import (best_trial_checkpoint, evaluate_classifier_remote, results_rows, run_sweep,
-                               train_classifier_trial)
+from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, trial_rows
+from tlcore.trainables import run_sweep, train_classifier_trial
 
 NAME = "mura_source"
 REGISTERED_NAME = "mura_densenet121"
@@ -36,7 +36,7 @@ def main() -> None:
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",
                         **sweep.tune_kwargs(), grace_period=1)
-    rows = results_rows(results, sweep.max_iterations, metric="val_accuracy")
+    rows = trial_rows(results, sweep.max_iterations, metric="val_accuracy")
     if all(r["status"] == "ERROR" for r in rows):
         cli.finish(sweep, rows, errors=len(rows))
     best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")

@@ -21,7 +21,7 @@ TRIAL_3D = r"""
 import json, sys, torch
 from tlcore.config import RunConfig
 from tlcore.train import train_segmentation
-from tlcore.trainables import num_classes, start_segmentation
+from tlcore.starts import num_classes, start_segmentation
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
 model, _, sampler, val, device = start_segmentation(cfg)
@@ -36,7 +36,7 @@ TRIAL_2D = r"""
 import json, sys, torch
 from tlcore.config import RunConfig
 from tlcore.train2d import build_learner, fit_classifier
-from tlcore.trainables import start_classifier
+from tlcore.starts import start_classifier
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))
 model, _, train_dl, val_dl = start_classifier(cfg)
@@ -81,7 +81,7 @@ def test_resumed_trial_continues_exactly_as_an_uninterrupted_one(brats_config):
     """Tune pauses and restores trials (a lost node, synchronous early stopping): from a
     checkpoint the trial must go on with the same patches, not a fresh stream."""
     from tlcore.train import train_segmentation
-    from tlcore.trainables import start_segmentation
+    from tlcore.starts import start_segmentation
 
     cfg = RunConfig.from_dict({**brats_config, "seed": 3})
     whole, states = [], []
@@ -102,7 +102,7 @@ def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
     from fastai.callback.core import Callback
 
     from tlcore.train2d import build_learner, fit_classifier, load_classifier_state, save_classifier_state
-    from tlcore.trainables import start_classifier
+    from tlcore.starts import start_classifier
 
     cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_epochs": 2, "seed": 5})
     saved = tmp_path / "after_epoch_1"

@@ -95,7 +95,7 @@ def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     """The store failed between create_run and log_params: the next time the trial's run is
     found (a restored trial, `python -m tlcore.sync`), its params are completed."""
     from tlcore.config import RunConfig
-    from tlcore.trainables import open_trial_run
+    from tlcore.trial_runs import open_trial_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.start_run(uri, "ixi_source", "parent", {"seed": 0}, {"role": "parent"})

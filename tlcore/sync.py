@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.trainables import METRICS, end_trial_run, iteration_tags, nested, open_trial_run
+from tlcore.trial_runs import METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict
 
 
 @dataclass
@@ -92,10 +92,10 @@ def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_itera
                 rows.append((key, r[key], step, int(r.get("timestamp", 0) * 1000)))
                 logged.add(step)
     tracking.log_metric_rows(uri, run_id, rows)
-    transfer = next((t for t in (nested(r, "transfer") for r in trial.results) if t), None)
+    transfer = next((t for t in (reported_dict(r, "transfer") for r in trial.results) if t), None)
     if transfer:
         tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in transfer.items()})
-    runtime = next((t for t in (nested(r, "runtime") for r in reversed(trial.results)) if t), None)
+    runtime = next((t for t in (reported_dict(r, "runtime") for r in reversed(trial.results)) if t), None)
     if runtime:  # the last start's
         tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in runtime.items()})
     status = tracking.run_info(uri, run_id).info.status

@@ -56,7 +56,7 @@ def redact(text: str) -> str:
 def take_credentials(uri: str) -> str:
     """The tracking URI without its `user:password@`, which go where MLflow's client reads them:
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment (and,
-    through trainables.with_credentials, in every trial's). The URI itself ends up in
+    through trial_runs.with_credentials, in every trial's). The URI itself ends up in
     run params, trial configs, Tune's result files and printed lines, so it must hold no secret.
 
     A database URI with a password (postgresql://user:pw@host/db as the tracking store itself)
@@ -81,7 +81,7 @@ def take_credentials(uri: str) -> str:
 
 
 def credentials_env() -> dict[str, str]:
-    """The MLflow credentials this process has, for the sweep's trials (trainables.with_credentials):
+    """The MLflow credentials this process has, for the sweep's trials (trial_runs.with_credentials):
     trials on nodes whose Ray was started without them still reach the registry."""
     return {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
 

@@ -1,10 +1,10 @@
-"""Ray Tune glue (the only module importing ray.tune): the trainable, the MLflow callback,
-and `run_sweep`, which every script in sweeps/ calls.
+"""Ray Tune glue (the only module importing ray.tune): the 3D and 2D trainables, the callbacks
+(MLflow runs, bounded checkpoints, result files), stratified ASHA and `run_sweep`, which every
+script in sweeps/ calls. What trials start from is in starts.py; what follows them in results.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 from ray import tune
 from ray.tune.experiment import Trial
@@ -22,71 +21,11 @@ from safetensors.torch import save_file
 
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
-from tlcore.data.layouts import default_label_map, find_subjects
-from tlcore.data.pipeline import PatchSampler, load_subject
-from tlcore.data.splits import read_splits, training_ids
-from tlcore.evaluate import evaluate_subjects
-from tlcore.models import build_model
-from tlcore.plots import confusion_png
-from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,
-                          train_segmentation)
-from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
-
-METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
-_SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
-
-
-def num_classes(cfg: RunConfig) -> int:
-    return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
-
-
-def load_split(cfg: RunConfig, split: str) -> list:
-    """Subjects of one split, loaded and normalised once per worker process."""
-    label_map = cfg.label_map or default_label_map(cfg.dataset)
-    splits = read_splits(cfg.splits_file)
-    ids = training_ids(splits, cfg.train_subset) if split == "train" else splits[split]
-    # every grade: the driver's split file decides which subjects take part
-    files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
-    out = []
-    for sid in ids:
-        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, cfg.spacing)
-        if key not in _SUBJECT_CACHE:
-            if sid not in files:
-                raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
-            _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
-                                               num_classes(cfg), cfg.patch_size, spacing=cfg.spacing or None)
-        out.append(_SUBJECT_CACHE[key])
-    return out
-
-
-def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
-    """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
-                        head=cfg.head)
-    report = TransferReport(source="scratch")
-    if cfg.source_model != "scratch":
-        report = load_registered(model, cfg)
-    return model, freeze_first(model, cfg.frozen_layers, report)
-
-
-def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
-    """Copy the weights of the registered source model (cached per machine) into `model`."""
-    ref, folder = tracking.cached_model(cfg.tracking_uri, cfg.source_model)
-    return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
-
-
-def start_segmentation(cfg: RunConfig):
-    """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
-    worker processes, and the model's initial weights come from the random state).
-    Returns (model, transfer report, patch sampler, validation subjects, device)."""
-    torch.set_num_threads(cfg.num_threads or 1)
-    seed_everything(cfg.seed, cfg.deterministic)
-    model, transfer = build_start_model(cfg)
-    train = load_split(cfg, "train")
-    device = pick_device()
-    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
-                           device=staging_device(train, device))
-    return model, transfer, sampler, load_split(cfg, "val"), device
+from tlcore.results import close_orphaned_runs, log_val_per_subject
+from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
+from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
+from tlcore.trial_runs import (METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict,
+                               with_credentials)
 
 
 def train_segmentation_trial(config: dict) -> None:
@@ -106,7 +45,7 @@ def train_segmentation_trial(config: dict) -> None:
     first = {"runtime": runtime_summary(device, amp_dtype(cfg, device) is not None, layout_choice,
                                         volumes_on=staged_on.type)}
     if resume is None:
-        first["transfer"] = _transfer_summary(transfer)
+        first["transfer"] = transfer_summary(transfer)
 
     def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -119,47 +58,6 @@ def train_segmentation_trial(config: dict) -> None:
         first.clear()
 
     train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume, device, channels_last)
-
-
-def runtime_summary(device: torch.device, bf16: bool, layout: str, **more) -> dict:
-    """Where and how a trial ran, for its run's tags (runs of one sweep may differ by node)."""
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": "bf16 autocast" if bf16 else "fp32", "layout": layout, **more}
-
-
-def _transfer_summary(r: TransferReport) -> dict:
-    return {**r.counts(), "source": r.source, "frozen": ",".join(r.frozen_groups) or "none",
-            "reinitialised": ",".join(r.reinitialised) or "none"}
-
-
-def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
-    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
-    With `run_id`, the predictions of a val or test split are logged to that MLflow run as NIfTI
-    under predictions/<split>/ (on each input's grid, with its affine and header)."""
-    cfg = RunConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
-                        head=cfg.head)
-    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
-    device = pick_device()
-    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    with tempfile.TemporaryDirectory() as out:
-        predictions = out if run_id and split != "train" else None
-        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
-                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
-                               channels_last, predictions)
-        if predictions:
-            tracking.log_artifacts(cfg.tracking_uri, run_id, out, f"predictions/{split}")
-    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
-
-
-def run_name(config: dict) -> str:
-    c = flatten_config(config)
-    src = c.get("source_model", "scratch").replace("models:/", "")
-    return f"{src} k={c.get('frozen_layers', 0)} lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()
 
 
 def trial_dirname(trial) -> str:
@@ -328,7 +226,7 @@ class MLflowTrialLogger(tune.Callback):
         self._push(trial.trial_id, "result", {
             "step": int(result.get("iteration", result.get("training_iteration", 0))),
             "metrics": {k: result[k] for k in METRICS if k in result},
-            "transfer": nested(result, "transfer"), "runtime": nested(result, "runtime")})
+            "transfer": reported_dict(result, "transfer"), "runtime": reported_dict(result, "runtime")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("iteration", 0)
@@ -413,49 +311,6 @@ class MLflowTrialLogger(tune.Callback):
             self._runs[trial_id] = open_trial_run(self.tracking_uri, self.experiment, self.parent_run_id,
                                                   trial_id, self._configs[trial_id], self._last_step)
         return self._runs[trial_id]
-
-
-def nested(result: dict, key: str) -> dict:
-    """A dict the trainable reported under `key` (Tune may flatten it to key/...)."""
-    flat = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(f"{key}/")}
-    return flat or (result[key] if isinstance(result.get(key), dict) else {})
-
-
-def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str, config: dict,
-                   last_step: dict | None = None, reopen: bool = True) -> str:
-    """The trial's child run: found by its trial_id tag (and reopened), or created with the
-    trial's parameters, source lineage and splits. `last_step[trial_id]` gets the last step
-    already logged, so a restored trial never logs a step twice."""
-    run_id = tracking.find_child_run(uri, experiment, parent_run_id, trial_id)
-    if run_id is None:
-        cfg = RunConfig.from_dict(config)
-        tags = {"sweep": experiment, "trial_id": trial_id}
-        if cfg.source_model.startswith("models:/"):
-            tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
-        run_id = tracking.start_run(uri, experiment, run_name(config), cfg.to_params(), tags,
-                                    parent_run_id=parent_run_id)
-        if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
-            tracking.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
-    else:
-        # A store outage between create_run and log_params leaves a run without params; finding
-        # it again completes them (log_params adds only the missing keys).
-        tracking.log_params(uri, run_id, RunConfig.from_dict(config).to_params())
-        if last_step is not None:
-            history = tracking.metric_history(uri, run_id, "train_loss")
-            last_step[trial_id] = max((step for step, _ in history), default=-1)
-        if reopen and tracking.run_info(uri, run_id).info.status != "RUNNING":
-            tracking.reopen_run(uri, run_id)
-    return run_id
-
-
-def iteration_tags(done: int, max_iterations: int) -> dict:
-    return {"iterations": done, "stopped_early": done < max_iterations}
-
-
-def end_trial_run(uri: str, run_id: str, status: str, tags: dict) -> None:
-    """Close a trial's run (FINISHED or FAILED) with its final tags."""
-    tracking.set_tags(uri, run_id, tags)
-    tracking.end_run(uri, run_id, status)
 
 
 class StratifiedASHA(FIFOScheduler):
@@ -613,25 +468,6 @@ def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3, strata=
                           reduction_factor=reduction_factor, synchronous=synchronous)
 
 
-def with_credentials(fn):
-    """`fn` (a trainable or a Ray task), first putting the driver's MLflow credentials
-    (tracking.credentials_env) into the worker's environment, where MLflow's client reads them:
-    trials and evaluation tasks on nodes whose Ray was started without them still reach the
-    registry and their runs. They travel inside the function Ray ships to the workers; not in the
-    config (recorded as params and in Tune's result files) and not in a Ray runtime environment
-    (Ray's runtime-env agent writes those values to its log)."""
-    credentials = tracking.credentials_env()
-    if not credentials:
-        return fn
-
-    @functools.wraps(fn)
-    def with_env(*args, **kwargs):
-        os.environ.update(credentials)
-        return fn(*args, **kwargs)
-
-    return with_env
-
-
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
               trainable=None,
               max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
@@ -685,188 +521,6 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     return results
 
 
-def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_id: str,
-                        metric: str = "val_dice", mode: str = "max") -> None:
-    """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
-    plots and paired statistics (3D trials write it into every checkpoint)."""
-    for r in results:
-        checkpoint, _ = best_checkpoint_of(r, metric, mode)
-        trial_id = trial_id_of(r)
-        if checkpoint is None:
-            continue
-        with checkpoint.as_directory() as d:
-            f = Path(d) / "val_per_subject.json"
-            if not f.exists():
-                continue
-            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
-            if run_id:
-                tracking.log_dict(tracking_uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
-
-
-def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int) -> int:
-    """End child runs left RUNNING (a driver killed after a trial finished but before MLflow
-    heard of it); returns how many were closed."""
-    closed = 0
-    by_trial = {(r.metrics or {}).get("trial_id"): r for r in results}
-    for run in tracking.child_runs(tracking_uri, experiment, parent_run_id):
-        if run.info.status != "RUNNING":
-            continue
-        r = by_trial.get(run.data.tags.get("trial_id"))
-        done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
-        end_trial_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED",
-                      {**iteration_tags(done, max_iterations), "closed_by": "close_orphaned_runs"})
-        closed += 1
-    return closed
-
-
-def results_rows(results, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> list[dict]:
-    """One row per trial: configuration, best metric, iterations run, stopped early or not."""
-    rows = []
-    for r in results:
-        c = flatten_config(r.config)
-        df = r.metrics_dataframe
-        best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
-        its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
-        rows.append({"trial_id": trial_id_of(r),
-                     "source_model": c.get("source_model", "scratch"),
-                     "frozen_layers": int(c.get("frozen_layers", 0)),
-                     "train_subset": c.get("train_subset", "all"),
-                     "lr": f"{c.get('lr', 0):.3g}", "lr_schedule": c.get("lr_schedule", "constant"),
-                     "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
-                     "iterations": its, "stopped_early": r.error is None and its < max_iterations,
-                     "status": "ERROR" if r.error else "OK"})
-        if r.error:  # the cause in a few words; the whole traceback is in the trial's error.txt
-            rows[-1]["error"] = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
-            rows[-1]["error_file"] = str(Path(r.path) / "error.txt")
-    return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
-                                         row["frozen_layers"], str(row["lr"]), row["seed"]))
-
-
-def trial_id_of(result) -> str:
-    """A Tune result's trial id: from its metrics, or from the folder `trial_dirname` named
-    (a trial that failed before its first report has no metrics)."""
-    if (result.metrics or {}).get("trial_id"):
-        return result.metrics["trial_id"]
-    name = Path(result.path or "").name
-    for prefix in ("train_segmentation_trial_", "train_classifier_trial_"):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def best_trial_checkpoint(results, metric: str = "val_dice", mode: str = "max"):
-    """(ResultGrid entry, checkpoint, its iteration) of the best trial's best report."""
-    best = results.get_best_result(metric=metric, mode=mode, scope="all")
-    checkpoint, iteration = best_checkpoint_of(best, metric, mode)
-    return best, checkpoint, iteration
-
-
-def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
-    """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
-    return ray.get(task.remote(config, checkpoint, split))
-
-
-def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> dict:
-    with checkpoint.as_directory() as d:
-        return evaluate_checkpoint(config, d, split, run_id)
-
-
-def best_checkpoint_of(result, metric: str = "val_dice", mode: str = "max"):
-    """(checkpoint, iteration) of a trial's best report by `metric`; (None, 0) without one."""
-    df = result.metrics_dataframe
-    if df is None or metric not in df or df[metric].isna().all():
-        return None, 0
-    row = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
-    try:
-        checkpoint = result.get_best_checkpoint(metric, mode) or result.checkpoint
-    except (RuntimeError, ValueError, KeyError):
-        checkpoint = result.checkpoint
-    return checkpoint, int(df.loc[row, "iteration"])
-
-
-def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str,
-                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
-                    mode: str = "max") -> dict:
-    """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
-
-    Every trial, early-stopped or not (a table with empty cells compares nothing): whole-volume
-    Dice per split (train = the trial's own training subset) is logged to the trial's MLflow
-    run at the best checkpoint's iteration, with the per-subject Dice as artifacts, and
-    recorded in the run's `evaluation` tag, so that a `--resume` of a finished sweep does not
-    evaluate the same checkpoint again. Trials that failed are left out.
-    Returns trial_id -> {"<split>_dice", "best_iteration"}.
-    """
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
-    pending, out = {}, {}
-    for r in results:
-        checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
-        if r.error or checkpoint is None:
-            continue
-        trial_id = trial_id_of(r)
-        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
-        done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
-        if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
-            out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
-            continue
-        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
-    for trial_id, (run_id, best_iteration, refs) in pending.items():
-        scores = {s: ray.get(ref) for s, ref in refs.items()}
-        dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
-        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v for s, v in dice.items()}}
-        if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
-            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
-                                 step=best_iteration)
-            for s, v in scores.items():
-                tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
-            tracking.set_tags(tracking_uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
-                                                                                "dice": dice})})
-    return out
-
-
-# ----------------------------------------------------------------------------- 2D chain
-
-def load_images(cfg: RunConfig, split: str) -> list:
-    """Images (MuraImage / ChestImage records) of the patients in one split."""
-    patients = set(read_splits(cfg.splits_file)[split])
-    if cfg.dataset == "mura":
-        from tlcore.data.mura import find_mura
-        images = find_mura(cfg.data_dir)[0]
-    else:
-        from tlcore.data.chestxray import find_chestxray
-        images = find_chestxray(cfg.data_dir, cfg.finding)[0]
-    return [i for i in images if i.patient in patients]
-
-
-def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
-    """DenseNet121 + fastai head from scratch, ImageNet (hub cache or a local file) or a registered model."""
-    from tlcore.models import build_densenet121
-    from tlcore.train2d import load_imagenet
-
-    model = build_densenet121(num_classes=2)
-    src = cfg.source_model
-    if src == "scratch":
-        report = TransferReport(source="scratch")
-    elif src == "imagenet":
-        report = load_imagenet(model)
-    elif src.startswith("models:/"):
-        report = load_registered(model, cfg)
-    else:  # a local file of torchvision's ImageNet DenseNet121 weights
-        report = load_imagenet(model, src)
-    return model, freeze_first(model, cfg.frozen_layers, report)
-
-
-def start_classifier(cfg: RunConfig, start_epoch: int = 0):
-    """What a 2D trial starts from, a function of its config alone (seeded before the model is
-    built: the fastai head's weights and dropout come from the random state).
-    Returns (model, transfer report, training loader, validation loader)."""
-    from tlcore.train2d import image_loaders
-
-    torch.set_num_threads(cfg.num_threads or 1)
-    seed_everything(cfg.seed, cfg.deterministic)
-    model, transfer = build_start_classifier(cfg)
-    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
-    return model, transfer, train_dl, val_dl  # fit_classifier seeds dropout per epoch
 
 
 def train_classifier_trial(config: dict) -> None:
@@ -887,7 +541,7 @@ def train_classifier_trial(config: dict) -> None:
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
                                         "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
     if not checkpoint:
-        first["transfer"] = _transfer_summary(transfer)
+        first["transfer"] = transfer_summary(transfer)
 
     class ReportToTune(Callback):
         order = 60  # after fastai's Recorder has the epoch's values
@@ -923,70 +577,3 @@ def train_classifier_trial(config: dict) -> None:
     fit_classifier(learn, cfg, start_epoch)
 
 
-def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
-    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
-    from tlcore.models import build_densenet121
-    from tlcore.train2d import predict_probabilities
-    from tlcore.data.images2d import RadiographDataset
-
-    cfg = RunConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    model = build_densenet121(num_classes=2)
-    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
-    images = load_images(cfg, split)
-    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
-    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
-    return {"label": y, "prob": p, "path": [i.path for i in images],
-            "study": [getattr(i, "study", i.path) for i in images],
-            "body_part": [getattr(i, "body_part", "") for i in images]}
-
-
-def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
-    def run(config, checkpoint, split):
-        with checkpoint.as_directory() as d:
-            return evaluate_classifier(config, d, split)
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(run)).remote(config, checkpoint, split))
-
-
-def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
-                    target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
-    """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
-    or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
-    training loss first reaches `target_loss`."""
-    from tlcore.evaluate import classification_metrics, common_target_loss, steps_to_reach
-
-    curves = {}
-    for r in results:
-        df = r.metrics_dataframe
-        if df is not None and "train_loss" in df:
-            curves[r.metrics.get("trial_id", "")] = (df["step"].tolist(), df["train_loss"].tolist(), r)
-    if target_loss is None:  # the loss every trial reached
-        target_loss = common_target_loss(c[1] for c in curves.values())
-    out = []
-    for row in rows:
-        steps, losses, r = curves.get(row["trial_id"], ([], [], None))
-        reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
-        row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
-               "steps_to_target": steps[reached - 1] if reached else "not reached"}
-        checkpoint, best_epoch = best_checkpoint_of(r, "val_loss", "min") if r is not None else (None, 0)
-        if checkpoint is not None and row["status"] == "OK":
-            row["best_epoch"] = best_epoch
-            pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
-            m = classification_metrics(pred["label"], pred["prob"])
-            row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
-                       test_confusion=m["confusion"])
-            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, row["trial_id"])
-            if run_id:
-                tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
-                                     step=best_epoch)
-                tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
-                # per image, for the report's ROC curves and paired (McNemar) comparisons
-                tracking.log_dict(tracking_uri, run_id, {"image": list(pred["path"]),
-                                                         "label": list(map(int, pred["label"])),
-                                                         "prob": list(map(float, pred["prob"]))},
-                                  "test_predictions.json")
-                with tempfile.TemporaryDirectory() as d:
-                    confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
-                    tracking.log_artifacts(tracking_uri, run_id, d)
-        out.append(row)
-    return out

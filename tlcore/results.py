@@ -1,0 +1,255 @@
+"""After the trials: whole-volume evaluation of every trial's best checkpoint (in Ray tasks, next
+to the data), the per-trial table rows, and the runs a killed driver left open. Uses Ray's
+core for tasks; no ray.tune here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+
+from tlcore import tracking
+from tlcore.config import RunConfig, flatten_config
+from tlcore.evaluate import evaluate_subjects
+from tlcore.models import build_model
+from tlcore.plots import confusion_png
+from tlcore.starts import load_images, load_split, num_classes
+from tlcore.train import amp_dtype, choose_channels_last, pick_device
+from tlcore.transfer import read_weights
+from tlcore.trial_runs import end_trial_run, iteration_tags, with_credentials
+
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
+    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
+    With `run_id`, the predictions of a val or test split are logged to that MLflow run as NIfTI
+    under predictions/<split>/ (on each input's grid, with its affine and header)."""
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
+                        head=cfg.head)
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    device = pick_device()
+    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    with tempfile.TemporaryDirectory() as out:
+        predictions = out if run_id and split != "train" else None
+        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
+                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
+                               channels_last, predictions)
+        if predictions:
+            tracking.log_artifacts(cfg.tracking_uri, run_id, out, f"predictions/{split}")
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
+
+
+def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
+    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
+    from tlcore.models import build_densenet121
+    from tlcore.train2d import predict_probabilities
+    from tlcore.data.images2d import RadiographDataset
+
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_densenet121(num_classes=2)
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    images = load_images(cfg, split)
+    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
+    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
+    return {"label": y, "prob": p, "path": [i.path for i in images],
+            "study": [getattr(i, "study", i.path) for i in images],
+            "body_part": [getattr(i, "body_part", "") for i in images]}
+
+
+def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_id: str,
+                        metric: str = "val_dice", mode: str = "max") -> None:
+    """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
+    plots and paired statistics (3D trials write it into every checkpoint)."""
+    for r in results:
+        checkpoint, _ = best_checkpoint_of(r, metric, mode)
+        trial_id = trial_id_of(r)
+        if checkpoint is None:
+            continue
+        with checkpoint.as_directory() as d:
+            f = Path(d) / "val_per_subject.json"
+            if not f.exists():
+                continue
+            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+            if run_id:
+                tracking.log_dict(tracking_uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
+
+
+def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int) -> int:
+    """End child runs left RUNNING (a driver killed after a trial finished but before MLflow
+    heard of it); returns how many were closed."""
+    closed = 0
+    by_trial = {(r.metrics or {}).get("trial_id"): r for r in results}
+    for run in tracking.child_runs(tracking_uri, experiment, parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        r = by_trial.get(run.data.tags.get("trial_id"))
+        done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
+        end_trial_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED",
+                      {**iteration_tags(done, max_iterations), "closed_by": "close_orphaned_runs"})
+        closed += 1
+    return closed
+
+
+def trial_rows(results, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> list[dict]:
+    """One row per trial: configuration, best metric, iterations run, stopped early or not."""
+    rows = []
+    for r in results:
+        c = flatten_config(r.config)
+        df = r.metrics_dataframe
+        best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
+        its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
+        rows.append({"trial_id": trial_id_of(r),
+                     "source_model": c.get("source_model", "scratch"),
+                     "frozen_layers": int(c.get("frozen_layers", 0)),
+                     "train_subset": c.get("train_subset", "all"),
+                     "lr": f"{c.get('lr', 0):.3g}", "lr_schedule": c.get("lr_schedule", "constant"),
+                     "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
+                     "iterations": its, "stopped_early": r.error is None and its < max_iterations,
+                     "status": "ERROR" if r.error else "OK"})
+        if r.error:  # the cause in a few words; the whole traceback is in the trial's error.txt
+            rows[-1]["error"] = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
+            rows[-1]["error_file"] = str(Path(r.path) / "error.txt")
+    return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
+                                         row["frozen_layers"], str(row["lr"]), row["seed"]))
+
+
+def trial_id_of(result) -> str:
+    """A Tune result's trial id: from its metrics, or from the folder `trial_dirname` named
+    (a trial that failed before its first report has no metrics)."""
+    if (result.metrics or {}).get("trial_id"):
+        return result.metrics["trial_id"]
+    name = Path(result.path or "").name
+    for prefix in ("train_segmentation_trial_", "train_classifier_trial_"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def best_trial_checkpoint(results, metric: str = "val_dice", mode: str = "max"):
+    """(ResultGrid entry, checkpoint, its iteration) of the best trial's best report."""
+    best = results.get_best_result(metric=metric, mode=mode, scope="all")
+    checkpoint, iteration = best_checkpoint_of(best, metric, mode)
+    return best, checkpoint, iteration
+
+
+def best_checkpoint_of(result, metric: str = "val_dice", mode: str = "max"):
+    """(checkpoint, iteration) of a trial's best report by `metric`; (None, 0) without one."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or df[metric].isna().all():
+        return None, 0
+    row = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+    try:
+        checkpoint = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    except (RuntimeError, ValueError, KeyError):
+        checkpoint = result.checkpoint
+    return checkpoint, int(df.loc[row, "iteration"])
+
+
+def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
+    return ray.get(task.remote(config, checkpoint, split))
+
+
+def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> dict:
+    with checkpoint.as_directory() as d:
+        return evaluate_checkpoint(config, d, split, run_id)
+
+
+def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str,
+                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+                    mode: str = "max") -> dict:
+    """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
+
+    Every trial, early-stopped or not (a table with empty cells compares nothing): whole-volume
+    Dice per split (train = the trial's own training subset) is logged to the trial's MLflow
+    run at the best checkpoint's iteration, with the per-subject Dice as artifacts, and
+    recorded in the run's `evaluation` tag, so that a `--resume` of a finished sweep does not
+    evaluate the same checkpoint again. Trials that failed are left out.
+    Returns trial_id -> {"<split>_dice", "best_iteration"}.
+    """
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
+    pending, out = {}, {}
+    for r in results:
+        checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
+        if r.error or checkpoint is None:
+            continue
+        trial_id = trial_id_of(r)
+        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
+        done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
+        if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
+            out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
+            continue
+        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
+    for trial_id, (run_id, best_iteration, refs) in pending.items():
+        scores = {s: ray.get(ref) for s, ref in refs.items()}
+        dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
+        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v for s, v in dice.items()}}
+        if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
+            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
+                                 step=best_iteration)
+            for s, v in scores.items():
+                tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+            tracking.set_tags(tracking_uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
+                                                                                "dice": dice})})
+    return out
+
+
+def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    def run(config, checkpoint, split):
+        with checkpoint.as_directory() as d:
+            return evaluate_classifier(config, d, split)
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(run)).remote(config, checkpoint, split))
+
+
+def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
+                    target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
+    """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
+    or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
+    training loss first reaches `target_loss`."""
+    from tlcore.evaluate import classification_metrics, common_target_loss, steps_to_reach
+
+    curves = {}
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and "train_loss" in df:
+            curves[r.metrics.get("trial_id", "")] = (df["step"].tolist(), df["train_loss"].tolist(), r)
+    if target_loss is None:  # the loss every trial reached
+        target_loss = common_target_loss(c[1] for c in curves.values())
+    out = []
+    for row in rows:
+        steps, losses, r = curves.get(row["trial_id"], ([], [], None))
+        reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
+        row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
+               "steps_to_target": steps[reached - 1] if reached else "not reached"}
+        checkpoint, best_epoch = best_checkpoint_of(r, "val_loss", "min") if r is not None else (None, 0)
+        if checkpoint is not None and row["status"] == "OK":
+            row["best_epoch"] = best_epoch
+            pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
+            m = classification_metrics(pred["label"], pred["prob"])
+            row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
+                       test_confusion=m["confusion"])
+            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, row["trial_id"])
+            if run_id:
+                tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
+                                     step=best_epoch)
+                tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
+                # per image, for the report's ROC curves and paired (McNemar) comparisons
+                tracking.log_dict(tracking_uri, run_id, {"image": list(pred["path"]),
+                                                         "label": list(map(int, pred["label"])),
+                                                         "prob": list(map(float, pred["prob"]))},
+                                  "test_predictions.json")
+                with tempfile.TemporaryDirectory() as d:
+                    confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
+                    tracking.log_artifacts(tracking_uri, run_id, d)
+        out.append(row)
+    return out
+

@@ -1,0 +1,127 @@
+"""What a trial starts from, a function of its run config alone: the subjects or images of its
+splits, the network (scratch, ImageNet or a registered source, k layer groups frozen), the
+patch sampler or data loaders. No Ray here: trials (trainables) and evaluation (results) use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tlcore import tracking
+from tlcore.config import RunConfig
+from tlcore.data.layouts import default_label_map, find_subjects
+from tlcore.data.pipeline import PatchSampler, load_subject
+from tlcore.data.splits import read_splits, training_ids
+from tlcore.models import build_model
+from tlcore.train import pick_device, seed_everything, staging_device
+from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
+
+_SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
+
+
+def num_classes(cfg: RunConfig) -> int:
+    return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
+
+
+def load_split(cfg: RunConfig, split: str) -> list:
+    """Subjects of one split, loaded and normalised once per worker process."""
+    label_map = cfg.label_map or default_label_map(cfg.dataset)
+    splits = read_splits(cfg.splits_file)
+    ids = training_ids(splits, cfg.train_subset) if split == "train" else splits[split]
+    # every grade: the driver's split file decides which subjects take part
+    files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
+    out = []
+    for sid in ids:
+        key = (cfg.data_dir, sid, cfg.modalities, tuple(sorted(label_map.items())), cfg.patch_size, cfg.spacing)
+        if key not in _SUBJECT_CACHE:
+            if sid not in files:
+                raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
+            _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
+                                               num_classes(cfg), cfg.patch_size, spacing=cfg.spacing or None)
+        out.append(_SUBJECT_CACHE[key])
+    return out
+
+
+def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+    """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
+    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
+                        head=cfg.head)
+    report = TransferReport(source="scratch")
+    if cfg.source_model != "scratch":
+        report = load_registered(model, cfg)
+    return model, freeze_first(model, cfg.frozen_layers, report)
+
+
+def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
+    """Copy the weights of the registered source model (cached per machine) into `model`."""
+    ref, folder = tracking.cached_model(cfg.tracking_uri, cfg.source_model)
+    return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+
+
+def start_segmentation(cfg: RunConfig):
+    """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
+    worker processes, and the model's initial weights come from the random state).
+    Returns (model, transfer report, patch sampler, validation subjects, device)."""
+    torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)
+    model, transfer = build_start_model(cfg)
+    train = load_split(cfg, "train")
+    device = pick_device()
+    sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
+                           device=staging_device(train, device))
+    return model, transfer, sampler, load_split(cfg, "val"), device
+
+
+def runtime_summary(device: torch.device, bf16: bool, layout: str, **more) -> dict:
+    """Where and how a trial ran, for its run's tags (runs of one sweep may differ by node)."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": "bf16 autocast" if bf16 else "fp32", "layout": layout, **more}
+
+
+def transfer_summary(r: TransferReport) -> dict:
+    return {**r.counts(), "source": r.source, "frozen": ",".join(r.frozen_groups) or "none",
+            "reinitialised": ",".join(r.reinitialised) or "none"}
+
+
+def load_images(cfg: RunConfig, split: str) -> list:
+    """Images (MuraImage / ChestImage records) of the patients in one split."""
+    patients = set(read_splits(cfg.splits_file)[split])
+    if cfg.dataset == "mura":
+        from tlcore.data.mura import find_mura
+        images = find_mura(cfg.data_dir)[0]
+    else:
+        from tlcore.data.chestxray import find_chestxray
+        images = find_chestxray(cfg.data_dir, cfg.finding)[0]
+    return [i for i in images if i.patient in patients]
+
+
+def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+    """DenseNet121 + fastai head from scratch, ImageNet (hub cache or a local file) or a registered model."""
+    from tlcore.models import build_densenet121
+    from tlcore.train2d import load_imagenet
+
+    model = build_densenet121(num_classes=2)
+    src = cfg.source_model
+    if src == "scratch":
+        report = TransferReport(source="scratch")
+    elif src == "imagenet":
+        report = load_imagenet(model)
+    elif src.startswith("models:/"):
+        report = load_registered(model, cfg)
+    else:  # a local file of torchvision's ImageNet DenseNet121 weights
+        report = load_imagenet(model, src)
+    return model, freeze_first(model, cfg.frozen_layers, report)
+
+
+def start_classifier(cfg: RunConfig, start_epoch: int = 0):
+    """What a 2D trial starts from, a function of its config alone (seeded before the model is
+    built: the fastai head's weights and dropout come from the random state).
+    Returns (model, transfer report, training loader, validation loader)."""
+    from tlcore.train2d import image_loaders
+
+    torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed, cfg.deterministic)
+    model, transfer = build_start_classifier(cfg)
+    train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
+    return model, transfer, train_dl, val_dl  # fit_classifier seeds dropout per epoch
+
