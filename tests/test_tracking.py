@@ -164,3 +164,15 @@ def test_require_store_raises_store_unreachable_quickly(tmp_path):
         tracking.require_store(f"http://127.0.0.1:{free_port()}", attempts=2, wait_s=0.1)
     assert time.time() - t0 < 60
     tracking.require_store(f"sqlite:///{tmp_path / 'ok.db'}")  # a store that answers: no error
+
+
+def test_experiments_open_on_mlflows_model_training_view(mlflow_uri):
+    """MLflow 3 shows an untagged experiment as GenAI; tlcore's are tagged model training, and an
+    experiment made before the tag existed gets it when next used."""
+    tracking.start_run(mlflow_uri, "fresh", "r")
+    c = tracking.client(mlflow_uri)
+    assert c.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
+    old = c.create_experiment("older")  # as an earlier tlcore made it
+    assert "mlflow.experimentKind" not in c.get_experiment(old).tags
+    tracking.start_run(mlflow_uri, "older", "r")
+    assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"

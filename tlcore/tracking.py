@@ -203,20 +203,31 @@ def short_retries(retries: int = 1, timeout: int = 20):
                 os.environ.pop(k, None)
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview; with it, on the runs
+# table of model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(uri: str, name: str) -> str:
-    """Id of experiment `name`, created if missing (artifacts beside a SQLite store)."""
+    """Id of experiment `name`, created if missing (artifacts beside a SQLite store), tagged as
+    model training (older experiments get the tag when next used)."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     db = _sqlite_path(uri)
     if db is not None:  # default would be ./mlartifacts relative to whichever process logs first
         location = (db.parent / "artifacts" / name).absolute().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created concurrently
-        return c.get_experiment_by_name(name).experiment_id
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    except MlflowException:  # created concurrently (by a creator that tags it)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _params(params: dict) -> list[Param]:
