@@ -87,6 +87,13 @@ def source_model(workspace):
     src = run_sweep("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
     assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
     assert "registered models:/ixi_hippocampus/1" in src.stdout and "test_dice" in src.stdout
+    # what the researcher reads: a line per trial report, no configuration dumps or Ray chatter
+    out = src.stdout + src.stderr
+    assert len(out.splitlines()) <= 80, out
+    for chatter in ("Checkpoint successfully created", "params={", "Trial status:", "tensorboard", "data_dir"):
+        assert chatter not in out, chatter
+    assert len(re.findall(r"iteration \d+/\d+ +val_dice \d\.\d{3} \(best", out)) >= 2, out
+    assert re.search(r"2/2 trials ended .* best val_dice", out), out
     return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
 
 

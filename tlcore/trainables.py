@@ -6,6 +6,7 @@ script in sweeps/ calls. What trials start from is in starts.py; what follows th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,11 +26,17 @@ from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
 from tlcore.trial_runs import (METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict,
-                               with_credentials)
+                               trial_run_name, with_credentials)
+
+
+def quiet_ray_train() -> None:
+    """No "Checkpoint successfully created" line per report in the sweep's output (warnings stay)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def train_segmentation_trial(config: dict) -> None:
     """Function trainable: train one configuration, report every `report_every` iterations."""
+    quiet_ray_train()
     cfg = RunConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
     staged_on = sampler.device
@@ -93,6 +100,67 @@ class CsvResults(_KeepDriverCopy, CSVLoggerCallback):
 def result_loggers() -> list:
     """The loggers every sweep passes to Tune (given these, Tune adds no JSON or CSV logger of its own)."""
     return [JsonResults(), CsvResults()]
+
+
+class Progress(tune.Callback):
+    """What a researcher watches while a sweep runs, in plain lines (a terminal or a log file):
+    each trial's settings when it starts; per report its iteration, metric and best so far; how
+    it ended (finished, stopped early, failed); every `every_s` seconds a summary of the sweep.
+    Errors still reach the output in full (Tune logs them itself)."""
+
+    def __init__(self, max_iterations: int, metric: str = "val_dice", mode: str = "max", every_s: float = 120.0):
+        self.max_iterations, self.metric, self.mode, self.every_s = max_iterations, metric, mode, every_s
+        self.labels: dict[str, str] = {}
+        self.best: dict[str, float] = {}
+        self.ended: dict[str, str] = {}
+        self._t0, self._next = time.time(), time.time() + every_s
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.mode == "max" else a < b)
+
+    def _say(self, trial_id: str, text: str) -> None:
+        print(f"[tlcore] {trial_id} {self.labels.get(trial_id, '')}: {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self.labels:  # a paused trial starting again says nothing new
+            self.labels[trial.trial_id] = trial_run_name(trial.config)
+            self._say(trial.trial_id, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return
+        if self._better(value, self.best.get(trial.trial_id)):
+            self.best[trial.trial_id] = value
+        self._say(trial.trial_id, f"iteration {result.get('iteration', '?')}/{self.max_iterations}  "
+                                  f"{self.metric} {value:.3f} (best {self.best[trial.trial_id]:.3f})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = (trial.last_result or {}).get("iteration", 0)
+        self.ended[trial.trial_id] = "finished" if done >= self.max_iterations else "stopped early"
+        self._say(trial.trial_id, f"{self.ended[trial.trial_id]} at {done}/{self.max_iterations}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "failed"
+        self._say(trial.trial_id, f"failed; its traceback: {trial.error_file or 'see above'}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() >= self._next:
+            self._next = time.time() + self.every_s
+            print(f"[tlcore] {self.summary(trials)}", flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        print(f"[tlcore] {self.summary(trials)}", flush=True)
+
+    def summary(self, trials) -> str:
+        ended = list(self.ended.values())
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        text = (f"{len(ended)}/{len(trials)} trials ended ({ended.count('stopped early')} stopped early, "
+                f"{ended.count('failed')} failed), {running} running, {time.time() - self._t0:.0f} s")
+        if self.best:
+            best = (max if self.mode == "max" else min)(self.best, key=self.best.get)
+            text += f"; best {self.metric} {self.best[best]:.3f} ({self.labels.get(best, best)})"
+        return text
 
 
 class KeepBestAndLatest(tune.Callback):
@@ -501,14 +569,21 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                                         num_samples=num_samples, reuse_actors=True,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, verbose=1,
-                callbacks=[MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir),
+                # verbose=0: Progress prints a line per report instead of Tune's status tables,
+                # which dump every configuration key (and the tracking URI) again and again
+                name=name, storage_path=storage_path, verbose=0,
+                callbacks=[Progress(max_iterations, metric, mode),
+                           MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir),
                            KeepBestAndLatest(exp_dir, metric, mode), *result_loggers()],
                 # Tune keeps every entry; KeepBestAndLatest deletes what no saved state needs
                 # (num_to_keep deletes what a killed driver's stored state may still name).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode),
                 failure_config=tune.FailureConfig(max_failures=max_failures)))
+    # Ray's newer console output prints its own header and a TensorBoard hint even at verbose=0
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    print(f"[tlcore] sweep {name}: scheduler {scheduler}{' within ' + ','.join(strata) if strata else ''}; "
+          f"Ray's files in {exp_dir}", flush=True)
     t0 = time.perf_counter()
     results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
@@ -530,6 +605,7 @@ def train_classifier_trial(config: dict) -> None:
     from tlcore.train2d import (build_learner, fit_classifier, load_classifier_state, save_classifier_state,
                                 uses_bf16, uses_channels_last)
 
+    quiet_ray_train()
     cfg = RunConfig.from_dict(config)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
