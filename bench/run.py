@@ -41,7 +41,7 @@ from tlcore.models import build_model  # noqa: E402
 from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,  # noqa: E402
                           train_segmentation)
 
-# Targets of the performance issue, for one H100/H200 (ratios apply on every device).
+# The GPU targets (bench/README.md), for one H100/H200 (ratios apply on every device).
 TARGETS = {
     "train3d.pipeline_over_compute": (">=", 0.9),
     "train3d.patches_per_s": (">=", 30.0),

@@ -1,4 +1,4 @@
-"""What every sweep script does around `run_sweep`: flags (shared/SPEC.md §4), Ray start-up,
+"""What every sweep script does around `run_sweep`: flags (the same in every script), Ray start-up,
 data and splits, the MLflow parent run, checks that fail before any trial starts, and the
 results table at the end. No ray.tune here (see trainables.py).
 """
@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class Sweep:
         return tuple(self.default_strata)
 
 
-def fail(msg: str) -> None:
+def fail(msg: str) -> NoReturn:
     print(f"\n[tlcore] error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -60,7 +60,7 @@ class RunConfig:
     modalities: tuple = ("t1", "t2")      # the thesis used T1 + T2 so BraTS matches IXI
     label_map: dict = field(default_factory=dict)  # raw label -> class; {} = the dataset's default
     spacing: tuple = ()                   # voxel size (mm) every volume is resampled to; () = keep each one's own
-    train_subset: str = "all"             # S1..S4 (nested subsets, see the subsets issue) or all
+    train_subset: str = "all"             # S1..S4 (nested subsets, data/splits.py) or all
 
     # --- where the weights come from
     source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3

@@ -47,10 +47,6 @@ def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: i
     return net
 
 
-# DenseNet121 with the fastai head: fastai's three parameter groups (its _densenet_split).
-DENSENET_GROUPS = ("body_1", "body_2", "head")
-
-
 def build_densenet121(num_classes: int = 2) -> nn.Module:
     """torchvision DenseNet121 body + fastai head (AdaptiveConcatPool2d, Flatten, BN, Dropout,
     Linear, ReLU, BN, Dropout, Linear), randomly initialised; see transfer.py for weights."""

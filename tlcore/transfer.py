@@ -6,7 +6,7 @@ exactly which tensors came from the source, which were re-initialised and which 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,9 +29,6 @@ class TransferReport:
         return {"loaded_tensors": len(self.loaded), "reinitialised_tensors": len(self.reinitialised),
                 "skipped_tensors": len(self.skipped), "frozen_groups": len(self.frozen_groups),
                 "frozen_params": self.frozen_params, "total_params": self.total_params}
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "counts": self.counts()}
 
     def __str__(self) -> str:
         c = self.counts()

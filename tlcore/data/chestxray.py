@@ -1,6 +1,6 @@
 """NIH ChestX-ray14: one finding (e.g. Pneumothorax) vs `No Finding`, patient-wise official split.
 
-Layout (shared/SPEC.md §2): `<root>/Data_Entry_2017.csv` (columns `Image Index`,
+Layout (README: Real data): `<root>/Data_Entry_2017.csv` (columns `Image Index`,
 `Finding Labels` (`|`-separated or `No Finding`), `Patient ID`, ...), PNG images under
 `<root>/images*/` (also `images_001/images/...` as the Kaggle copy has it), and the official
 patient-wise lists `<root>/train_val_list.txt` and `<root>/test_list.txt`.

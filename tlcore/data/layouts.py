@@ -1,4 +1,4 @@
-"""Find subjects in the real on-disk layouts of BraTS 2018 and IXI (shared/SPEC.md §2).
+"""Find subjects in the real on-disk layouts of BraTS 2018 and IXI (README: Real data).
 
 Each finder returns `{subject_id: {"<modality>": path, ..., "label": path}}` with absolute
 paths, and raises one error listing every missing file, with what to do about it.

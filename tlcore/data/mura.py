@@ -1,6 +1,6 @@
 """MURA v1.1 (Stanford bone radiographs): images, studies, body parts and labels from its CSVs.
 
-Layout (shared/SPEC.md §2): `<root>/MURA-v1.1/{train,valid}_image_paths.csv` (one path a line,
+Layout (README: Real data): `<root>/MURA-v1.1/{train,valid}_image_paths.csv` (one path a line,
 relative to <root>, e.g. `MURA-v1.1/train/XR_SHOULDER/patient00001/study1_positive/image1.png`)
 and `<root>/MURA-v1.1/{train,valid}_labeled_studies.csv` (`<study dir>/,<0|1>`).
 `--data-dir` may be <root> or the MURA-v1.1 folder itself.
