@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tlcore import tracking
-from tlcore.report import build, smooth
+from tlcore.plots import smooth
+from tlcore.report import build
 
 
 def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:

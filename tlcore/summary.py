@@ -1,0 +1,163 @@
+"""What a sweep's runs say, before any figure: the trials of a parent run read back from MLflow,
+their configurations and labels, and the summary table (mean and spread over seeds, each
+configuration against the scratch baseline on the same subjects, Holm-corrected).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcore import tracking
+from tlcore.lineage import chain, short
+from tlcore.stats import holm, paired_correctness, paired_scores
+
+CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
+
+
+CURVES = ("train_loss", "val_loss")
+
+
+@dataclass
+class TrialRun:
+    run_id: str
+    params: dict
+    tags: dict
+    metrics: dict
+    histories: dict                 # metric -> [(step, value)]
+    per_subject: dict               # split -> {subject: dice}
+    predictions: dict = field(default_factory=dict)  # 2D test images: path -> (label, P(positive))
+
+    @property
+    def config(self) -> tuple:
+        return tuple(self.params.get(k, "") for k in CONFIG_KEYS)
+
+
+def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
+    out = []
+    for run in tracking.child_runs(uri, experiment, parent_run_id):
+        rid = run.info.run_id
+        histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
+                     if k in run.data.metrics}
+        per_subject = {s: d for s in ("val", "test", "train")
+                       if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
+        pred = tracking.load_json(uri, rid, "test_predictions.json") or {"image": [], "label": [], "prob": []}
+        out.append(TrialRun(rid, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics),
+                            histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"])))))
+    return out
+
+
+def label(config: tuple, shared: frozenset = frozenset()) -> str:
+    """A configuration's short name: the source, k, and the settings that vary across the sweep
+    (those in `shared`, the same for every trial, are stated once on the page instead)."""
+    source, frozen, subset, lr, schedule = config
+    name = "scratch" if source == "scratch" else f"{short_source(source)} k={frozen}"
+    extra = [x for k, x in (("train_subset", subset if subset not in ("", "all") else ""),
+                            ("lr", f"lr={lr}" if lr else ""), ("lr_schedule", schedule)) if x and k not in shared]
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def shared_settings(trials: list) -> frozenset:
+    """Settings (subset, lr, schedule) with one value in every trial of a sweep of several configurations."""
+    configs = {t.config for t in trials}
+    if len(configs) < 2:
+        return frozenset()
+    return frozenset(k for i, k in enumerate(CONFIG_KEYS) if i >= 2 and len({c[i] for c in configs}) == 1)
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _best(trial: TrialRun, key: str, mode: str) -> float:
+    values = [v for _, v in trial.histories.get(key, [])]
+    return (max if mode == "max" else min)(values) if values else float("nan")
+
+
+def subject_means(trials: list[TrialRun], split: str) -> dict[str, float]:
+    """Per-subject score averaged over a configuration's seeds."""
+    acc = defaultdict(list)
+    for t in trials:
+        for sid, v in t.per_subject.get(split, {}).items():
+            acc[sid].append(v)
+    return {sid: statistics.mean(v) for sid, v in acc.items()}
+
+
+def _correct(trials: list[TrialRun]) -> dict[str, bool]:
+    """Per test image: right at threshold 0.5 for the majority of a configuration's seeds."""
+    votes = defaultdict(list)
+    for t in trials:
+        for image, (label, prob) in t.predictions.items():
+            votes[image].append((prob >= 0.5) == bool(label))
+    return {image: sum(v) * 2 > len(v) for image, v in votes.items()}
+
+
+def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset = frozenset()) -> list[dict]:
+    groups = defaultdict(list)
+    for t in trials:
+        groups[t.config].append(t)
+    rows, comparisons = [], []
+    for config in sorted(groups, key=lambda c: (c[2], c[3], c[4], c[0] != "scratch", c[0], str(c[1]))):
+        ts = groups[config]
+        its = [int(float(t.tags.get("iterations", 0) or 0)) for t in ts]
+        row = {"configuration": label(config, shared), **dict(zip(CONFIG_KEYS, config)), "seeds": len(ts)}
+        for key, mode in (("val_dice", "max"), ("val_accuracy", "max"), ("val_loss", "min")):
+            if any(key in t.histories for t in ts):
+                row[f"best_{key}"] = _mean_sd([_best(t, key, mode) for t in ts])
+        for key in ("train_dice", "test_dice", "test_accuracy", "test_auc"):
+            if any(key in t.metrics for t in ts):
+                row[key] = _mean_sd([t.metrics.get(key, float("nan")) for t in ts])
+        row["iterations"] = round(statistics.mean(its)) if its else 0
+        row["stopped_early"] = f"{sum(t.tags.get('stopped_early') == 'True' for t in ts)}/{len(ts)}"
+        if uri and config[0] not in ("", "scratch"):
+            try:
+                row["lineage"] = short(chain(uri, config[0]))
+            except Exception as e:  # noqa: BLE001 -- a deleted model must not sink the report
+                row["lineage"] = f"{config[0]} (lineage unavailable: {type(e).__name__})"
+        baseline = groups.get(("scratch", "0", *config[2:]))
+        if (baseline and config[0] != "scratch" and any(t.predictions for t in ts)
+                and any(t.predictions for t in baseline)):  # seeds that ASHA stopped have no test predictions
+            c = paired_correctness(_correct(ts), _correct(baseline))
+            if c.n:
+                row.update({"vs_scratch_split": "test", "accuracy_difference": round(c.mean_difference, 4),
+                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_mcnemar": c.p_value, "images": c.n})
+                comparisons.append(row)
+        elif baseline and config[0] != "scratch":
+            split = "test" if all("test" in t.per_subject for t in ts + baseline) else "val"
+            c = paired_scores(subject_means(ts, split), subject_means(baseline, split))
+            if c.n:
+                row.update({"vs_scratch_split": split, "dice_difference": round(c.mean_difference, 4),
+                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_wilcoxon": c.p_value,
+                            "subjects": c.n})
+                comparisons.append(row)
+        rows.append(row)
+    test_key = lambda r: "p_wilcoxon" if "p_wilcoxon" in r else "p_mcnemar"
+    for row, p in zip(comparisons, holm([r[test_key(r)] for r in comparisons])):
+        row["p_holm"] = p
+    for row in comparisons:
+        row[test_key(row)], row["p_holm"] = f"{row[test_key(row)]:.3g}", f"{row['p_holm']:.3g}"
+    return rows
+
+
+def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | None]:
+    """(training steps, training loss, steps when the loss first reached `target` or None)."""
+    from tlcore.evaluate import steps_to_reach
+
+    steps_at = dict(run.histories.get("step", []))      # iteration -> optimizer steps so far
+    pts = sorted(run.histories.get("train_loss", []))
+    steps = [int(steps_at.get(i, i)) for i, _ in pts]
+    losses = [v for _, v in pts]
+    hit = steps_to_reach(losses, target, smooth=1) if losses else None
+    return steps, losses, (steps[hit - 1] if hit else None)
+
+
+def short_source(source: str) -> str:
+    return Path(source).name if source.endswith((".pth", ".pt", ".safetensors")) else source.replace("models:/", "")
+
