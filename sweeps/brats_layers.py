@@ -14,8 +14,8 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from tlcore import cli
-from tlcore.results import evaluate_trials, trial_rows
+from tlcore import driver
+from tlcore.results import evaluate_trials, layer_table, trial_rows
 from tlcore.trainables import run_sweep
 
 NAME = "brats_layers"
@@ -40,13 +40,13 @@ def optuna_space(trial, source: str) -> None:
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
+    parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     args = parser.parse_args()
-    sweep = cli.prepare(NAME, "brats", args)
-    sweep.gpus_per_trial = cli.start_ray(args)
-    source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
-    cli.begin(sweep)
+    sweep = driver.prepare(NAME, "brats", args)
+    sweep.gpus_per_trial = driver.start_ray(args)
+    source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    driver.begin(sweep)
     space, searcher, samples = dict(sweep.base_config), None, 1
     if args.search == "grid":
         space.update(search_space(source))
@@ -63,8 +63,8 @@ def main() -> None:
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
                              parent_run_id=sweep.parent_run_id, splits=("train", "val", "test"),
                              cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
-    cli.finish(sweep, cli.layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    driver.run(main)

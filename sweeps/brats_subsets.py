@@ -13,8 +13,8 @@ shape of thesis Tables 6.3-6.6.
 
 from ray import tune
 
-from tlcore import cli
-from tlcore.results import evaluate_trials, trial_rows
+from tlcore import driver
+from tlcore.results import evaluate_trials, subset_table, trial_rows
 from tlcore.trainables import run_sweep
 
 NAME = "brats_subsets"
@@ -32,16 +32,16 @@ def search_space(source: str) -> dict:
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
+    parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--subset-sizes", default=None,
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
-    sweep = cli.prepare(NAME, "brats", args, subset_sizes=sizes)
+    sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes)
     sweep.default_strata = ("train_subset",)  # early stopping compares trials on the same training subset
-    gpus = sweep.gpus_per_trial = cli.start_ray(args)
-    source = cli.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
-    cli.begin(sweep)
+    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    driver.begin(sweep)
     space = {**sweep.base_config, **search_space(source)}
     if args.smoke_test:  # scratch vs k=1 on the smallest and the full subset: the table's shape, cheaply
         space["lr_schedule"] = "constant"
@@ -52,9 +52,9 @@ def main() -> None:
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
                              parent_run_id=sweep.parent_run_id, cpus=args.cpus_per_trial, gpus=gpus)
-    rows = cli.subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
-    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    rows = subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
+    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    driver.run(main)

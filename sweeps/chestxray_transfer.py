@@ -9,7 +9,7 @@ Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/
 
 from ray import tune
 
-from tlcore import cli
+from tlcore import driver
 from tlcore.results import chestxray_table, trial_rows
 from tlcore.trainables import run_sweep, train_classifier_trial
 
@@ -28,7 +28,7 @@ def search_space(imagenet: str | None, mura: str, smoke: bool) -> dict:
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__, source="models:/mura_densenet121/latest")
+    parser = driver.sweep_parser(__doc__, source="models:/mura_densenet121/latest")
     parser.add_argument("--imagenet", default="imagenet",
                         help="ImageNet starting point: 'imagenet' (torch cache / download), a local weights file, or 'none'")
     parser.add_argument("--finding", default="Pneumothorax", help="the finding against 'No Finding'")
@@ -36,13 +36,13 @@ def main() -> None:
     parser.add_argument("--target-loss", type=float, default=None,
                         help="training loss for the steps-to-reach table (default: the highest final loss)")
     args = parser.parse_args()
-    sweep = cli.prepare(NAME, "chestxray", args)
+    sweep = driver.prepare(NAME, "chestxray", args)
     imagenet = None if args.imagenet == "none" else args.imagenet
     if imagenet:
-        cli.check_imagenet(imagenet)
-    mura = cli.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
-    gpus = sweep.gpus_per_trial = cli.start_ray(args)
-    cli.begin(sweep)
+        driver.check_imagenet(imagenet)
+    mura = driver.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
+    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    driver.begin(sweep)
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)
@@ -54,11 +54,11 @@ def main() -> None:
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps
         steps = r["steps_to_target"] if isinstance(r["steps_to_target"], int) else float("inf")
         per_start[r["source_model"]] = min(per_start.get(r["source_model"], float("inf")), steps)
-    cli.log_table(sweep, [{"source_model": k, "target_loss": rows[0]["target_loss"],
+    driver.log_table(sweep, [{"source_model": k, "target_loss": rows[0]["target_loss"],
                            "fewest_steps_to_target": v if v != float("inf") else "not reached"}
                           for k, v in per_start.items()], "steps_to_target.md", "Steps to reach the training loss")
-    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    driver.run(main)

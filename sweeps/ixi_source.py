@@ -9,7 +9,7 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 
 from ray import tune
 
-from tlcore import cli
+from tlcore import driver
 from tlcore.results import best_trial_checkpoint, evaluate_remote, trial_rows
 from tlcore.trainables import run_sweep
 
@@ -24,25 +24,25 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    args = cli.sweep_parser(__doc__, dataset="ixi").parse_args()
-    sweep = cli.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
-    gpus = sweep.gpus_per_trial = cli.start_ray(args)
-    cli.begin(sweep)
+    args = driver.sweep_parser(__doc__, dataset="ixi").parse_args()
+    sweep = driver.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
+    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     if args.num_samples > 1:
         space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     rows = trial_rows(results, sweep.max_iterations)
     if all(r["status"] == "ERROR" for r in rows):
-        cli.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
+        driver.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
     best, checkpoint, iteration = best_trial_checkpoint(results)
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    cli.publish_model(sweep, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
+    driver.publish_model(sweep, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
         "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
         "head": best.config.get("head", "conv"), "spacing": best.config.get("spacing", ()),
         "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})
-    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    driver.run(main)

@@ -10,7 +10,7 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 
 from ray import tune
 
-from tlcore import cli
+from tlcore import driver
 from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, trial_rows
 from tlcore.trainables import run_sweep, train_classifier_trial
 
@@ -25,28 +25,28 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    parser = cli.sweep_parser(__doc__)
+    parser = driver.sweep_parser(__doc__)
     parser.add_argument("--source", default="imagenet",
                         help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
     args = parser.parse_args()
-    sweep = cli.prepare(NAME, "mura", args)
-    cli.check_imagenet(args.source)
-    gpus = sweep.gpus_per_trial = cli.start_ray(args)
-    cli.begin(sweep)
+    sweep = driver.prepare(NAME, "mura", args)
+    driver.check_imagenet(args.source)
+    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",
                         **sweep.tune_kwargs(), grace_period=1)
     rows = trial_rows(results, sweep.max_iterations, metric="val_accuracy")
     if all(r["status"] == "ERROR" for r in rows):
-        cli.finish(sweep, rows, errors=len(rows))
+        driver.finish(sweep, rows, errors=len(rows))
     best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    metrics = cli.report_mura(sweep, best, predictions)
-    cli.publish_model(sweep, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
+    metrics = driver.report_mura(sweep, best, predictions)
+    driver.publish_model(sweep, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
         "architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": best.config["image_size"],
         "task": "MURA v1.1 normal / abnormal"})
-    cli.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    driver.run(main)

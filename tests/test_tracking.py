@@ -135,7 +135,7 @@ def test_cached_models_latest_by_version_no_temp_left_and_concurrent_trials_agre
 
 
 def test_an_outage_is_recognised_inside_a_ray_task_error_and_other_errors_are_not():
-    """cli.run turns an unreachable store into a message and exit 75; it must see one wrapped
+    """driver.run turns an unreachable store into a message and exit 75; it must see one wrapped
     in a Ray task's error (evaluation runs in Ray tasks) and leave every other error alone."""
     import requests
     from ray.exceptions import RayTaskError

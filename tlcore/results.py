@@ -253,3 +253,33 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
         out.append(row)
     return out
 
+
+def layer_table(rows: list[dict], scores: dict) -> list[dict]:
+    """Rows in the shape of thesis Table 6.2: every trial's whole-volume train / val / test Dice
+    at its best checkpoint (the iteration of the best validation Dice), early-stopped or not."""
+    fmt = lambda v: "" if v is None else round(v, 4)
+    out = []
+    for r in rows:
+        s = scores.get(r["trial_id"], {})
+        out.append({**r, "train_dice": fmt(s.get("train_dice")), "val_dice": fmt(s.get("val_dice")),
+                    "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", "")})
+    return out
+
+
+def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
+    """Rows in the shape of thesis Tables 6.3-6.6: per subset and model, train / val / test Dice
+    and the iteration of the chosen (best validation) checkpoint."""
+    subsets = splits.get("subsets", {})
+    out = []
+    for r in rows:
+        s = scores.get(r["trial_id"], {})
+        fmt = lambda v: "" if v is None else round(v, 4)
+        subset = r.get("train_subset", "all")
+        out.append({"train_subset": f"{subset} ({len(subsets.get(subset, splits['train']))})",
+                    "model": "scratch" if r["source_model"] == "scratch" else f"k={r['frozen_layers']}",
+                    "lr_schedule": r["lr_schedule"], "seed": r["seed"],
+                    "train_dice": fmt(s.get("train_dice")), "val_dice": r["best_val_dice"],
+                    "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", ""),
+                    "iterations": r["iterations"], "stopped_early": r["stopped_early"],
+                    "status": r["status"], "trial_id": r["trial_id"]})
+    return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # store unreachable
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tlcore.cli import format_table
+    from tlcore.driver import format_table
 
     print(format_table(rows))
     added = sum(r["metric_values_added"] for r in rows)

@@ -153,7 +153,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class StoreUnreachable(RuntimeError):
-    """The tracking store stopped answering after trials had started (see cli.run)."""
+    """The tracking store stopped answering after trials had started (see driver.run)."""
 
 
 def require_store(uri: str, attempts: int = 3, wait_s: float = 2.0) -> None:

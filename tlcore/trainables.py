@@ -588,7 +588,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
     # Every trial's results are in Ray's files now. A store still down after the logging
-    # callback's final wait stops the sweep here, with what to do (cli.run), not in a traceback
+    # callback's final wait stops the sweep here, with what to do (driver.run), not in a traceback
     # halfway through evaluation; --resume then writes the rest and evaluates.
     tracking.require_store(tracking_uri)
     close_orphaned_runs(results, tracking_uri, name, parent_run_id, max_iterations)
