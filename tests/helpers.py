@@ -13,6 +13,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def sweep_env(base: dict | None = None, **extra: str) -> dict:
+    """The environment a test runs a sweep script in: a private Ray without token auth (tests start
+    their own), unbuffered output (tests read it as it comes), plus `extra`."""
+    return {**(base if base is not None else os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

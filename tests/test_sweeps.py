@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (REPO, free_port, kill_ray_processes, processes_with_env, start_tracking_server,
-                     stop_tracking_server)
+                     stop_tracking_server, sweep_env)
 
 from tlcore import tracking
 SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedule", "seed"}
@@ -55,7 +55,7 @@ def wait_for_trial_runs(uri: str, ready, timeout: float) -> list:
 
 
 def run_sweep(script, *args, timeout=600, env=None):
-    env = {**(env or os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = sweep_env(env)
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc
@@ -211,7 +211,7 @@ def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
     # `auto` reads the address `ray start` leaves in $RAY_TMPDIR/ray, and failing that joins ANY Ray
     # running here, such as the private one of a sweep test in the other pytest worker. A user's
     # `ray start` writes to /tmp/ray; this test's to its own folder, which the sweep is told of.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    env = sweep_env(RAY_TMPDIR=ray_tmp)
     start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2",
                             "--include-dashboard", "false", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
@@ -319,7 +319,6 @@ def test_multi_node_run_refuses_a_local_storage_path_and_store(workspace, tmp_pa
 def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     """SIGKILL the driver mid-sweep, rerun with --resume: one parent, one run per trial, no step twice."""
     import signal
-    import time
 
     w = workspace
     uri = store_with_untrained_source(tmp_path)
@@ -329,7 +328,7 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    env = sweep_env(RAY_TMPDIR=ray_tmp)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -410,7 +409,7 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = sweep_env()
     args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(w["data"] / "ixi"),
             "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
             "--storage-path", str(tmp_path / "results"), "--shared-storage", "--address", cluster.address,
@@ -459,8 +458,9 @@ def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(wo
     server = start_tracking_server(tmp_path / "server", port, admin_password=password)
     uri = f"http://127.0.0.1:{port}"
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-    env.update({"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"})  # Ray's logs go there, to search too
+    # no MLflow credentials anywhere but in --mlflow-uri; Ray's logs go to ray_tmp, to search too
+    env = sweep_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
+                    RAY_TMPDIR=str(ray_tmp))
     ray_port = free_port()
     started = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(ray_port),
                               "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
@@ -506,7 +506,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
     port = free_port()
     server = start_tracking_server(tmp_path, port)
     uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = sweep_env()
     proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
                              str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
                              "--report-every", "4", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")],
@@ -562,7 +562,7 @@ def test_store_down_as_a_sweep_ends_stops_it_clearly_and_resume_completes_it(wor
     args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(workspace["data"] / "ixi"),
             "--smoke-test", "--max-iterations", "8", "--report-every", "4", "--mlflow-uri", uri,
             "--storage-path", str(tmp_path / "results")]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TLCORE_MLFLOW_WAIT_S": "3"}
+    env = sweep_env(TLCORE_MLFLOW_WAIT_S="3")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
@@ -639,7 +639,7 @@ def test_exhausted_retries_exit_non_zero_naming_the_failed_trial(workspace, tmp_
     import time
 
     marker = f"TLCORE_TEST_RUN={tmp_path.name}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TLCORE_TEST_RUN": tmp_path.name}
+    env = sweep_env(TLCORE_TEST_RUN=tmp_path.name)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
                              str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
