@@ -26,3 +26,14 @@ def mlflow_uri(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     tracking.prepare_store(uri)
     return uri
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A private local Ray for one test module whose trainables are defined in the module itself."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(request.module)  # workers cannot import tests/
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

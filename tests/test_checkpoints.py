@@ -9,13 +9,10 @@ it names is still on disk.
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pytest
-import ray
 from ray import tune
 
 from tlcore.trainables import KeepBestAndLatest
@@ -55,14 +52,6 @@ class Audit(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self._check(trials)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def run(tmp_path, keep: KeepBestAndLatest | None, num_to_keep=None):

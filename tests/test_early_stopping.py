@@ -4,12 +4,10 @@ Every trial reports `val_dice = quality` at each of 9 reports. Trials on S1 (few
 all worse than every trial on S4, as small-subset trials are in a real brats_subsets sweep.
 """
 
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 from ray import tune
 
 from tlcore.trainables import StratifiedASHA
@@ -29,14 +27,6 @@ def curve_trial(config):
             (Path(d) / "done").write_text(str(i + 1))
             tune.report({"val_dice": QUALITY[config["train_subset"]][config["rank"]]},
                         checkpoint=tune.Checkpoint.from_directory(d))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def run(scheduler, tmp_path) -> dict:
