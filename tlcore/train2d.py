@@ -145,6 +145,38 @@ def SeedEachEpoch(seed: int):
     return _SeedEachEpoch()
 
 
+def ReportEachEpoch(report, start_epoch: int, batches: int, batch_size: int):
+    """A fastai callback: after each epoch, `report(metrics, learn)` with the epoch's mean training
+    loss, validation loss and accuracy, learning rate and throughput."""
+    import time
+
+    from fastai.callback.core import Callback
+
+    class _ReportEachEpoch(Callback):
+        order = 60  # after fastai's Recorder has the epoch's values
+
+        def before_epoch(self):
+            self.t0, self.losses = time.perf_counter(), []
+
+        def after_loss(self):
+            if self.training:
+                self.losses.append(float(self.loss))
+
+        def after_epoch(self):
+            if self.epoch < start_epoch:
+                return  # fastai still fires after_epoch for the epochs it skips on resume
+            # the epoch's mean training loss: fastai's own train_loss is smoothed across epochs,
+            # so it would differ between a resumed trial and an uninterrupted one
+            train_loss = sum(self.losses) / max(len(self.losses), 1)
+            val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][1:3])
+            epoch = self.epoch + 1
+            report({"iteration": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                    "step": epoch * batches, "lr": float(self.opt.hypers[-1]["lr"]),
+                    "images_per_s": batches * batch_size / (time.perf_counter() - self.t0)}, self.learn)
+
+    return _ReportEachEpoch()
+
+
 def _plain(value):
     """NumPy scalars (fastai's schedulers set them as hyper-parameters) as Python numbers, so
     that the optimizer state loads with torch.load(weights_only=True)."""

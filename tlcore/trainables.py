@@ -22,11 +22,11 @@ from safetensors.torch import save_file
 
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
+from tlcore.progress import SweepProgress
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
-from tlcore.trial_runs import (METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict,
-                               trial_run_name, with_credentials)
+from tlcore.trial_runs import TrialRunLog, iteration_tags, trial_run_name, with_credentials
 
 
 def quiet_ray_train() -> None:
@@ -102,65 +102,28 @@ def result_loggers() -> list:
     return [JsonResults(), CsvResults()]
 
 
-class Progress(tune.Callback):
-    """What a researcher watches while a sweep runs, in plain lines (a terminal or a log file):
-    each trial's settings when it starts; per report its iteration, metric and best so far; how
-    it ended (finished, stopped early, failed); every `every_s` seconds a summary of the sweep.
-    Errors still reach the output in full (Tune logs them itself)."""
-
-    def __init__(self, max_iterations: int, metric: str = "val_dice", mode: str = "max", every_s: float = 120.0):
-        self.max_iterations, self.metric, self.mode, self.every_s = max_iterations, metric, mode, every_s
-        self.labels: dict[str, str] = {}
-        self.best: dict[str, float] = {}
-        self.ended: dict[str, str] = {}
-        self._t0, self._next = time.time(), time.time() + every_s
-
-    def _better(self, a: float, b: float | None) -> bool:
-        return b is None or (a > b if self.mode == "max" else a < b)
-
-    def _say(self, trial_id: str, text: str) -> None:
-        print(f"[tlcore] {trial_id} {self.labels.get(trial_id, '')}: {text}", flush=True)
+class Progress(SweepProgress, tune.Callback):
+    """The sweep's progress view (progress.py), fed by Tune's events. Errors still reach the
+    output in full (Tune logs them itself)."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id not in self.labels:  # a paused trial starting again says nothing new
-            self.labels[trial.trial_id] = trial_run_name(trial.config)
-            self._say(trial.trial_id, "started")
+        self.started(trial.trial_id, trial.config, trial_run_name(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        value = result.get(self.metric)
-        if not isinstance(value, (int, float)) or math.isnan(value):
-            return
-        if self._better(value, self.best.get(trial.trial_id)):
-            self.best[trial.trial_id] = value
-        self._say(trial.trial_id, f"iteration {result.get('iteration', '?')}/{self.max_iterations}  "
-                                  f"{self.metric} {value:.3f} (best {self.best[trial.trial_id]:.3f})")
+        self.reported(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = (trial.last_result or {}).get("iteration", 0)
-        self.ended[trial.trial_id] = "finished" if done >= self.max_iterations else "stopped early"
-        self._say(trial.trial_id, f"{self.ended[trial.trial_id]} at {done}/{self.max_iterations}")
+        self.finished(trial.trial_id, (trial.last_result or {}).get("iteration", 0))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = "failed"
-        self._say(trial.trial_id, f"failed; its traceback: {trial.error_file or 'see above'}")
+        self.failed(trial.trial_id, trial.error_file)
 
     def on_step_end(self, iteration, trials, **info):
-        if time.time() >= self._next:
-            self._next = time.time() + self.every_s
-            print(f"[tlcore] {self.summary(trials)}", flush=True)
+        self.tick(sum(t.status == Trial.RUNNING for t in trials), len(trials))
 
     def on_experiment_end(self, trials, **info):
-        print(f"[tlcore] {self.summary(trials)}", flush=True)
-
-    def summary(self, trials) -> str:
-        ended = list(self.ended.values())
-        running = sum(t.status == Trial.RUNNING for t in trials)
-        text = (f"{len(ended)}/{len(trials)} trials ended ({ended.count('stopped early')} stopped early, "
-                f"{ended.count('failed')} failed), {running} running, {time.time() - self._t0:.0f} s")
-        if self.best:
-            best = (max if self.mode == "max" else min)(self.best, key=self.best.get)
-            text += f"; best {self.metric} {self.best[best]:.3f} ({self.labels.get(best, best)})"
-        return text
+        self.running, self.trials = 0, len(trials)
+        self.end()
 
 
 class KeepBestAndLatest(tune.Callback):
@@ -247,138 +210,34 @@ def _checkpoint_index(path: str) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
-class MLflowTrialLogger(tune.Callback):
-    """One MLflow child run per trial, found again by its `trial_id` tag after a restore, with
-    every record buffered while the tracking store is unreachable.
+class MLflowTrialLogger(TrialRunLog, tune.Callback):
+    """One MLflow child run per trial, written through trial_runs.TrialRunLog (buffered while the
+    store is unreachable, found again by the trial_id tag after a restore).
 
-    Ray's MLflowLoggerCallback keeps its trial -> run map in memory, so a restored sweep gets
-    a second run per trial. This callback keeps only strings and plain records (callbacks are
-    pickled with the experiment state) and looks runs up in the store. When the store goes
-    away, training goes on: records wait in order, the store is tried again every
-    `retry_s` seconds, and at the end of the sweep the callback waits up to `final_wait_s`
-    for it. Anything still unwritten is in Ray's result files: `python -m tlcore.sync` replays it.
+    Ray's MLflowLoggerCallback keeps its trial -> run map in memory, so a restored sweep gets a
+    second run per trial; this one keeps only strings and plain records (callbacks are pickled
+    with the experiment state) and looks runs up in the store.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
-                 exp_dir: str = "", retry_s: float = 10.0, final_wait_s: float | None = None):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.parent_run_id, self.max_iterations, self.exp_dir = parent_run_id, max_iterations, exp_dir
-        self.retry_s = retry_s
-        self.final_wait_s = final_wait_s if final_wait_s is not None else float(
-            os.environ.get("TLCORE_MLFLOW_WAIT_S", 600))
-        self._configs: dict[str, dict] = {}
-        self._pending: list[tuple[str, str, dict]] = []  # (trial_id, kind, payload), in order
-        self._runs: dict[str, str] = {}
-        self._last_step: dict[str, int] = {}
-        self._retry_at, self._down_since, self.dropped = 0.0, None, 0
-
-    def __getstate__(self):  # run ids and steps are looked up again after a restore
-        return {**self.__dict__, "_runs": {}, "_last_step": {}, "_retry_at": 0.0}
-
-    # Saved with Tune's experiment state: records still buffered when the driver dies are
-    # written by the resumed sweep.
-    def get_state(self) -> dict | None:
-        return {"pending": list(self._pending), "configs": dict(self._configs), "dropped": self.dropped}
-
-    def set_state(self, state: dict) -> None:
-        self._pending, self._configs = list(state["pending"]), dict(state["configs"])
-        self.dropped = state.get("dropped", 0)
-
-    # ---------------------------------------------------------------- Tune hooks: enqueue, flush
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._configs[trial.trial_id] = dict(trial.config)
-        self._push(trial.trial_id, "start", {})
+        self.started(trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._configs.setdefault(trial.trial_id, dict(trial.config))
-        self._push(trial.trial_id, "result", {
-            "step": int(result.get("iteration", result.get("training_iteration", 0))),
-            "metrics": {k: result[k] for k in METRICS if k in result},
-            "transfer": reported_dict(result, "transfer"), "runtime": reported_dict(result, "runtime")})
+        self.reported(trial.trial_id, trial.config, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("iteration", 0)
-        self._push(trial.trial_id, "end", {"status": "FINISHED", "tags": iteration_tags(done, self.max_iterations)})
+        self.ended(trial.trial_id, "FINISHED", iteration_tags(done, self.max_iterations))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._push(trial.trial_id, "end", {"status": "FAILED", "tags": {"error_file": trial.error_file or ""}})
+        self.ended(trial.trial_id, "FAILED", {"error_file": trial.error_file or ""})
 
     def on_step_end(self, iteration, trials, **info):
         if self._pending:
             self.flush()
 
     def on_experiment_end(self, trials, **info):
-        deadline = time.time() + self.final_wait_s
-        while not self.flush(force=True) and time.time() < deadline:
-            time.sleep(min(self.retry_s, max(deadline - time.time(), 0)))
-        if self._pending or self.dropped:
-            print(f"[tlcore] WARNING: {len(self._pending) + self.dropped} MLflow record(s) could not be written "
-                  f"to {self.tracking_uri}. Nothing is lost: Ray's result files hold them. When the store is "
-                  "back, rerun the sweep's command with --resume (it writes them, then evaluates), or for the "
-                  f"records alone:\n    python -m tlcore.sync {self.exp_dir or '<storage-path>/' + self.experiment}",
-                  flush=True)
-
-    # ---------------------------------------------------------------- writing
-    def _push(self, trial_id: str, kind: str, payload: dict) -> None:
-        self._pending.append((trial_id, kind, payload))
-        self.flush()
-
-    def flush(self, force: bool = False) -> bool:
-        """Write buffered records in order; False while the store is unreachable."""
-        if not self._pending:
-            return True
-        if not force and time.time() < self._retry_at:
-            return False
-        with tracking.short_retries():
-            if self._down_since is not None and not tracking.server_reachable(self.tracking_uri):
-                return self._unreachable("no answer to /health")  # a cheap probe while it is down
-            while self._pending:
-                trial_id, kind, payload = self._pending[0]
-                try:
-                    self._write(trial_id, kind, payload)
-                except Exception as e:  # noqa: BLE001 -- a logging failure must not end the sweep
-                    if tracking.is_transient(e):
-                        return self._unreachable(str(e).splitlines()[0][:200])
-                    self.dropped += 1
-                    print(f"[tlcore] WARNING: MLflow refused a {kind} record of trial {trial_id} ({e}); "
-                          "skipped (python -m tlcore.sync replays results)", flush=True)
-                self._pending.pop(0)
-        if self._down_since is not None:
-            print(f"[tlcore] MLflow store {self.tracking_uri} reachable again after "
-                  f"{time.time() - self._down_since:.0f} s; buffered records written", flush=True)
-            self._down_since = None
-        return True
-
-    def _unreachable(self, why: str) -> bool:
-        if self._down_since is None:
-            self._down_since = time.time()
-            print(f"[tlcore] WARNING: MLflow store {self.tracking_uri} unreachable ({why}); training goes on, "
-                  f"records are buffered and retried every {self.retry_s:.0f} s", flush=True)
-        self._retry_at = time.time() + self.retry_s
-        return False
-
-    def _write(self, trial_id: str, kind: str, payload: dict) -> None:
-        uri, run_id = self.tracking_uri, self._run_id(trial_id)
-        if kind == "result":
-            step = payload["step"]
-            if step <= self._last_step.get(trial_id, -1):
-                return  # replayed after a restore from an older checkpoint: already in MLflow
-            if payload["transfer"]:
-                t = payload["transfer"]
-                tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in t.items()})
-                tracking.log_dict(uri, run_id, t, "transfer_report.json")
-            if payload.get("runtime"):  # .get: records buffered by an older version have none
-                tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in payload["runtime"].items()})
-            tracking.log_metrics(uri, run_id, payload["metrics"], step=step)
-            self._last_step[trial_id] = step
-        elif kind == "end":
-            end_trial_run(uri, run_id, payload["status"], payload["tags"])
-
-    def _run_id(self, trial_id: str) -> str:
-        if trial_id not in self._runs:
-            self._runs[trial_id] = open_trial_run(self.tracking_uri, self.experiment, self.parent_run_id,
-                                                  trial_id, self._configs[trial_id], self._last_step)
-        return self._runs[trial_id]
+        self.finish()
 
 
 class StratifiedASHA(FIFOScheduler):
@@ -596,14 +455,10 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     return results
 
 
-
-
 def train_classifier_trial(config: dict) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
-    from fastai.callback.core import Callback
-
-    from tlcore.train2d import (build_learner, fit_classifier, load_classifier_state, save_classifier_state,
-                                uses_bf16, uses_channels_last)
+    from tlcore.train2d import (ReportEachEpoch, build_learner, fit_classifier, load_classifier_state,
+                                save_classifier_state, uses_bf16, uses_channels_last)
 
     quiet_ray_train()
     cfg = RunConfig.from_dict(config)
@@ -619,34 +474,15 @@ def train_classifier_trial(config: dict) -> None:
     if not checkpoint:
         first["transfer"] = transfer_summary(transfer)
 
-    class ReportToTune(Callback):
-        order = 60  # after fastai's Recorder has the epoch's values
+    def report(metrics: dict, learn) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            save_classifier_state(learn, Path(d))
+            (Path(d) / "progress.json").write_text(json.dumps({"epoch": metrics["iteration"]}))
+            tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
+        first.clear()
 
-        def before_epoch(self):
-            self.t0, self.losses = time.perf_counter(), []
-
-        def after_loss(self):
-            if self.training:
-                self.losses.append(float(self.loss))
-
-        def after_epoch(self):
-            if self.epoch < start_epoch:
-                return  # fastai still fires after_epoch for the epochs it skips on resume
-            # the epoch's mean training loss: fastai's own train_loss is smoothed across epochs,
-            # so it would differ between a resumed trial and an uninterrupted one
-            train_loss = sum(self.losses) / max(len(self.losses), 1)
-            val_loss, val_acc = (float(v) for v in self.learn.recorder.values[-1][1:3])
-            epoch = self.epoch + 1
-            metrics = {"iteration": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                       "step": epoch * len(train_dl), "lr": float(self.opt.hypers[-1]["lr"]),
-                       "images_per_s": len(train_dl) * cfg.batch_size / (time.perf_counter() - self.t0)}
-            with tempfile.TemporaryDirectory() as d:
-                save_classifier_state(self.learn, Path(d))
-                (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch}))
-                tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
-            first.clear()
-
-    learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[ReportToTune()])
+    each_epoch = ReportEachEpoch(report, start_epoch, len(train_dl), cfg.batch_size)
+    learn = build_learner(cfg, model, train_dl, val_dl, device, cbs=[each_epoch])
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_classifier_state(learn, Path(d))

@@ -1,12 +1,14 @@
 """The MLflow runs of trials: created with their parameters and lineage, found again by their
 `trial_id` tag, closed with their final tags; and the credentials trials need to reach the store.
-Shared by the sweep's logging callback (trainables) and `python -m tlcore.sync`; no Ray here.
+`TrialRunLog` writes them for the sweep's callback (trainables.MLflowTrialLogger), buffering through
+store outages; `python -m tlcore.sync` replays Ray's result files through the same functions. No Ray here.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
@@ -82,3 +84,128 @@ def with_credentials(fn):
 
     return with_env
 
+
+class TrialRunLog:
+    """The MLflow runs of a sweep's trials, written as records (start, result, end) in order,
+    each trial's run found again by its `trial_id` tag after a restore.
+
+    When the store goes away, training goes on: records wait in order, the store is tried
+    again every `retry_s` seconds, and at the end of the sweep `finish` waits up to
+    `final_wait_s` for it. Anything still unwritten is in Ray's result files: `python -m
+    tlcore.sync` replays it. The object holds only strings and plain records, so it pickles
+    (Tune saves its callbacks with the experiment state).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int,
+                 exp_dir: str = "", retry_s: float = 10.0, final_wait_s: float | None = None):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.parent_run_id, self.max_iterations, self.exp_dir = parent_run_id, max_iterations, exp_dir
+        self.retry_s = retry_s
+        self.final_wait_s = final_wait_s if final_wait_s is not None else float(
+            os.environ.get("TLCORE_MLFLOW_WAIT_S", 600))
+        self._configs: dict[str, dict] = {}
+        self._pending: list[tuple[str, str, dict]] = []  # (trial_id, kind, payload), in order
+        self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}
+        self._retry_at, self._down_since, self.dropped = 0.0, None, 0
+
+    def __getstate__(self):  # run ids and steps are looked up again after a restore
+        return {**self.__dict__, "_runs": {}, "_last_step": {}, "_retry_at": 0.0}
+
+    # Saved with Tune's experiment state: records still buffered when the driver dies are
+    # written by the resumed sweep.
+    def get_state(self) -> dict | None:
+        return {"pending": list(self._pending), "configs": dict(self._configs), "dropped": self.dropped}
+
+    def set_state(self, state: dict) -> None:
+        self._pending, self._configs = list(state["pending"]), dict(state["configs"])
+        self.dropped = state.get("dropped", 0)
+
+    # ---------------------------------------------------------------- events: enqueue, flush
+    def started(self, trial_id: str, config: dict) -> None:
+        self._configs[trial_id] = dict(config)
+        self._push(trial_id, "start", {})
+
+    def reported(self, trial_id: str, config: dict, result: dict) -> None:
+        self._configs.setdefault(trial_id, dict(config))
+        self._push(trial_id, "result", {
+            "step": int(result.get("iteration", result.get("training_iteration", 0))),
+            "metrics": {k: result[k] for k in METRICS if k in result},
+            "transfer": reported_dict(result, "transfer"), "runtime": reported_dict(result, "runtime")})
+
+    def ended(self, trial_id: str, status: str, tags: dict) -> None:
+        self._push(trial_id, "end", {"status": status, "tags": tags})
+
+    def finish(self) -> None:
+        """At the end of the sweep: wait up to `final_wait_s` for the store, say what is left."""
+        deadline = time.time() + self.final_wait_s
+        while not self.flush(force=True) and time.time() < deadline:
+            time.sleep(min(self.retry_s, max(deadline - time.time(), 0)))
+        if self._pending or self.dropped:
+            print(f"[tlcore] WARNING: {len(self._pending) + self.dropped} MLflow record(s) could not be written "
+                  f"to {self.tracking_uri}. Nothing is lost: Ray's result files hold them. When the store is "
+                  "back, rerun the sweep's command with --resume (it writes them, then evaluates), or for the "
+                  f"records alone:\n    python -m tlcore.sync {self.exp_dir or '<storage-path>/' + self.experiment}",
+                  flush=True)
+
+    # ---------------------------------------------------------------- writing
+    def _push(self, trial_id: str, kind: str, payload: dict) -> None:
+        self._pending.append((trial_id, kind, payload))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Write buffered records in order; False while the store is unreachable."""
+        if not self._pending:
+            return True
+        if not force and time.time() < self._retry_at:
+            return False
+        with tracking.short_retries():
+            if self._down_since is not None and not tracking.server_reachable(self.tracking_uri):
+                return self._unreachable("no answer to /health")  # a cheap probe while it is down
+            while self._pending:
+                trial_id, kind, payload = self._pending[0]
+                try:
+                    self._write(trial_id, kind, payload)
+                except Exception as e:  # noqa: BLE001 -- a logging failure must not end the sweep
+                    if tracking.is_transient(e):
+                        return self._unreachable(str(e).splitlines()[0][:200])
+                    self.dropped += 1
+                    print(f"[tlcore] WARNING: MLflow refused a {kind} record of trial {trial_id} ({e}); "
+                          "skipped (python -m tlcore.sync replays results)", flush=True)
+                self._pending.pop(0)
+        if self._down_since is not None:
+            print(f"[tlcore] MLflow store {self.tracking_uri} reachable again after "
+                  f"{time.time() - self._down_since:.0f} s; buffered records written", flush=True)
+            self._down_since = None
+        return True
+
+    def _unreachable(self, why: str) -> bool:
+        if self._down_since is None:
+            self._down_since = time.time()
+            print(f"[tlcore] WARNING: MLflow store {self.tracking_uri} unreachable ({why}); training goes on, "
+                  f"records are buffered and retried every {self.retry_s:.0f} s", flush=True)
+        self._retry_at = time.time() + self.retry_s
+        return False
+
+    def _write(self, trial_id: str, kind: str, payload: dict) -> None:
+        uri, run_id = self.tracking_uri, self._run_id(trial_id)
+        if kind == "result":
+            step = payload["step"]
+            if step <= self._last_step.get(trial_id, -1):
+                return  # replayed after a restore from an older checkpoint: already in MLflow
+            if payload["transfer"]:
+                t = payload["transfer"]
+                tracking.log_params(uri, run_id, {f"transfer.{k}": v for k, v in t.items()})
+                tracking.log_dict(uri, run_id, t, "transfer_report.json")
+            if payload.get("runtime"):  # .get: records buffered by an older version have none
+                tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in payload["runtime"].items()})
+            tracking.log_metrics(uri, run_id, payload["metrics"], step=step)
+            self._last_step[trial_id] = step
+        elif kind == "end":
+            end_trial_run(uri, run_id, payload["status"], payload["tags"])
+
+    def _run_id(self, trial_id: str) -> str:
+        if trial_id not in self._runs:
+            self._runs[trial_id] = open_trial_run(self.tracking_uri, self.experiment, self.parent_run_id,
+                                                  trial_id, self._configs[trial_id], self._last_step)
+        return self._runs[trial_id]
