@@ -10,7 +10,7 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 from ray import tune
 
 from tlcore import driver
-from tlcore.results import best_trial_checkpoint, evaluate_remote, trial_rows
+from tlcore.results import best_trial_checkpoint, evaluate_remote, publish_model, trial_rows
 from tlcore.trainables import run_sweep
 
 NAME = "ixi_source"
@@ -37,7 +37,7 @@ def main() -> None:
         driver.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
     best, checkpoint, iteration = best_trial_checkpoint(results)
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    driver.publish_model(sweep, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
+    publish_model(sweep.runs, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
         "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
         "head": best.config.get("head", "conv"), "spacing": best.config.get("spacing", ()),
         "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})

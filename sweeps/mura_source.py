@@ -11,7 +11,7 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 from ray import tune
 
 from tlcore import driver
-from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, trial_rows
+from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, publish_model, report_mura, trial_rows
 from tlcore.trainables import run_sweep, train_classifier_trial
 
 NAME = "mura_source"
@@ -41,8 +41,8 @@ def main() -> None:
         driver.finish(sweep, rows, errors=len(rows))
     best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    metrics = driver.report_mura(sweep, best, predictions)
-    driver.publish_model(sweep, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
+    metrics = report_mura(sweep.runs, best, predictions)
+    publish_model(sweep.runs, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
         "architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": best.config["image_size"],
         "task": "MURA v1.1 normal / abnormal"})
     driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))

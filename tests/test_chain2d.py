@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tlcore.config import RunConfig
 from tlcore.data.images2d import RadiographDataset, oversample

@@ -209,7 +209,7 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
 
 
 def test_the_table_says_how_many_seeds_stand_behind_each_row():
-    from tlcore.driver import DEMO_SEED_SD, seeds_note
+    from tlcore.summary import DEMO_SEED_SD, seeds_note
 
     one = [{"source_model": "scratch", "seed": 0}, {"source_model": "models:/ixi/1", "seed": 0}]
     assert "every row is one seed" in seeds_note(one, synthetic=True) and f"~{DEMO_SEED_SD}" in seeds_note(one, True)

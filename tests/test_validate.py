@@ -2,7 +2,6 @@ import gzip
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

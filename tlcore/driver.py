@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NoReturn
-
-import numpy as np
 
 from tlcore import tracking
 from tlcore.config import HEADS, RunConfig
@@ -29,7 +26,9 @@ from tlcore.data.splits import (
     write_splits,
 )
 from tlcore.data.synthetic import ensure_synthetic
-from tlcore.plots import confusion_png
+from tlcore.progress import format_table
+from tlcore.summary import seeds_note
+from tlcore.trial_runs import SweepRuns
 from tlcore.validate import validate_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +110,10 @@ class Sweep:
     extra: dict = field(default_factory=dict)
 
     @property
+    def runs(self) -> SweepRuns:
+        return SweepRuns(self.tracking_uri, self.name, self.parent_run_id)
+
+    @property
     def max_iterations(self) -> int:
         return self.base_config["max_iterations"]
 
@@ -165,73 +168,14 @@ def run(main) -> None:
         raise SystemExit(EXIT_STORE_DOWN) from None
 
 
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
-                       "9p", "virtiofs")
-
-
-def is_shared_path(path: str) -> bool:
-    """Whether `path` lies on a network file system (by the longest matching mount point)."""
-    target = os.path.realpath(path)
-    while not os.path.exists(target) and target != "/":
-        target = os.path.dirname(target)
-    best, fstype = "", ""
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            _, mount, fs = line.split()[:3]
-            if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-                best, fstype = mount, fs
-    except OSError:
-        return True  # cannot tell (not Linux): do not block the user
-    return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
-
-
 def start_ray(args: argparse.Namespace) -> float:
-    """Connect to (or start) Ray and check the GPU request fits; returns GPUs per trial."""
-    import ray
+    """Connect to (or start) Ray and check the sweep fits it (ray_cluster.py); returns GPUs per trial."""
+    from tlcore.ray_cluster import ClusterMismatch, connect
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
-    # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
-    # trials through trial_runs.with_credentials.)
-    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
-    if args.address is None:
-        # A private local Ray for this machine: no dashboard; Ray's token authentication stays
-        # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
-        # address="local": never join a cluster that `ray start` left running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env=runtime_env)
-    else:
-        ray.init(address=args.address, runtime_env=runtime_env)
-    resources = ray.cluster_resources()
-    have_gpus = resources.get("GPU", 0)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes > 1 or args.autoscale:
-        local = []  # what the other nodes could not reach, all of it in one message
-        if not (args.shared_storage or is_shared_path(args.storage_path)):
-            local.append(f"--storage-path {args.storage_path} is on a local disk: trials on other nodes could not "
-                         "write their checkpoints there, and a resumed trial could not find them. Use a path on a "
-                         "shared file system (NFS, EFS, Filestore) that every node mounts at the same place.")
-        uri = args.mlflow_uri or tracking.default_tracking_uri()
-        db = tracking.local_store_path(uri)
-        # trials on other nodes read source models from the registry: each would open (and
-        # create) its own empty database at this path
-        if db is not None and not (args.shared_storage or is_shared_path(str(db.parent))):
-            local.append(f"the MLflow store {uri} is a file on this node's disk, which the other nodes cannot read. "
-                         "Run the team server (mlflow/server.sh on the head node) and pass --mlflow-uri "
-                         "http://<head private IP>:5000, or keep the store on a shared file system.")
-        if local:
-            fail(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''}, but\n  - "
-                 + "\n  - ".join(local) + "\nPass --shared-storage if these paths are shared in a way tlcore "
-                 "cannot detect. No trial was started.")
-    if gpus > have_gpus and not args.autoscale:
-        # Ray would otherwise wait forever with a repeated warning.
-        fail(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "
-             "use --gpus-per-trial 0 (CPU) or a fraction, add GPU nodes, or pass --autoscale "
-             "if the cluster starts GPU workers on demand")
-    if args.cpus_per_trial > resources.get("CPU", 0):
-        fail(f"--cpus-per-trial {args.cpus_per_trial} but the cluster has {resources.get('CPU', 0):g} CPUs")
-    return gpus
+    try:
+        return connect(args)
+    except ClusterMismatch as e:
+        fail(str(e))
 
 
 def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None,
@@ -383,16 +327,6 @@ def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.M
              f"or pass --source models:/<name>/<version> of a model in this registry.")
 
 
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no trials)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))  # union of keys, first-seen order
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
 def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
     """Print the results table, log it to the parent run, close the parent run."""
     table = format_table(rows)
@@ -422,28 +356,6 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
     return table
 
 
-# Seed-to-seed standard deviation of one configuration's best validation Dice on the synthetic
-# demo data (scratch, demo profile; bench/RESULTS.md, "Final activation of HighRes3DNet").
-DEMO_SEED_SD = 0.05
-
-
-def seeds_note(rows: list[dict], synthetic: bool) -> str:
-    """How many seeds stand behind each row, and what a difference between rows can mean."""
-    config = lambda r: tuple(r.get(k) for k in ("source_model", "model", "frozen_layers", "train_subset", "lr", "lr_schedule"))
-    seeds: dict = {}
-    for r in rows:
-        seeds.setdefault(config(r), set()).add(r.get("seed"))
-    n = min((len(s) for s in seeds.values()), default=0)
-    if n > 1:
-        return (f"[tlcore] each configuration ran with {n}+ seeds (one row each); the report gives mean ± sd over "
-                "seeds and paired tests against scratch, which say which differences hold.")
-    spread = (f"on this synthetic data one configuration's best val Dice varies by sd ~{DEMO_SEED_SD} from seed "
-              f"to seed, so rows closer than ~{2 * DEMO_SEED_SD:.2f} may differ by chance"
-              if synthetic else "one seed cannot separate a difference from seed-to-seed noise")
-    return (f"[tlcore] every row is one seed: {spread}. Rerun with --num-samples 3 (or more) and read the "
-            "report's paired statistics before concluding.")
-
-
 def write_report(sweep: Sweep) -> Path | None:
     """The sweep's HTML report (tables, statistics, figures), logged to the parent run."""
     from tlcore.report import build
@@ -457,33 +369,6 @@ def write_report(sweep: Sweep) -> Path | None:
         return None
 
 
-def publish_model(sweep: Sweep, result, checkpoint, iteration: int, metrics: dict, registry_name: str,
-                  model_info: dict) -> tracking.ModelRef:
-    """Log a checkpoint's weights to its trial's run and register them as `registry_name`;
-    `metrics` (its test scores) are logged at the checkpoint's `iteration`."""
-    import tempfile
-
-    uri = sweep.tracking_uri
-    trial_id = (result.metrics or {}).get("trial_id", "")
-    run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id, trial_id) or sweep.parent_run_id
-    per_subject = metrics.pop("per_subject", None)
-    for rid in {run_id, sweep.parent_run_id}:
-        tracking.log_metrics(uri, rid, metrics, step=iteration)
-    if per_subject is not None:
-        tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
-    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
-        shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
-        (Path(out) / "tlcore_model.json").write_text(json.dumps(model_info, indent=1))
-        tracking.log_artifacts(uri, run_id, out, "model")
-    ref = tracking.register_model(uri, registry_name, run_id, "model",
-                                  tags={"source_run_id": run_id, "sweep_parent_run_id": sweep.parent_run_id,
-                                        "checkpoint_iteration": iteration,
-                                        **{k: round(v, 4) for k, v in metrics.items()}})
-    tracking.set_tags(uri, sweep.parent_run_id, {"registered_model": ref.uri})
-    print(f"[tlcore] registered {ref.uri} (run {run_id}, {metrics})")
-    return ref
-
-
 def check_imagenet(source: str) -> None:
     """Fail before any trial when ImageNet weights are asked for but cannot be had."""
     if source != "imagenet" and (source in ("scratch",) or source.startswith("models:/")):
@@ -493,37 +378,6 @@ def check_imagenet(source: str) -> None:
         imagenet_state(None if source == "imagenet" else source)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         fail(f"--source {source}: {e}")
-
-
-def report_mura(sweep: Sweep, result, predictions: dict) -> dict:
-    """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
-    confusion matrix, logged to the best trial's run and the parent run."""
-    import tempfile
-
-    from tlcore.evaluate import classification_metrics, study_wise
-
-    ids, y, p = study_wise(predictions["study"], predictions["label"], predictions["prob"])
-    overall = classification_metrics(y, p)
-    part_of = dict(zip(predictions["study"], predictions["body_part"]))
-    per_part = {}
-    for part in sorted(set(part_of.values())):
-        mask = np.array([part_of[s] == part for s in ids])
-        per_part[part] = {"studies": int(mask.sum()),
-                          "accuracy": round(float(((p[mask] >= 0.5) == y[mask]).mean()), 4)}
-    table = format_table([{"body_part": k, **v} for k, v in per_part.items()]
-                         + [{"body_part": "all", "studies": len(ids), "accuracy": round(overall["accuracy"], 4)}])
-    print(f"\nMURA study-wise test accuracy (kappa {overall['kappa']:.3f})\n{table}\n")
-    uri = sweep.tracking_uri
-    run_id = tracking.find_child_run(uri, sweep.name, sweep.parent_run_id,
-                                     (result.metrics or {}).get("trial_id", "")) or sweep.parent_run_id
-    with tempfile.TemporaryDirectory() as d:
-        confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
-        for rid in {run_id, sweep.parent_run_id}:
-            tracking.log_artifacts(uri, rid, d)
-            tracking.log_dict(uri, rid, {"study_wise": overall, "per_body_part": per_part}, "test_metrics.json")
-            tracking.log_text(uri, rid, table + "\n", "test_accuracy_by_body_part.md")
-    return {"test_accuracy": overall["accuracy"], "test_kappa": overall["kappa"], "test_auc": overall["auc"],
-            **{f"test_accuracy_{k.lower()}": v["accuracy"] for k, v in per_part.items()}}
 
 
 def log_table(sweep: Sweep, rows: list[dict], artifact: str, title: str) -> None:

@@ -6,9 +6,11 @@ core for tasks; no ray.tune here.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -17,10 +19,11 @@ from tlcore.config import RunConfig, flatten_config
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
+from tlcore.progress import format_table
 from tlcore.starts import load_images, load_split, num_classes
 from tlcore.train import amp_dtype, choose_channels_last, pick_device
 from tlcore.transfer import read_weights
-from tlcore.trial_runs import end_trial_run, iteration_tags, with_credentials
+from tlcore.trial_runs import SweepRuns, end_trial_run, iteration_tags, with_credentials
 
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
     """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
@@ -283,3 +286,54 @@ def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
                     "iterations": r["iterations"], "stopped_early": r["stopped_early"],
                     "status": r["status"], "trial_id": r["trial_id"]})
     return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))
+
+
+def publish_model(runs: SweepRuns, result, checkpoint, iteration: int, metrics: dict, registry_name: str,
+                  model_info: dict) -> tracking.ModelRef:
+    """Log a checkpoint's weights to its trial's run and register them as `registry_name`;
+    `metrics` (its test scores) are logged at the checkpoint's `iteration`."""
+    uri, parent = runs.uri, runs.parent_run_id
+    run_id = runs.trial_run(result)
+    per_subject = metrics.pop("per_subject", None)
+    for rid in {run_id, parent}:
+        tracking.log_metrics(uri, rid, metrics, step=iteration)
+    if per_subject is not None:
+        tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
+        shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
+        (Path(out) / "tlcore_model.json").write_text(json.dumps(model_info, indent=1))
+        tracking.log_artifacts(uri, run_id, out, "model")
+    ref = tracking.register_model(uri, registry_name, run_id, "model",
+                                  tags={"source_run_id": run_id, "sweep_parent_run_id": parent,
+                                        "checkpoint_iteration": iteration,
+                                        **{k: round(v, 4) for k, v in metrics.items()}})
+    tracking.set_tags(uri, parent, {"registered_model": ref.uri})
+    print(f"[tlcore] registered {ref.uri} (run {run_id}, {metrics})")
+    return ref
+
+
+def report_mura(runs: SweepRuns, result, predictions: dict) -> dict:
+    """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
+    confusion matrix, logged to the best trial's run and the parent run."""
+    from tlcore.evaluate import classification_metrics, study_wise
+
+    ids, y, p = study_wise(predictions["study"], predictions["label"], predictions["prob"])
+    overall = classification_metrics(y, p)
+    part_of = dict(zip(predictions["study"], predictions["body_part"]))
+    per_part = {}
+    for part in sorted(set(part_of.values())):
+        mask = np.array([part_of[s] == part for s in ids])
+        per_part[part] = {"studies": int(mask.sum()),
+                          "accuracy": round(float(((p[mask] >= 0.5) == y[mask]).mean()), 4)}
+    table = format_table([{"body_part": k, **v} for k, v in per_part.items()]
+                         + [{"body_part": "all", "studies": len(ids), "accuracy": round(overall["accuracy"], 4)}])
+    print(f"\nMURA study-wise test accuracy (kappa {overall['kappa']:.3f})\n{table}\n")
+    uri, run_id = runs.uri, runs.trial_run(result)
+    with tempfile.TemporaryDirectory() as d:
+        confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
+        for rid in {run_id, runs.parent_run_id}:
+            tracking.log_artifacts(uri, rid, d)
+            tracking.log_dict(uri, rid, {"study_wise": overall, "per_body_part": per_part}, "test_metrics.json")
+            tracking.log_text(uri, rid, table + "\n", "test_accuracy_by_body_part.md")
+    return {"test_accuracy": overall["accuracy"], "test_kappa": overall["kappa"], "test_auc": overall["auc"],
+            **{f"test_accuracy_{k.lower()}": v["accuracy"] for k, v in per_part.items()}}

@@ -161,3 +161,24 @@ def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | Non
 def short_source(source: str) -> str:
     return Path(source).name if source.endswith((".pth", ".pt", ".safetensors")) else source.replace("models:/", "")
 
+
+# Seed-to-seed standard deviation of one configuration's best validation Dice on the synthetic
+# demo data (scratch, demo profile; bench/RESULTS.md, "Final activation of HighRes3DNet").
+DEMO_SEED_SD = 0.05
+
+
+def seeds_note(rows: list[dict], synthetic: bool) -> str:
+    """How many seeds stand behind each row, and what a difference between rows can mean."""
+    config = lambda r: tuple(r.get(k) for k in ("source_model", "model", "frozen_layers", "train_subset", "lr", "lr_schedule"))
+    seeds: dict = {}
+    for r in rows:
+        seeds.setdefault(config(r), set()).add(r.get("seed"))
+    n = min((len(s) for s in seeds.values()), default=0)
+    if n > 1:
+        return (f"[tlcore] each configuration ran with {n}+ seeds (one row each); the report gives mean ± sd over "
+                "seeds and paired tests against scratch, which say which differences hold.")
+    spread = (f"on this synthetic data one configuration's best val Dice varies by sd ~{DEMO_SEED_SD} from seed "
+              f"to seed, so rows closer than ~{2 * DEMO_SEED_SD:.2f} may differ by chance"
+              if synthetic else "one seed cannot separate a difference from seed-to-seed noise")
+    return (f"[tlcore] every row is one seed: {spread}. Rerun with --num-samples 3 (or more) and read the "
+            "report's paired statistics before concluding.")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcore import tracking
+from tlcore.progress import format_table
 from tlcore.trial_runs import METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict
 
 
@@ -135,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # store unreachable
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tlcore.driver import format_table
-
     print(format_table(rows))
     added = sum(r["metric_values_added"] for r in rows)
     print(f"\n[tlcore] {len(rows)} trial(s), {added} metric value(s) added")

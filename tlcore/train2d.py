@@ -160,7 +160,7 @@ def ReportEachEpoch(report, start_epoch: int, batches: int, batch_size: int):
 
         def after_loss(self):
             if self.training:
-                self.losses.append(float(self.loss))
+                self.losses.append(float(self.loss.detach()))
 
         def after_epoch(self):
             if self.epoch < start_epoch:

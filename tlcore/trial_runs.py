@@ -9,12 +9,27 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import dataclass
 
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
 from tlcore.data.splits import read_splits
 
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    """Where a sweep's runs are: the tracking store, the experiment (the sweep's name) and the
+    parent run whose children are the trials."""
+    uri: str
+    experiment: str
+    parent_run_id: str
+
+    def trial_run(self, result) -> str:
+        """The run of the trial behind a Tune result (the parent run if the trial has none)."""
+        trial_id = (result.metrics or {}).get("trial_id", "")
+        return tracking.find_child_run(self.uri, self.experiment, self.parent_run_id, trial_id) or self.parent_run_id
 
 
 def trial_run_name(config: dict) -> str:

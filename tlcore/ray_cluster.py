@@ -1,0 +1,85 @@
+"""Ray for a sweep: connect to a cluster (or start a private local Ray) and check, before any trial,
+that the sweep fits it (GPUs, CPUs, storage and a tracking store every node can reach).
+Ray's core only; no ray.tune here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from tlcore import tracking
+
+
+class ClusterMismatch(ValueError):
+    """The sweep's flags ask for what this Ray cluster cannot give; the message says what to change."""
+
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+                       "9p", "virtiofs")
+
+
+def is_shared_path(path: str) -> bool:
+    """Whether `path` lies on a network file system (by the longest matching mount point)."""
+    target = os.path.realpath(path)
+    while not os.path.exists(target) and target != "/":
+        target = os.path.dirname(target)
+    best, fstype = "", ""
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fs = line.split()[:3]
+            if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, fstype = mount, fs
+    except OSError:
+        return True  # cannot tell (not Linux): do not block the user
+    return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
+
+
+def connect(args) -> float:
+    """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
+    `args` has the sweep flags (driver.sweep_parser); a mismatch raises ClusterMismatch."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
+    # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
+    # trials through trial_runs.with_credentials.)
+    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
+    if args.address is None:
+        # A private local Ray for this machine: no dashboard; Ray's token authentication stays
+        # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
+        # address="local": never join a cluster that `ray start` left running on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env=runtime_env)
+    else:
+        ray.init(address=args.address, runtime_env=runtime_env)
+    resources = ray.cluster_resources()
+    have_gpus = resources.get("GPU", 0)
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 or args.autoscale:
+        local = []  # what the other nodes could not reach, all of it in one message
+        if not (args.shared_storage or is_shared_path(args.storage_path)):
+            local.append(f"--storage-path {args.storage_path} is on a local disk: trials on other nodes could not "
+                         "write their checkpoints there, and a resumed trial could not find them. Use a path on a "
+                         "shared file system (NFS, EFS, Filestore) that every node mounts at the same place.")
+        uri = args.mlflow_uri or tracking.default_tracking_uri()
+        db = tracking.local_store_path(uri)
+        # trials on other nodes read source models from the registry: each would open (and
+        # create) its own empty database at this path
+        if db is not None and not (args.shared_storage or is_shared_path(str(db.parent))):
+            local.append(f"the MLflow store {uri} is a file on this node's disk, which the other nodes cannot read. "
+                         "Run the team server (mlflow/server.sh on the head node) and pass --mlflow-uri "
+                         "http://<head private IP>:5000, or keep the store on a shared file system.")
+        if local:
+            raise ClusterMismatch(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''}, but\n  - "
+                 + "\n  - ".join(local) + "\nPass --shared-storage if these paths are shared in a way tlcore "
+                 "cannot detect. No trial was started.")
+    if gpus > have_gpus and not args.autoscale:
+        # Ray would otherwise wait forever with a repeated warning.
+        raise ClusterMismatch(f"--gpus-per-trial {gpus} but the Ray cluster has {have_gpus:g} GPUs; "
+             "use --gpus-per-trial 0 (CPU) or a fraction, add GPU nodes, or pass --autoscale "
+             "if the cluster starts GPU workers on demand")
+    if args.cpus_per_trial > resources.get("CPU", 0):
+        raise ClusterMismatch(f"--cpus-per-trial {args.cpus_per_trial} but the cluster has {resources.get('CPU', 0):g} CPUs")
+    return gpus
