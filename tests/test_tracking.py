@@ -1,6 +1,6 @@
 import pytest
 
-from tlcore import tracking
+from tlcore import credentials, tracking
 
 
 def test_child_runs_are_found_again_by_trial_id(mlflow_uri):
@@ -75,20 +75,20 @@ def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
 
 
 def test_credentials_leave_the_tracking_uri_for_the_environment(monkeypatch):
-    for var in tracking.CREDENTIAL_VARS:
+    for var in credentials.CREDENTIAL_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert tracking.take_credentials("http://alice:s%40cret@10.0.0.5:5000/") == "http://10.0.0.5:5000/"
-    assert tracking.credentials_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s@cret"}
-    assert tracking.take_credentials("https://[::1]:5000") == "https://[::1]:5000"
-    assert tracking.take_credentials("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    assert credentials.take_credentials("http://alice:s%40cret@10.0.0.5:5000/") == "http://10.0.0.5:5000/"
+    assert credentials.credentials_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s@cret"}
+    assert credentials.take_credentials("https://[::1]:5000") == "https://[::1]:5000"
+    assert credentials.take_credentials("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
     with pytest.raises(ValueError, match="pgpass") as e:
-        tracking.take_credentials("postgresql://mlflow:hunter2@db:5432/mlflow")
+        credentials.take_credentials("postgresql://mlflow:hunter2@db:5432/mlflow")
     assert "hunter2" not in str(e.value)
 
 
 def test_redact_hides_passwords_anywhere_in_a_line():
     line = "store postgresql://u:pw1@h/db, server http://admin:pw2@10.0.0.5:5000 (no secret: http://h:5000)"
-    assert tracking.redact(line) == "store postgresql://u:***@h/db, server http://admin:***@10.0.0.5:5000 (no secret: http://h:5000)"
+    assert credentials.redact(line) == "store postgresql://u:***@h/db, server http://admin:***@10.0.0.5:5000 (no secret: http://h:5000)"
 
 
 def test_a_trial_run_found_again_without_params_gets_them(tmp_path):

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from tlcore import tracking
 from tlcore.config import HEADS, RunConfig
+from tlcore.credentials import redact, take_credentials
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import (
     DEFAULT_FRACTIONS,
@@ -159,7 +160,7 @@ def run(main) -> None:
         cause = tracking.unreachable_cause(e)
         if cause is None or not _running:
             raise
-        reason = tracking.redact((str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200])
+        reason = redact((str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200])
         print(f"\n[tlcore] error: the MLflow store {_running['uri']} stopped answering ({reason}).\n"
               f"Nothing is lost: every trial's results and checkpoints are in {_running['exp_dir']}.\n"
               "When the store answers again, rerun the same command with --resume: no trial is trained again;\n"
@@ -182,7 +183,7 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
             modalities=("t1", "t2"), subset_sizes=None) -> Sweep:
     """Checks that can fail before anything is written: data, splits, the tracking store."""
     try:  # user:password@ leave the URI here, before it (or args) is recorded anywhere
-        uri = tracking.take_credentials(args.mlflow_uri or tracking.default_tracking_uri())
+        uri = take_credentials(args.mlflow_uri or tracking.default_tracking_uri())
     except ValueError as e:
         fail(str(e))
     if args.mlflow_uri:

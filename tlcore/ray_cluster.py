@@ -43,7 +43,7 @@ def connect(args) -> float:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
     # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
-    # trials through trial_runs.with_credentials.)
+    # trials through credentials.with_credentials.)
     runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays

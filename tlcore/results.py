@@ -23,7 +23,8 @@ from tlcore.progress import format_table
 from tlcore.starts import load_images, load_split, num_classes
 from tlcore.train import amp_dtype, choose_channels_last, pick_device
 from tlcore.transfer import read_weights
-from tlcore.trial_runs import SweepRuns, end_trial_run, iteration_tags, with_credentials
+from tlcore.credentials import with_credentials
+from tlcore.trial_runs import SweepRuns, end_trial_run, iteration_tags
 
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
     """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 from tlcore.config import cache_dir
+from tlcore.credentials import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORE_DIR = REPO_ROOT / "mlflow"
@@ -42,48 +43,6 @@ log = logging.getLogger("tlcore")
 def default_tracking_uri() -> str:
     """The embedded store: SQLite under `mlflow/` in the repository."""
     return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
-
-
-CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]*)@")
-
-
-def redact(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://user:***@host`, anywhere in `text`."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
-
-
-def take_credentials(uri: str) -> str:
-    """The tracking URI without its `user:password@`, which go where MLflow's client reads them:
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment (and,
-    through trial_runs.with_credentials, in every trial's). The URI itself ends up in
-    run params, trial configs, Tune's result files and printed lines, so it must hold no secret.
-
-    A database URI with a password (postgresql://user:pw@host/db as the tracking store itself)
-    cannot shed it: refused, with the ways that keep it out of the command line.
-    """
-    from urllib.parse import unquote
-
-    parsed = urlparse(uri)
-    if parsed.password is None and not (parsed.username and parsed.scheme in ("http", "https")):
-        return uri
-    if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"--mlflow-uri {redact(uri)}: a password in a database URI would be recorded with "
-                         "every run. Keep it out of the URI (PostgreSQL: ~/.pgpass or PGPASSWORD), or log "
-                         "through the team server (mlflow/server.sh) with MLFLOW_TRACKING_USERNAME / "
-                         "MLFLOW_TRACKING_PASSWORD set.")
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parsed.username or "")
-    if parsed.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parsed.password)
-    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname  # IPv6 keeps its brackets
-    host += f":{parsed.port}" if parsed.port else ""
-    return parsed._replace(netloc=host).geturl()
-
-
-def credentials_env() -> dict[str, str]:
-    """The MLflow credentials this process has, for the sweep's trials (trial_runs.with_credentials):
-    trials on nodes whose Ray was started without them still reach the registry."""
-    return {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
 
 
 @lru_cache(maxsize=8)
@@ -462,14 +421,10 @@ def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:
     return ref, folder
 
 
-def is_local_uri(uri: str) -> bool:
-    return urlparse(uri).scheme in ("sqlite", "file", "")
-
-
 def local_store_path(uri: str) -> Path | None:
     """The file or folder of a store that lives on this machine's disk (sqlite, file, a bare
     path); None for a server or a database reached over the network."""
-    if not is_local_uri(uri):
+    if urlparse(uri).scheme not in ("sqlite", "file", ""):
         return None
     if _sqlite_path(uri) is not None:
         return _sqlite_path(uri)

@@ -26,7 +26,8 @@ from tlcore.progress import SweepProgress
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
-from tlcore.trial_runs import TrialRunLog, iteration_tags, trial_run_name, with_credentials
+from tlcore.credentials import with_credentials
+from tlcore.trial_runs import TrialRunLog, iteration_tags, trial_run_name
 
 
 def quiet_ray_train() -> None:

@@ -1,12 +1,11 @@
 """The MLflow runs of trials: created with their parameters and lineage, found again by their
-`trial_id` tag, closed with their final tags; and the credentials trials need to reach the store.
+`trial_id` tag, closed with their final tags.
 `TrialRunLog` writes them for the sweep's callback (trainables.MLflowTrialLogger), buffering through
 store outages; `python -m tlcore.sync` replays Ray's result files through the same functions. No Ray here.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from dataclasses import dataclass
@@ -79,25 +78,6 @@ def end_trial_run(uri: str, run_id: str, status: str, tags: dict) -> None:
     """Close a trial's run (FINISHED or FAILED) with its final tags."""
     tracking.set_tags(uri, run_id, tags)
     tracking.end_run(uri, run_id, status)
-
-
-def with_credentials(fn):
-    """`fn` (a trainable or a Ray task), first putting the driver's MLflow credentials
-    (tracking.credentials_env) into the worker's environment, where MLflow's client reads them:
-    trials and evaluation tasks on nodes whose Ray was started without them still reach the
-    registry and their runs. They travel inside the function Ray ships to the workers; not in the
-    config (recorded as params and in Tune's result files) and not in a Ray runtime environment
-    (Ray's runtime-env agent writes those values to its log)."""
-    credentials = tracking.credentials_env()
-    if not credentials:
-        return fn
-
-    @functools.wraps(fn)
-    def with_env(*args, **kwargs):
-        os.environ.update(credentials)
-        return fn(*args, **kwargs)
-
-    return with_env
 
 
 class TrialRunLog:
