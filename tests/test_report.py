@@ -173,3 +173,45 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_defused(tmp_path):
     assert rows[0]["subject"] == "'=HYPERLINK(\"http://x\")" and rows[0]["run"] == "'@SUM(A1)"
     assert rows[0]["note"] == "'-1+1" and rows[0]["dice"] == "-0.5"  # numbers stay numbers
     assert rows[1]["subject"] == "Brats18_2013_2_1" and rows[1]["dice"] == "0.81"
+
+
+def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
+    import statistics
+
+    from tlcore.summary import collect, log_seed_aggregates
+
+    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    tests = {("scratch", 0): [0.50, 0.56, 0.59], ("models:/ixi/1", 2): [0.61, 0.65], ("models:/ixi/1", 4): [0.3]}
+    for (source, frozen), scores in tests.items():
+        for seed, score in enumerate(scores):
+            run = tracking.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
+                                     {"source_model": source, "frozen_layers": frozen, "train_subset": "all",
+                                      "lr": 0.001, "lr_schedule": "constant", "seed": seed},
+                                     {"trial_id": f"{source}{frozen}{seed}"}, parent_run_id=parent)
+            steps = (20, 40) if seed == 1 else (20, 40, 60)  # seed 1 stopped early: 60 is not common
+            for step in steps:
+                tracking.log_metrics(mlflow_uri, run, {"val_dice": score * step / 60, "train_loss": 1 / step},
+                                     step=step)
+            tracking.log_metrics(mlflow_uri, run, {"test_dice": score}, step=60)
+
+    made = log_seed_aggregates(mlflow_uri, "brats_layers", parent)
+    assert len(made) == 2  # the single-seed configuration gets none
+    runs = {r.data.params["frozen_layers"]: r for r in tracking.child_runs(mlflow_uri, "brats_layers", parent)
+            if r.data.tags.get("role") == "seed_aggregate"}
+    scratch = runs["0"]
+    assert scratch.info.run_name == "scratch · mean of 3 seeds" and scratch.data.tags["seeds"] == "0,1,2"
+    assert scratch.data.metrics["test_dice"] == pytest.approx(statistics.mean(tests[("scratch", 0)]))
+    assert scratch.data.metrics["test_dice_sd"] == pytest.approx(statistics.stdev(tests[("scratch", 0)]))
+    assert scratch.data.metrics["test_dice_max"] == pytest.approx(0.59)
+    assert scratch.data.metrics["best_val_dice"] == pytest.approx(statistics.mean([0.50, 0.56 * 40 / 60, 0.59]))
+    curve = tracking.metric_history(mlflow_uri, scratch.info.run_id, "val_dice")
+    assert [s for s, _ in curve] == [20, 40]  # only the steps every seed reached
+    assert curve[1][1] == pytest.approx(statistics.mean(tests[("scratch", 0)]) * 40 / 60)
+    assert runs["2"].data.metrics["n_seeds"] == 2 and runs["2"].data.params["source_model"] == "models:/ixi/1"
+
+    # the summary still sees trials only, and a second call replaces the aggregates
+    assert len(collect(mlflow_uri, "brats_layers", parent)) == 6
+    again = log_seed_aggregates(mlflow_uri, "brats_layers", parent)
+    live = [r for r in tracking.child_runs(mlflow_uri, "brats_layers", parent)
+            if r.data.tags.get("role") == "seed_aggregate" and r.info.lifecycle_stage == "active"]
+    assert sorted(r.info.run_id for r in live) == sorted(again)

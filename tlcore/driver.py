@@ -28,7 +28,7 @@ from tlcore.data.splits import (
 )
 from tlcore.data.synthetic import ensure_synthetic
 from tlcore.progress import format_table
-from tlcore.summary import seeds_note
+from tlcore.summary import log_seed_aggregates, seeds_note
 from tlcore.trial_runs import SweepRuns
 from tlcore.validate import validate_dataset
 
@@ -335,13 +335,16 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
     tracking.log_text(uri, pid, table + "\n", "results.md")
     tracking.log_dict(uri, pid, rows, "results.json")
     tracking.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
+    aggregates = log_seed_aggregates(uri, sweep.name, pid)
     report = write_report(sweep)
     tracking.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
     print(seeds_note(rows, synthetic=not sweep.args.data_dir))
     if report:
         print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
-    print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}")
+    print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}"
+          + (f"; {len(aggregates)} run(s) 'mean of n seeds' (mean, _sd, _min, _max of every metric)"
+             if aggregates else ""))
     if uri.startswith("sqlite:///"):
         print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:

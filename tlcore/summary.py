@@ -6,6 +6,7 @@ configuration against the scratch baseline on the same subjects, Holm-corrected)
 from __future__ import annotations
 
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedu
 
 
 CURVES = ("train_loss", "val_loss")
+AGGREGATE_ROLE = "seed_aggregate"  # the `role` tag of a configuration's mean-over-seeds run
 
 
 @dataclass
@@ -38,6 +40,8 @@ class TrialRun:
 def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
     out = []
     for run in tracking.child_runs(uri, experiment, parent_run_id):
+        if run.data.tags.get("role") == AGGREGATE_ROLE:
+            continue
         rid = run.info.run_id
         histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
                      if k in run.data.metrics}
@@ -182,3 +186,57 @@ def seeds_note(rows: list[dict], synthetic: bool) -> str:
               if synthetic else "one seed cannot separate a difference from seed-to-seed noise")
     return (f"[tlcore] every row is one seed: {spread}. Rerun with --num-samples 3 (or more) and read the "
             "report's paired statistics before concluding.")
+
+
+def _spread(key: str, values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v == v]
+    if not values:
+        return {}
+    return {key: statistics.mean(values), f"{key}_sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"{key}_min": min(values), f"{key}_max": max(values)}
+
+
+# Curves are averaged step by step instead; rates and throughput say nothing about the configuration.
+NOT_AGGREGATED = {"step", "lr", "patches_per_s", "images_per_s", *CURVES, "val_dice", "val_accuracy"}
+
+
+def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[str]:
+    """For every configuration that ran with two seeds or more, one more child run of the sweep
+    (tag role=seed_aggregate, named "<configuration> · mean of n seeds") with the configuration's
+    params, each final metric as its mean over seeds (same key, so MLflow's table and charts set
+    it beside the single runs) with `_sd`, `_min` and `_max`, the mean of each seed's best
+    validation score, and mean curves at the steps every seed reached. Earlier aggregates of the
+    sweep are replaced (a resumed sweep may have more seeds). Returns the new runs' ids."""
+    for run in tracking.child_runs(uri, experiment, parent_run_id):
+        if run.data.tags.get("role") == AGGREGATE_ROLE:
+            tracking.delete_run(uri, run.info.run_id)
+    trials = collect(uri, experiment, parent_run_id)
+    groups = defaultdict(list)
+    for t in trials:
+        groups[t.config].append(t)
+    shared, made = shared_settings(trials), []
+    for config, ts in groups.items():
+        if len(ts) < 2:
+            continue
+        seeds = sorted(t.params.get("seed", "") for t in ts)
+        metrics = {"n_seeds": float(len(ts))}
+        for key in sorted({k for t in ts for k in t.metrics} - NOT_AGGREGATED):
+            metrics.update(_spread(key, [t.metrics.get(key, float("nan")) for t in ts]))
+        for key, mode in (("val_dice", "max"), ("val_accuracy", "max"), ("val_loss", "min")):
+            if all(key in t.histories for t in ts):
+                metrics.update(_spread(f"best_{key}", [_best(t, key, mode) for t in ts]))
+        run_id = tracking.start_run(uri, experiment, f"{label(config, shared)} · mean of {len(ts)} seeds",
+                                    dict(zip(CONFIG_KEYS, config)),
+                                    {"role": AGGREGATE_ROLE, "seeds": ",".join(seeds),
+                                     "trial_runs": ",".join(t.run_id for t in ts)}, parent_run_id=parent_run_id)
+        now = int(time.time() * 1000)
+        rows = [(k, v, 0, now) for k, v in metrics.items()]
+        for key in (*CURVES, "val_dice", "val_accuracy"):
+            per_seed = [dict(t.histories.get(key, [])) for t in ts]
+            for step in sorted(set.intersection(*(set(h) for h in per_seed))):
+                at_step = [h[step] for h in per_seed]
+                rows += [(key, statistics.mean(at_step), step, now), (f"{key}_sd", statistics.stdev(at_step), step, now)]
+        tracking.log_metric_rows(uri, run_id, rows)
+        tracking.end_run(uri, run_id)
+        made.append(run_id)
+    return made

@@ -283,6 +283,11 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+def delete_run(uri: str, run_id: str) -> None:
+    """Mark a run deleted (MLflow keeps it restorable until the store is garbage-collected)."""
+    client(uri).delete_run(run_id)
+
+
 def run_info(uri: str, run_id: str):
     return client(uri).get_run(run_id)
 
