@@ -47,16 +47,13 @@ def main() -> None:
     sweep.gpus_per_trial = driver.start_ray(args)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
-    space, searcher, samples = dict(sweep.base_config), None, 1
-    if args.search == "grid":
+    space, searcher = dict(sweep.base_config), None
+    if args.search == "grid":  # --num-samples: the grid once per seed
         space.update(search_space(source))
-        if args.num_samples > 1:  # repeats differ by seed, reproducibly
-            space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
-    else:
+    else:  # --num-samples: trials of the search
         searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
                                                    seed=args.seed), max_concurrent=4)
-        samples = args.num_samples
-    results = run_sweep(NAME, space, num_samples=samples, search_alg=searcher, **sweep.tune_kwargs())
+    results = run_sweep(NAME, space, search_alg=searcher, **sweep.tune_kwargs())
     rows = trial_rows(results, sweep.max_iterations)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays

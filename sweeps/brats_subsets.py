@@ -47,8 +47,6 @@ def main() -> None:
         space["lr_schedule"] = "constant"
         space["start"] = tune.grid_search(space["start"]["grid_search"][:2])
         space["train_subset"] = tune.grid_search(["S1", "S4"])
-    if args.num_samples > 1:
-        space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
                              parent_run_id=sweep.parent_run_id, cpus=args.cpus_per_trial, gpus=gpus)

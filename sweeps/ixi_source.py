@@ -29,8 +29,6 @@ def main() -> None:
     gpus = sweep.gpus_per_trial = driver.start_ray(args)
     driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
-    if args.num_samples > 1:
-        space["seed"] = tune.grid_search([args.seed + i for i in range(args.num_samples)])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     rows = trial_rows(results, sweep.max_iterations)
     if all(r["status"] == "ERROR" for r in rows):

@@ -32,7 +32,7 @@ def chain(tmp_path_factory):
     common = ["--mlflow-uri", uri, "--storage-path", str(tmp / "results"), "--smoke-test"]
     mura = write_mura(tmp / "mura", n_patients=16, size=32)
     chest = write_chestxray(tmp / "chest", n_patients=30, size=32)
-    src = run("mura_source.py", "--data-dir", str(mura), "--source", str(weights), *common)
+    src = run("mura_source.py", "--data-dir", str(mura), "--source", str(weights), "--num-samples", "2", *common)
     assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
     return {"tmp": tmp, "uri": uri, "common": common, "weights": weights, "chest": chest, "mura_out": src.stdout}
 
@@ -52,6 +52,27 @@ def test_mura_source_registers_a_model_with_study_wise_results(chain):
     assert [s for s, _ in history] == [1, 2]  # one report per epoch
     page = (chain["tmp"] / "results" / "mura_source" / "report" / "report.html").read_text()
     assert "accuracy_by_body_part" in page and "training_steps" in page
+
+
+def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
+    """--num-samples 2 on a grid of two learning rates: four trials, and per learning rate one
+    MLflow run with the mean and spread over its two seeds."""
+    uri = chain["uri"]
+    parent = tracking.run_info(uri, tracking.resolve_model(uri, "models:/mura_densenet121/latest").run_id)
+    runs = tracking.child_runs(uri, "mura_source", parent.data.tags["mlflow.parentRunId"])
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    aggregates = {r.data.params["lr"]: r for r in runs if r.data.tags.get("role") == "seed_aggregate"}
+    assert sorted((r.data.params["lr"], r.data.params["seed"]) for r in trials) == [
+        ("0.0001", "0"), ("0.0001", "1"), ("0.001", "0"), ("0.001", "1")]
+    assert sorted(aggregates) == ["0.0001", "0.001"]
+    for lr, agg in aggregates.items():
+        members = [r for r in trials if r.data.params["lr"] == lr]
+        assert agg.data.tags["seeds"] == "0,1" and agg.info.run_name.endswith("mean of 2 seeds")
+        assert set(agg.data.tags["trial_runs"].split(",")) == {r.info.run_id for r in members}
+        best = [max(v for _, v in tracking.metric_history(uri, r.info.run_id, "val_accuracy")) for r in members]
+        assert agg.data.metrics["best_val_accuracy"] == pytest.approx(sum(best) / 2)
+        assert agg.data.metrics["best_val_accuracy_max"] == pytest.approx(max(best))
+    assert "2 run(s) 'mean of n seeds'" in chain["mura_out"]
 
 
 def test_chestxray_transfer_compares_three_starting_points(chain):

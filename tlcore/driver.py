@@ -129,7 +129,7 @@ class Sweep:
                 "storage_path": self.storage_path, "max_iterations": self.max_iterations,
                 "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
                 "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume,
-                "scheduler": a.scheduler, "strata": self.strata}
+                "scheduler": a.scheduler, "strata": self.strata, "seed": a.seed, "num_samples": a.num_samples}
 
     @property
     def strata(self) -> tuple:

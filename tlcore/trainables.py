@@ -398,11 +398,14 @@ def asha(reports: int, grace_period: int = 2, reduction_factor: int = 3, strata=
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
               trainable=None,
-              max_iterations: int, report_every: int, num_samples: int = 1, search_alg=None,
+              max_iterations: int, report_every: int, num_samples: int = 1, seed: int = 0, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
               scheduler: str = "asha", strata=(), grace_period: int = 2, reduction_factor: int = 3):
     """Run (or resume) a sweep of `train_segmentation_trial`; returns the ResultGrid.
+
+    num_samples: with a grid (no `search_alg`), the grid runs once per seed, seed .. seed +
+    num_samples - 1 (repeats that differ reproducibly); with a search algorithm, its trials.
 
     scheduler: "asha" (asynchronous early stopping), "asha-sync" (decisions once every trial of
     the stratum reached the rung: independent of the order results arrive in) or "none" (every
@@ -420,6 +423,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     else:
         if resume:
             print(f"[tlcore] nothing to resume at {exp_dir}; starting a new sweep")
+        if search_alg is None and num_samples > 1:
+            param_space = {**param_space, "seed": tune.grid_search([seed + i for i in range(num_samples)])}
+            num_samples = 1
         reports = math.ceil(max_iterations / report_every)
         early_stopping = None if scheduler == "none" else asha(reports, grace_period, reduction_factor, strata,
                                                                 synchronous=scheduler == "asha-sync")
