@@ -1,4 +1,5 @@
 import os
+import re
 import tempfile
 
 import pytest
@@ -37,3 +38,34 @@ def local_ray(request):
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# Session-scoped (per xdist worker): a module-scoped fixture is built again whenever the worker
+# interleaves another module's tests, and the source sweep behind `source_model` takes a minute.
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, synthetic_root):
+    tmp = tmp_path_factory.mktemp("sweeps")
+    uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    common = ["--mlflow-uri", uri, "--storage-path", str(tmp / "results"), "--smoke-test"]
+    return {"tmp": tmp, "uri": uri, "common": common, "data": synthetic_root}
+
+
+@pytest.fixture(scope="session")
+def source_model(workspace):
+    """The IXI source sweep (smoke), run once per worker; its registered model."""
+    from helpers import run_script
+
+    from tlcore import tracking
+
+    w = workspace
+    src = run_script("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
+    assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
+    assert "registered models:/ixi_hippocampus/1" in src.stdout and "test_dice" in src.stdout
+    # what the researcher reads: a line per trial report, no configuration dumps or Ray chatter
+    out = src.stdout + src.stderr
+    assert len(out.splitlines()) <= 80, out
+    for chatter in ("Checkpoint successfully created", "params={", "Trial status:", "tensorboard", "data_dir"):
+        assert chatter not in out, chatter
+    assert len(re.findall(r"iteration \d+/\d+ +val_dice \d\.\d{3} \(best", out)) >= 2, out
+    assert re.search(r"2/2 trials ended .* best val_dice", out), out
+    return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")

@@ -1,5 +1,6 @@
-"""Process helpers shared by the end-to-end tests (real Ray, real MLflow servers)."""
+"""Helpers shared by the end-to-end tests (real Ray, real MLflow servers, the sweep scripts)."""
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
+
+from tlcore import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,3 +94,54 @@ def stop_tracking_server(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def store_with_untrained_source(tmp_path) -> str:
+    """A fresh SQLite store with an untrained 3-class HighRes3DNet registered as the IXI source:
+    tests of resuming and recovery need a source to transfer from, not a good one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    return register_untrained_source(uri, tmp_path)
+
+
+def register_untrained_source(uri: str, tmp_path) -> str:
+    """An untrained 3-class HighRes3DNet, registered as `ixi_hippocampus` in the store at `uri`."""
+    from safetensors.torch import save_file
+
+    from tlcore.models import build_model
+
+    weights = tmp_path / "src"
+    weights.mkdir()
+    save_file(build_model(in_channels=2, num_classes=3).state_dict(), str(weights / "model.safetensors"))
+    run = tracking.start_run(uri, "ixi_source", "untrained source")
+    tracking.log_artifacts(uri, run, weights, "model")
+    tracking.register_model(uri, "ixi_hippocampus", run)
+    return uri
+
+
+def wait_for_trial_runs(uri: str, ready, timeout: float) -> list:
+    """Poll the brats_layers child runs until `ready(runs)`; fail the test on timeout."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        exp = tracking.client(uri).get_experiment_by_name("brats_layers")
+        runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+        if ready(runs):
+            return runs
+    pytest.fail("the sweep made no progress to interrupt")
+
+
+def reported_steps(trial_dir: Path) -> dict[int, dict]:
+    """Every result a trial reported, by iteration, from Ray's result.json."""
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    return {r["iteration"]: r for r in rows}
+
+
+def run_script(script, *args, timeout=600, env=None):
+    """Run sweeps/<script> as a user would; returns the CompletedProcess (output captured)."""
+    env = sweep_env(env)
+    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc

@@ -1,0 +1,322 @@
+"""Sweeps that lose something midway (the driver, a worker node, the tracking server, a trial's
+retries) and what they keep; and a sweep through the authenticated team server."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, free_port, kill_ray_processes, processes_with_env, register_untrained_source, reported_steps, run_script, start_tracking_server, stop_tracking_server, store_with_untrained_source, sweep_env, wait_for_trial_runs
+
+from tlcore import tracking
+pytestmark = pytest.mark.slow
+
+
+def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
+    """SIGKILL the driver mid-sweep, rerun with --resume: one parent, one run per trial, no step twice."""
+    import signal
+
+    w = workspace
+    uri = store_with_untrained_source(tmp_path)
+    args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
+            "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results")]
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")
+    env = sweep_env(RAY_TMPDIR=ray_tmp)
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        def finished_one_and_one_under_way(runs):
+            steps = lambda r: len(tracking.metric_history(uri, r.info.run_id, "val_dice"))
+            return (any(r.info.status == "FINISHED" for r in runs)
+                    and any(r.info.status == "RUNNING" and steps(r) >= 2 for r in runs))
+
+        runs = wait_for_trial_runs(uri, finished_one_and_one_under_way, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver ...
+        proc.wait()
+        kill_ray_processes(ray_tmp)           # ... and the local Ray it started, nothing else
+    env.pop("RAY_TMPDIR")
+    before = {r.data.tags["trial_id"]: tracking.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
+
+    resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("brats_layers")
+    assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
+    children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
+    assert len(children) == 7 and len({r.data.tags["trial_id"] for r in children}) == 7
+    for r in children:
+        assert r.info.status == "FINISHED", (r.data.tags, r.info.status)
+        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        assert steps == sorted(set(steps)), steps                      # no step logged twice
+        old = [s for s, _ in before.get(r.data.tags["trial_id"], [])]
+        assert steps[:len(old)] == old                                 # history before the kill kept
+    for trial_dir in (tmp_path / "results" / "brats_layers").glob("train_segmentation_trial_*"):
+        import json as _json
+        its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert its.count(4) <= 1, its                                  # interrupted trials did not restart from 0
+    # the resumed sweep's report covers every trial, those finished before the kill included, once
+    page = tmp_path / "results" / "brats_layers" / "report" / "report.html"
+    assert f"[tlcore] report: {page}" in resumed.stdout
+    parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
+    assert parent in page.read_text()
+    with (page.parent / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 7 and all(r["seeds"] == "1" and int(r["iterations"]) > 0 for r in summary)
+    with (page.parent / "per_subject_dice.csv").open() as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    assert len({r["configuration"] for r in val}) == 7
+    assert len(val) == len({(r["configuration"], r["subject"]) for r in val})   # no subject twice
+    with (page.parent / "curves.csv").open() as f:
+        points = [(r["run"], r["metric"], r["step"]) for r in csv.DictReader(f)]
+    assert len(points) == len(set(points))                                     # no step drawn twice
+
+
+@pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
+def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
+    """A worker node removed mid-sweep: its trial continues from its checkpoint on the other node."""
+    import json as _json
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    w = workspace
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    env = sweep_env()
+    args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(w["data"] / "ixi"),
+            "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results"), "--shared-storage", "--address", cluster.address,
+            "--max-failures", "3"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = tmp_path / "results" / "ixi_source"
+    try:
+        deadline = time.time() + 240  # both trials (one per node) have a checkpoint to resume from
+        while time.time() < deadline and sum(1 for d in results.glob("train_*") if any(d.glob("checkpoint_*"))) < 2:
+            time.sleep(0.5)
+        cluster.remove_node(doomed, allow_graceful=False)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    assert proc.returncode == 0, out[-4000:]
+    assert "Trial task failed" in out  # the node loss did hit a running trial ...
+    exp = tracking.client(uri).get_experiment_by_name("ixi_source")
+    children = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)  # ... which recovered
+    for trial_dir in results.glob("train_segmentation_trial_*"):
+        its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert its.count(4) <= 1, its                    # resumed from a checkpoint, not from scratch
+    for r in children:
+        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        assert steps == sorted(set(steps))
+
+
+def test_a_sweep_logs_through_an_authenticated_server_and_records_no_password(workspace, tmp_path, monkeypatch):
+    """The team path: basic-auth on, the password given in --mlflow-uri, trials on a Ray that was
+    started without it (as every worker node is): they download the source model from the
+    registry and the evaluation tasks log to their runs. Every trial logs; the password is in none
+    of the output, the runs' params and tags, Tune's files, the artifacts or Ray's own logs."""
+    import secrets
+    import shutil
+    import tempfile
+
+    password, port = secrets.token_hex(8), free_port()
+    (tmp_path / "server").mkdir()
+    server = start_tracking_server(tmp_path / "server", port, admin_password=password)
+    uri = f"http://127.0.0.1:{port}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    # no MLflow credentials anywhere but in --mlflow-uri; Ray's logs go to ray_tmp, to search too
+    env = sweep_env({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
+                    RAY_TMPDIR=str(ray_tmp))
+    ray_port = free_port()
+    started = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(ray_port),
+                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        with monkeypatch.context() as m:  # the source model, registered by someone with the password
+            m.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            m.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            register_untrained_source(uri, tmp_path)
+        # two trials (Optuna with seed 1 picks the source model for both), each evaluated on 3 splits
+        proc = run_script("brats_layers.py", "--data-dir", str(workspace["data"] / "brats"), "--smoke-test",
+                         "--search", "optuna", "--num-samples", "2", "--seed", "1", "--max-iterations", "4",
+                         "--mlflow-uri", f"http://admin:{password}@127.0.0.1:{port}",
+                         "--address", f"127.0.0.1:{ray_port}", "--storage-path", str(tmp_path / "results"), env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert password not in proc.stdout + proc.stderr
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        c = tracking.client(uri)
+        runs = c.search_runs([c.get_experiment_by_name("brats_layers").experiment_id])
+        children = [r for r in runs if r.data.tags.get("trial_id")]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" and "test_dice" in r.data.metrics
+                                          for r in children)
+        assert any(r.data.params["source_model"].startswith("models:/") for r in children)  # a download
+        for r in runs:
+            assert password not in json.dumps([r.data.params, r.data.tags])
+        assert any(ray_tmp.rglob("raylet.out"))  # Ray did log there
+        leaked = [f for root in (tmp_path / "results", tmp_path / "server" / "artifacts", ray_tmp)
+                  for f in root.rglob("*") if f.is_file() and not f.is_socket() and password.encode() in f.read_bytes()]
+        assert not leaked, leaked
+    finally:
+        kill_ray_processes(str(ray_tmp))
+        stop_tracking_server(server)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path):
+    """The MLflow server dies mid-sweep and comes back: training goes on, every step reaches MLflow."""
+    import time
+
+    port = free_port()
+    server = start_tracking_server(tmp_path, port)
+    uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
+    env = sweep_env()
+    proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
+                             str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
+                             "--report-every", "4", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")],
+                            cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
+    log = lambda: (tmp_path / "sweep.log").read_text()[-4000:]
+    # trials write a checkpoint with every report, at once (Ray's result.json lags behind)
+    reported = lambda: len(list(results.glob("train_*/checkpoint_*")))
+    try:
+        deadline = time.time() + 240
+        while reported() < 1 and time.time() < deadline:
+            time.sleep(0.5)
+        at_outage = reported()
+        assert at_outage >= 1, "the sweep made no progress"
+        stop_tracking_server(server)
+        deadline = time.time() + 120
+        while reported() < at_outage + 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert reported() >= at_outage + 3, f"training stopped while the server was down ({at_outage})\n{log()}"
+        server = start_tracking_server(tmp_path, port)
+        proc.wait(timeout=600)
+        out = (tmp_path / "sweep.log").read_text()
+        assert proc.returncode == 0, out[-4000:]
+        assert "unreachable" in out and "reachable again" in out, out[-4000:]
+
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name("ixi_source")
+        assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
+        children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        for r in children:
+            steps = reported_steps(next(results.glob(f"train_*_{r.data.tags['trial_id']}")))
+            for key in ("train_loss", "val_dice"):
+                logged = dict(tracking.metric_history(uri, r.info.run_id, key))
+                assert logged == {s: pytest.approx(v[key]) for s, v in steps.items()}, key
+        synced = subprocess.run([sys.executable, "-m", "tlcore.sync", str(results)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert synced.returncode == 0 and "0 metric value(s) added" in synced.stdout, synced.stdout + synced.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_tracking_server(server)
+
+
+def test_store_down_as_a_sweep_ends_stops_it_clearly_and_resume_completes_it(workspace, tmp_path):
+    """The MLflow server dies mid-sweep and is still down when the trials end: the sweep stops
+    with exit 75 and what to do, no traceback. Back up, `--resume` trains nothing again, writes
+    every step MLflow lacks, evaluates, registers the model and builds the report."""
+    import time
+
+    port = free_port()
+    server = start_tracking_server(tmp_path, port)
+    uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
+    args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(workspace["data"] / "ixi"),
+            "--smoke-test", "--max-iterations", "8", "--report-every", "4", "--mlflow-uri", uri,
+            "--storage-path", str(tmp_path / "results")]
+    env = sweep_env(TLCORE_MLFLOW_WAIT_S="3")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not any(results.glob("train_*/checkpoint_*")) and time.time() < deadline:
+            time.sleep(0.5)
+        stop_tracking_server(server)
+        proc.wait(timeout=600)
+        out = (tmp_path / "sweep.log").read_text()
+        assert proc.returncode == 75, out[-4000:]
+        assert "stopped answering" in out and "rerun the same command with --resume" in out, out[-3000:]
+        assert str(results) in out and "Traceback" not in out, out[-3000:]
+        trials = sorted(results.glob("train_segmentation_trial_*"))
+        before = {t.name: reported_steps(t) for t in trials}
+        assert len(before) == 2 and all(max(steps) == 8 for steps in before.values())  # the trials did finish
+
+        server = start_tracking_server(tmp_path, port)
+        again = run_script("ixi_source.py", *args[2:], "--resume", env={**os.environ, "TLCORE_MLFLOW_WAIT_S": "3"})
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert {t.name: reported_steps(t) for t in trials} == before  # no trial trained again
+
+        c = tracking.client(uri)
+        exp = c.get_experiment_by_name("ixi_source")
+        (parent,) = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
+        assert parent.info.status == "FINISHED"
+        assert any(a.path == "report" for a in c.list_artifacts(parent.info.run_id))
+        children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        for r in children:
+            steps = before[next(n for n in before if n.endswith(r.data.tags["trial_id"]))]
+            assert dict(tracking.metric_history(uri, r.info.run_id, "val_dice")) == {
+                s: pytest.approx(v["val_dice"]) for s, v in steps.items()}
+        model = tracking.resolve_model(uri, "models:/ixi_hippocampus/latest")
+        assert model.version == "1" and "test_dice" in c.get_run(model.run_id).data.metrics
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_tracking_server(server)
+
+
+def test_exhausted_retries_exit_non_zero_naming_the_failed_trial(workspace, tmp_path):
+    """A trial's worker killed twice with --max-failures 1: the sweep ends, exits 2, names it."""
+    import signal
+    import time
+
+    marker = f"TLCORE_TEST_RUN={tmp_path.name}"
+    env = sweep_env(TLCORE_TEST_RUN=tmp_path.name)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
+                             str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
+                             "--report-every", "4", "--max-failures", "1", "--mlflow-uri", uri,
+                             "--storage-path", str(tmp_path / "results")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, killed = None, set()
+    try:
+        deadline = time.time() + 300
+        while len(killed) < 2 and time.time() < deadline and proc.poll() is None:
+            for pid, title, cwd in processes_with_env(marker):
+                trial = Path(cwd).name  # Tune runs each trial in a working dir named after it
+                if title.startswith("ray::ImplicitFunc") and trial.startswith("train_") and pid not in killed:
+                    victim = victim or trial
+                    if trial == victim and (Path(tmp_path / "results" / "ixi_source" / trial / "result.json")).exists():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.add(pid)
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(killed) == 2, f"could not kill trial {victim} twice"
+    trial_id = victim.rsplit("_trial_", 1)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "1 trial(s) failed after 1 retry" in err and f"trial {trial_id}" in err, err[-3000:]
+    assert "--resume" in err
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("ixi_source")
+    failed = c.search_runs([exp.experiment_id], f"tags.trial_id = '{trial_id}'")
+    assert len(failed) == 1 and failed[0].info.status == "FAILED" and failed[0].data.tags["error_file"]
+    parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0]
+    assert parent.info.status == "FAILED" and parent.data.tags["errored_trials"] == "1"
