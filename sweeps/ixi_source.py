@@ -35,10 +35,7 @@ def main() -> None:
         driver.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
     best, checkpoint, iteration = best_trial_checkpoint(results)
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    publish_model(sweep.runs, best, checkpoint, iteration, test, REGISTERED_NAME, model_info={
-        "architecture": "highres3dnet", "in_channels": 2, "num_classes": 3,
-        "head": best.config.get("head", "conv"), "spacing": best.config.get("spacing", ()),
-        "modalities": ["t1", "t2"], "label_map": LABEL_MAP, "task": "IXI hippocampus (left/right)"})
+    publish_model(sweep.runs, best, checkpoint, iteration, test, REGISTERED_NAME, task="IXI hippocampus (left/right)")
     driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 

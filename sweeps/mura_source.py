@@ -42,9 +42,7 @@ def main() -> None:
     best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
     metrics = report_mura(sweep.runs, best, predictions)
-    publish_model(sweep.runs, best, checkpoint, epoch, metrics, REGISTERED_NAME, model_info={
-        "architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": best.config["image_size"],
-        "task": "MURA v1.1 normal / abnormal"})
+    publish_model(sweep.runs, best, checkpoint, epoch, metrics, REGISTERED_NAME, task="MURA v1.1 normal / abnormal")
     driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 

@@ -200,6 +200,7 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
             if r.data.tags.get("role") == "seed_aggregate"}
     scratch = runs["0"]
     assert scratch.info.run_name == "scratch · mean of 3 seeds" and scratch.data.tags["seeds"] == "0,1,2"
+    assert scratch.data.params["seed"] == "0,1,2"  # the seed column of MLflow's table names the members
     assert scratch.data.metrics["test_dice"] == pytest.approx(statistics.mean(tests[("scratch", 0)]))
     assert scratch.data.metrics["test_dice_sd"] == pytest.approx(statistics.stdev(tests[("scratch", 0)]))
     assert scratch.data.metrics["test_dice_max"] == pytest.approx(0.59)

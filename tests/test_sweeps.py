@@ -26,7 +26,15 @@ def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     assert mv.tags["source_run_id"] == ref.run_id
     folder = tracking.download_model(w["uri"], ref, w["tmp"] / "dl")
     assert (folder / "model.safetensors").stat().st_size > 3_000_000  # ~0.81 M float32 parameters
-    assert json.loads((folder / "tlcore_model.json").read_text())["num_classes"] == 3
+    card = json.loads((folder / "tlcore_model.json").read_text())
+    assert (card["num_classes"], card["in_channels"], card["modalities"]) == (3, 2, ["t1", "t2"])
+    # the run configuration travels with the weights (and with every checkpoint), no longer beside them
+    from tlcore.config import read_run_config
+
+    trained_with = read_run_config(folder)
+    assert trained_with.label_map == {17: 1, 53: 2} and str(trained_with.lr) == run.data.params["lr"]
+    assert trained_with.to_params() == read_run_config(next((w["tmp"] / "results" / "ixi_source").glob(
+        f"*_{run.data.tags['trial_id']}/checkpoint_*"))).to_params()
 
 
 @pytest.mark.xdist_group("workspace_store")  # one store and one source model (conftest.source_model)

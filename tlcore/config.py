@@ -165,3 +165,19 @@ def flatten_config(d: dict[str, Any]) -> dict[str, Any]:
     if isinstance(start, dict):
         flat.update(start)
     return flat
+
+
+RUN_CONFIG_FILE = "run_config.json"  # in every checkpoint and registered model: what it was trained with
+
+
+def write_run_config(cfg: RunConfig, directory: Path) -> None:
+    (Path(directory) / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_params(), indent=1))
+
+
+def read_run_config(directory: Path) -> RunConfig:
+    """The RunConfig a checkpoint or registered model folder was trained with."""
+    path = Path(directory) / RUN_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was written by an older tlcore; "
+                                "pass its configuration explicitly")
+    return RunConfig.from_dict(json.loads(path.read_text()))

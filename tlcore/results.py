@@ -15,7 +15,7 @@ import ray
 import torch
 
 from tlcore import tracking
-from tlcore.config import RunConfig, flatten_config
+from tlcore.config import DATASETS_2D, RunConfig, flatten_config, write_run_config
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_model
 from tlcore.plots import confusion_png
@@ -289,10 +289,21 @@ def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
     return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))
 
 
+def model_card(cfg: RunConfig, task: str) -> dict:
+    """What a registered model is (tlcore_model.json beside its weights), derived from the run
+    configuration it was trained with (run_config.json, also beside them)."""
+    if cfg.dataset in DATASETS_2D:
+        return {"architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": cfg.image_size, "task": task}
+    return {"architecture": "highres3dnet", "in_channels": len(cfg.modalities), "num_classes": num_classes(cfg),
+            "head": cfg.head, "spacing": list(cfg.spacing), "modalities": list(cfg.modalities),
+            "label_map": cfg.label_map, "task": task}
+
+
 def publish_model(runs: SweepRuns, result, checkpoint, iteration: int, metrics: dict, registry_name: str,
-                  model_info: dict) -> tracking.ModelRef:
-    """Log a checkpoint's weights to its trial's run and register them as `registry_name`;
-    `metrics` (its test scores) are logged at the checkpoint's `iteration`."""
+                  task: str) -> tracking.ModelRef:
+    """Log a checkpoint's weights, run configuration and model card to its trial's run and
+    register them as `registry_name`; `metrics` (its test scores) are logged at the checkpoint's
+    `iteration`."""
     uri, parent = runs.uri, runs.parent_run_id
     run_id = runs.trial_run(result)
     per_subject = metrics.pop("per_subject", None)
@@ -302,7 +313,9 @@ def publish_model(runs: SweepRuns, result, checkpoint, iteration: int, metrics: 
         tracking.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
         shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
-        (Path(out) / "tlcore_model.json").write_text(json.dumps(model_info, indent=1))
+        cfg = RunConfig.from_dict(result.config)
+        write_run_config(cfg, Path(out))
+        (Path(out) / "tlcore_model.json").write_text(json.dumps(model_card(cfg, task), indent=1))
         tracking.log_artifacts(uri, run_id, out, "model")
     ref = tracking.register_model(uri, registry_name, run_id, "model",
                                   tags={"source_run_id": run_id, "sweep_parent_run_id": parent,

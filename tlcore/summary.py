@@ -226,7 +226,7 @@ def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[s
             if all(key in t.histories for t in ts):
                 metrics.update(_spread(f"best_{key}", [_best(t, key, mode) for t in ts]))
         run_id = tracking.start_run(uri, experiment, f"{label(config, shared)} · mean of {len(ts)} seeds",
-                                    dict(zip(CONFIG_KEYS, config)),
+                                    {**dict(zip(CONFIG_KEYS, config)), "seed": ",".join(seeds)},
                                     {"role": AGGREGATE_ROLE, "seeds": ",".join(seeds),
                                      "trial_runs": ",".join(t.run_id for t in ts)}, parent_run_id=parent_run_id)
         now = int(time.time() * 1000)

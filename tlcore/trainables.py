@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from safetensors.torch import save_file
 
 from tlcore import tracking
-from tlcore.config import RunConfig, flatten_config
+from tlcore.config import RunConfig, flatten_config, write_run_config
 from tlcore.progress import SweepProgress
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
@@ -62,6 +62,7 @@ def train_segmentation_trial(config: dict) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                       str(Path(d) / "model.safetensors"))
             (Path(d) / "val_per_subject.json").write_text(json.dumps(per_subject, indent=1))
+            write_run_config(cfg, Path(d))
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
@@ -485,6 +486,7 @@ def train_classifier_trial(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             save_classifier_state(learn, Path(d))
             (Path(d) / "progress.json").write_text(json.dumps({"epoch": metrics["iteration"]}))
+            write_run_config(cfg, Path(d))
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
