@@ -1,11 +1,19 @@
-"""Networks and their named layer groups (the unit of transfer and freezing)."""
+"""Networks and their named layer groups (the unit of transfer and freezing).
+
+`MODEL_SPECS` holds, per network, what the rest of tlcore needs: how to build it from a run
+configuration, its layer groups in network order and which group is the head (re-initialised
+on transfer). Building, loading, freezing, evaluation and the model card all go through it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 from monai.networks.nets import HighResNet
 
-from tlcore.config import HEADS
+from tlcore.config import DATASETS_2D, HEADS, RunConfig
 
 # HighRes3DNet layer groups (thesis Table 6.1) -> indices into MONAI HighResNet.blocks.
 HIGHRES3DNET_GROUPS: dict[str, tuple[int, ...]] = {
@@ -44,6 +52,7 @@ def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: i
     elif head == "conv":
         block.conv = nn.Conv3d(block.conv.in_channels, num_classes, kernel_size=1, bias=True)
         block.adn = nn.Identity()
+    net.tlcore_arch = "highres3dnet"
     return net
 
 
@@ -58,16 +67,51 @@ def build_densenet121(num_classes: int = 2) -> nn.Module:
     return model
 
 
-def layer_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """Group name -> modules, in network order."""
-    if getattr(model, "tlcore_arch", "") == "densenet121":
-        features = model[0][0]
-        return {"body_1": [features[:7]], "body_2": [features[7:]], "head": [model[1]]}
+def _highres3dnet_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
     return {g: [model.blocks[i] for i in idx] for g, idx in HIGHRES3DNET_GROUPS.items()}
 
 
+def _densenet121_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
+    features = model[0][0]
+    return {"body_1": [features[:7]], "body_2": [features[7:]], "head": [model[1]]}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[RunConfig, int], nn.Module]          # (run config, number of classes) -> network
+    groups: Callable[[nn.Module], dict[str, list[nn.Module]]]
+    head_group: str
+
+
+MODEL_SPECS = {
+    "highres3dnet": ModelSpec("highres3dnet", lambda cfg, classes: build_model(
+        in_channels=len(cfg.modalities), num_classes=classes, head=cfg.head), _highres3dnet_groups, HEAD_GROUP),
+    "densenet121": ModelSpec("densenet121", lambda cfg, classes: build_densenet121(classes),
+                             _densenet121_groups, "head"),
+}
+
+
+def spec_for(cfg: RunConfig) -> ModelSpec:
+    """The network a run trains: DenseNet121 for the radiographs, HighRes3DNet for volumes."""
+    return MODEL_SPECS["densenet121" if cfg.dataset in DATASETS_2D else "highres3dnet"]
+
+
+def build_for(cfg: RunConfig, num_classes: int) -> nn.Module:
+    return spec_for(cfg).build(cfg, num_classes)
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    return MODEL_SPECS[getattr(model, "tlcore_arch", "highres3dnet")]
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Group name -> modules, in network order."""
+    return spec_of(model).groups(model)
+
+
 def head_group(model: nn.Module) -> str:
-    return "head" if getattr(model, "tlcore_arch", "") == "densenet121" else HEAD_GROUP
+    return spec_of(model).head_group
 
 
 def group_keys(model: nn.Module) -> dict[str, set[str]]:

@@ -17,7 +17,7 @@ import torch
 from tlcore import tracking
 from tlcore.config import DATASETS_2D, RunConfig, flatten_config, write_run_config
 from tlcore.evaluate import evaluate_subjects
-from tlcore.models import build_model
+from tlcore.models import build_for, spec_for
 from tlcore.plots import confusion_png
 from tlcore.progress import format_table
 from tlcore.starts import load_images, load_split, num_classes
@@ -32,8 +32,7 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     under predictions/<split>/ (on each input's grid, with its affine and header)."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
-                        head=cfg.head)
+    model = build_for(cfg, num_classes(cfg))
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     device = pick_device()
     channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
@@ -52,13 +51,12 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
 
 def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
     """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
-    from tlcore.models import build_densenet121
     from tlcore.train2d import predict_probabilities
     from tlcore.data.images2d import RadiographDataset
 
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_densenet121(num_classes=2)
+    model = build_for(cfg, num_classes=2)
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     images = load_images(cfg, split)
     ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
@@ -292,9 +290,10 @@ def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
 def model_card(cfg: RunConfig, task: str) -> dict:
     """What a registered model is (tlcore_model.json beside its weights), derived from the run
     configuration it was trained with (run_config.json, also beside them)."""
+    spec = spec_for(cfg)
     if cfg.dataset in DATASETS_2D:
-        return {"architecture": "densenet121+fastai_head", "num_classes": 2, "image_size": cfg.image_size, "task": task}
-    return {"architecture": "highres3dnet", "in_channels": len(cfg.modalities), "num_classes": num_classes(cfg),
+        return {"architecture": f"{spec.name}+fastai_head", "num_classes": 2, "image_size": cfg.image_size, "task": task}
+    return {"architecture": spec.name, "in_channels": len(cfg.modalities), "num_classes": num_classes(cfg),
             "head": cfg.head, "spacing": list(cfg.spacing), "modalities": list(cfg.modalities),
             "label_map": cfg.label_map, "task": task}
 

@@ -12,7 +12,7 @@ from tlcore.config import RunConfig
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
-from tlcore.models import build_model
+from tlcore.models import build_for
 from tlcore.train import pick_device, seed_everything, staging_device
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
 
@@ -44,8 +44,7 @@ def load_split(cfg: RunConfig, split: str) -> list:
 
 def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
-    model = build_model(in_channels=len(cfg.modalities), num_classes=num_classes(cfg),
-                        head=cfg.head)
+    model = build_for(cfg, num_classes(cfg))
     report = TransferReport(source="scratch")
     if cfg.source_model != "scratch":
         report = load_registered(model, cfg)
@@ -97,10 +96,9 @@ def load_images(cfg: RunConfig, split: str) -> list:
 
 def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     """DenseNet121 + fastai head from scratch, ImageNet (hub cache or a local file) or a registered model."""
-    from tlcore.models import build_densenet121
     from tlcore.train2d import load_imagenet
 
-    model = build_densenet121(num_classes=2)
+    model = build_for(cfg, num_classes=2)
     src = cfg.source_model
     if src == "scratch":
         report = TransferReport(source="scratch")
