@@ -145,3 +145,11 @@ def run_script(script, *args, timeout=600, env=None):
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+def mlflow_child_runs(uri: str, experiment: str, parent_run_id: str) -> list:
+    """A parent run's children as MLflow itself returns them (what the UI shows), to check what
+    tlcore wrote with MLflow's own client rather than tlcore's."""
+    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    return tracking.client(uri).search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                            max_results=10_000)

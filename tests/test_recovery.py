@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, kill_ray_processes, processes_with_env, register_untrained_source, reported_steps, run_script, start_tracking_server, stop_tracking_server, store_with_untrained_source, sweep_env, wait_for_trial_runs
+from helpers import (REPO, free_port, kill_ray_processes, processes_with_env, register_untrained_source, reported_steps,
+                     run_script, start_tracking_server, stop_tracking_server, store_with_untrained_source, sweep_env,
+                     wait_for_trial_runs)
 
 from tlcore import tracking
 pytestmark = pytest.mark.slow

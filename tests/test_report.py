@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import mlflow_child_runs
+
 from tlcore import tracking
 from tlcore.plots import smooth
 from tlcore.report import build
@@ -196,7 +198,7 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
 
     made = log_seed_aggregates(mlflow_uri, "brats_layers", parent)
     assert len(made) == 2  # the single-seed configuration gets none
-    runs = {r.data.params["frozen_layers"]: r for r in tracking.child_runs(mlflow_uri, "brats_layers", parent)
+    runs = {r.data.params["frozen_layers"]: r for r in mlflow_child_runs(mlflow_uri, "brats_layers", parent)
             if r.data.tags.get("role") == "seed_aggregate"}
     scratch = runs["0"]
     assert scratch.info.run_name == "scratch · mean of 3 seeds" and scratch.data.tags["seeds"] == "0,1,2"
@@ -213,6 +215,6 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
     # the summary still sees trials only, and a second call replaces the aggregates
     assert len(collect(mlflow_uri, "brats_layers", parent)) == 6
     again = log_seed_aggregates(mlflow_uri, "brats_layers", parent)
-    live = [r for r in tracking.child_runs(mlflow_uri, "brats_layers", parent)
+    live = [r for r in mlflow_child_runs(mlflow_uri, "brats_layers", parent)
             if r.data.tags.get("role") == "seed_aggregate" and r.info.lifecycle_stage == "active"]
     assert sorted(r.info.run_id for r in live) == sorted(again)

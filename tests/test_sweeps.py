@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, kill_ray_processes, reported_steps, run_script, sweep_env
+from helpers import REPO, kill_ray_processes, mlflow_child_runs, reported_steps, run_script, sweep_env
 
 from tlcore import tracking
 SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedule", "seed"}
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     w, ref = workspace, source_model
     assert ref.version == "1"
-    run = tracking.run_info(w["uri"], ref.run_id)
+    run = tracking.client(w["uri"]).get_run(ref.run_id)
     assert run.data.tags["sweep"] == "ixi_source" and "test_dice" in run.data.metrics
     mv = tracking.client(w["uri"]).get_model_version("ixi_hippocampus", "1")
     assert mv.tags["source_run_id"] == ref.run_id
@@ -50,7 +50,7 @@ def test_layer_sweep(workspace, source_model):
     parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
-    children = tracking.child_runs(w["uri"], "brats_layers", parent)
+    children = mlflow_child_runs(w["uri"], "brats_layers", parent)
     assert len(children) == 7
     configs = sorted((r.data.params["source_model"], int(r.data.params["frozen_layers"])) for r in children)
     assert configs == sorted([("scratch", 0)] + [("models:/ixi_hippocampus/1", k) for k in range(6)])
@@ -90,7 +90,7 @@ def test_layer_sweep(workspace, source_model):
     again = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
-    assert len(tracking.child_runs(w["uri"], "brats_layers", parent)) == 7
+    assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 7
     for r in children:  # the same best checkpoints were not evaluated again
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
@@ -107,7 +107,7 @@ def test_optuna_search(workspace, source_model):
     c = tracking.client(w["uri"])
     exp = c.get_experiment_by_name("brats_layers")
     newest = c.search_runs([exp.experiment_id], "tags.role = 'parent'", order_by=["attributes.start_time DESC"])[0]
-    children = tracking.child_runs(w["uri"], "brats_layers", newest.info.run_id)
+    children = mlflow_child_runs(w["uri"], "brats_layers", newest.info.run_id)
     assert len(children) == 3
     assert len({r.data.params["lr"] for r in children}) == 3
     for r in children:
@@ -125,7 +125,7 @@ def test_subsets_sweep(workspace, source_model):
     c = tracking.client(w["uri"])
     exp = c.get_experiment_by_name("brats_subsets")
     parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
-    children = tracking.child_runs(w["uri"], "brats_subsets", parent)
+    children = mlflow_child_runs(w["uri"], "brats_subsets", parent)
     assert len(children) == 4  # scratch + k=1 x S1, S4 (one lr schedule in a smoke test)
     assert sorted({r.data.params["train_subset"] for r in children}) == ["S1", "S4"]
     survivors = [r for r in children if r.data.tags["stopped_early"] == "False"]
@@ -167,7 +167,7 @@ def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model
     exp = c.get_experiment_by_name("ixi_source")
     parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
     assert len(parents) == 1
-    children = tracking.child_runs(uri, "ixi_source", parents[0].info.run_id)
+    children = mlflow_child_runs(uri, "ixi_source", parents[0].info.run_id)
     assert len(children) == len(list(results.glob("train_segmentation_trial_*"))) == 2
     for r in children:
         steps = reported_steps(next(results.glob(f"train_*_{r.data.tags['trial_id']}")))

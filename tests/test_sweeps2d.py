@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import mlflow_child_runs
+
 from tlcore import tracking
 from tlcore.data.synthetic import write_chestxray, write_mura
 
@@ -41,7 +43,7 @@ def test_mura_source_registers_a_model_with_study_wise_results(chain):
     uri = chain["uri"]
     assert "MURA study-wise test accuracy" in chain["mura_out"] and "XR_" in chain["mura_out"]
     ref = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
-    run = tracking.run_info(uri, ref.run_id)
+    run = tracking.client(uri).get_run(ref.run_id)
     assert run.data.params["source_model"] == str(chain["weights"])
     assert int(run.data.params["transfer.loaded_tensors"]) > 300  # the ImageNet body
     assert (run.data.tags["runtime.device"], run.data.tags["runtime.layout"]) == ("cpu", "NCHW")
@@ -58,8 +60,8 @@ def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
     """--num-samples 2 on a grid of two learning rates: four trials, and per learning rate one
     MLflow run with the mean and spread over its two seeds."""
     uri = chain["uri"]
-    parent = tracking.run_info(uri, tracking.resolve_model(uri, "models:/mura_densenet121/latest").run_id)
-    runs = tracking.child_runs(uri, "mura_source", parent.data.tags["mlflow.parentRunId"])
+    parent = tracking.client(uri).get_run(tracking.resolve_model(uri, "models:/mura_densenet121/latest").run_id)
+    runs = mlflow_child_runs(uri, "mura_source", parent.data.tags["mlflow.parentRunId"])
     trials = [r for r in runs if "trial_id" in r.data.tags]
     aggregates = {r.data.params["lr"]: r for r in runs if r.data.tags.get("role") == "seed_aggregate"}
     assert sorted((r.data.params["lr"], r.data.params["seed"]) for r in trials) == [
@@ -84,7 +86,7 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
     c = tracking.client(uri)
     exp = c.get_experiment_by_name("chestxray_transfer")
     parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
-    children = tracking.child_runs(uri, "chestxray_transfer", parent)
+    children = mlflow_child_runs(uri, "chestxray_transfer", parent)
     starts = sorted((r.data.params["source_model"], r.data.params["frozen_layers"]) for r in children)
     mura = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
     assert starts == sorted([("scratch", "0")] + [(str(chain["weights"]), str(k)) for k in range(3)]

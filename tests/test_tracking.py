@@ -13,12 +13,15 @@ def test_child_runs_are_found_again_by_trial_id(mlflow_uri):
     tracking.log_metrics(mlflow_uri, child, {"val_dice": 0.7}, step=20)
     assert tracking.metric_history(mlflow_uri, child, "val_dice") == [(10, 0.5), (20, 0.7)]
     tracking.log_params(mlflow_uri, child, {"lr": 0.001, "extra": "y"})  # re-logging is harmless
-    run = tracking.run_info(mlflow_uri, child)
-    assert run.data.params["patch_size"] == "[16, 16, 16]" and run.data.params["extra"] == "y"
-    assert run.data.tags["mlflow.parentRunId"] == parent
+    run = tracking.get_run(mlflow_uri, child)  # plain values: no MLflow object leaves tracking.py
+    assert run.params["patch_size"] == "[16, 16, 16]" and run.params["extra"] == "y"
+    assert run.tags["mlflow.parentRunId"] == parent and run.tags["trial_id"] == "t1"
+    assert (run.name, run.experiment, run.status, run.metrics["val_dice"]) == ("child", "exp", "RUNNING", 0.7)
     tracking.end_run(mlflow_uri, child)
-    assert tracking.run_info(mlflow_uri, child).info.status == "FINISHED"
-    assert [r.info.run_id for r in tracking.child_runs(mlflow_uri, "exp", parent)] == [child]
+    assert tracking.get_run(mlflow_uri, child).status == "FINISHED"
+    assert [r.run_id for r in tracking.child_runs(mlflow_uri, "exp", parent)] == [child]
+    assert tracking.child_runs(mlflow_uri, "exp", parent, "tags.trial_id = 't2'") == []
+    assert tracking.find_run(mlflow_uri, "exp", "tags.trial_id = 't1'") == child
 
 
 def test_artifacts_go_next_to_the_sqlite_store(mlflow_uri, tmp_path):

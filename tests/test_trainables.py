@@ -4,6 +4,8 @@ an exclusive lock, as a second process holding the database would."""
 import pickle
 import sqlite3
 
+from helpers import mlflow_child_runs
+
 from tlcore import tracking
 
 
@@ -39,14 +41,14 @@ def test_the_mlflow_callback_buffers_through_an_outage_and_a_restored_one_writes
     restored = pickle.loads(saved[0])
     restored.set_state(saved[1])
     assert restored.flush(force=True)  # the backlog, from Tune's saved state
-    (run,) = tracking.child_runs(uri, "exp", parent)
+    (run,) = mlflow_child_runs(uri, "exp", parent)
     assert tracking.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
     restored.on_trial_result(0, [trial], trial, result(8, 0.5))  # a restored trial reports again: once only
     trial.update_last_result(result(8, 0.5))
     restored.on_trial_complete(0, [trial], trial)
     assert restored._pending == [] and restored.dropped == 0
 
-    (run,) = tracking.child_runs(uri, "exp", parent)
+    (run,) = mlflow_child_runs(uri, "exp", parent)
     assert run.data.tags["trial_id"] == "t1" and run.data.params["lr"] == "0.003"
     assert tracking.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
     assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "False"

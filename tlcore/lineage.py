@@ -37,10 +37,9 @@ class Link:
 
 
 def _run_link(uri: str, start: str, run_id: str) -> tuple[Link, str]:
-    run = tracking.run_info(uri, run_id)
-    exp = tracking.client(uri).get_experiment(run.info.experiment_id).name
-    metric = next((f"{k} {run.data.metrics[k]:.3f}" for k in HEADLINE if k in run.data.metrics), "")
-    return Link(start, run_id, exp, run.info.run_name or "", metric), run.data.params.get("source_model", "scratch")
+    run = tracking.get_run(uri, run_id)
+    metric = next((f"{k} {run.metrics[k]:.3f}" for k in HEADLINE if k in run.metrics), "")
+    return Link(start, run_id, run.experiment, run.name, metric), run.params.get("source_model", "scratch")
 
 
 def chain(uri: str, start: str, max_depth: int = 20) -> list[Link]:

@@ -130,7 +130,7 @@ def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path, split: str = "
             axes[i, 0].contour(truth[:, :, z].T > 0, levels=[0.5], colors="lime", linewidths=0.8)
             axes[i, 0].set_title(f"{which}: {sid}\nground truth (z={z})", fontsize=7)
             for j, (name, run) in enumerate(runs.items(), start=1):
-                f = tracking.client(uri).download_artifacts(run.run_id, f"predictions/{split}/{sid}_pred.nii.gz", d)
+                f = tracking.download_artifact(uri, run.run_id, f"predictions/{split}/{sid}_pred.nii.gz", d)
                 pred = np.asarray(nib.load(f).dataobj)
                 axes[i, j].imshow(image[:, :, z].T, cmap="gray", origin="lower")
                 axes[i, j].imshow(np.ma.masked_equal(pred[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")

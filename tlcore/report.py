@@ -55,10 +55,10 @@ def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
     """What the sweep itself logged to its parent run (2D: the confusion matrix, accuracy per
     body part, steps to reach a loss), as HTML sections; copied into `out`."""
     parts = []
-    for a in tracking.client(uri).list_artifacts(parent_run_id):
-        if a.is_dir or a.path in ("results.md",) or not a.path.endswith((".png", ".md")):
+    for path in tracking.artifact_files(uri, parent_run_id):
+        if path == "results.md" or not path.endswith((".png", ".md")):
             continue
-        f = Path(tracking.client(uri).download_artifacts(parent_run_id, a.path, str(out)))
+        f = tracking.download_artifact(uri, parent_run_id, path, out)
         title = html.escape(f.stem.replace("_", " "))
         if f.suffix == ".png":
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,"
@@ -141,7 +141,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         with_predictions = {}
         for name, ts in by_config.items():  # one run per configuration (its first seed) with predictions
             for t in sorted(ts, key=lambda t: str(t.params.get("seed", ""))):
-                if t.per_subject.get(split) and tracking.client(uri).list_artifacts(t.run_id, f"predictions/{split}"):
+                if t.per_subject.get(split) and tracking.artifact_files(uri, t.run_id, f"predictions/{split}"):
                     with_predictions[name] = t
                     break
         if with_predictions:  # at most 8 columns: the configurations with the best mean Dice
@@ -178,7 +178,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
     if with_steps:  # classifier sweeps: data efficiency per starting point
         from tlcore.evaluate import common_target_loss
 
-        given = tracking.run_info(uri, parent_run_id).data.params.get("target_loss", "null")  # --target-loss
+        given = tracking.get_run(uri, parent_run_id).params.get("target_loss", "null")  # --target-loss
         target = (float(given) if given not in ("null", "None", "")
                   else common_target_loss([v for _, v in t.histories["train_loss"]] for t in with_steps))
         png = out / "training_steps.png"

@@ -90,11 +90,11 @@ def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_
     closed = 0
     by_trial = {(r.metrics or {}).get("trial_id"): r for r in results}
     for run in tracking.child_runs(tracking_uri, experiment, parent_run_id):
-        if run.info.status != "RUNNING":
+        if run.status != "RUNNING":
             continue
-        r = by_trial.get(run.data.tags.get("trial_id"))
+        r = by_trial.get(run.tags.get("trial_id"))
         done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
-        end_trial_run(tracking_uri, run.info.run_id, "FAILED" if r is None or r.error else "FINISHED",
+        end_trial_run(tracking_uri, run.run_id, "FAILED" if r is None or r.error else "FINISHED",
                       {**iteration_tags(done, max_iterations), "closed_by": "close_orphaned_runs"})
         closed += 1
     return closed
@@ -186,7 +186,7 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
             continue
         trial_id = trial_id_of(r)
         run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
-        done = json.loads(tracking.run_info(tracking_uri, run_id).data.tags.get("evaluation", "{}")) if run_id else {}
+        done = json.loads(tracking.get_run(tracking_uri, run_id).tags.get("evaluation", "{}")) if run_id else {}
         if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
             out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
             continue

@@ -40,15 +40,15 @@ class TrialRun:
 def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
     out = []
     for run in tracking.child_runs(uri, experiment, parent_run_id):
-        if run.data.tags.get("role") == AGGREGATE_ROLE:
+        if run.tags.get("role") == AGGREGATE_ROLE:
             continue
-        rid = run.info.run_id
+        rid = run.run_id
         histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
-                     if k in run.data.metrics}
+                     if k in run.metrics}
         per_subject = {s: d for s in ("val", "test", "train")
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
         pred = tracking.load_json(uri, rid, "test_predictions.json") or {"image": [], "label": [], "prob": []}
-        out.append(TrialRun(rid, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics),
+        out.append(TrialRun(rid, run.params, run.tags, run.metrics,
                             histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"])))))
     return out
 
@@ -207,9 +207,8 @@ def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[s
     it beside the single runs) with `_sd`, `_min` and `_max`, the mean of each seed's best
     validation score, and mean curves at the steps every seed reached. Earlier aggregates of the
     sweep are replaced (a resumed sweep may have more seeds). Returns the new runs' ids."""
-    for run in tracking.child_runs(uri, experiment, parent_run_id):
-        if run.data.tags.get("role") == AGGREGATE_ROLE:
-            tracking.delete_run(uri, run.info.run_id)
+    for run in tracking.child_runs(uri, experiment, parent_run_id, f"tags.role = '{AGGREGATE_ROLE}'"):
+        tracking.delete_run(uri, run.run_id)
     trials = collect(uri, experiment, parent_run_id)
     groups = defaultdict(list)
     for t in trials:

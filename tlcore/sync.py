@@ -69,14 +69,13 @@ def parent_run(uri: str, meta: dict, exp_dir: Path) -> str:
     """The sweep's parent run in `uri`: the original one, or one made for a copy."""
     pid = meta["parent_run_id"]
     try:
-        tracking.run_info(uri, pid)
+        tracking.get_run(uri, pid)
         return pid
     except Exception:  # noqa: BLE001 -- not in this store
         pass
-    exp = tracking.experiment_id(uri, meta["name"])
-    found = tracking.client(uri).search_runs([exp], f"tags.synced_from_parent = '{pid}'", max_results=1)
+    found = tracking.find_run(uri, meta["name"], f"tags.synced_from_parent = '{pid}'")
     if found:
-        return found[0].info.run_id
+        return found
     return tracking.start_run(uri, meta["name"], f"{meta['name']} (synced from {exp_dir})", None,
                               {"sweep": meta["name"], "role": "parent", "synced_from_parent": pid,
                                "synced_from": str(exp_dir)})
@@ -99,7 +98,7 @@ def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_itera
     runtime = next((t for t in (reported_dict(r, "runtime") for r in reversed(trial.results)) if t), None)
     if runtime:  # the last start's
         tracking.set_tags(uri, run_id, {f"runtime.{k}": v for k, v in runtime.items()})
-    status = tracking.run_info(uri, run_id).info.status
+    status = tracking.get_run(uri, run_id).status
     done = int(trial.results[-1].get("iteration", 0)) if trial.results else 0
     if trial.status == "TERMINATED" and status != "FINISHED":
         status = "FINISHED"

@@ -288,14 +288,54 @@ def delete_run(uri: str, run_id: str) -> None:
     client(uri).delete_run(run_id)
 
 
-def run_info(uri: str, run_id: str):
-    return client(uri).get_run(run_id)
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as the rest of tlcore sees it: plain values, no MLflow objects."""
+    run_id: str
+    name: str
+    experiment: str               # the experiment's name
+    status: str                   # RUNNING, FINISHED, FAILED, KILLED
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]     # the latest value of each
 
 
-def child_runs(uri: str, experiment: str, parent_run_id: str):
-    return client(uri).search_runs([experiment_id(uri, experiment)],
-                                   filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                   max_results=10_000)
+def _record(uri: str, run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name or "", _experiment_name(uri, run.info.experiment_id),
+                     run.info.status, dict(run.data.params), dict(run.data.tags), dict(run.data.metrics))
+
+
+@lru_cache(maxsize=64)
+def _experiment_name(uri: str, exp_id: str) -> str:
+    return client(uri).get_experiment(exp_id).name
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
+    return _record(uri, client(uri).get_run(run_id))
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str, where: str = "") -> list[RunRecord]:
+    """The child runs of a parent run (trials, mean-over-seeds runs), optionally filtered further
+    (`where`: an MLflow search filter such as "tags.role = 'seed_aggregate'")."""
+    found = client(uri).search_runs([experiment_id(uri, experiment)],
+                                    filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+                                    + (f" and {where}" if where else ""), max_results=10_000)
+    return [_record(uri, r) for r in found]
+
+
+def find_run(uri: str, experiment: str, where: str) -> str | None:
+    """The id of one run of `experiment` matching an MLflow search filter, or None."""
+    found = client(uri).search_runs([experiment_id(uri, experiment)], where, max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def artifact_files(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Paths of a run's artifact files directly under `path` (folders left out)."""
+    return [a.path for a in client(uri).list_artifacts(run_id, path) if not a.is_dir]
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    return Path(client(uri).download_artifacts(run_id, path, str(dst)))
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

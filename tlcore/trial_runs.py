@@ -65,7 +65,7 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
         if last_step is not None:
             history = tracking.metric_history(uri, run_id, "train_loss")
             last_step[trial_id] = max((step for step, _ in history), default=-1)
-        if reopen and tracking.run_info(uri, run_id).info.status != "RUNNING":
+        if reopen and tracking.get_run(uri, run_id).status != "RUNNING":
             tracking.reopen_run(uri, run_id)
     return run_id
 
