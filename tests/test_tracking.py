@@ -1,6 +1,7 @@
 import pytest
 
 from tlcore import credentials, tracking
+from tlcore.model_cache import cached_model
 
 
 def test_child_runs_are_found_again_by_trial_id(mlflow_uri):
@@ -127,12 +128,12 @@ def test_cached_models_latest_by_version_no_temp_left_and_concurrent_trials_agre
     tracking.register_model(mlflow_uri, "ixi_hippocampus", run)
 
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda _: tracking.cached_model(mlflow_uri, "models:/ixi_hippocampus/latest"), range(4)))
+        got = list(pool.map(lambda _: cached_model(mlflow_uri, "models:/ixi_hippocampus/latest"), range(4)))
     folders = {folder for _, folder in got}
     assert len(folders) == 1 and {ref.version for ref, _ in got} == {"1"}
     folder = folders.pop()
     assert (folder / "model.safetensors").read_bytes() == b"weights-1"
-    assert tracking.cached_model(mlflow_uri, "models:/ixi_hippocampus/1")[1] == folder  # the same cache entry
+    assert cached_model(mlflow_uri, "models:/ixi_hippocampus/1")[1] == folder  # the same cache entry
     assert not list((tmp_path / "tmp").iterdir())           # nothing left in the temp folder
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # nor next to the cache
 

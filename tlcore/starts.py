@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from tlcore import tracking
 from tlcore.config import RunConfig
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
+from tlcore.model_cache import cached_model
 from tlcore.models import build_for
 from tlcore.train import pick_device, seed_everything, staging_device
 from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
@@ -53,7 +53,7 @@ def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
 
 def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
     """Copy the weights of the registered source model (cached per machine) into `model`."""
-    ref, folder = tracking.cached_model(cfg.tracking_uri, cfg.source_model)
+    ref, folder = cached_model(cfg.tracking_uri, cfg.source_model)
     return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
 
 

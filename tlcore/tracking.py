@@ -7,12 +7,10 @@ state, so the same code serves the sweep driver, Tune callbacks and trials on ot
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +23,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from tlcore.config import cache_dir
 from tlcore.credentials import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +34,6 @@ MAX_PARAM_LEN = 6000
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
-log = logging.getLogger("tlcore")
 
 
 def default_tracking_uri() -> str:
@@ -356,14 +352,13 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
-STAMP = "tlcore_registry_entry.json"  # in a cached weights folder: which registry entry it holds
 
 
 class ModelNotFoundError(LookupError):
     pass
 
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 
 
 def register_model(uri: str, name: str, run_id: str, artifact_path: str = "model",
@@ -383,7 +378,7 @@ def register_model(uri: str, name: str, run_id: str, artifact_path: str = "model
 
 def resolve_model(uri: str, model_uri: str) -> ModelRef:
     """`models:/name/3`, `models:/name/latest` or `models:/name@alias` -> a concrete version."""
-    m = _MODEL_URI.match(model_uri)
+    m = MODEL_URI.match(model_uri)
     if not m:
         raise ModelNotFoundError(f"{model_uri!r} is not a model URI (models:/<name>/<version|latest> "
                                  "or models:/<name>@<alias>)")
@@ -408,62 +403,6 @@ def download_model(uri: str, ref: ModelRef, dst: str | Path | None = None) -> Pa
     dst = Path(dst or tempfile.mkdtemp(prefix=f"tlcore-{ref.name}-{ref.version}-"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(dst),
                                                    tracking_uri=uri))
-
-
-def cached_model(uri: str, model_uri: str) -> tuple[ModelRef, Path]:
-    """The weights folder of a registered model version, downloaded once per machine.
-
-    Every trial starting from a source model needs it. The registry is still asked which
-    version `model_uri` is (a store rebuilt at the same address may hold other weights under
-    the same version), but when it cannot be reached a pinned version already on this machine
-    is used, so trials restarted during a tracking-server outage go on training. `latest` and
-    aliases are cached under the version they resolve to (no download left in a temp folder).
-    """
-    m = _MODEL_URI.match(model_uri)
-    pinned = m is not None and (m["version"] or "").isdigit()
-
-    def folder_of(name: str, version: str) -> Path:
-        key = hashlib.sha256(f"{uri}|models:/{name}/{version}".encode()).hexdigest()[:16]
-        return cache_dir() / "models" / f"{name}-{key}"
-
-    try:
-        with short_retries():
-            ref = resolve_model(uri, model_uri)
-    except ModelNotFoundError as e:
-        stamp = folder_of(m["name"], m["version"]) / STAMP if pinned else None
-        if not (stamp and stamp.exists() and is_transient(e.__cause__ or e)):
-            raise
-        log.warning("MLflow at %s unreachable; using the cached weights of %s", uri, model_uri)
-        return ModelRef(**json.loads(stamp.read_text())), stamp.parent
-    folder = folder_of(ref.name, ref.version)
-
-    def installed() -> bool:  # this exact version, by this or another trial on the node
-        try:
-            return json.loads((folder / STAMP).read_text()) == ref.__dict__
-        except (OSError, ValueError):
-            return False
-
-    if installed():
-        return ref, folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
-    try:
-        got = download_model(uri, ref, tmp / "dl")
-        (got / STAMP).write_text(json.dumps(ref.__dict__))
-        if installed():  # another trial finished first: keep its folder, which it may be reading
-            return ref, folder
-        try:  # stale (another model under the same name/version): moved aside in one step
-            folder.rename(tmp / "stale")
-        except FileNotFoundError:
-            pass
-        try:
-            got.rename(folder)  # atomic: trials on one node may fetch the same model at once
-        except OSError:
-            if not installed():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ref, folder
 
 
 def local_store_path(uri: str) -> Path | None:

@@ -1,0 +1,74 @@
+"""Source models on this machine: each registered version downloaded once per node (trials on
+one node share the folder), and used from there while the registry is unreachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from tlcore import tracking
+from tlcore.config import cache_dir
+
+STAMP = "tlcore_registry_entry.json"  # in a cached weights folder: which registry entry it holds
+log = logging.getLogger("tlcore")
+
+
+def cached_model(uri: str, model_uri: str) -> tuple[tracking.ModelRef, Path]:
+    """The weights folder of a registered model version, downloaded once per machine.
+
+    Every trial starting from a source model needs it. The registry is still asked which
+    version `model_uri` is (a store rebuilt at the same address may hold other weights under
+    the same version), but when it cannot be reached a pinned version already on this machine
+    is used, so trials restarted during a tracking-server outage go on training. `latest` and
+    aliases are cached under the version they resolve to (no download left in a temp folder).
+    """
+    m = tracking.MODEL_URI.match(model_uri)
+    pinned = m is not None and (m["version"] or "").isdigit()
+
+    def folder_of(name: str, version: str) -> Path:
+        key = hashlib.sha256(f"{uri}|models:/{name}/{version}".encode()).hexdigest()[:16]
+        return cache_dir() / "models" / f"{name}-{key}"
+
+    try:
+        with tracking.short_retries():
+            ref = tracking.resolve_model(uri, model_uri)
+    except tracking.ModelNotFoundError as e:
+        stamp = folder_of(m["name"], m["version"]) / STAMP if pinned else None
+        if not (stamp and stamp.exists() and tracking.is_transient(e.__cause__ or e)):
+            raise
+        log.warning("MLflow at %s unreachable; using the cached weights of %s", uri, model_uri)
+        return tracking.ModelRef(**json.loads(stamp.read_text())), stamp.parent
+    folder = folder_of(ref.name, ref.version)
+
+    def installed() -> bool:  # this exact version, by this or another trial on the node
+        try:
+            return json.loads((folder / STAMP).read_text()) == ref.__dict__
+        except (OSError, ValueError):
+            return False
+
+    if installed():
+        return ref, folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
+    try:
+        got = tracking.download_model(uri, ref, tmp / "dl")
+        (got / STAMP).write_text(json.dumps(ref.__dict__))
+        if installed():  # another trial finished first: keep its folder, which it may be reading
+            return ref, folder
+        try:  # stale (another model under the same name/version): moved aside in one step
+            folder.rename(tmp / "stale")
+        except FileNotFoundError:
+            pass
+        try:
+            got.rename(folder)  # atomic: trials on one node may fetch the same model at once
+        except OSError:
+            if not installed():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ref, folder
