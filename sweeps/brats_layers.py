@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "brats", args)
-    sweep.gpus_per_trial = driver.start_ray(args)
+    driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
     space, searcher = dict(sweep.base_config), None
@@ -57,8 +57,7 @@ def main() -> None:
     rows = trial_rows(results, sweep.max_iterations)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
-    scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
-                             parent_run_id=sweep.parent_run_id, splits=("train", "val", "test"),
+    scores = evaluate_trials(results, sweep.runs, splits=("train", "val", "test"),
                              cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
     driver.finish(sweep, layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
 

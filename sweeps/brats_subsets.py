@@ -37,9 +37,9 @@ def main() -> None:
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
-    sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes)
-    sweep.default_strata = ("train_subset",)  # early stopping compares trials on the same training subset
-    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    # early stopping compares trials on the same training subset
+    sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes, default_strata=("train_subset",))
+    gpus = driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(source)}
@@ -48,9 +48,8 @@ def main() -> None:
         space["start"] = tune.grid_search(space["start"]["grid_search"][:2])
         space["train_subset"] = tune.grid_search(["S1", "S4"])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
-    scores = evaluate_trials(results, tracking_uri=sweep.tracking_uri, experiment=NAME,
-                             parent_run_id=sweep.parent_run_id, cpus=args.cpus_per_trial, gpus=gpus)
-    rows = subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.extra["splits"])
+    scores = evaluate_trials(results, sweep.runs, cpus=args.cpus_per_trial, gpus=gpus)
+    rows = subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.splits)
     driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
 
 

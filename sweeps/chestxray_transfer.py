@@ -28,10 +28,9 @@ def search_space(imagenet: str | None, mura: str, smoke: bool) -> dict:
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__, source="models:/mura_densenet121/latest")
+    parser = driver.sweep_parser(__doc__, source="models:/mura_densenet121/latest", dataset="chestxray")
     parser.add_argument("--imagenet", default="imagenet",
                         help="ImageNet starting point: 'imagenet' (torch cache / download), a local weights file, or 'none'")
-    parser.add_argument("--finding", default="Pneumothorax", help="the finding against 'No Finding'")
     parser.add_argument("--oversample", type=float, default=0, help="minority-class factor (0 = balance; thesis 18)")
     parser.add_argument("--target-loss", type=float, default=None,
                         help="training loss for the steps-to-reach table (default: the highest final loss)")
@@ -41,14 +40,13 @@ def main() -> None:
     if imagenet:
         driver.check_imagenet(imagenet)
     mura = driver.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
-    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    gpus = driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)
     rows = chestxray_table(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),
-                           tracking_uri=sweep.tracking_uri, experiment=NAME, parent_run_id=sweep.parent_run_id,
-                           target_loss=args.target_loss,
+                           sweep.runs, target_loss=args.target_loss,
                            cpus=args.cpus_per_trial, gpus=gpus)
     per_start = {}
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps

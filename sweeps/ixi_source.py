@@ -26,7 +26,7 @@ SEARCH_SPACE = {
 def main() -> None:
     args = driver.sweep_parser(__doc__, dataset="ixi").parse_args()
     sweep = driver.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
-    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    gpus = driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     results = run_sweep(NAME, space, **sweep.tune_kwargs())

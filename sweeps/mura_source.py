@@ -25,13 +25,13 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__)
+    parser = driver.sweep_parser(__doc__, dataset="mura")
     parser.add_argument("--source", default="imagenet",
                         help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "mura", args)
     driver.check_imagenet(args.source)
-    gpus = sweep.gpus_per_trial = driver.start_ray(args)
+    gpus = driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",

@@ -10,7 +10,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -54,6 +54,8 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
         p.add_argument("--target", default="tumour_core", choices=sorted(BRATS_TARGETS),
                        help="tumour_core = labels 1+4 (thesis), whole_tumour = 1+2+4, enhancing = 4")
         p.add_argument("--grades", default="HGG", help="grade folders, comma-separated (thesis: HGG)")
+    if dataset == "chestxray":
+        p.add_argument("--finding", default="Pneumothorax", help="the finding against 'No Finding'")
     if dataset in ("brats", "ixi"):  # 3D: every volume is brought to RAS; optionally one voxel size
         p.add_argument("--head", default=None, choices=HEADS,
                        help="HighRes3DNet's output block: conv (default: logits from a 1x1x1 conv), bn (NiftyNet, "
@@ -105,10 +107,11 @@ class Sweep:
     data_dir: str
     splits_file: str
     base_config: dict
-    parent_run_id: str = ""
-    gpus_per_trial: float = 0
-    default_strata: tuple = ()  # config keys early stopping compares within (the sweep's choice)
-    extra: dict = field(default_factory=dict)
+    splits: dict                      # train / val / test (and 3D: nested training subsets S1..S4)
+    previous: dict | None = None      # tlcore_sweep.json of the sweep --resume continues
+    default_strata: tuple = ()        # config keys early stopping compares within (the sweep's choice)
+    parent_run_id: str = ""           # set by begin()
+    gpus_per_trial: float = 0         # set by start_ray()
 
     @property
     def runs(self) -> SweepRuns:
@@ -169,19 +172,22 @@ def run(main) -> None:
         raise SystemExit(EXIT_STORE_DOWN) from None
 
 
-def start_ray(args: argparse.Namespace) -> float:
-    """Connect to (or start) Ray and check the sweep fits it (ray_cluster.py); returns GPUs per trial."""
+def start_ray(sweep: Sweep) -> float:
+    """Connect to (or start) Ray and check the sweep fits it (ray_cluster.py); sets and returns
+    the GPUs per trial."""
     from tlcore.ray_cluster import ClusterMismatch, connect
 
     try:
-        return connect(args)
+        sweep.gpus_per_trial = connect(sweep.args)
     except ClusterMismatch as e:
         fail(str(e))
+    return sweep.gpus_per_trial
 
 
 def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None,
-            modalities=("t1", "t2"), subset_sizes=None) -> Sweep:
-    """Checks that can fail before anything is written: data, splits, the tracking store."""
+            subset_sizes=None, default_strata: tuple = ()) -> Sweep:
+    """Checks that can fail before anything is written: data, splits, the tracking store.
+    `args` are the flags of sweep_parser(dataset=dataset)."""
     try:  # user:password@ leave the URI here, before it (or args) is recorded anywhere
         uri = take_credentials(args.mlflow_uri or tracking.default_tracking_uri())
     except ValueError as e:
@@ -208,12 +214,13 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         profile = dict(SYNTHETIC_2D if is_2d else SYNTHETIC)
     if args.smoke_test:
         profile = dict(SMOKE_2D if is_2d else SMOKE)
-    finding = getattr(args, "finding", "Pneumothorax")
-    if hasattr(args, "modalities"):
+    # the flags sweep_parser adds for this dataset
+    modalities, grades, finding = ("t1", "t2"), ("HGG",), "Pneumothorax"
+    if dataset == "brats":
         modalities = tuple(m.strip() for m in args.modalities.split(","))
-    if hasattr(args, "target"):
-        label_map = BRATS_TARGETS[args.target]
-    grades = tuple(args.grades.split(",")) if hasattr(args, "grades") else ("HGG",)
+        label_map, grades = BRATS_TARGETS[args.target], tuple(args.grades.split(","))
+    elif dataset == "chestxray":
+        finding = args.finding
     report = validate_dataset(dataset, data_dir, modalities, label_map, grades=grades, finding=finding)
     if not report.ok:
         fail("the dataset has problems; no trial was started and nothing was written.\n" + report.format())
@@ -260,9 +267,9 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         base["modalities"] = modalities
     if args.deterministic:
         base["deterministic"] = True
-    if getattr(args, "head", None):
+    if dataset in ("brats", "ixi") and args.head:
         base["head"] = args.head
-    if getattr(args, "spacing", None):
+    if dataset in ("brats", "ixi") and args.spacing:
         try:
             base["spacing"] = tuple(float(x) for x in args.spacing.split(","))
             RunConfig(spacing=base["spacing"])
@@ -274,9 +281,7 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
         base["report_every"] = args.report_every
     base.setdefault("max_iterations", 10_000)
     base.setdefault("report_every", 250)
-    sweep = Sweep(name, args, uri, storage, data_dir, splits_file, base)
-    sweep.extra.update(splits=splits, previous=previous)
-    return sweep
+    return Sweep(name, args, uri, storage, data_dir, splits_file, base, splits, previous, tuple(default_strata))
 
 
 def _images_2d(dataset: str, data_dir: str, finding: str) -> list:
@@ -291,7 +296,7 @@ def begin(sweep: Sweep) -> None:
     """After every check passed: set the results folder aside or reuse it, open the parent run."""
     uri, args, name = sweep.tracking_uri, sweep.args, sweep.name
     exp_dir = Path(sweep.storage_path) / name
-    previous, splits = sweep.extra["previous"], sweep.extra["splits"]
+    previous, splits = sweep.previous, sweep.splits
     if exp_dir.exists() and previous is None:
         aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results

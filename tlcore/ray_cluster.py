@@ -44,7 +44,7 @@ def connect(args) -> float:
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
     # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
     # trials through credentials.with_credentials.)
-    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if getattr(args, "deterministic", False) else None
+    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if args.deterministic else None
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays
         # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).

@@ -66,8 +66,7 @@ def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") 
             "body_part": [getattr(i, "body_part", "") for i in images]}
 
 
-def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_id: str,
-                        metric: str = "val_dice", mode: str = "max") -> None:
+def log_val_per_subject(results, runs: SweepRuns, metric: str = "val_dice", mode: str = "max") -> None:
     """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
     plots and paired statistics (3D trials write it into every checkpoint)."""
     for r in results:
@@ -79,22 +78,20 @@ def log_val_per_subject(results, tracking_uri: str, experiment: str, parent_run_
             f = Path(d) / "val_per_subject.json"
             if not f.exists():
                 continue
-            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id)
+            run_id = runs.run_of(trial_id)
             if run_id:
-                tracking.log_dict(tracking_uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
+                tracking.log_dict(runs.uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
-def close_orphaned_runs(results, tracking_uri: str, experiment: str, parent_run_id: str, max_iterations: int) -> int:
+def close_orphaned_runs(results, runs: SweepRuns, max_iterations: int) -> int:
     """End child runs left RUNNING (a driver killed after a trial finished but before MLflow
     heard of it); returns how many were closed."""
     closed = 0
     by_trial = {(r.metrics or {}).get("trial_id"): r for r in results}
-    for run in tracking.child_runs(tracking_uri, experiment, parent_run_id):
-        if run.status != "RUNNING":
-            continue
+    for run in tracking.child_runs(runs.uri, runs.experiment, runs.parent_run_id, "attributes.status = 'RUNNING'"):
         r = by_trial.get(run.tags.get("trial_id"))
         done = int((r.metrics or {}).get("iteration", 0)) if r is not None else 0
-        end_trial_run(tracking_uri, run.run_id, "FAILED" if r is None or r.error else "FINISHED",
+        end_trial_run(runs.uri, run.run_id, "FAILED" if r is None or r.error else "FINISHED",
                       {**iteration_tags(done, max_iterations), "closed_by": "close_orphaned_runs"})
         closed += 1
     return closed
@@ -166,8 +163,7 @@ def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> di
         return evaluate_checkpoint(config, d, split, run_id)
 
 
-def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_id: str,
-                    splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
                     mode: str = "max") -> dict:
     """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
 
@@ -185,8 +181,8 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
         if r.error or checkpoint is None:
             continue
         trial_id = trial_id_of(r)
-        run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, trial_id) or ""
-        done = json.loads(tracking.get_run(tracking_uri, run_id).tags.get("evaluation", "{}")) if run_id else {}
+        run_id = runs.run_of(trial_id) or ""
+        done = json.loads(tracking.get_run(runs.uri, run_id).tags.get("evaluation", "{}")) if run_id else {}
         if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
             out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
             continue
@@ -196,11 +192,11 @@ def evaluate_trials(results, *, tracking_uri: str, experiment: str, parent_run_i
         dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
         out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v for s, v in dice.items()}}
         if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
-            tracking.log_metrics(tracking_uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
+            tracking.log_metrics(runs.uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
                                  step=best_iteration)
             for s, v in scores.items():
-                tracking.log_dict(tracking_uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
-            tracking.set_tags(tracking_uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
+                tracking.log_dict(runs.uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+            tracking.set_tags(runs.uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
                                                                                 "dice": dice})})
     return out
 
@@ -212,8 +208,7 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float
     return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(run)).remote(config, checkpoint, split))
 
 
-def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment: str, parent_run_id: str,
-                    target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
+def chestxray_table(results, rows: list[dict], runs: SweepRuns, *, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
     """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
     or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
     training loss first reaches `target_loss`."""
@@ -239,19 +234,19 @@ def chestxray_table(results, rows: list[dict], *, tracking_uri: str, experiment:
             m = classification_metrics(pred["label"], pred["prob"])
             row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
                        test_confusion=m["confusion"])
-            run_id = tracking.find_child_run(tracking_uri, experiment, parent_run_id, row["trial_id"])
+            run_id = runs.run_of(row["trial_id"])
             if run_id:
-                tracking.log_metrics(tracking_uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
+                tracking.log_metrics(runs.uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
                                      step=best_epoch)
-                tracking.log_dict(tracking_uri, run_id, m, "test_metrics.json")
+                tracking.log_dict(runs.uri, run_id, m, "test_metrics.json")
                 # per image, for the report's ROC curves and paired (McNemar) comparisons
-                tracking.log_dict(tracking_uri, run_id, {"image": list(pred["path"]),
+                tracking.log_dict(runs.uri, run_id, {"image": list(pred["path"]),
                                                          "label": list(map(int, pred["label"])),
                                                          "prob": list(map(float, pred["prob"]))},
                                   "test_predictions.json")
                 with tempfile.TemporaryDirectory() as d:
                     confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
-                    tracking.log_artifacts(tracking_uri, run_id, d)
+                    tracking.log_artifacts(runs.uri, run_id, d)
         out.append(row)
     return out
 

@@ -27,7 +27,7 @@ from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
 from tlcore.credentials import with_credentials
-from tlcore.trial_runs import TrialRunLog, iteration_tags, trial_run_name
+from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
 
 
 def quiet_ray_train() -> None:
@@ -458,8 +458,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     # callback's final wait stops the sweep here, with what to do (driver.run), not in a traceback
     # halfway through evaluation; --resume then writes the rest and evaluates.
     tracking.require_store(tracking_uri)
-    close_orphaned_runs(results, tracking_uri, name, parent_run_id, max_iterations)
-    log_val_per_subject(results, tracking_uri, name, parent_run_id, metric, mode)
+    runs = SweepRuns(tracking_uri, name, parent_run_id)
+    close_orphaned_runs(results, runs, max_iterations)
+    log_val_per_subject(results, runs, metric, mode)
     return results
 
 

@@ -25,10 +25,13 @@ class SweepRuns:
     experiment: str
     parent_run_id: str
 
+    def run_of(self, trial_id: str) -> str | None:
+        """The child run of a trial, None if it has none."""
+        return tracking.find_child_run(self.uri, self.experiment, self.parent_run_id, trial_id)
+
     def trial_run(self, result) -> str:
         """The run of the trial behind a Tune result (the parent run if the trial has none)."""
-        trial_id = (result.metrics or {}).get("trial_id", "")
-        return tracking.find_child_run(self.uri, self.experiment, self.parent_run_id, trial_id) or self.parent_run_id
+        return self.run_of((result.metrics or {}).get("trial_id", "")) or self.parent_run_id
 
 
 def trial_run_name(config: dict) -> str:
