@@ -15,7 +15,7 @@ import ray
 import torch
 
 from tlcore import tracking
-from tlcore.config import DATASETS_2D, RunConfig, flatten_config, write_run_config
+from tlcore.config import DATASETS_2D, RunConfig, write_run_config
 from tlcore.evaluate import evaluate_subjects
 from tlcore.models import build_for, spec_for
 from tlcore.plots import confusion_png
@@ -101,16 +101,13 @@ def trial_rows(results, max_iterations: int, metric: str = "val_dice", mode: str
     """One row per trial: configuration, best metric, iterations run, stopped early or not."""
     rows = []
     for r in results:
-        c = flatten_config(r.config)
+        c = RunConfig.from_dict(r.config)  # its defaults, not restated here
         df = r.metrics_dataframe
         best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
-        rows.append({"trial_id": trial_id_of(r),
-                     "source_model": c.get("source_model", "scratch"),
-                     "frozen_layers": int(c.get("frozen_layers", 0)),
-                     "train_subset": c.get("train_subset", "all"),
-                     "lr": f"{c.get('lr', 0):.3g}", "lr_schedule": c.get("lr_schedule", "constant"),
-                     "seed": c.get("seed", 0), f"best_{metric}": round(best, 4),
+        rows.append({"trial_id": trial_id_of(r), "source_model": c.source_model, "frozen_layers": c.frozen_layers,
+                     "train_subset": c.train_subset, "lr": f"{c.lr:.3g}", "lr_schedule": c.lr_schedule,
+                     "seed": c.seed, f"best_{metric}": round(best, 4),
                      "iterations": its, "stopped_early": r.error is None and its < max_iterations,
                      "status": "ERROR" if r.error else "OK"})
         if r.error:  # the cause in a few words; the whole traceback is in the trial's error.txt
