@@ -105,3 +105,30 @@ def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
     survivor = [r for r in results if r.metrics["training_iteration"] == REPORTS]
     assert [r.config["rank"] for r in survivor] == [2] and resumed.count >= 1
     assert list(survivor[0].metrics_dataframe["training_iteration"]) == list(range(1, REPORTS + 1))
+
+
+def test_successive_halving_decides_once_a_stratum_has_all_reported_whatever_the_order():
+    from itertools import permutations
+
+    from tlcore.halving import SuccessiveHalving
+
+    scores = {"t1": 0.5, "t2": 0.9, "t3": 0.5, "t4": 0.1, "s1": 0.0, "s2": 0.2}
+    stratum_of = {t: ("S1",) if t.startswith("s") else ("S4",) for t in scores}
+    outcomes = set()
+    for order in permutations(["t1", "t2", "t3", "t4"]):
+        book = SuccessiveHalving(rungs=[2, 6], reduction_factor=3)
+        for t in scores:
+            book.add(t, stratum_of[t])
+        decisions = [book.report(t, ("S4",), 2, scores[t]) for t in order]
+        assert decisions[:3] == [None, None, None]  # the first three wait for the fourth
+        outcomes.add((decisions[3].keep, decisions[3].stop))
+    # ceil(4 / 3) = 2 go on: the best, then the tie at 0.5 broken by trial id; S1 plays no part
+    assert outcomes == {(frozenset({"t2", "t1"}), frozenset({"t3", "t4"}))}
+
+    # a trial that ends while others wait at a rung releases them
+    book = SuccessiveHalving(rungs=[2, 6], reduction_factor=3)
+    for t in ("s1", "s2"):
+        book.add(t, ("S1",))
+    assert book.report("s1", ("S1",), 2, 0.0) is None
+    (decision,) = book.leave("s2", ("S1",))
+    assert decision.keep == {"s1"} and decision.rung == 2 and book.leave("s2", ("S1",)) == []

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config, write_run_config
+from tlcore.halving import SuccessiveHalving
 from tlcore.progress import SweepProgress
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
@@ -264,11 +265,8 @@ class StratifiedASHA(FIFOScheduler):
         self._metric, self._mode = metric, mode
         self._asha: dict[tuple, ASHAScheduler] = {}   # stratum -> its own ASHA (asynchronous)
         self._stratum_of: dict[str, tuple] = {}
-        # synchronous bookkeeping
         self._trials: dict[str, Trial] = {}
-        self._live: dict[tuple, set] = {}               # stratum -> trial ids still training
-        self._at_rung: dict[tuple, dict] = {}           # (stratum, rung) -> {trial id: signed metric}
-        self._released: set = set()                     # paused trials that may resume
+        self._halving = SuccessiveHalving(self.rungs, reduction_factor)  # synchronous decisions
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         self._metric, self._mode = self._metric or metric, self._mode or mode
@@ -298,7 +296,7 @@ class StratifiedASHA(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial):
         stratum = self._stratum_of[trial.trial_id] = self.stratum(trial)
         self._trials[trial.trial_id] = trial
-        self._live.setdefault(stratum, set()).add(trial.trial_id)
+        self._halving.add(trial.trial_id, stratum)
         if not self.synchronous:
             self._sub(stratum).on_trial_add(tune_controller, trial)
 
@@ -315,10 +313,15 @@ class StratifiedASHA(FIFOScheduler):
             return self.STOP
         if t not in self.rungs:
             return self.CONTINUE
-        self._released.discard(trial.trial_id)
         sign = 1.0 if self._mode == "max" else -1.0
-        self._at_rung.setdefault((stratum, t), {})[trial.trial_id] = sign * float(value)
-        return self._decide(tune_controller, stratum, t, trial)
+        decision = self._halving.report(trial.trial_id, stratum, t, sign * float(value))
+        if decision is None:
+            return self.PAUSE  # until the rest of its stratum reached the rung
+        self._apply(tune_controller, decision, current=trial)
+        if trial.trial_id in decision.keep:
+            return self.CONTINUE
+        self._halving.live[stratum].discard(trial.trial_id)
+        return self.STOP
 
     def on_trial_complete(self, tune_controller, trial, result):
         self._leave(tune_controller, trial)
@@ -338,53 +341,38 @@ class StratifiedASHA(FIFOScheduler):
             if trial.status == Trial.PENDING:
                 return trial
         for trial in tune_controller.get_trials():
-            if trial.status == Trial.PAUSED and (not self.synchronous or trial.trial_id in self._released):
+            if trial.status == Trial.PAUSED and (not self.synchronous or trial.trial_id in self._halving.released):
                 return trial
         return None
 
     def debug_string(self) -> str:
         mode = "synchronous" if self.synchronous else "asynchronous"
         return (f"Using {mode} ASHA per stratum {list(self.strata) or '(one stratum)'}: "
-                f"{len(self._live)} strata, rungs {self.rungs}")
+                f"{len(self._halving.live)} strata, rungs {self.rungs}")
 
     # ---------------------------------------------------------------- synchronous decisions
     def _leave(self, tune_controller, trial) -> None:
         """A trial ended: the trials of its stratum no longer wait for it."""
         stratum = self._stratum_of.get(trial.trial_id)
-        if stratum is None or trial.trial_id not in self._live.get(stratum, ()):
+        if stratum is None:
             return
-        self._live[stratum].discard(trial.trial_id)
-        if self.synchronous:
-            for rung in self.rungs:
-                if (stratum, rung) in self._at_rung:
-                    self._decide(tune_controller, stratum, rung, None)
+        for decision in self._halving.leave(trial.trial_id, stratum):
+            if self.synchronous:
+                self._apply(tune_controller, decision, current=None)
 
-    def _decide(self, tune_controller, stratum: tuple, rung: int, current: Trial | None) -> str:
-        """Once every live trial of `stratum` has reported at `rung`: stop all but the best
-        ceil(n / reduction_factor), release the waiting ones that go on. Returns the decision
-        for `current` (PAUSE while others are still on their way)."""
-        seen = self._at_rung[(stratum, rung)]
-        waiting_for = self._live[stratum] - set(seen)
-        if waiting_for:
-            return self.PAUSE
-        ranked = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))
-        keep = {tid for tid, _ in ranked[:math.ceil(len(ranked) / self.reduction_factor)]}
-        del self._at_rung[(stratum, rung)]
-        for tid in seen:
+    def _apply(self, tune_controller, decision, current: Trial | None) -> None:
+        """Release the waiting trials that go on; stop the waiting ones that do not (a trial still
+        running toward its report is stopped when it reports). `current` decides for itself."""
+        live = self._halving.live[decision.stratum]
+        for tid in decision.keep | decision.stop:
             trial = self._trials[tid]
-            if current is not None and tid == current.trial_id or tid not in self._live[stratum]:
+            if current is not None and tid == current.trial_id or tid not in live:
                 continue
-            if tid in keep:
-                self._released.add(tid)
+            if tid in decision.keep:
+                self._halving.released.add(tid)
             elif trial.status == Trial.PAUSED or trial.is_saving:
-                self._live[stratum].discard(tid)
+                live.discard(tid)
                 tune_controller.stop_trial(trial)
-        if current is None:
-            return self.CONTINUE
-        if current.trial_id in keep:
-            return self.CONTINUE
-        self._live[stratum].discard(current.trial_id)
-        return self.STOP
 
 
 SCHEDULERS = ("asha", "asha-sync", "none")
