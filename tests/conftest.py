@@ -68,4 +68,7 @@ def source_model(workspace):
         assert chatter not in out, chatter
     assert len(re.findall(r"iteration \d+/\d+ +val_dice \d\.\d{3} \(best", out)) >= 2, out
     assert re.search(r"2/2 trials ended .* best val_dice", out), out
+    # Ray's own messages are in the sweep's log file, not on the console
+    ray_log = (w["tmp"] / "results" / "ixi_source" / "ray.log").read_text()
+    assert "ray.tune" in ray_log and "Wrote the latest version" not in out
     return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")

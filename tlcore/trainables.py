@@ -5,6 +5,7 @@ script in sweeps/ calls. What trials start from is in starts.py; what follows th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +30,29 @@ from tlcore.starts import num_classes, runtime_summary, start_classifier, start_
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
 from tlcore.credentials import with_credentials
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
+
+
+@contextlib.contextmanager
+def ray_messages_to(path: Path):
+    """Ray's own log messages (the driver's "ray" loggers) go to `path`, the sweep's log file;
+    on the console only its errors remain, beside tlcore's progress view."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray_logger = logging.getLogger("ray")
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    consoles = [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in consoles]
+    for h in consoles:
+        h.setLevel(logging.ERROR)
+    ray_logger.addHandler(to_file)
+    try:
+        yield
+    finally:
+        ray_logger.removeHandler(to_file)
+        to_file.close()
+        for h, level in zip(consoles, levels):
+            h.setLevel(level)
 
 
 def quiet_ray_train() -> None:
@@ -438,9 +462,10 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     # Ray's newer console output prints its own header and a TensorBoard hint even at verbose=0
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     print(f"[tlcore] sweep {name}: scheduler {scheduler}{' within ' + ','.join(strata) if strata else ''}; "
-          f"Ray's files in {exp_dir}", flush=True)
+          f"Ray's files in {exp_dir}, its messages in {exp_dir}/ray.log", flush=True)
     t0 = time.perf_counter()
-    results = tuner.fit()
+    with ray_messages_to(Path(exp_dir) / "ray.log"):
+        results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
     # Every trial's results are in Ray's files now. A store still down after the logging
     # callback's final wait stops the sweep here, with what to do (driver.run), not in a traceback
