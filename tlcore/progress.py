@@ -5,20 +5,47 @@ over all iterations of all trials, trials running and ended, the best value so f
 (a log file, CI): a plain line per report. In both, every `every_s` seconds, a summary and a
 table of the trials: the axes the sweep varies (the configuration keys whose values differ
 between trials, never data paths or URIs that are the same for all), iteration / max, best
-metric and how each trial ended so far.
+metric and how each trial ended so far. Ray's own messages go to the sweep's log file
+(`ray_messages_to`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from tlcore.config import flatten_config
 
 CLEAR_LINE = "\r\033[K"
+
+
+@contextlib.contextmanager
+def ray_messages_to(path: Path):
+    """Ray's own log messages (the driver's "ray" loggers) go to `path`, the sweep's log file;
+    on the console only its errors remain, beside tlcore's progress view."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray_logger = logging.getLogger("ray")
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    consoles = [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in consoles]
+    for h in consoles:
+        h.setLevel(logging.ERROR)
+    ray_logger.addHandler(to_file)
+    try:
+        yield
+    finally:
+        ray_logger.removeHandler(to_file)
+        to_file.close()
+        for h, level in zip(consoles, levels):
+            h.setLevel(level)
 
 
 def swept_axes(configs: list[dict]) -> list[str]:

@@ -5,7 +5,6 @@ script in sweeps/ calls. What trials start from is in starts.py; what follows th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,35 +23,12 @@ from safetensors.torch import save_file
 from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config, write_run_config
 from tlcore.halving import SuccessiveHalving
-from tlcore.progress import SweepProgress
+from tlcore.progress import SweepProgress, ray_messages_to
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
 from tlcore.credentials import with_credentials
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
-
-
-@contextlib.contextmanager
-def ray_messages_to(path: Path):
-    """Ray's own log messages (the driver's "ray" loggers) go to `path`, the sweep's log file;
-    on the console only its errors remain, beside tlcore's progress view."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ray_logger = logging.getLogger("ray")
-    to_file = logging.FileHandler(path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    consoles = [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]
-    levels = [h.level for h in consoles]
-    for h in consoles:
-        h.setLevel(logging.ERROR)
-    ray_logger.addHandler(to_file)
-    try:
-        yield
-    finally:
-        ray_logger.removeHandler(to_file)
-        to_file.close()
-        for h, level in zip(consoles, levels):
-            h.setLevel(level)
 
 
 def quiet_ray_train() -> None:
