@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import math
 import os
 import random
 import statistics
 import time
 from datetime import date
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic
+from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic, write_run_config
 from tlcore.evaluate import autocast, evaluate_subjects
 from tlcore.schedules import Schedule
 
@@ -268,3 +270,21 @@ def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, 
             report(metrics, state)
             losses, t0 = [], time.perf_counter()
     return metrics
+
+
+# A 3D checkpoint (a folder; Tune keeps and moves it): the weights as safetensors (what
+# evaluation and the registry read), the training state for a resume (loaded weights_only), the
+# per-subject validation Dice (the report's box plots) and the run configuration.
+def write_segmentation_checkpoint(directory: Path, cfg: RunConfig, model: nn.Module, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    per_subject = state.pop("val_per_subject")
+    torch.save(state, directory / "state.pt")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    (directory / "val_per_subject.json").write_text(json.dumps(per_subject, indent=1))
+    write_run_config(cfg, directory)
+
+
+def read_segmentation_state(directory: Path) -> dict:
+    return torch.load(directory / "state.pt", map_location="cpu", weights_only=True)

@@ -6,6 +6,7 @@ that reports to Tune after each epoch).
 
 from __future__ import annotations
 
+import json
 import re
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlcore.config import RunConfig
+from tlcore.config import RunConfig, write_run_config
 from tlcore.models import layer_groups
 from tlcore.schedules import beta1, lr_factor
 from tlcore.train import stream_seed
@@ -196,6 +197,17 @@ def save_classifier_state(learn, directory: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()},
               str(Path(directory) / "model.safetensors"))
     torch.save(_plain(learn.opt.state_dict()), Path(directory) / "optimizer.pt")
+
+
+def write_classifier_checkpoint(directory: Path, cfg: RunConfig, learn, epoch: int) -> None:
+    """A 2D checkpoint: the learner's state, the epochs done and the run configuration."""
+    save_classifier_state(learn, directory)
+    (directory / "progress.json").write_text(json.dumps({"epoch": epoch}))
+    write_run_config(cfg, directory)
+
+
+def classifier_checkpoint_epoch(directory: Path) -> int:
+    return json.loads((directory / "progress.json").read_text())["epoch"]
 
 
 def load_classifier_state(learn, directory: Path) -> None:

@@ -13,21 +13,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from safetensors.torch import save_file
 
 from tlcore import tracking
-from tlcore.config import RunConfig, flatten_config, write_run_config
+from tlcore.config import RunConfig, flatten_config
+from tlcore.credentials import with_credentials
 from tlcore.halving import SuccessiveHalving
 from tlcore.progress import SweepProgress, ray_messages_to
 from tlcore.results import close_orphaned_runs, log_val_per_subject
 from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
-from tlcore.train import amp_dtype, choose_channels_last, pick_device, train_segmentation
-from tlcore.credentials import with_credentials
+from tlcore.train import (amp_dtype, choose_channels_last, pick_device, read_segmentation_state, train_segmentation,
+                          write_segmentation_checkpoint)
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
 
 
@@ -48,7 +47,7 @@ def train_segmentation_trial(config: dict) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            resume = read_segmentation_state(Path(d))
     # The transfer report (first start) and where this start runs (every start: a restored trial
     # may land on another node) ride along with the first result; the driver's callback logs them.
     first = {"runtime": runtime_summary(device, amp_dtype(cfg, device) is not None, layout_choice,
@@ -58,12 +57,7 @@ def train_segmentation_trial(config: dict) -> None:
 
     def report(metrics: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
-            per_subject = state.pop("val_per_subject")
-            torch.save(state, Path(d) / "state.pt")
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(Path(d) / "model.safetensors"))
-            (Path(d) / "val_per_subject.json").write_text(json.dumps(per_subject, indent=1))
-            write_run_config(cfg, Path(d))
+            write_segmentation_checkpoint(Path(d), cfg, model, state)
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
@@ -455,8 +449,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
 
 def train_classifier_trial(config: dict) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
-    from tlcore.train2d import (ReportEachEpoch, build_learner, fit_classifier, load_classifier_state,
-                                save_classifier_state, uses_bf16, uses_channels_last)
+    from tlcore.train2d import (ReportEachEpoch, build_learner, classifier_checkpoint_epoch, fit_classifier,
+                                load_classifier_state, uses_bf16, uses_channels_last, write_classifier_checkpoint)
 
     quiet_ray_train()
     cfg = RunConfig.from_dict(config)
@@ -464,7 +458,7 @@ def train_classifier_trial(config: dict) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start_epoch = json.loads((Path(d) / "progress.json").read_text())["epoch"]
+            start_epoch = classifier_checkpoint_epoch(Path(d))
     model, transfer, train_dl, val_dl = start_classifier(cfg, start_epoch)
     device = pick_device()
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
@@ -474,9 +468,7 @@ def train_classifier_trial(config: dict) -> None:
 
     def report(metrics: dict, learn) -> None:
         with tempfile.TemporaryDirectory() as d:
-            save_classifier_state(learn, Path(d))
-            (Path(d) / "progress.json").write_text(json.dumps({"epoch": metrics["iteration"]}))
-            write_run_config(cfg, Path(d))
+            write_classifier_checkpoint(Path(d), cfg, learn, epoch=metrics["iteration"])
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
