@@ -177,7 +177,7 @@ def main() -> None:
             w.widen_run_names()
             w.shot("1-runs-expanded")
             w.search('tags.role = "seed_aggregate"')
-            w.choose_columns(("test_dice_sd", "best_val_dice", "best_val_dice_sd"))
+            w.choose_columns(("test_dice_sd", "best_val_dice", "best_val_dice_sd"), hide=("val_dice", "source_model"))
             w.shot("2-mean-over-seeds")
             w.search("")
             w.chart_view()
