@@ -37,7 +37,9 @@ class TrialRun:
         return tuple(self.params.get(k, "") for k in CONFIG_KEYS)
 
 
-def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
+def collect(uri: str, experiment: str, parent_run_id: str, artifacts: bool = True) -> list[TrialRun]:
+    """The sweep's trial runs with their curves; with `artifacts`, also the per-subject scores and
+    test predictions each run logged (downloads the mean-over-seeds runs do not need)."""
     out = []
     for run in tracking.child_runs(uri, experiment, parent_run_id):
         if run.tags.get("role") == AGGREGATE_ROLE:
@@ -45,9 +47,10 @@ def collect(uri: str, experiment: str, parent_run_id: str) -> list[TrialRun]:
         rid = run.run_id
         histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
                      if k in run.metrics}
-        per_subject = {s: d for s in ("val", "test", "train")
+        per_subject = {s: d for s in (("val", "test", "train") if artifacts else ())
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
-        pred = tracking.load_json(uri, rid, "test_predictions.json") or {"image": [], "label": [], "prob": []}
+        pred = (artifacts and tracking.load_json(uri, rid, "test_predictions.json")) or {"image": [], "label": [],
+                                                                                         "prob": []}
         out.append(TrialRun(rid, run.params, run.tags, run.metrics,
                             histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"])))))
     return out
@@ -209,7 +212,7 @@ def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[s
     sweep are replaced (a resumed sweep may have more seeds). Returns the new runs' ids."""
     for run in tracking.child_runs(uri, experiment, parent_run_id, f"tags.role = '{AGGREGATE_ROLE}'"):
         tracking.delete_run(uri, run.run_id)
-    trials = collect(uri, experiment, parent_run_id)
+    trials = collect(uri, experiment, parent_run_id, artifacts=False)
     groups = defaultdict(list)
     for t in trials:
         groups[t.config].append(t)
