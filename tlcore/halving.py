@@ -12,6 +12,15 @@ import math
 from dataclasses import dataclass
 
 
+def asha_rungs(grace_period: int, max_t: int, reduction_factor: int) -> list[int]:
+    """ASHA's rungs: grace_period * reduction_factor^k below max_t (as Ray's ASHAScheduler)."""
+    out, t = [], grace_period
+    while t < max_t:
+        out.append(t)
+        t *= reduction_factor
+    return out
+
+
 @dataclass(frozen=True)
 class Decision:
     stratum: tuple

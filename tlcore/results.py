@@ -83,6 +83,16 @@ def log_val_per_subject(results, runs: SweepRuns, metric: str = "val_dice", mode
                 tracking.log_dict(runs.uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
+def after_fit(results, runs: SweepRuns, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> None:
+    """What every sweep does once Tune returns: check the store is up (a store still down after the
+    logging callback's final wait stops the sweep here, with what to do, not in a traceback
+    halfway through evaluation; --resume then writes the rest), close runs a killed driver left
+    open, and log each trial's per-subject validation Dice."""
+    tracking.require_store(runs.uri)
+    close_orphaned_runs(results, runs, max_iterations)
+    log_val_per_subject(results, runs, metric, mode)
+
+
 def close_orphaned_runs(results, runs: SweepRuns, max_iterations: int) -> int:
     """End child runs left RUNNING (a driver killed after a trial finished but before MLflow
     heard of it); returns how many were closed."""
