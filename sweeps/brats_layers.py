@@ -4,6 +4,7 @@
     python sweeps/brats_layers.py                         # synthetic BraTS, local Ray
     python sweeps/brats_layers.py --address auto --data-dir /data/MICCAI_BraTS_2018_Data_Training
     python sweeps/brats_layers.py --search optuna --num-samples 20
+    python sweeps/brats_layers.py --frozen-layers 0,1,2 --controls scratch   # part of the grid
 
 Needs the source model: run sweeps/ixi_source.py first (or pass --source models:/<name>/<v>).
 """
@@ -21,11 +22,10 @@ from tlcore.trainables import run_sweep
 NAME = "brats_layers"
 
 
-def search_space(source: str) -> dict:
+def search_space(source: str, frozen_layers=range(6), controls: list[dict] = ()) -> dict:
     return {
-        # scratch baseline, then the IXI model with its first k layer groups frozen, k = 0..5
-        "start": tune.grid_search([{"source_model": "scratch", "frozen_layers": 0}]
-                                  + [{"source_model": source, "frozen_layers": k} for k in range(6)]),
+        # the controls (scratch, Mean-Var), then the IXI model with its first k layer groups frozen
+        "start": tune.grid_search([*controls, *({"source_model": source, "frozen_layers": k} for k in frozen_layers)]),
         "lr": 1e-3,
         "lr_schedule": "constant",
     }
@@ -42,6 +42,8 @@ def optuna_space(trial, source: str) -> None:
 def main() -> None:
     parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
+    parser.add_argument("--frozen-layers", default="0,1,2,3,4,5",
+                        help="comma-separated k: the transferred starts, with their first k layer groups frozen")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "brats", args)
     driver.start_ray(sweep)
@@ -49,7 +51,8 @@ def main() -> None:
     driver.begin(sweep)
     space, searcher = dict(sweep.base_config), None
     if args.search == "grid":  # --num-samples: the grid once per seed
-        space.update(search_space(source))
+        ks = sorted({int(k) for k in args.frozen_layers.split(",")})
+        space.update(search_space(source, ks, driver.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
         searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
                                                    seed=args.seed), max_concurrent=4)

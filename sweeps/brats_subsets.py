@@ -20,11 +20,11 @@ from tlcore.trainables import run_sweep
 NAME = "brats_subsets"
 
 
-def search_space(source: str) -> dict:
+def search_space(source: str, controls: list[dict]) -> dict:
     return {
-        # scratch and the IXI model with its first 1, 2 or 3 layer groups frozen (thesis models 1-3)
-        "start": tune.grid_search([{"source_model": "scratch", "frozen_layers": 0}]
-                                  + [{"source_model": source, "frozen_layers": k} for k in (1, 2, 3)]),
+        # the controls (--controls: scratch; add meanvar for the Mean-Var control) and the IXI model
+        # with its first 1, 2 or 3 layer groups frozen (thesis models 1-3)
+        "start": tune.grid_search([*controls, *({"source_model": source, "frozen_layers": k} for k in (1, 2, 3))]),
         "train_subset": tune.grid_search(["S1", "S2", "S3", "S4"]),
         "lr_schedule": tune.grid_search(["constant", "cosine"]),
         "lr": 1e-3,
@@ -35,6 +35,7 @@ def main() -> None:
     parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--subset-sizes", default=None,
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
+    parser.set_defaults(controls="scratch")  # Mean-Var would add a quarter to the sweep: ask for it
     args = parser.parse_args()
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
     # early stopping compares trials on the same training subset
@@ -42,10 +43,11 @@ def main() -> None:
     gpus = driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
-    space = {**sweep.base_config, **search_space(source)}
+    space = {**sweep.base_config, **search_space(source, driver.control_starts(args.controls, source))}
     if args.smoke_test:  # scratch vs k=1 on the smallest and the full subset: the table's shape, cheaply
         space["lr_schedule"] = "constant"
-        space["start"] = tune.grid_search(space["start"]["grid_search"][:2])
+        space["start"] = tune.grid_search([s for s in space["start"]["grid_search"]
+                                           if s["source_model"] == "scratch" or s["frozen_layers"] == 1])
         space["train_subset"] = tune.grid_search(["S1", "S4"])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, sweep.runs, cpus=args.cpus_per_trial, gpus=gpus)

@@ -16,8 +16,8 @@ from tlcore.trainables import run_sweep, train_classifier_trial
 NAME = "chestxray_transfer"
 
 
-def search_space(imagenet: str | None, mura: str, smoke: bool) -> dict:
-    starts = [{"source_model": "scratch", "frozen_layers": 0}]
+def search_space(imagenet: str | None, mura: str, smoke: bool, controls: list[dict]) -> dict:
+    starts = list(controls)  # scratch; with --controls scratch,meanvar also the MURA model's Mean-Var control
     for source in ([imagenet] if imagenet else []) + [mura]:
         starts += [{"source_model": source, "frozen_layers": k} for k in (0, 1, 2)]
     return {
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--oversample", type=float, default=0, help="minority-class factor (0 = balance; thesis 18)")
     parser.add_argument("--target-loss", type=float, default=None,
                         help="training loss for the steps-to-reach table (default: the highest final loss)")
+    parser.set_defaults(controls="scratch")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "chestxray", args)
     imagenet = None if args.imagenet == "none" else args.imagenet
@@ -42,7 +43,8 @@ def main() -> None:
     mura = driver.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
     gpus = driver.start_ray(sweep)
     driver.begin(sweep)
-    space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test), "oversample": args.oversample}
+    space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test, driver.control_starts(args.controls, mura)),
+             "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)
     rows = chestxray_table(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),

@@ -22,6 +22,12 @@ HEADS = ("bn_relu", "bn", "conv")
 PRECISIONS = ("auto", "bf16", "fp32")
 DATASETS = ("brats", "ixi", "mura", "chestxray")
 DATASETS_2D = ("mura", "chestxray")
+MEANVAR = "meanvar:"  # a start "meanvar:<start>": the Mean-Var control of <start> (transfer.mean_var_init)
+
+
+def weights_of(source_model: str) -> str:
+    """The start whose weights a trial uses: "meanvar:models:/x/1" -> "models:/x/1"."""
+    return source_model[len(MEANVAR):] if source_model.startswith(MEANVAR) else source_model
 
 
 def cache_dir() -> Path:
@@ -63,7 +69,7 @@ class RunConfig:
     train_subset: str = "all"             # S1..S4 (nested subsets, data/splits.py) or all
 
     # --- where the weights come from
-    source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3
+    source_model: str = "scratch"         # or a model URI, e.g. models:/ixi_hippocampus/3, or meanvar:<model URI>
     frozen_layers: int = 0                # freeze the first k layer groups (weights and BN stats)
     head: str = "conv"                    # the output block: conv | bn (NiftyNet) | bn_relu (MONAI); bench/RESULTS.md
     tracking_uri: str = ""                # MLflow store holding the source model
@@ -87,6 +93,9 @@ class RunConfig:
     sw_overlap: float = 0.5
     max_val_subjects: int = 0             # 0 = all validation subjects at every report
     precise_bn_batches: int = 16          # BatchNorm statistics re-estimated on this many batches before validation; 0 = off
+
+    # --- analysis at every report (analysis.py): per-group CKA with the source, weight movement
+    probe_patches: int = 16               # fixed validation patches the CKA is measured on; 0 = no analysis
 
     # --- speed
     precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU
@@ -124,8 +133,13 @@ class RunConfig:
         groups = 3 if self.dataset in DATASETS_2D else NUM_LAYER_GROUPS
         if not 0 <= int(self.frozen_layers) < groups:  # the head always trains
             problems.append(f"frozen_layers={self.frozen_layers} (0..{groups - 1})")
-        if self.source_model == "scratch" and self.frozen_layers:
-            problems.append("frozen_layers > 0 with source_model='scratch' would freeze random weights")
+        if (self.source_model == "scratch" or self.source_model.startswith(MEANVAR)) and self.frozen_layers:
+            problems.append(f"frozen_layers > 0 with source_model={self.source_model!r} would freeze random weights")
+        if self.source_model.startswith(MEANVAR) and weights_of(self.source_model) in ("", "scratch"):
+            problems.append(f"source_model={self.source_model!r}: meanvar: needs a start with weights, "
+                            "e.g. meanvar:models:/ixi_hippocampus/1")
+        if self.probe_patches and self.probe_patches < 4:
+            problems.append(f"probe_patches={self.probe_patches} (0 = no analysis, or at least 4 for unbiased CKA)")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             problems.append(f"patch_size={self.patch_size} (three positive ints)")
         if self.lr <= 0 or self.batch_size < 1 or self.max_iterations < 1 or self.report_every < 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tlcore import tracking
-from tlcore.config import HEADS, RunConfig
+from tlcore.config import HEADS, MEANVAR, RunConfig
 from tlcore.credentials import redact, take_credentials
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import (
@@ -94,7 +94,24 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--splits", default=None, help="JSON file with train/val/test subject lists (default: seeded split)")
     if source is not None:
         p.add_argument("--source", default=source, help="source model URI in the MLflow registry")
+        p.add_argument("--controls", default="scratch,meanvar",
+                       help="baselines beside the transferred starts, comma-separated: scratch (random "
+                            "initialisation), meanvar (each source tensor's mean and variance, none of its "
+                            "features; Raghu et al. 2019), or none")
     return p
+
+
+CONTROLS = ("scratch", "meanvar")
+
+
+def control_starts(controls: str, source: str) -> list[dict]:
+    """The `start` grid entries of --controls: scratch, and meanvar:<source> (both fine-tune every group)."""
+    names = [c.strip() for c in controls.split(",") if c.strip() and c.strip() != "none"]
+    unknown = sorted(set(names) - set(CONTROLS))
+    if unknown:
+        fail(f"--controls {controls}: {unknown} unknown; choose from {', '.join(CONTROLS)} or none")
+    entries = {"scratch": "scratch", "meanvar": MEANVAR + source}
+    return [{"source_model": entries[c], "frozen_layers": 0} for c in CONTROLS if c in names]
 
 
 @dataclass

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from tlcore import tracking
+from tlcore.config import MEANVAR, weights_of
 
 HEADLINE = ("test_dice", "test_accuracy", "test_auc", "best_val_dice", "val_dice", "val_accuracy")
 
@@ -50,7 +51,10 @@ def chain(uri: str, start: str, max_depth: int = 20) -> list[Link]:
             links.append(Link(f"{start} (cycle)"))
             break
         seen.add(start)
-        if start.startswith("models:/"):
+        if start.startswith(MEANVAR):  # random weights with the statistics of the start behind it
+            link = Link(f"{start} (Mean-Var control: that model's weight statistics, none of its features)")
+            start = weights_of(start)
+        elif start.startswith("models:/"):
             ref = tracking.resolve_model(uri, start)
             link, start = _run_link(uri, ref.uri, ref.run_id) if ref.run_id else (Link(ref.uri), "")
         elif start.startswith("runs:/"):

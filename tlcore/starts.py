@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from tlcore.config import RunConfig
+from tlcore.analysis import LayerProbe, WeightMovement, probe_patches
+from tlcore.config import MEANVAR, RunConfig, weights_of
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
 from tlcore.model_cache import cached_model
 from tlcore.models import build_for
 from tlcore.train import pick_device, seed_everything, staging_device
-from tlcore.transfer import TransferReport, freeze_first, load_source, read_weights
+from tlcore.transfer import TransferReport, freeze_first, load_source, mean_var_init, read_weights
 
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
 
@@ -43,7 +44,8 @@ def load_split(cfg: RunConfig, split: str) -> list:
 
 
 def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
-    """The network a trial starts from: scratch, or the source's weights with k groups frozen."""
+    """The network a trial starts from: scratch, the source's weights with k groups frozen, or
+    the source's Mean-Var control."""
     model = build_for(cfg, num_classes(cfg))
     report = TransferReport(source="scratch")
     if cfg.source_model != "scratch":
@@ -51,10 +53,40 @@ def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
+def registered_weights(cfg: RunConfig) -> tuple[str, dict[str, torch.Tensor]]:
+    """(pinned URI, state dict) of the registered model a start uses (cached per machine)."""
+    ref, folder = cached_model(cfg.tracking_uri, weights_of(cfg.source_model))
+    return ref.uri, read_weights(folder / "model.safetensors")
+
+
 def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
-    """Copy the weights of the registered source model (cached per machine) into `model`."""
-    ref, folder = cached_model(cfg.tracking_uri, cfg.source_model)
-    return load_source(model, read_weights(folder / "model.safetensors"), source=ref.uri)
+    """Copy the registered source model's weights into `model`, or, for a meanvar: start, draw
+    them from each source tensor's mean and variance (seeded by the trial's seed)."""
+    uri, state = registered_weights(cfg)
+    if cfg.source_model.startswith(MEANVAR):
+        return mean_var_init(model, state, cfg.seed, source=MEANVAR + uri)
+    return load_source(model, state, source=uri)
+
+
+PROBE_SIZE = 48  # probe patches are at most 48^3: a minibatch of 8 holds ~0.3 GB of activations per group
+
+
+def layer_analysis(cfg: RunConfig, model: torch.nn.Module, val: list, device: torch.device):
+    """What each report measures besides Dice, as a function model -> metrics: every group's
+    weight movement from `model`'s starting weights, and with a source, every group's CKA with the
+    source model on fixed validation patches (the same for every trial of a sweep). None when
+    cfg.probe_patches is 0."""
+    if not cfg.probe_patches:
+        return None
+    movement, probe = WeightMovement(model), None
+    if cfg.source_model != "scratch":
+        with torch.random.fork_rng(devices=[]):  # building the reference must not shift the trial's random stream
+            source = build_for(cfg, num_classes(cfg))
+        load_source(source, registered_weights(cfg)[1])
+        size = tuple(min(p, PROBE_SIZE) for p in cfg.patch_size)
+        probe = LayerProbe(source.to(device), probe_patches(val, size, cfg.probe_patches), device,
+                           minibatch=min(8, cfg.probe_patches))
+    return lambda m: {**movement(m), **(probe.cka(m) if probe else {})}
 
 
 def start_segmentation(cfg: RunConfig):
@@ -99,15 +131,13 @@ def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferRep
     from tlcore.train2d import load_imagenet
 
     model = build_for(cfg, num_classes=2)
-    src = cfg.source_model
+    src, mean_var_seed = weights_of(cfg.source_model), cfg.seed if cfg.source_model.startswith(MEANVAR) else None
     if src == "scratch":
         report = TransferReport(source="scratch")
-    elif src == "imagenet":
-        report = load_imagenet(model)
     elif src.startswith("models:/"):
         report = load_registered(model, cfg)
-    else:  # a local file of torchvision's ImageNet DenseNet121 weights
-        report = load_imagenet(model, src)
+    else:  # ImageNet: the hub cache, or a local file of torchvision's DenseNet121 weights
+        report = load_imagenet(model, None if src == "imagenet" else src, mean_var_seed)
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 

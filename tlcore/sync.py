@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tlcore import tracking
 from tlcore.progress import format_table
-from tlcore.trial_runs import METRICS, end_trial_run, iteration_tags, open_trial_run, reported_dict
+from tlcore.trial_runs import end_trial_run, logged_metrics, iteration_tags, open_trial_run, reported_dict
 
 
 @dataclass
@@ -84,11 +84,11 @@ def parent_run(uri: str, meta: dict, exp_dir: Path) -> str:
 def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_iterations: int) -> dict:
     run_id = open_trial_run(uri, name, parent, trial.trial_id, trial.config, reopen=False)
     rows = []
-    for key in METRICS:
+    for key in sorted({k for r in trial.results for k in logged_metrics(r)}):
         logged = {step for step, _ in tracking.metric_history(uri, run_id, key)}
         for r in trial.results:
             step = int(r.get("iteration", r.get("training_iteration", 0)))
-            if key in r and isinstance(r[key], (int, float)) and step not in logged:
+            if key in logged_metrics(r) and step not in logged:
                 rows.append((key, r[key], step, int(r.get("timestamp", 0) * 1000)))
                 logged.add(step)
     tracking.log_metric_rows(uri, run_id, rows)

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlcore.config import RunConfig, write_run_config
+from tlcore.config import MEANVAR, RunConfig, write_run_config
 from tlcore.models import layer_groups
 from tlcore.schedules import beta1, lr_factor
 from tlcore.train import stream_seed
-from tlcore.transfer import TransferReport, load_source
+from tlcore.transfer import TransferReport, load_source, mean_var_init
 
 DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
 # torchvision's old checkpoints name DenseNet layers "norm.1"; the modules are now "norm1".
@@ -46,12 +46,15 @@ def imagenet_state(path: str | None = None) -> dict[str, torch.Tensor]:
     return {_LEGACY_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
-def load_imagenet(model: nn.Module, path: str | None = None) -> TransferReport:
-    """Copy the ImageNet body into model[0][0] (torchvision `features.*`); the head stays new."""
+def load_imagenet(model: nn.Module, path: str | None = None, mean_var_seed: int | None = None) -> TransferReport:
+    """Copy the ImageNet body into model[0][0] (torchvision `features.*`); the head stays new.
+    With `mean_var_seed`, the Mean-Var control of those weights instead (transfer.mean_var_init)."""
     state = {f"0.0.{k[len('features.'):]}": v for k, v in imagenet_state(path).items() if k.startswith("features.")}
     if not state:
         raise ValueError(f"{path or DENSENET121_URL} holds no DenseNet 'features.*' tensors: "
                          "pass torchvision's densenet121 ImageNet weights")
+    if mean_var_seed is not None:
+        return mean_var_init(model, state, mean_var_seed, source=MEANVAR + (path or "imagenet"))
     return load_source(model, state, source=path or "imagenet")
 
 

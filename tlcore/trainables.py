@@ -18,13 +18,13 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from tlcore import tracking
 from tlcore.config import RunConfig, flatten_config
 from tlcore.credentials import with_credentials
-from tlcore.halving import SuccessiveHalving
+from tlcore.halving import SuccessiveHalving, asha_rungs
 from tlcore.progress import SweepProgress, ray_messages_to
-from tlcore.results import close_orphaned_runs, log_val_per_subject
-from tlcore.starts import num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
+from tlcore.results import after_fit
+from tlcore.retention import best_paths, deletable
+from tlcore.starts import layer_analysis, num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
 from tlcore.train import (amp_dtype, choose_channels_last, pick_device, read_segmentation_state, train_segmentation,
                           write_segmentation_checkpoint)
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
@@ -40,6 +40,7 @@ def train_segmentation_trial(config: dict) -> None:
     quiet_ray_train()
     cfg = RunConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
+    analysis = layer_analysis(cfg, model, val, device)  # before a resume: movement is from the start
     staged_on = sampler.device
     channels_last, layout_choice = choose_channels_last(cfg, device, model, num_classes(cfg))
 
@@ -56,6 +57,7 @@ def train_segmentation_trial(config: dict) -> None:
         first["transfer"] = transfer_summary(transfer)
 
     def report(metrics: dict, state: dict) -> None:
+        metrics = {**metrics, **(analysis(model) if analysis else {})}
         with tempfile.TemporaryDirectory() as d:
             write_segmentation_checkpoint(Path(d), cfg, model, state)
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
@@ -125,16 +127,9 @@ class Progress(SweepProgress, tune.Callback):
 
 class KeepBestAndLatest(tune.Callback):
     """Each trial keeps its best checkpoint (by `metric`; ties all kept) and its latest; the
-    others are deleted once Tune's experiment state in storage no longer needs them.
-
-    Why not Tune's CheckpointConfig(num_to_keep): Tune deletes a superseded checkpoint the moment
-    the next one registers, but the experiment state that `--resume` reads after a killed driver
-    reaches storage later (saved at the end of the controller's step, then copied to storage in
-    a background thread). Killed in between, the stored state names as latest a checkpoint that
-    is gone, and the trial cannot resume. Here a checkpoint goes only when it is older than the
-    latest one the stored state names (read back with Tune's own decoder), and is the best
-    neither now nor in that state: no state Tune has written or will write can still need it.
-    Tune itself keeps every entry (num_to_keep=None); best and latest always exist on disk.
+    others are deleted once Tune's experiment state in storage no longer needs them (the rule and
+    why Tune's num_to_keep can lose a resumable checkpoint: retention.py). Tune itself keeps every
+    entry (num_to_keep=None); best and latest always exist on disk.
     """
 
     def __init__(self, exp_dir: str, metric: str = "val_dice", mode: str = "max", every_s: float = 30.0):
@@ -152,16 +147,12 @@ class KeepBestAndLatest(tune.Callback):
         self.prune(trials)  # Tune wrote and synced its final state just before this
 
     def _best(self, results) -> set[str]:
-        scores = [(r.metrics or {}).get(self.metric) for r in results]
-        scores = [s for s in scores if isinstance(s, (int, float)) and not math.isnan(s)]
-        if not scores:
-            return set()
-        best = max(scores) if self.mode == "max" else min(scores)
-        return {r.checkpoint.path for r in results if (r.metrics or {}).get(self.metric) == best}
+        return best_paths([(r.checkpoint.path, (r.metrics or {}).get(self.metric)) for r in results], self.mode)
 
     def stored_state(self) -> dict[str, tuple[str, set[str]]]:
         """trial_id -> (latest checkpoint path, best paths) in the newest experiment state in
-        storage; {} while none can be read (not yet written, or being written)."""
+        storage, read back with Tune's own decoder; {} while none can be read (not yet written,
+        or being written)."""
         from ray.tune.experiment.trial import _TrainingRunMetadata
 
         states = sorted(Path(self.exp_dir).glob("experiment_state-*.json"))
@@ -187,24 +178,17 @@ class KeepBestAndLatest(tune.Callback):
             if latest is None or trial.trial_id not in stored:
                 continue
             stored_latest, stored_best = stored[trial.trial_id]
-            keep = {latest.checkpoint.path, stored_latest} | stored_best | self._best(manager.best_checkpoint_results)
-            for result in manager.best_checkpoint_results:
-                path = result.checkpoint.path
-                if path in keep or _checkpoint_index(path) >= _checkpoint_index(stored_latest):
-                    continue
+            checkpoints = {r.checkpoint.path: r.checkpoint for r in manager.best_checkpoint_results}
+            for path in deletable(list(checkpoints), latest=latest.checkpoint.path, stored_latest=stored_latest,
+                                  keep=stored_best | self._best(manager.best_checkpoint_results)):
+                fs = checkpoints[path].filesystem
                 try:
-                    if result.checkpoint.filesystem.get_file_info(path).type.name == "NotFound":
+                    if fs.get_file_info(path).type.name == "NotFound":
                         continue
-                    result.checkpoint.filesystem.delete_dir(path)
+                    fs.delete_dir(path)
                     self.deleted.append(path)
                 except OSError as e:  # a full disk is better than a lost checkpoint: leave it
                     print(f"[tlcore] WARNING: could not delete {path} ({e})", flush=True)
-
-
-def _checkpoint_index(path: str) -> int:
-    """Tune's checkpoint_000012 -> 12 (indices grow with every checkpoint of a trial)."""
-    tail = Path(path).name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
 
 
 class MLflowTrialLogger(TrialRunLog, tune.Callback):
@@ -272,12 +256,7 @@ class StratifiedASHA(FIFOScheduler):
 
     @property
     def rungs(self) -> list[int]:
-        """ASHA's rungs (grace_period * reduction_factor^k) below max_t."""
-        out, t = [], self.grace_period
-        while t < self.max_t:
-            out.append(t)
-            t *= self.reduction_factor
-        return out
+        return asha_rungs(self.grace_period, self.max_t, self.reduction_factor)
 
     def _sub(self, stratum: tuple) -> ASHAScheduler:
         if stratum not in self._asha:
@@ -437,13 +416,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     with ray_messages_to(Path(exp_dir) / "ray.log"):
         results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
-    # Every trial's results are in Ray's files now. A store still down after the logging
-    # callback's final wait stops the sweep here, with what to do (driver.run), not in a traceback
-    # halfway through evaluation; --resume then writes the rest and evaluates.
-    tracking.require_store(tracking_uri)
-    runs = SweepRuns(tracking_uri, name, parent_run_id)
-    close_orphaned_runs(results, runs, max_iterations)
-    log_val_per_subject(results, runs, metric, mode)
+    after_fit(results, SweepRuns(tracking_uri, name, parent_run_id), max_iterations, metric, mode)
     return results
 
 

@@ -19,6 +19,7 @@ from tlcore.models import group_keys, head_group, layer_groups
 class TransferReport:
     source: str = "scratch"
     loaded: list[str] = field(default_factory=list)          # copied from the source
+    sampled: list[str] = field(default_factory=list)         # drawn from N(mean, var) of the source tensor (Mean-Var)
     reinitialised: list[str] = field(default_factory=list)   # head tensors whose shape changed (new classes)
     skipped: list[str] = field(default_factory=list)         # in the source but not in this model
     frozen_groups: list[str] = field(default_factory=list)
@@ -26,13 +27,15 @@ class TransferReport:
     total_params: int = 0
 
     def counts(self) -> dict[str, int]:
-        return {"loaded_tensors": len(self.loaded), "reinitialised_tensors": len(self.reinitialised),
+        return {"loaded_tensors": len(self.loaded), "sampled_tensors": len(self.sampled),
+                "reinitialised_tensors": len(self.reinitialised),
                 "skipped_tensors": len(self.skipped), "frozen_groups": len(self.frozen_groups),
                 "frozen_params": self.frozen_params, "total_params": self.total_params}
 
     def __str__(self) -> str:
         c = self.counts()
         return (f"transfer from {self.source}: {c['loaded_tensors']} tensors loaded, "
+                f"{c['sampled_tensors']} sampled (Mean-Var), "
                 f"{c['reinitialised_tensors']} re-initialised, {c['skipped_tensors']} skipped; "
                 f"frozen {self.frozen_groups or 'nothing'} ({self.frozen_params:,} of {self.total_params:,} parameters)")
 
@@ -81,6 +84,37 @@ def load_source(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
         report.loaded.append(key)
     report.skipped = sorted(set(state) - set(target))
     model.load_state_dict(new_state, strict=False)
+    return report
+
+
+def mean_var_init(model: nn.Module, state: dict[str, torch.Tensor], seed: int, source: str = "") -> TransferReport:
+    """The Mean-Var control (Raghu et al. 2019, Transfusion): every conv and linear weight and bias
+    drawn i.i.d. from N(mean, variance) of the matching source tensor, so the network starts with
+    the source's weight scales but none of its features. Normalisation layers keep their default
+    initialisation (sampling running variances could make them negative); head tensors whose shape
+    changed keep their fresh initialisation, as in `load_source`. Draws come from `seed` alone."""
+    report = TransferReport(source=source or "state dict")
+    g = torch.Generator().manual_seed(seed)
+    head = group_keys(model)[head_group(model)]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            for p_name, param in module.named_parameters(recurse=False):
+                key = f"{name}.{p_name}"
+                if key in head and (key not in state or state[key].shape != param.shape):
+                    report.reinitialised.append(key)
+                    continue
+                if key not in state:
+                    raise KeyError(f"source {source!r} has no tensor {key!r}; is it the same architecture?")
+                ref = state[key].double()
+                if ref.shape != param.shape:
+                    raise ValueError(f"source {source!r} tensor {key!r} has shape {tuple(ref.shape)}, "
+                                     f"the model expects {tuple(param.shape)}")
+                mean, std = float(ref.mean()), float(ref.std(unbiased=False))
+                drawn = torch.randn(param.shape, generator=g, dtype=torch.float64) * std + mean
+                param.copy_(drawn.to(param.dtype))
+                report.sampled.append(key)
     return report
 
 

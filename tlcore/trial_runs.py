@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass
 
 from tlcore import tracking
-from tlcore.config import RunConfig, flatten_config
+from tlcore.config import RunConfig, flatten_config, weights_of
 from tlcore.data.splits import read_splits
 
+ANALYSIS_PREFIXES = ("cka.", "weight_change.")  # per layer group, analysis.py
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
 
 
@@ -40,6 +41,12 @@ def trial_run_name(config: dict) -> str:
     return f"{src} k={c.get('frozen_layers', 0)} lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()
 
 
+def logged_metrics(result: dict) -> dict:
+    """The numbers of a trial's report that go to its MLflow run (Ray's bookkeeping stays out)."""
+    return {k: v for k, v in result.items()
+            if (k in METRICS or k.startswith(ANALYSIS_PREFIXES)) and isinstance(v, (int, float))}
+
+
 def reported_dict(result: dict, key: str) -> dict:
     """A dict the trainable reported under `key` (Tune may flatten it to key/...)."""
     flat = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith(f"{key}/")}
@@ -55,8 +62,8 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
     if run_id is None:
         cfg = RunConfig.from_dict(config)
         tags = {"sweep": experiment, "trial_id": trial_id}
-        if cfg.source_model.startswith("models:/"):
-            tags["source_run_id"] = tracking.resolve_model(uri, cfg.source_model).run_id
+        if weights_of(cfg.source_model).startswith("models:/"):  # meanvar: its statistics' source
+            tags["source_run_id"] = tracking.resolve_model(uri, weights_of(cfg.source_model)).run_id
         run_id = tracking.start_run(uri, experiment, trial_run_name(config), cfg.to_params(), tags,
                                     parent_run_id=parent_run_id)
         if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
@@ -128,7 +135,7 @@ class TrialRunLog:
         self._configs.setdefault(trial_id, dict(config))
         self._push(trial_id, "result", {
             "step": int(result.get("iteration", result.get("training_iteration", 0))),
-            "metrics": {k: result[k] for k in METRICS if k in result},
+            "metrics": logged_metrics(result),
             "transfer": reported_dict(result, "transfer"), "runtime": reported_dict(result, "runtime")})
 
     def ended(self, trial_id: str, status: str, tags: dict) -> None:

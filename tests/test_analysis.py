@@ -1,0 +1,175 @@
+"""analysis.py (debiased minibatch CKA, weight movement, probe patches) and the Mean-Var start."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tlcore.analysis import (LayerProbe, MinibatchCKA, WeightMovement, gram, hsic1, linear_cka, probe_grams,
+                             probe_patches, voxel_samples)
+from tlcore.models import build_model, layer_groups
+from tlcore.transfer import freeze_first, load_source, mean_var_init
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def hsic_by_definition(K, L) -> float:
+    """Song et al. (2012)'s unbiased HSIC as sums over distinct index tuples (no matrix algebra)."""
+    n = K.shape[0]
+    falling = lambda k: math.prod(range(n - k + 1, n + 1))
+    pairs = sum(K[i, j] * L[i, j] for i, j in itertools.permutations(range(n), 2)) / falling(2)
+    quads = sum(K[i, j] * L[q, r] for i, j, q, r in itertools.permutations(range(n), 4)) / falling(4)
+    triples = sum(K[i, j] * L[i, q] for i, j, q in itertools.permutations(range(n), 3)) / falling(3)
+    return float(pairs + quads - 2 * triples)
+
+
+def test_hsic_matches_its_definition_with_the_diagonal_zeroed():
+    x, y = randn(6, 3, seed=1), randn(6, 4, seed=2)
+    K, L = gram(x), gram(y)
+    assert hsic1(K, L) == pytest.approx(hsic_by_definition(K.double(), L.double()), rel=1e-6)
+    # the classic bug: K - diag(K) subtracts the diagonal's vector from every row, not only the diagonal
+    wrong = hsic1(K - torch.diag(K), L - torch.diag(L))
+    assert wrong != pytest.approx(hsic1(K, L), rel=1e-3)
+
+
+def test_identical_representations_give_one_and_independent_ones_about_zero():
+    x = randn(32, 2000, seed=3)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, x, minibatch=8) == pytest.approx(1.0, abs=1e-9)
+    y = randn(32, 2000, seed=4)
+    assert abs(linear_cka(x, y)) < 0.1
+    assert abs(linear_cka(x, y, minibatch=8)) < 0.15
+    # why the debiased estimator: with far more features than examples the biased one says "similar"
+    H = torch.eye(32, dtype=torch.float64) - 1 / 32
+    Kc, Lc = H @ gram(x).double() @ H, H @ gram(y).double() @ H
+    biased = float((Kc * Lc).sum() / ((Kc * Kc).sum() * (Lc * Lc).sum()).sqrt())
+    assert biased > 0.9
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    x = randn(24, 16, seed=5)
+    y = x @ randn(16, 16, seed=6) + 0.5 * randn(24, 16, seed=7)  # related, not identical
+    q, _ = torch.linalg.qr(randn(16, 16, seed=8))
+    reference = linear_cka(x, y, minibatch=8)
+    assert 0.2 < reference < 0.99
+    assert linear_cka(x @ q, y, minibatch=8) == pytest.approx(reference, rel=1e-6)
+    assert linear_cka(3.7 * x, 0.01 * y, minibatch=8) == pytest.approx(reference, rel=1e-6)
+
+
+def test_dead_or_constant_features_give_zero_not_nan():
+    x = randn(16, 8, seed=9)
+    for degenerate in (torch.zeros(16, 8, dtype=torch.float64), torch.ones(16, 8, dtype=torch.float64)):
+        value = linear_cka(x, degenerate, minibatch=8)
+        assert value == 0.0 and not math.isnan(value)
+    cka = MinibatchCKA()
+    cka.xy, cka.xx, cka.yy = 0.2, -0.1, 0.5  # a negative self-similarity estimate: no sqrt of a negative
+    assert cka.value() == 0.0
+
+
+def test_weight_movement_is_relative_per_group_and_zero_when_frozen():
+    torch.manual_seed(0)
+    model = build_model(num_classes=2)
+    freeze_first(model, 2)
+    movement = WeightMovement(model)
+    assert all(v == 0 for v in movement(model).values())
+    with torch.no_grad():
+        for m in layer_groups(model)["res_2"]:
+            for p in m.parameters():
+                p.mul_(1.5)
+    moved = movement(model)
+    assert set(moved) == {f"weight_change.{g}" for g in layer_groups(model)}
+    assert moved["weight_change.res_2"] == pytest.approx(0.5, rel=1e-5)
+    assert moved["weight_change.conv_0"] == 0 and moved["weight_change.res_3"] == 0
+
+
+class Volume:
+    def __init__(self, seed):
+        self.image = randn(2, 20, 20, 20, seed=seed).float()
+        self.label = torch.zeros(1, 20, 20, 20, dtype=torch.long)
+        self.label[0, 12:16, 3:6, 8:11] = 1
+
+
+def test_probe_patches_are_fixed_and_half_of_them_on_the_foreground():
+    subjects = [Volume(1), Volume(2)]
+    a, b = probe_patches(subjects, (8, 8, 8), n=8), probe_patches(subjects, (8, 8, 8), n=8)
+    assert a.shape == (8, 2, 8, 8, 8) and torch.equal(a, b)
+    assert not torch.equal(a, probe_patches(subjects, (8, 8, 8), n=8, seed=1))
+    small = probe_patches(subjects, (24, 24, 24), n=4)  # larger than the volume: zero-padded
+    assert small.shape == (4, 2, 24, 24, 24)
+
+
+def test_layer_probe_gives_one_against_itself_and_less_after_training_changes_it():
+    torch.manual_seed(0)
+    source = build_model(num_classes=2)
+    patches = probe_patches([Volume(3), Volume(4)], (12, 12, 12), n=8)
+    probe = LayerProbe(source, patches, torch.device("cpu"), minibatch=4)
+    assert set(probe.cka(source)) == {f"cka.{g}" for g in ("conv_0", "res_1", "res_2", "res_3", "conv_1")}
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in probe.cka(source).values())
+    other = build_model(num_classes=2)  # another random initialisation
+    changed = probe.cka(other)
+    assert all(v < 0.95 for v in changed.values()), changed
+    assert source.training  # the probe restores the mode it found
+    with pytest.raises(ValueError, match="probe patches"):
+        LayerProbe(source, patches[:3], torch.device("cpu"), minibatch=4)
+    grams = probe_grams(source, patches, probe.positions, torch.device("cpu"), minibatch=4)
+    assert len(grams["conv_0"]) == 2 and grams["conv_0"][0].shape == (4 * 64, 4 * 64)  # voxels are the examples
+
+
+def test_voxel_samples_pick_the_same_places_at_any_resolution():
+    fine = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)  # (B, C, H, W)
+    positions = torch.tensor([[[0.0, 0.0], [0.5, 0.75]], [[0.99, 0.3], [0.25, 0.0]]])
+    picked = voxel_samples(fine, positions)
+    assert picked.shape == (4, 3)
+    assert picked[1].tolist() == fine[0, :, 2, 3].tolist() and picked[2].tolist() == fine[1, :, 3, 1].tolist()
+    coarse = fine[:, :, ::2, ::2]  # half the resolution: the same fractions, the matching coarse cells
+    assert voxel_samples(coarse, positions)[1].tolist() == coarse[0, :, 1, 1].tolist()
+
+
+def source_state(num_classes=2, seed=1):
+    torch.manual_seed(seed)
+    src = build_model(num_classes=num_classes)
+    with torch.no_grad():  # distinctive statistics per tensor
+        for i, p in enumerate(src.parameters()):
+            p.mul_(1 + 0.2 * (i % 3))
+    return {k: v.clone() for k, v in src.state_dict().items()}
+
+
+def test_mean_var_keeps_each_tensors_statistics_but_none_of_its_features():
+    state = source_state(num_classes=3)
+    model = build_model(num_classes=2)
+    default_bn = {k: v.clone() for k, v in model.state_dict().items() if ".adn.N." in k}
+    report = mean_var_init(model, state, seed=0, source="models:/ixi/1")
+    after = model.state_dict()
+    assert report.sampled and not report.loaded
+    assert sorted(report.reinitialised) == ["blocks.11.conv.bias", "blocks.11.conv.weight"]  # 3 -> 2 classes
+    for key in report.sampled:
+        src, new = state[key].double(), after[key].double()
+        if src.numel() >= 400:
+            assert float(new.mean()) == pytest.approx(float(src.mean()), abs=0.15 * float(src.std()) + 1e-6)
+            assert float(new.std()) == pytest.approx(float(src.std()), rel=0.15)
+        assert not torch.allclose(src, new)  # drawn, not copied
+    for key, value in default_bn.items():  # BatchNorm at its default initialisation, never sampled
+        assert torch.equal(after[key], value)
+    again = build_model(num_classes=2)
+    mean_var_init(again, state, seed=0)
+    assert all(torch.equal(after[k], again.state_dict()[k]) for k in report.sampled)  # seeded
+    third = build_model(num_classes=2)
+    mean_var_init(third, state, seed=1)
+    assert not torch.equal(after["blocks.0.conv.weight"], third.state_dict()["blocks.0.conv.weight"])
+
+
+def test_mean_var_start_shares_less_with_the_source_than_the_transferred_start():
+    state = source_state(num_classes=2)
+    source = build_model(num_classes=2)
+    source.load_state_dict(state)
+    transferred, control = build_model(num_classes=2), build_model(num_classes=2)
+    load_source(transferred, state)
+    mean_var_init(control, state, seed=0)
+    patches = probe_patches([Volume(5), Volume(6)], (12, 12, 12), n=8)
+    probe = LayerProbe(source, patches, torch.device("cpu"), minibatch=4)
+    same, meanvar = probe.cka(transferred), probe.cka(control)
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values())
+    assert max(meanvar.values()) < 0.9, meanvar
