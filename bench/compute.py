@@ -282,3 +282,46 @@ def bench_train2d(p: Profile, device, tmp: Path, emit) -> None:
                      / figures["train2d.compute_images_per_s"],
                      "train2d.image_size": p.image_size, "train2d.batch": p.batch_2d,
                      "train2d.data_workers": workers})
+
+
+def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    """What the per-group analysis costs a trial: one report's CKA with the source on the probe
+    patches plus weight movement, against the training steps between two reports (validation not
+    counted, so the share is an upper bound); the probe's set-up once per trial; the forecast once
+    per sweep (LogME at every freeze depth, on the driver's CPU)."""
+    from tlcore.analysis import LayerProbe, WeightMovement
+    from tlcore.forecast import forecast_depths
+    from tlcore.starts import PROBE_SIZE, probe_inputs
+
+    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch)
+    torch.manual_seed(0)
+    source, model = build_model(in_channels=2, num_classes=2).to(device), build_model(in_channels=2, num_classes=2)
+    model.to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    movement = WeightMovement(model)
+    inputs = probe_inputs(cfg, [staged["val"]])
+    probe = LayerProbe(source, inputs, device)
+    sync(device)
+    setup_s = time.perf_counter() - t0
+
+    def measure() -> float:
+        sync(device)
+        t = time.perf_counter()
+        movement(model)
+        probe.cka(model)
+        sync(device)
+        return time.perf_counter() - t
+
+    measure()
+    report_s = min(measure() for _ in range(3))
+    interval_s = RunConfig().report_every * staged["step_s"]
+    size = tuple(min(x, PROBE_SIZE) for x in p.patch)
+    t0 = time.perf_counter()
+    forecast_depths(source.cpu(), staged["subjects"], size, range(6))
+    forecast_s = time.perf_counter() - t0
+    emit("analysis", {"analysis.report_s": report_s, "analysis.setup_s": setup_s,
+                      "analysis.overhead_pct_of_report_interval": 100 * report_s / interval_s,
+                      "analysis.setup_pct_of_trial": 100 * setup_s / (RunConfig().max_iterations * staged["step_s"]),
+                      "analysis.probe_patches": len(inputs), "analysis.probe_size": list(inputs.shape[2:]),
+                      "forecast.cpu_s": forecast_s})

@@ -8,6 +8,6 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # what --deterministic sets for sweep workers (bench deterministic)
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/bench.log"
-timeout "${BENCH_TIMEOUT:-480}" python3 bench/run.py --full --only "${BENCH_ONLY:-train3d,inference,precision,deterministic,packing,train2d}" \
+timeout "${BENCH_TIMEOUT:-480}" python3 bench/run.py --full --only "${BENCH_ONLY:-train3d,inference,precision,deterministic,packing,train2d,analysis}" \
     2>&1 | tee -a "$OUT/bench.log"
 cp bench/results-cuda.jsonl bench/RESULTS.md "$OUT/" 2>/dev/null

@@ -27,8 +27,8 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from common import FULL, SMALL, Profile, device_name, versions  # noqa: E402
-from compute import (bench_deterministic, bench_inference, bench_packing, bench_precision, bench_train2d,  # noqa: E402
-                     bench_train3d)
+from compute import (bench_analysis, bench_deterministic, bench_inference, bench_packing, bench_precision,  # noqa: E402
+                     bench_train2d, bench_train3d)
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 
 from tlcore.train import pick_device  # noqa: E402
@@ -47,9 +47,11 @@ TARGETS = {
     "deterministic.repeats_bit_identical": ("==", True),
     "train2d.b64_compute_images_per_s": (">=", 800.0),
     "train2d.pipeline_over_compute": (">=", 0.9),
+    "analysis.overhead_pct_of_report_interval": ("<=", 3.0),
 }
 
-BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "mlflow", "tune", "asha")
+BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "mlflow", "tune",
+           "asha")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s",
             "train2d.b64_compute_images_per_s"}
 
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
         tmp = Path(d)
         staged = (bench_train3d(profile, device, tmp, emit)
-                  if only & {"train3d", "inference", "mlflow", "precision", "deterministic"} else None)
+                  if only & {"train3d", "inference", "mlflow", "precision", "deterministic", "analysis"} else None)
         if "inference" in only:
             bench_inference(profile, device, tmp, emit, staged)
         if "precision" in only:
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
             bench_packing(profile, device, tmp, emit)
         if "train2d" in only:
             bench_train2d(profile, device, tmp, emit)
+        if "analysis" in only:
+            bench_analysis(profile, device, tmp, emit, staged)
         if "mlflow" in only:
             bench_tracking(profile, device, tmp, emit, staged["step_s"])
         if "tune" in only:

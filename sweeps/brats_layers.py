@@ -49,9 +49,10 @@ def main() -> None:
     driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
+    ks = sorted({int(k) for k in args.frozen_layers.split(",")}) if args.search == "grid" else range(6)
+    driver.log_forecast(sweep, source, ks)  # which k should win? (the report sets it against the result)
     space, searcher = dict(sweep.base_config), None
     if args.search == "grid":  # --num-samples: the grid once per seed
-        ks = sorted({int(k) for k in args.frozen_layers.split(",")})
         space.update(search_space(source, ks, driver.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
         searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",

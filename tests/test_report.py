@@ -218,3 +218,77 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
     live = [r for r in mlflow_child_runs(mlflow_uri, "brats_layers", parent)
             if r.data.tags.get("role") == "seed_aggregate" and r.info.lifecycle_stage == "active"]
     assert sorted(r.info.run_id for r in live) == sorted(again)
+
+
+def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path):
+    """Scratch, the source fine-tuned (k=0) and its Mean-Var control, with per-group CKA and weight
+    change curves: the report draws them, and compares Mean-Var with both scratch and the source."""
+    src = tracking.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
+    ref = tracking.register_model(mlflow_uri, "ixi", src)
+    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    subjects = [f"s{i:02d}" for i in range(8)]
+    groups = ("conv_0", "res_1", "res_2", "res_3", "conv_1")
+    # val Dice per subject: transferred best, Mean-Var between, scratch worst; CKA only with a source
+    starts = {"scratch": (0.0, None), ref.uri: (0.1, 0.9), f"meanvar:{ref.uri}": (0.04, 0.3)}
+    for seed in (0, 1):
+        for source, (gain, cka) in starts.items():
+            run = tracking.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
+                                     {"source_model": source, "frozen_layers": 0, "train_subset": "all",
+                                      "lr": 0.001, "lr_schedule": "constant", "seed": seed},
+                                     {"trial_id": f"{source}{seed}", "iterations": 8, "stopped_early": False},
+                                     parent_run_id=parent)
+            for step in (4, 8):
+                metrics = {"val_dice": 0.4 + gain, **{f"weight_change.{g}": 0.01 * step * (i + 1)
+                                                       for i, g in enumerate((*groups, "conv_2"))}}
+                if cka is not None:
+                    metrics.update({f"cka.{g}": cka + (0.1 - 0.01 * step) - 0.02 * i for i, g in enumerate(groups)})
+                tracking.log_metrics(mlflow_uri, run, metrics, step=step)
+            tracking.log_dict(mlflow_uri, run, {s: 0.5 + gain + 0.002 * i + 0.001 * seed
+                                                for i, s in enumerate(subjects)}, "val_per_subject_dice.json")
+    report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
+    rows = {r["configuration"]: r for r in report.rows}
+    meanvar = rows["meanvar:ixi/1 k=0"]
+    assert meanvar["dice_difference"] == pytest.approx(0.04, abs=1e-6)              # against scratch
+    assert meanvar["vs_transferred_dice_difference"] == pytest.approx(-0.06, abs=1e-6)  # against the source
+    assert meanvar["vs_transferred_split"] == "val" and meanvar["vs_transferred_subjects"] == 8
+    assert float(meanvar["vs_transferred_p_holm"]) >= float(meanvar["vs_transferred_p_wilcoxon"])
+    assert "vs_transferred_dice_difference" not in rows["ixi/1 k=0"]
+    # three comparisons in one Holm family: the smallest p is multiplied by 3
+    ps = sorted((float(r[k]), float(r[k.replace("p_wilcoxon", "p_holm")])) for r in report.rows
+                for k in ("p_wilcoxon", "vs_transferred_p_wilcoxon") if k in r)
+    assert len(ps) == 3 and ps[0][1] == pytest.approx(min(1.0, 3 * ps[0][0]), rel=1e-2)
+
+    assert report.figures["layers_final"][1] == ["cka", "weight_change"]
+    assert report.figures["layers_curves"][1][:5] == [f"cka.{g}" for g in groups]
+    assert "weight_change.conv_2" in report.figures["layers_curves"][1]
+    with (tmp_path / "report" / "layers.csv").open() as f:
+        table = {(r["configuration"], r["group"]): r for r in csv.DictReader(f)}
+    assert float(table[("ixi/1 k=0", "res_1")]["cka"]) == pytest.approx(0.9 + 0.02 - 0.02)  # last report, mean of seeds
+    assert float(table[("meanvar:ixi/1 k=0", "conv_0")]["cka"]) == pytest.approx(0.32)
+    assert table[("scratch", "res_1")]["cka"] == "" and float(table[("scratch", "res_1")]["weight_change"]) == 0.16
+    page = report.html.read_text()
+    assert "Which layers transfer" in page and page.count("data:image/png;base64,") >= 4
+
+
+@pytest.mark.parametrize("order, verdict", [(1, "picked the depth that won"), (-1, "The forecast is wrong here")])
+def test_forecast_against_result_says_plainly_whether_it_ranked_right(mlflow_uri, tmp_path, order, verdict):
+    from tlcore.driver import FORECAST_METRIC
+
+    src = tracking.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
+    ref = tracking.register_model(mlflow_uri, "ixi", src)
+    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    # the forecast, as the driver logs it before the trials: rising (order 1) or falling with k
+    tracking.log_metrics(mlflow_uri, parent, {FORECAST_METRIC.format(k): order * (k - 2.0) for k in range(4)}, step=0)
+    for k in range(4):  # measured: Dice rises with k on every one of 8 subjects
+        run = tracking.start_run(mlflow_uri, "brats_layers", f"k={k}",
+                                 {"source_model": ref.uri, "frozen_layers": k, "train_subset": "all", "lr": 0.001,
+                                  "lr_schedule": "constant", "seed": 0},
+                                 {"trial_id": f"t{k}", "iterations": 8, "stopped_early": False}, parent_run_id=parent)
+        tracking.log_metrics(mlflow_uri, run, {"val_dice": 0.5}, step=8)
+        tracking.log_dict(mlflow_uri, run, {f"s{i}": 0.3 + 0.1 * k + 0.01 * i for i in range(8)},
+                          "val_per_subject_dice.json")
+    report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
+    page = report.html.read_text()
+    assert "Forecast against result" in page and verdict in page
+    assert report.figures["forecast"][1] == ["k=0", "k=1", "k=2", "k=3"]
+    assert f"Kendall tau {float(order):.2f}" in page and "measured best (val Dice, 8 subjects" in page

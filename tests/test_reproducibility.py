@@ -194,7 +194,8 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
         runs = tracking.client(uri).search_runs(
             [tracking.client(uri).get_experiment_by_name("ixi_source").experiment_id], "tags.trial_id != ''")
         return {(r.data.params["lr"], r.data.tags["stopped_early"]):
-                {m: tracking.metric_history(uri, r.info.run_id, m) for m in ("train_loss", "val_loss", "val_dice")}
+                {m: tracking.metric_history(uri, r.info.run_id, m)
+                 for m in ("train_loss", "val_loss", "val_dice", "weight_change.res_2")}
                 for r in runs}
 
     def table(output: str) -> list:

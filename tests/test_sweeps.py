@@ -51,9 +51,25 @@ def test_layer_sweep(workspace, source_model):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     children = mlflow_child_runs(w["uri"], "brats_layers", parent)
-    assert len(children) == 7
+    assert len(children) == 8
     configs = sorted((r.data.params["source_model"], int(r.data.params["frozen_layers"])) for r in children)
-    assert configs == sorted([("scratch", 0)] + [("models:/ixi_hippocampus/1", k) for k in range(6)])
+    assert configs == sorted([("scratch", 0), ("meanvar:models:/ixi_hippocampus/1", 0)]
+                             + [("models:/ixi_hippocampus/1", k) for k in range(6)])
+    # which layers changed: every group's CKA with the source (every start with one) and weight movement
+    groups = ("conv_0", "res_1", "res_2", "res_3", "conv_1")
+    for r in children:
+        k, source = int(r.data.params["frozen_layers"]), r.data.params["source_model"]
+        moved = [r.data.metrics[f"weight_change.{g}"] for g in (*groups, "conv_2")]
+        assert all(m == 0 for m in moved[:k]) and all(m > 0 for m in moved[k:]), (source, k, moved)
+        if source == "scratch":
+            assert not any(m.startswith("cka.") for m in r.data.metrics)
+            continue
+        cka = [r.data.metrics[f"cka.{g}"] for g in groups]
+        assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
+        assert len(tracking.metric_history(w["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
+        if source.startswith("meanvar:"):  # the source's weight statistics, none of its features
+            assert int(r.data.params["transfer.sampled_tensors"]) > 0 and r.data.params["transfer.loaded_tensors"] == "0"
+            assert max(cka) < 0.95, cka
     for r in children:
         assert SPEC_PARAMS <= set(r.data.params), set(r.data.params)
         assert r.data.tags["sweep"] == "brats_layers" and r.data.tags["trial_id"]
@@ -62,14 +78,14 @@ def test_layer_sweep(workspace, source_model):
         history = tracking.metric_history(w["uri"], r.info.run_id, "val_dice")
         assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
         assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
-        if r.data.params["source_model"] != "scratch":
+        if r.data.params["source_model"].startswith("models:/"):
             assert r.data.tags["source_run_id"] == ref.run_id
             assert int(r.data.params["transfer.loaded_tensors"]) > 0
             assert r.data.params["transfer.reinitialised_tensors"] == "2"  # 3 IXI classes -> 2 BraTS: the conv head's weight and bias
     assert any(r.data.tags["stopped_early"] == "True" for r in children), "ASHA stopped nothing"
     assert any(r.data.tags["stopped_early"] == "False" for r in children)
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"])))
-    assert table.read_text().count("models:/ixi_hippocampus/1") == 6
+    assert table.read_text().count("| models:/ixi_hippocampus/1") == 6 and "meanvar:" in table.read_text()
     # the report: named in the output, in the results folder and in the parent run
     page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
@@ -90,7 +106,7 @@ def test_layer_sweep(workspace, source_model):
     again = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
-    assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 7
+    assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 8
     for r in children:  # the same best checkpoints were not evaluated again
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]

@@ -80,7 +80,7 @@ def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
 def test_chestxray_transfer_compares_three_starting_points(chain):
     uri = chain["uri"]
     proc = run("chestxray_transfer.py", "--data-dir", str(chain["chest"]), "--imagenet", str(chain["weights"]),
-               *chain["common"])
+               "--controls", "scratch,meanvar", *chain["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Steps to reach the training loss" in proc.stdout
     c = tracking.client(uri)
@@ -89,10 +89,19 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
     children = mlflow_child_runs(uri, "chestxray_transfer", parent)
     starts = sorted((r.data.params["source_model"], r.data.params["frozen_layers"]) for r in children)
     mura = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
-    assert starts == sorted([("scratch", "0")] + [(str(chain["weights"]), str(k)) for k in range(3)]
-                            + [(mura.uri, str(k)) for k in range(3)])
+    assert starts == sorted([("scratch", "0"), (f"meanvar:{mura.uri}", "0")]
+                            + [(str(chain["weights"]), str(k)) for k in range(3)] + [(mura.uri, str(k)) for k in range(3)])
     for r in children:
         assert {"train_loss", "val_loss", "val_accuracy", "step"} <= set(r.data.metrics)
+        # the three fastai groups: weight movement always, CKA with the source where there is one
+        k, source = int(r.data.params["frozen_layers"]), r.data.params["source_model"]
+        moved = [r.data.metrics[f"weight_change.{g}"] for g in ("body_1", "body_2", "head")]
+        assert all(m == 0 for m in moved[:k]) and all(m > 0 for m in moved[k:]), (source, k, moved)
+        if source != "scratch":
+            cka = [r.data.metrics[f"cka.{g}"] for g in ("body_1", "body_2")]
+            assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]) and all(0 <= c <= 1 + 1e-6 for c in cka)
+        if source.startswith("meanvar:"):
+            assert int(r.data.params["transfer.sampled_tensors"]) > 100 and r.data.params["transfer.loaded_tensors"] == "0"
         if r.data.params["source_model"] == mura.uri:
             assert r.data.tags["source_run_id"] == mura.run_id       # lineage to the MURA run
     finished = [r for r in children if r.data.tags["stopped_early"] == "False"]

@@ -94,6 +94,16 @@ def analysed_groups(model: nn.Module) -> list[str]:
     return [g for g in layer_groups(model) if g != head_group(model)]
 
 
+def output_module(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
+    """The module whose output is a group's output: its last module, or, for a group given as a
+    slice of a Sequential (DenseNet's `features[:7]`, a new object the model never calls), the
+    slice's last member."""
+    last = modules[-1]
+    while not any(last is m for m in model.modules()) and isinstance(last, nn.Sequential):
+        last = last[-1]
+    return last
+
+
 @contextmanager
 def group_grams(model: nn.Module, into: dict[str, list[torch.Tensor]], positions: dict):
     """While active, each forward appends, for every analysed group, the Gram matrix of its output
@@ -103,7 +113,7 @@ def group_grams(model: nn.Module, into: dict[str, list[torch.Tensor]], positions
     for name in analysed_groups(model):
         def hook(_module, _inputs, output, name=name):
             into.setdefault(name, []).append(gram(voxel_samples(output.detach(), positions["now"])).cpu())
-        handles.append(groups[name][-1].register_forward_hook(hook))
+        handles.append(output_module(model, groups[name]).register_forward_hook(hook))
     try:
         yield into
     finally:
@@ -178,12 +188,12 @@ class WeightMovement:
         return out
 
 
-def probe_patches(subjects, size: tuple[int, ...], n: int = 16, seed: int = 0) -> torch.Tensor:
+def probe_patches(subjects, size: tuple[int, ...], n: int = 16, seed: int = 0, with_labels: bool = False):
     """n patches of `size` from `subjects` (C, *spatial images), the same for every trial given
     the same subjects and seed: every other patch centred on a labelled (foreground) voxel, the
-    rest anywhere in the volume."""
+    rest anywhere in the volume. With `with_labels`, also the label patches: (images, labels)."""
     g = torch.Generator().manual_seed(seed)
-    out = []
+    images, labels = [], []
     for i in range(n):
         s = subjects[i % len(subjects)]
         shape = s.image.shape[1:]
@@ -193,7 +203,9 @@ def probe_patches(subjects, size: tuple[int, ...], n: int = 16, seed: int = 0) -
         else:
             centre = [int(torch.randint(d, (1,), generator=g)) for d in shape]
         lo = [min(max(c - k // 2, 0), max(d - k, 0)) for c, k, d in zip(centre, size, shape)]
-        crop = s.image[(slice(None), *(slice(a, a + k) for a, k in zip(lo, size)))]
+        window = (slice(None), *(slice(a, a + k) for a, k in zip(lo, size)))
+        crop, label = s.image[window], s.label[window]
         pad = [x for k, d in reversed(list(zip(size, crop.shape[1:]))) for x in (0, k - d)]
-        out.append(nn.functional.pad(crop, pad))  # volumes smaller than the probe: zero-padded
-    return torch.stack(out)
+        images.append(nn.functional.pad(crop, pad))  # volumes smaller than the probe: zero-padded
+        labels.append(nn.functional.pad(label, pad))
+    return (torch.stack(images), torch.stack(labels)) if with_labels else torch.stack(images)

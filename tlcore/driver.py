@@ -339,6 +339,32 @@ def begin(sweep: Sweep) -> None:
     print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
 
 
+FORECAST_METRIC = "forecast_logme.k{}"  # on the parent run, one per freeze depth (report.py reads them back)
+
+
+def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
+    """Before any trial: the transferability forecast per freeze depth (forecast.py), printed and
+    logged to the parent run; a resumed sweep keeps the scores it had. A forecast that fails
+    (it is advice, not a result) is a warning; the sweep goes on."""
+    from tlcore.forecast import forecast_sweep
+
+    uri, pid = sweep.tracking_uri, sweep.parent_run_id
+    logged = tracking.get_run(uri, pid).metrics
+    if all(FORECAST_METRIC.format(k) in logged for k in depths):
+        return {k: logged[FORECAST_METRIC.format(k)] for k in depths}
+    t0 = time.perf_counter()
+    try:
+        scores = forecast_sweep({**sweep.base_config, "source_model": source}, depths)
+    except Exception as e:  # noqa: BLE001
+        print(f"[tlcore] WARNING: no transferability forecast ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
+    tracking.log_metrics(uri, pid, {FORECAST_METRIC.format(k): v for k, v in scores.items()}, step=0)
+    best = max(scores, key=scores.get)
+    print(f"[tlcore] transferability forecast (LogME of what the trained layers receive, {time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"k={k} {v:.3f}" for k, v in scores.items()) + f"; forecast best k={best}")
+    return scores
+
+
 def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.ModelRef:
     """The registered source model, or an error saying how to produce it (call before `begin`)."""
     try:

@@ -298,3 +298,90 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
     plt.close(fig)
     return parts
 
+
+
+def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
+    """Configurations x layer groups: final CKA with the source (left) and relative weight change
+    from the start (right), from summary.layer_table's rows; returns the panels drawn."""
+    plt = _plt()
+    configs = list(dict.fromkeys(r["configuration"] for r in rows))
+    panels = [(key, title, cmap) for key, title, cmap in
+              (("cka", "CKA with the source (1 = its features kept)", "viridis"),
+               ("weight_change", "weight change |w - w0| / |w0|", "magma"))
+              if any(key in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.45 * len(configs) + 1.6), dpi=110,
+                             squeeze=False)
+    for ax, (key, title, cmap) in zip(axes[0], panels):
+        groups = list(dict.fromkeys(r["group"] for r in rows if key in r))
+        grid = np.full((len(configs), len(groups)), np.nan)
+        for r in rows:
+            if key in r:
+                grid[configs.index(r["configuration"]), groups.index(r["group"])] = r[key]
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0, vmax=1 if key == "cka" else None)
+        for (i, j), v in np.ndenumerate(grid):
+            if v == v:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < np.nanmean(grid) else "black")
+        ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.set_yticks(range(len(configs)), configs, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [key for key, _, _ in panels]
+
+
+def layer_curves_plot(curves: dict[str, dict[str, list]], groups: list[str], path: Path) -> list[str]:
+    """CKA (top row) and weight change (bottom row) against iteration, one panel per layer group
+    with data, one line per configuration (mean over its seeds, one colour each throughout);
+    returns the panel titles."""
+    plt = _plt()
+    has = lambda key: any(c.get(key) for c in curves.values())
+    rows = [[f"{p}.{g}" for g in groups if has(f"{p}.{g}")] for p in ("cka", "weight_change")]
+    rows = [r for r in rows if r]
+    width = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(2.3 * width, 2.2 * len(rows) + 0.4), dpi=110,
+                             squeeze=False)
+    colour = {name: f"C{i % 10}" for i, name in enumerate(curves)}
+    for i, keys in enumerate(rows):
+        for j in range(width):
+            ax = axes[i][j]
+            if j >= len(keys):
+                ax.axis("off")
+                continue
+            for name, c in curves.items():
+                pts = c.get(keys[j], [])
+                if pts:
+                    ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour[name], linewidth=1.1)
+            ax.set_title(keys[j].replace(".", " "), fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("iteration", fontsize=7)
+    from matplotlib.lines import Line2D
+    fig.legend([Line2D([], [], color=colour[n]) for n in curves], list(curves), fontsize=6, loc="lower center",
+               ncol=min(4, len(curves)))
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(curves) - 1) // 4), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return [k for r in rows for k in r]
+
+
+def forecast_plot(forecast: dict, agreement: dict, split: str, path: Path) -> list[str]:
+    """Forecast score (x) against the measured mean Dice (y) per freeze depth k, with Kendall's tau
+    and its bootstrap interval in the title; returns the depths drawn."""
+    plt = _plt()
+    keys, measured = agreement["keys"], agreement["measured"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
+    xs, ys = [forecast[k] for k in keys], [measured[k] for k in keys]
+    ax.plot(xs, ys, "o", color="C0")
+    for k, x, y in zip(keys, xs, ys):
+        ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    low, high = agreement["ci95"]
+    ax.set_title(f"Kendall tau {agreement['tau']:.2f} [{low:.2f}, {high:.2f}] over {agreement['subjects']} subjects",
+                 fontsize=9)
+    ax.set_xlabel("forecast: LogME before training (higher = more transferable)", fontsize=8)
+    ax.set_ylabel(f"measured: mean {split} Dice", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [f"k={k}" for k in keys]

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.plots import (body_part_plot, box_plot, curves_plot, overlay_plot, roc_plot, subsets_plot,
-                          training_steps_plot)
-from tlcore.summary import CONFIG_KEYS, collect, label, shared_settings, summarise
+from tlcore.plots import (body_part_plot, box_plot, curves_plot, forecast_plot, layer_curves_plot, layer_heatmap,
+                          overlay_plot, roc_plot, subsets_plot, training_steps_plot)
+from tlcore.stats import rank_agreement
+from tlcore.summary import (CONFIG_KEYS, collect, label, layer_groups_of, layer_table, mean_curve, shared_settings,
+                            subject_means, summarise)
+from tlcore.trial_runs import ANALYSIS_PREFIXES
 
 FIGURE_TITLES = {
     "dice_val": "Per-subject validation Dice (each trial's best checkpoint)",
@@ -41,7 +44,24 @@ FIGURE_TITLES = {
     "roc_test": "Test ROC curves",
     "training_steps": "Training loss against steps, per starting point",
     "accuracy_by_body_part": "Accuracy per body part",
+    "layers_final": "Each layer group at the end of training: CKA with the source, and weight change",
+    "layers_curves": "CKA with the source and weight change against iteration (mean over seeds)",
+    "forecast": "Forecast before training against the measured Dice, per freeze depth",
 }
+
+LAYERS_GUIDE = """<h2 id='layers'>Which layers transfer</h2>
+<p><b>CKA</b> compares what a layer group computes, on fixed validation voxels, with what the same
+group of the source model computes: 1 is the same representation up to rotation and scale, 0 an
+unrelated one. Frozen groups stay at 1. A fine-tuned group whose CKA stays high was reused; one
+whose CKA falls was re-learned for the target. <b>Weight change</b> is |w - w0| / |w0| of the
+group's parameters from the trial's own start (0 for frozen groups); a large change with a high CKA
+means the weights moved without changing what the group represents.</p>
+<p>The <b>Mean-Var</b> start (<code>meanvar:</code>) draws every weight from the mean and variance of
+the matching source tensor: the source's weight scales, none of its features. Its row in the summary
+is compared with scratch and with the transferred model (<code>vs_transferred_*</code>): if it does
+as well as the transferred model, the transfer helped through weight scaling, not reused features
+(Raghu et al. 2019).</p>
+"""
 
 
 @dataclass
@@ -190,6 +210,8 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         png = out / "accuracy_by_body_part.png"
         figures["accuracy_by_body_part"] = (png, body_part_plot(parts, png))
 
+    layers = layer_figures(trials, by_config, shared, out)
+    forecast, forecast_text = forecast_figure(uri, parent_run_id, trials, out)
     extras = sweep_artifacts(uri, parent_run_id, out)
     page = out / "report.html"
     images = "".join(
@@ -204,11 +226,75 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
         "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
         "Holm-corrected over this table's comparisons.</p>"
-        f"<h2>Summary</h2>{_table_html(rows)}{images}{extras}"
+        f"<h2>Summary</h2>{_table_html(rows)}{images}{_layers_html(layers)}{forecast_text}{_layers_html(forecast, guide='')}{extras}"
         f"<p>CSV: {', '.join(sorted(f.name for f in out.glob('*.csv')))}</p></body></html>")
     if log:
         tracking.log_artifacts(uri, parent_run_id, out, "report")
-    return Report(page, rows, figures)
+    return Report(page, rows, {**figures, **layers, **forecast})
+
+
+def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path) -> dict:
+    """The "Which layers transfer" figures (and layers.csv), for sweeps whose trials logged the
+    per-group analysis; {} otherwise."""
+    rows = layer_table(trials, shared)
+    if not rows:
+        return {}
+    _write_csv(rows, out / "layers.csv")
+    figures = {"layers_final": (out / "layers_final.png", layer_heatmap(rows, out / "layers_final.png"))}
+    groups = layer_groups_of(trials)
+    keys = [p + g for p in ANALYSIS_PREFIXES for g in groups]
+    curves = {name: {k: [(step, mean) for step, mean, _ in mean_curve(ts, k)] for k in keys}
+              for name, ts in by_config.items()}
+    png = out / "layers_curves.png"
+    figures["layers_curves"] = (png, layer_curves_plot(curves, groups, png))
+    return figures
+
+
+FORECAST_PREFIX = "forecast_logme.k"  # driver.FORECAST_METRIC
+
+
+def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tuple[dict, str]:
+    """The forecast logged before the trials against the Dice they measured, per freeze depth:
+    the figure and a paragraph that says plainly whether the forecast ranked the depths right."""
+    logged = tracking.get_run(uri, parent_run_id).metrics
+    forecast = {int(k[len(FORECAST_PREFIX):]): v for k, v in logged.items() if k.startswith(FORECAST_PREFIX)}
+    transferred = [t for t in trials if str(t.params.get("source_model", "")).startswith("models:/")]
+    if not forecast or not transferred:
+        return {}, ""
+    split = "test" if all("test" in t.per_subject for t in transferred) else "val"
+    per_k = {k: subject_means([t for t in transferred if int(t.params.get("frozen_layers", 0)) == k], split)
+             for k in forecast}
+    agreement = rank_agreement(forecast, {k: v for k, v in per_k.items() if v})
+    if agreement["tau"] != agreement["tau"]:  # fewer than three depths measured on shared subjects
+        return {}, ""
+    png = out / "forecast.png"
+    figure = {"forecast": (png, forecast_plot(forecast, agreement, split, png))}
+    tau, (low, high) = agreement["tau"], agreement["ci95"]
+    if agreement["forecast_best"] == agreement["measured_best"] and low > 0:
+        verdict = "The forecast picked the depth that won, and its ranking agrees with the measured one beyond chance."
+    elif low > 0:
+        verdict = (f"The forecast ranks the depths broadly right (its interval excludes 0) but picked "
+                   f"k={agreement['forecast_best']}, not the measured best k={agreement['measured_best']}.")
+    elif high < 0:
+        verdict = "<b>The forecast is wrong here</b>: it ranks the depths against what the sweep measured."
+    else:
+        verdict = ("<b>The forecast cannot be trusted here</b>: its agreement with the measured ranking is not "
+                   "distinguishable from chance (the interval includes 0).")
+    text = (f"<h2 id='forecast'>Forecast against result</h2><p>Before any trial, the sweep scored each freeze "
+            f"depth k by LogME (You et al. 2021) of what the trained layers receive (the source's group k-1 output; "
+            f"the input for k = 0) against the target labels on sampled voxels. Forecast best: "
+            f"k={agreement['forecast_best']}; measured best ({split} Dice, {agreement['subjects']} subjects, mean "
+            f"over seeds): k={agreement['measured_best']}; Kendall tau {tau:.2f}, bootstrap 95 % interval "
+            f"[{low:.2f}, {high:.2f}] over subjects. {verdict}</p>")
+    return figure, text
+
+
+def _layers_html(figures: dict, guide: str = LAYERS_GUIDE) -> str:
+    if not figures:
+        return ""
+    return guide + "".join(
+        f"<h3>{html.escape(FIGURE_TITLES[name])}</h3><img alt='{name}' "
+        f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
 
 
 def main(argv: list[str] | None = None) -> int:

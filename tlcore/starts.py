@@ -5,10 +5,12 @@ patch sampler or data loaders. No Ray here: trials (trainables) and evaluation (
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from tlcore.analysis import LayerProbe, WeightMovement, probe_patches
-from tlcore.config import MEANVAR, RunConfig, weights_of
+from tlcore.config import DATASETS_2D, MEANVAR, RunConfig, weights_of
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
@@ -24,11 +26,11 @@ def num_classes(cfg: RunConfig) -> int:
     return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
 
 
-def load_split(cfg: RunConfig, split: str) -> list:
-    """Subjects of one split, loaded and normalised once per worker process."""
+def load_split(cfg: RunConfig, split: str, limit: int | None = None) -> list:
+    """Subjects of one split (the first `limit`), loaded and normalised once per worker process."""
     label_map = cfg.label_map or default_label_map(cfg.dataset)
     splits = read_splits(cfg.splits_file)
-    ids = training_ids(splits, cfg.train_subset) if split == "train" else splits[split]
+    ids = (training_ids(splits, cfg.train_subset) if split == "train" else splits[split])[:limit]
     # every grade: the driver's split file decides which subjects take part
     files = find_subjects(cfg.dataset, cfg.data_dir, cfg.modalities, grades=("HGG", "LGG"))
     out = []
@@ -71,21 +73,30 @@ def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
 PROBE_SIZE = 48  # probe patches are at most 48^3: a minibatch of 8 holds ~0.3 GB of activations per group
 
 
-def layer_analysis(cfg: RunConfig, model: torch.nn.Module, val: list, device: torch.device):
-    """What each report measures besides Dice, as a function model -> metrics: every group's
-    weight movement from `model`'s starting weights, and with a source, every group's CKA with the
-    source model on fixed validation patches (the same for every trial of a sweep). None when
-    cfg.probe_patches is 0."""
+def probe_inputs(cfg: RunConfig, val) -> torch.Tensor:
+    """The fixed validation inputs CKA is measured on, the same for every trial of a sweep: 3D,
+    patches from the validation subjects (`val`); 2D, evenly spaced validation images (`val` is
+    the validation DataLoader)."""
+    if cfg.dataset in DATASETS_2D:
+        n = min(cfg.probe_patches, len(val.dataset))
+        return torch.stack([val.dataset[i * len(val.dataset) // n][0] for i in range(n)])
+    return probe_patches(val, tuple(min(p, PROBE_SIZE) for p in cfg.patch_size), cfg.probe_patches)
+
+
+def layer_analysis(cfg: RunConfig, model: torch.nn.Module, val, device: torch.device):
+    """What each report measures besides its metric, as a function model -> metrics: every
+    group's weight movement from `model`'s starting weights, and with a source, every group's CKA
+    with the source model (a meanvar: start's too: how far is it from the features it lacks?) on
+    `probe_inputs`. None when cfg.probe_patches is 0."""
     if not cfg.probe_patches:
         return None
     movement, probe = WeightMovement(model), None
     if cfg.source_model != "scratch":
+        build = build_start_classifier if cfg.dataset in DATASETS_2D else build_start_model
         with torch.random.fork_rng(devices=[]):  # building the reference must not shift the trial's random stream
-            source = build_for(cfg, num_classes(cfg))
-        load_source(source, registered_weights(cfg)[1])
-        size = tuple(min(p, PROBE_SIZE) for p in cfg.patch_size)
-        probe = LayerProbe(source.to(device), probe_patches(val, size, cfg.probe_patches), device,
-                           minibatch=min(8, cfg.probe_patches))
+            source = build(replace(cfg, source_model=weights_of(cfg.source_model), frozen_layers=0))[0]
+        inputs = probe_inputs(cfg, val)
+        probe = LayerProbe(source.to(device), inputs, device, minibatch=min(8, len(inputs)))
     return lambda m: {**movement(m), **(probe.cka(m) if probe else {})}
 
 

@@ -1,4 +1,5 @@
-"""Paired comparisons of a configuration against the scratch baseline on the same subjects.
+"""Paired comparisons of a configuration against the scratch baseline on the same subjects, and
+how well a forecast ranks configurations.
 
 A Dice difference of 0.02 on 42 test subjects may be noise: every comparison in a report comes
 with a bootstrap 95 % confidence interval of the mean paired difference and a p-value
@@ -76,3 +77,26 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
     return out.tolist()
+
+
+def rank_agreement(forecast: dict, per_subject: dict[object, dict[str, float]], resamples: int = 2000,
+                   seed: int = 0) -> dict:
+    """How well a forecast (key -> score, e.g. freeze depth k -> LogME) ranks what was measured
+    (key -> {subject: Dice}): Kendall's tau-b between the scores and the mean Dice over the
+    subjects every key was evaluated on, with a percentile bootstrap 95 % interval over subjects."""
+    keys = sorted(k for k in forecast if k in per_subject)
+    subjects = sorted(set.intersection(*(set(per_subject[k]) for k in keys))) if keys else []
+    out = {"keys": keys, "subjects": len(subjects), "tau": float("nan"), "ci95": (float("nan"), float("nan"))}
+    if len(keys) < 3 or len(subjects) < 2:
+        return out
+    dice = np.array([[per_subject[k][s] for s in subjects] for k in keys])  # keys x subjects
+    scores = [forecast[k] for k in keys]
+    tau = lambda d: stats.kendalltau(scores, d.mean(1)).statistic
+    rng = np.random.default_rng(seed)
+    boot = np.array([tau(dice[:, rng.integers(0, len(subjects), len(subjects))]) for _ in range(resamples)])
+    boot = boot[~np.isnan(boot)]
+    measured = dice.mean(1)
+    return {**out, "tau": float(tau(dice)),
+            "ci95": (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))) if len(boot) else out["ci95"],
+            "forecast_best": keys[int(np.argmax(scores))], "measured_best": keys[int(np.argmax(measured))],
+            "measured": dict(zip(keys, measured.tolist()))}

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore import tracking
+from tlcore.config import MEANVAR, weights_of
 from tlcore.lineage import chain, short
 from tlcore.stats import holm, paired_correctness, paired_scores
+from tlcore.trial_runs import ANALYSIS_PREFIXES
 
 CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
 
 
 CURVES = ("train_loss", "val_loss")
+# layer groups in network order (models.py: HighRes3DNet's, then DenseNet121's; a test keeps them equal)
+GROUP_ORDER = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2", "body_1", "body_2", "head")
 AGGREGATE_ROLE = "seed_aggregate"  # the `role` tag of a configuration's mean-over-seeds run
 
 
@@ -45,8 +49,8 @@ def collect(uri: str, experiment: str, parent_run_id: str, artifacts: bool = Tru
         if run.tags.get("role") == AGGREGATE_ROLE:
             continue
         rid = run.run_id
-        histories = {k: tracking.metric_history(uri, rid, k) for k in (*CURVES, "val_dice", "val_accuracy", "step")
-                     if k in run.metrics}
+        histories = {k: tracking.metric_history(uri, rid, k) for k in run.metrics
+                     if k in (*CURVES, "val_dice", "val_accuracy", "step") or k.startswith(ANALYSIS_PREFIXES)}
         per_subject = {s: d for s in (("val", "test", "train") if artifacts else ())
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
         pred = (artifacts and tracking.load_json(uri, rid, "test_predictions.json")) or {"image": [], "label": [],
@@ -128,29 +132,36 @@ def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset 
                 row["lineage"] = short(chain(uri, config[0]))
             except Exception as e:  # noqa: BLE001 -- a deleted model must not sink the report
                 row["lineage"] = f"{config[0]} (lineage unavailable: {type(e).__name__})"
-        baseline = groups.get(("scratch", "0", *config[2:]))
-        if (baseline and config[0] != "scratch" and any(t.predictions for t in ts)
-                and any(t.predictions for t in baseline)):  # seeds that ASHA stopped have no test predictions
-            c = paired_correctness(_correct(ts), _correct(baseline))
-            if c.n:
-                row.update({"vs_scratch_split": "test", "accuracy_difference": round(c.mean_difference, 4),
-                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_mcnemar": c.p_value, "images": c.n})
-                comparisons.append(row)
-        elif baseline and config[0] != "scratch":
-            split = "test" if all("test" in t.per_subject for t in ts + baseline) else "val"
-            c = paired_scores(subject_means(ts, split), subject_means(baseline, split))
-            if c.n:
-                row.update({"vs_scratch_split": split, "dice_difference": round(c.mean_difference, 4),
-                            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_wilcoxon": c.p_value,
-                            "subjects": c.n})
-                comparisons.append(row)
+        baselines = {"": groups.get(("scratch", "0", *config[2:]))}
+        if config[0].startswith(MEANVAR):  # the control's question: features, or only their weight scales?
+            baselines["vs_transferred_"] = groups.get((weights_of(config[0]), "0", *config[2:]))
+        for prefix, baseline in baselines.items():
+            comparison = _compare(ts, baseline) if baseline and config[0] != "scratch" else {}
+            if comparison:
+                row[f"{prefix or 'vs_scratch_'}split"] = comparison.pop("split")
+                row.update({prefix + k: v for k, v in comparison.items()})
+                comparisons.append((row, prefix))
         rows.append(row)
-    test_key = lambda r: "p_wilcoxon" if "p_wilcoxon" in r else "p_mcnemar"
-    for row, p in zip(comparisons, holm([r[test_key(r)] for r in comparisons])):
-        row["p_holm"] = p
-    for row in comparisons:
-        row[test_key(row)], row["p_holm"] = f"{row[test_key(row)]:.3g}", f"{row['p_holm']:.3g}"
+    p_key = lambda row, prefix: prefix + ("p_wilcoxon" if prefix + "p_wilcoxon" in row else "p_mcnemar")
+    for (row, prefix), p in zip(comparisons, holm([row[p_key(row, prefix)] for row, prefix in comparisons])):
+        row[prefix + "p_holm"] = p
+    for row, prefix in comparisons:
+        key = p_key(row, prefix)
+        row[key], row[prefix + "p_holm"] = f"{row[key]:.3g}", f"{row[prefix + 'p_holm']:.3g}"
     return rows
+
+
+def _compare(ts: list[TrialRun], baseline: list[TrialRun]) -> dict:
+    """A configuration against a baseline on the same subjects or images: classifiers by McNemar on
+    per-image correctness (test), segmenters by the paired per-subject Dice (test, else val)."""
+    if any(t.predictions for t in ts) and any(t.predictions for t in baseline):  # ASHA-stopped seeds have none
+        c = paired_correctness(_correct(ts), _correct(baseline))
+        return {"split": "test", "accuracy_difference": round(c.mean_difference, 4),
+                "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_mcnemar": c.p_value, "images": c.n} if c.n else {}
+    split = "test" if all("test" in t.per_subject for t in ts + baseline) else "val"
+    c = paired_scores(subject_means(ts, split), subject_means(baseline, split))
+    return {"split": split, "dice_difference": round(c.mean_difference, 4),
+            "ci95": f"[{c.ci_low:.4f}, {c.ci_high:.4f}]", "p_wilcoxon": c.p_value, "subjects": c.n} if c.n else {}
 
 
 def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | None]:
@@ -234,11 +245,45 @@ def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[s
         now = int(time.time() * 1000)
         rows = [(k, v, 0, now) for k, v in metrics.items()]
         for key in (*CURVES, "val_dice", "val_accuracy"):
-            per_seed = [dict(t.histories.get(key, [])) for t in ts]
-            for step in sorted(set.intersection(*(set(h) for h in per_seed))):
-                at_step = [h[step] for h in per_seed]
-                rows += [(key, statistics.mean(at_step), step, now), (f"{key}_sd", statistics.stdev(at_step), step, now)]
+            for step, mean, sd in mean_curve(ts, key):
+                rows += [(key, mean, step, now), (f"{key}_sd", sd, step, now)]
         tracking.log_metric_rows(uri, run_id, rows)
         tracking.end_run(uri, run_id)
         made.append(run_id)
     return made
+
+
+def mean_curve(trials: list[TrialRun], key: str) -> list[tuple[int, float, float]]:
+    """(step, mean, sd) over the trials' histories of `key`, at the steps every trial reached."""
+    per_seed = [dict(t.histories.get(key, [])) for t in trials]
+    if not per_seed or not all(per_seed):
+        return []
+    out = []
+    for step in sorted(set.intersection(*(set(h) for h in per_seed))):
+        at = [h[step] for h in per_seed]
+        out.append((step, statistics.mean(at), statistics.stdev(at) if len(at) > 1 else 0.0))
+    return out
+
+
+def layer_groups_of(trials: list[TrialRun]) -> list[str]:
+    """The layer groups the trials' analysis metrics name, in network order."""
+    named = {k.split(".", 1)[1] for t in trials for k in t.metrics if k.startswith(ANALYSIS_PREFIXES)}
+    return [g for g in GROUP_ORDER if g in named] + sorted(named - set(GROUP_ORDER))
+
+
+def layer_table(trials: list[TrialRun], shared: frozenset = frozenset()) -> list[dict]:
+    """Per configuration and layer group: the final CKA with the source and weight change from the
+    start (each trial's last report), mean over seeds; configurations without analysis left out."""
+    groups = defaultdict(list)
+    for t in trials:
+        groups[label(t.config, shared)].append(t)
+    rows = []
+    for name, ts in groups.items():
+        for g in layer_groups_of(ts):
+            row = {"configuration": name, "group": g, "seeds": len(ts)}
+            for prefix in ANALYSIS_PREFIXES:
+                values = [t.metrics[prefix + g] for t in ts if prefix + g in t.metrics]
+                if values:
+                    row[prefix.rstrip(".")] = round(statistics.mean(values), 4)
+            rows.append(row)
+    return rows

@@ -434,12 +434,14 @@ def train_classifier_trial(config: dict) -> None:
             start_epoch = classifier_checkpoint_epoch(Path(d))
     model, transfer, train_dl, val_dl = start_classifier(cfg, start_epoch)
     device = pick_device()
+    analysis = layer_analysis(cfg, model, val_dl, device)  # before a resume: movement is from the start
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
                                         "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
     if not checkpoint:
         first["transfer"] = transfer_summary(transfer)
 
     def report(metrics: dict, learn) -> None:
+        metrics = {**metrics, **(analysis(learn.model) if analysis else {})}
         with tempfile.TemporaryDirectory() as d:
             write_classifier_checkpoint(Path(d), cfg, learn, epoch=metrics["iteration"])
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
