@@ -15,7 +15,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from tlcore import driver
+from tlcore import driver, flags
 from tlcore.results import evaluate_trials, layer_table, trial_rows
 from tlcore.trainables import run_sweep
 
@@ -40,7 +40,7 @@ def optuna_space(trial, source: str) -> None:
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
+    parser = flags.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     parser.add_argument("--frozen-layers", default="0,1,2,3,4,5",
                         help="comma-separated k: the transferred starts, with their first k layer groups frozen")
@@ -53,7 +53,7 @@ def main() -> None:
     driver.log_forecast(sweep, source, ks)  # which k should win? (the report sets it against the result)
     space, searcher = dict(sweep.base_config), None
     if args.search == "grid":  # --num-samples: the grid once per seed
-        space.update(search_space(source, ks, driver.control_starts(args.controls, source)))
+        space.update(search_space(source, ks, flags.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
         searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
                                                    seed=args.seed), max_concurrent=4)

@@ -13,7 +13,7 @@ shape of thesis Tables 6.3-6.6.
 
 from ray import tune
 
-from tlcore import driver
+from tlcore import driver, flags
 from tlcore.results import evaluate_trials, subset_table, trial_rows
 from tlcore.trainables import run_sweep
 
@@ -32,7 +32,7 @@ def search_space(source: str, controls: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
+    parser = flags.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--subset-sizes", default=None,
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
     parser.set_defaults(controls="scratch")  # Mean-Var would add a quarter to the sweep: ask for it
@@ -43,7 +43,7 @@ def main() -> None:
     gpus = driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.begin(sweep)
-    space = {**sweep.base_config, **search_space(source, driver.control_starts(args.controls, source))}
+    space = {**sweep.base_config, **search_space(source, flags.control_starts(args.controls, source))}
     if args.smoke_test:  # scratch vs k=1 on the smallest and the full subset: the table's shape, cheaply
         space["lr_schedule"] = "constant"
         space["start"] = tune.grid_search([s for s in space["start"]["grid_search"]

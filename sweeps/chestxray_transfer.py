@@ -9,7 +9,7 @@ Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/
 
 from ray import tune
 
-from tlcore import driver
+from tlcore import driver, flags
 from tlcore.results import chestxray_table, trial_rows
 from tlcore.trainables import run_sweep, train_classifier_trial
 
@@ -28,7 +28,7 @@ def search_space(imagenet: str | None, mura: str, smoke: bool, controls: list[di
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__, source="models:/mura_densenet121/latest", dataset="chestxray")
+    parser = flags.sweep_parser(__doc__, source="models:/mura_densenet121/latest", dataset="chestxray")
     parser.add_argument("--imagenet", default="imagenet",
                         help="ImageNet starting point: 'imagenet' (torch cache / download), a local weights file, or 'none'")
     parser.add_argument("--oversample", type=float, default=0, help="minority-class factor (0 = balance; thesis 18)")
@@ -43,7 +43,7 @@ def main() -> None:
     mura = driver.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
     gpus = driver.start_ray(sweep)
     driver.begin(sweep)
-    space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test, driver.control_starts(args.controls, mura)),
+    space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test, flags.control_starts(args.controls, mura)),
              "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)

@@ -9,7 +9,7 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 
 from ray import tune
 
-from tlcore import driver
+from tlcore import driver, flags
 from tlcore.results import best_trial_checkpoint, evaluate_remote, publish_model, trial_rows
 from tlcore.trainables import run_sweep
 
@@ -24,7 +24,7 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    args = driver.sweep_parser(__doc__, dataset="ixi").parse_args()
+    args = flags.sweep_parser(__doc__, dataset="ixi").parse_args()
     sweep = driver.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
     gpus = driver.start_ray(sweep)
     driver.begin(sweep)

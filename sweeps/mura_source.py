@@ -10,7 +10,7 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 
 from ray import tune
 
-from tlcore import driver
+from tlcore import driver, flags
 from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, publish_model, report_mura, trial_rows
 from tlcore.trainables import run_sweep, train_classifier_trial
 
@@ -25,7 +25,7 @@ SEARCH_SPACE = {
 
 
 def main() -> None:
-    parser = driver.sweep_parser(__doc__, dataset="mura")
+    parser = flags.sweep_parser(__doc__, dataset="mura")
     parser.add_argument("--source", default="imagenet",
                         help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
     args = parser.parse_args()

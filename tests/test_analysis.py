@@ -173,3 +173,12 @@ def test_mean_var_start_shares_less_with_the_source_than_the_transferred_start()
     same, meanvar = probe.cka(transferred), probe.cka(control)
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values())
     assert max(meanvar.values()) < 0.9, meanvar
+
+
+def test_the_reports_group_order_is_the_networks():
+    from tlcore.config import RunConfig
+    from tlcore.models import build_for
+    from tlcore.summary import GROUP_ORDER
+
+    networks = [build_for(RunConfig(dataset="brats"), 2), build_for(RunConfig(dataset="mura"), 2)]
+    assert GROUP_ORDER == tuple(g for net in networks for g in layer_groups(net))

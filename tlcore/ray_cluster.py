@@ -39,7 +39,7 @@ def is_shared_path(path: str) -> bool:
 
 def connect(args) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
-    `args` has the sweep flags (driver.sweep_parser); a mismatch raises ClusterMismatch."""
+    `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
     # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach

@@ -1,0 +1,22 @@
+"""flags.py: the command line of the sweep scripts."""
+
+import pytest
+
+from tlcore.flags import control_starts, sweep_parser
+
+
+def test_controls_default_per_sweep_and_their_grid_entries(capsys):
+    parser = sweep_parser("doc", source="models:/ixi_hippocampus/latest", dataset="brats")
+    args = parser.parse_args([])
+    assert args.controls == ["scratch", "meanvar"]
+    assert control_starts(args.controls, "models:/ixi_hippocampus/3") == [
+        {"source_model": "scratch", "frozen_layers": 0},
+        {"source_model": "meanvar:models:/ixi_hippocampus/3", "frozen_layers": 0}]
+    assert parser.parse_args(["--controls", "none"]).controls == []
+    parser.set_defaults(controls="scratch")  # brats_subsets, chestxray_transfer: Mean-Var on request
+    assert control_starts(parser.parse_args([]).controls, "models:/x/1") == [{"source_model": "scratch",
+                                                                              "frozen_layers": 0}]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--controls", "scratch,meanvar,imagenet"])
+    assert "['imagenet'] unknown" in capsys.readouterr().err
+    assert not hasattr(sweep_parser("doc", dataset="ixi").parse_args([]), "controls")  # no source, no controls
