@@ -90,6 +90,10 @@ def test_layer_sweep(workspace, source_model):
     page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
     assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
+    # the forecast before the trials, on the parent run, set against the result in the report
+    assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", proc.stdout), proc.stdout
+    assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
+    assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
     assert all(tracking.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
     # every trial, early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at its best
     # checkpoint's iteration, and validation predictions for the overlays
@@ -107,6 +111,7 @@ def test_layer_sweep(workspace, source_model):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 8
+    assert len(tracking.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
     for r in children:  # the same best checkpoints were not evaluated again
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]

@@ -101,4 +101,4 @@ def forecast_sweep(config: dict, depths, subjects: int = 8, patches: int = 16) -
     with torch.random.fork_rng(devices=[]):
         model = build_start_model(cfg)[0]
     size = tuple(min(p, PROBE_SIZE) for p in cfg.patch_size)
-    return forecast_depths(model, load_split(cfg, "train", limit=subjects), size, depths, patches=patches, seed=cfg.seed)
+    return forecast_depths(model, load_split(cfg, "train", limit=subjects, cache=False), size, depths, patches=patches, seed=cfg.seed)

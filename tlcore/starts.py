@@ -26,8 +26,9 @@ def num_classes(cfg: RunConfig) -> int:
     return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
 
 
-def load_split(cfg: RunConfig, split: str, limit: int | None = None) -> list:
-    """Subjects of one split (the first `limit`), loaded and normalised once per worker process."""
+def load_split(cfg: RunConfig, split: str, limit: int | None = None, cache: bool = True) -> list:
+    """Subjects of one split (the first `limit`), loaded and normalised once per worker process
+    (`cache=False`: loaded for this call only, e.g. in the driver, which keeps running)."""
     label_map = cfg.label_map or default_label_map(cfg.dataset)
     splits = read_splits(cfg.splits_file)
     ids = (training_ids(splits, cfg.train_subset) if split == "train" else splits[split])[:limit]
@@ -39,8 +40,12 @@ def load_split(cfg: RunConfig, split: str, limit: int | None = None) -> list:
         if key not in _SUBJECT_CACHE:
             if sid not in files:
                 raise KeyError(f"subject {sid} of {cfg.splits_file} is not in {cfg.data_dir}")
-            _SUBJECT_CACHE[key] = load_subject(sid, files[sid], cfg.modalities, label_map,
-                                               num_classes(cfg), cfg.patch_size, spacing=cfg.spacing or None)
+            subject = load_subject(sid, files[sid], cfg.modalities, label_map, num_classes(cfg), cfg.patch_size,
+                                   spacing=cfg.spacing or None)
+            if not cache:
+                out.append(subject)
+                continue
+            _SUBJECT_CACHE[key] = subject
         out.append(_SUBJECT_CACHE[key])
     return out
 
