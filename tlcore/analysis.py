@@ -4,9 +4,9 @@ weight movement, measured on a trial's model while it trains. No Ray, no MLflow 
 CKA (Kornblith et al. 2019) compares two representations of the same examples through their
 Gram matrices. The examples here are voxels: a fixed sample of positions in a fixed set of
 validation patches, each described by the group's channels at that position. (Whole patches as
-examples, millions of features each, rate a randomly initialised HighRes3DNet 0.92-0.998 similar
+examples, millions of features each, rate a randomly initialised HighRes3DNet 0.90-0.999 similar
 to the trained source in every group: the patches' own similarity dominates; voxels separate
-them, 0.3-0.6. bench/RESULTS.md, "Which layers transfer: what CKA measures".) We use the unbiased
+them, 0.23-0.68. bench/RESULTS.md, "What CKA measures".) We use the unbiased
 HSIC estimator (Song et al. 2012), accumulated over minibatches (Nguyen et al. 2021), so that a
 probe never holds more than one minibatch of activations. The PyPI CKA packages were not used:
 they are stale, or subtract the diagonal's vector from every row (`K - diag(K)`) instead of
