@@ -280,6 +280,13 @@ def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tu
     else:
         verdict = ("<b>The forecast cannot be trusted here</b>: its agreement with the measured ranking is not "
                    "distinguishable from chance (the interval includes 0).")
+    stopped = sorted({int(t.params.get("frozen_layers", 0)) for t in transferred if t.tags.get("stopped_early") == "True"})
+    if stopped:  # their Dice is that of a shorter training: part of a disagreement may be ASHA's
+        verdict += (f" ASHA stopped k={', '.join(map(str, stopped))} early: their Dice is from shorter training, so the "
+                    "measured ranking mixes transferability with training length (--scheduler none runs every depth "
+                    "to the end).")
+    if agreement["subjects"] < 10:
+        verdict += f" With {agreement['subjects']} subjects the interval itself is rough."
     text = (f"<h2 id='forecast'>Forecast against result</h2><p>Before any trial, the sweep scored each freeze "
             f"depth k by LogME (You et al. 2021) of what the trained layers receive (the source's group k-1 output; "
             f"the input for k = 0) against the target labels on sampled voxels. Forecast best: "
