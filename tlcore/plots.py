@@ -302,7 +302,7 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
 
 def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
     """Configurations x layer groups: final CKA with the source (left) and relative weight change
-    from the start (right), from summary.layer_table's rows; returns the panels drawn."""
+    from the start (right), rows of summary.layer_analysis_rows; returns the panels drawn."""
     plt = _plt()
     configs = list(dict.fromkeys(r["configuration"] for r in rows))
     panels = [(key, title, cmap) for key, title, cmap in

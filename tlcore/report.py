@@ -30,8 +30,8 @@ from tlcore import tracking
 from tlcore.plots import (body_part_plot, box_plot, curves_plot, forecast_plot, layer_curves_plot, layer_heatmap,
                           overlay_plot, roc_plot, subsets_plot, training_steps_plot)
 from tlcore.stats import rank_agreement
-from tlcore.summary import (CONFIG_KEYS, collect, label, layer_groups_of, layer_table, mean_curve, shared_settings,
-                            subject_means, summarise)
+from tlcore.summary import (CONFIG_KEYS, collect, label, layer_analysis_rows, layer_groups_of, mean_curve,
+                            shared_settings, subject_means, summarise)
 from tlcore.trial_runs import ANALYSIS_PREFIXES
 
 FIGURE_TITLES = {
@@ -236,7 +236,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
 def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path) -> dict:
     """The "Which layers transfer" figures (and layers.csv), for sweeps whose trials logged the
     per-group analysis; {} otherwise."""
-    rows = layer_table(trials, shared)
+    rows = layer_analysis_rows(trials, shared)
     if not rows:
         return {}
     _write_csv(rows, out / "layers.csv")

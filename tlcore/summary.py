@@ -271,7 +271,7 @@ def layer_groups_of(trials: list[TrialRun]) -> list[str]:
     return [g for g in GROUP_ORDER if g in named] + sorted(named - set(GROUP_ORDER))
 
 
-def layer_table(trials: list[TrialRun], shared: frozenset = frozenset()) -> list[dict]:
+def layer_analysis_rows(trials: list[TrialRun], shared: frozenset = frozenset()) -> list[dict]:
     """Per configuration and layer group: the final CKA with the source and weight change from the
     start (each trial's last report), mean over seeds; configurations without analysis left out."""
     groups = defaultdict(list)
