@@ -16,7 +16,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from tlcore import driver, flags
-from tlcore.results import evaluate_trials, layer_table, trial_rows
+from tlcore.results import cka_with_scratch, evaluate_trials, layer_table, trial_rows
 from tlcore.trainables import run_sweep
 
 NAME = "brats_layers"
@@ -63,6 +63,7 @@ def main() -> None:
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
     scores = evaluate_trials(results, sweep.runs, splits=("train", "val", "test"),
                              cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
+    cka_with_scratch(results, sweep.runs, cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)  # the report's heatmap
     driver.finish(sweep, layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
 
 

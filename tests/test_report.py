@@ -243,6 +243,8 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
                 if cka is not None:
                     metrics.update({f"cka.{g}": cka + (0.1 - 0.01 * step) - 0.02 * i for i, g in enumerate(groups)})
                 tracking.log_metrics(mlflow_uri, run, metrics, step=step)
+            if cka is not None:  # results.cka_with_scratch, at the end
+                tracking.log_metrics(mlflow_uri, run, {f"cka_vs_scratch.{g}": cka / 2 for g in groups}, step=8)
             tracking.log_dict(mlflow_uri, run, {s: 0.5 + gain + 0.002 * i + 0.001 * seed
                                                 for i, s in enumerate(subjects)}, "val_per_subject_dice.json")
     report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
@@ -258,13 +260,15 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
                 for k in ("p_wilcoxon", "vs_transferred_p_wilcoxon") if k in r)
     assert len(ps) == 3 and ps[0][1] == pytest.approx(min(1.0, 3 * ps[0][0]), rel=1e-2)
 
-    assert report.figures["layers_final"][1] == ["cka", "weight_change"]
+    assert report.figures["layers_final"][1] == ["cka", "weight_change", "cka_vs_scratch"]
     assert report.figures["layers_curves"][1][:5] == [f"cka.{g}" for g in groups]
     assert "weight_change.conv_2" in report.figures["layers_curves"][1]
     with (tmp_path / "report" / "layers.csv").open() as f:
         table = {(r["configuration"], r["group"]): r for r in csv.DictReader(f)}
     assert float(table[("ixi/1 k=0", "res_1")]["cka"]) == pytest.approx(0.9 + 0.02 - 0.02)  # last report, mean of seeds
     assert float(table[("meanvar:ixi/1 k=0", "conv_0")]["cka"]) == pytest.approx(0.32)
+    assert float(table[("meanvar:ixi/1 k=0", "conv_1")]["cka_vs_scratch"]) == pytest.approx(0.15)
+    assert "cka_vs_scratch.conv_1" not in report.figures["layers_curves"][1]  # one value per run, no curve
     assert table[("scratch", "res_1")]["cka"] == "" and float(table[("scratch", "res_1")]["weight_change"]) == 0.16
     page = report.html.read_text()
     assert "Which layers transfer" in page and page.count("data:image/png;base64,") >= 4

@@ -67,6 +67,8 @@ def test_layer_sweep(workspace, source_model):
         cka = [r.data.metrics[f"cka.{g}"] for g in groups]
         assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
+        # at the end, against the scratch trial: do fine-tuned and scratch models compute the same thing?
+        assert all(0 <= r.data.metrics[f"cka_vs_scratch.{g}"] <= 1 + 1e-6 for g in groups)
         if source.startswith("meanvar:"):  # the source's weight statistics, none of its features
             assert int(r.data.params["transfer.sampled_tensors"]) > 0 and r.data.params["transfer.loaded_tensors"] == "0"
             assert max(cka) < 0.95, cka
@@ -112,6 +114,8 @@ def test_layer_sweep(workspace, source_model):
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 8
     assert len(tracking.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
+    for r in children:  # nor compared with scratch again
+        assert len(tracking.metric_history(w["uri"], r.info.run_id, "cka_vs_scratch.res_1")) <= 1
     for r in children:  # the same best checkpoints were not evaluated again
         assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]

@@ -301,15 +301,17 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
 
 
 def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
-    """Configurations x layer groups: final CKA with the source (left) and relative weight change
-    from the start (right), rows of summary.layer_analysis_rows; returns the panels drawn."""
+    """Configurations x layer groups: final CKA with the source, relative weight change from the
+    start and CKA with the scratch model at the end (the panels with data), rows of
+    summary.layer_analysis_rows; returns the panels drawn."""
     plt = _plt()
     configs = list(dict.fromkeys(r["configuration"] for r in rows))
     panels = [(key, title, cmap) for key, title, cmap in
               (("cka", "CKA with the source (1 = its features kept)", "viridis"),
-               ("weight_change", "weight change |w - w0| / |w0|", "magma"))
+               ("weight_change", "weight change |w - w0| / |w0|", "magma"),
+               ("cka_vs_scratch", "CKA with the scratch model at the end", "viridis"))
               if any(key in r for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.45 * len(configs) + 1.6), dpi=110,
+    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 3.6 * len(panels), 0.45 * len(configs) + 1.6), dpi=110,
                              squeeze=False)
     for ax, (key, title, cmap) in zip(axes[0], panels):
         groups = list(dict.fromkeys(r["group"] for r in rows if key in r))
@@ -317,13 +319,13 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
         for r in rows:
             if key in r:
                 grid[configs.index(r["configuration"]), groups.index(r["group"])] = r[key]
-        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0, vmax=1 if key == "cka" else None)
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0, vmax=1 if key.startswith("cka") else None)
         for (i, j), v in np.ndenumerate(grid):
             if v == v:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < np.nanmean(grid) else "black")
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
-        ax.set_yticks(range(len(configs)), configs, fontsize=7)
+        ax.set_yticks(range(len(configs)), configs if ax is axes[0][0] else [""] * len(configs), fontsize=7)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()

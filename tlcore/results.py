@@ -208,6 +208,55 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
     return out
 
 
+def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
+    from tlcore.analysis import LayerProbe
+    from tlcore.starts import probe_inputs
+
+    def load(cfg: RunConfig, ckpt) -> torch.nn.Module:
+        model = build_for(cfg, num_classes(cfg))
+        with ckpt.as_directory() as d:
+            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
+        return model.to(device)
+
+    cfg, scratch_cfg, device = RunConfig.from_dict(config), RunConfig.from_dict(scratch_config), pick_device()
+    torch.set_num_threads(cfg.num_threads or 1)
+    inputs = probe_inputs(cfg, load_split(cfg, "val"))
+    probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
+    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
+
+
+def cka_with_scratch(results, runs: SweepRuns, *, cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+                     mode: str = "max") -> dict:
+    """At the end of a 3D sweep: each trial that started from a source (Mean-Var included) against
+    the scratch trial of the same seed, subset and schedule, both at their best checkpoints: every
+    group's CKA on the probe patches (do fine-tuned and scratch models end up computing the same
+    thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
+    again). Returns trial_id -> {metric: value}."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_cka_with_scratch_task))
+    same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
+    scratch = {same(RunConfig.from_dict(r.config)): r for r in results
+               if not r.error and RunConfig.from_dict(r.config).source_model == "scratch"}
+    pending = {}
+    for r in results:
+        cfg = RunConfig.from_dict(r.config)
+        baseline = scratch.get(same(cfg))
+        if r.error or cfg.source_model == "scratch" or baseline is None:
+            continue
+        run_id = runs.run_of(trial_id_of(r)) or ""
+        if run_id and any(k.startswith("cka_vs_scratch.") for k in tracking.get_run(runs.uri, run_id).metrics):
+            continue
+        checkpoint, step = best_checkpoint_of(r, metric, mode)
+        scratch_checkpoint, _ = best_checkpoint_of(baseline, metric, mode)
+        if checkpoint is not None and scratch_checkpoint is not None:
+            pending[trial_id_of(r)] = (run_id, step, task.remote(r.config, checkpoint, baseline.config, scratch_checkpoint))
+    out = {}
+    for trial_id, (run_id, step, ref) in pending.items():
+        out[trial_id] = ray.get(ref)
+        if run_id:
+            tracking.log_metrics(runs.uri, run_id, out[trial_id], step=step)
+    return out
+
+
 def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
     def run(config, checkpoint, split):
         with checkpoint.as_directory() as d:

@@ -23,6 +23,8 @@ CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedu
 CURVES = ("train_loss", "val_loss")
 # layer groups in network order (models.py: HighRes3DNet's, then DenseNet121's; a test keeps them equal)
 GROUP_ORDER = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2", "body_1", "body_2", "head")
+# per group, the report's layer table: the analysis at every report, and results.cka_with_scratch at the end
+LAYER_METRICS = (*ANALYSIS_PREFIXES, "cka_vs_scratch.")
 AGGREGATE_ROLE = "seed_aggregate"  # the `role` tag of a configuration's mean-over-seeds run
 
 
@@ -267,13 +269,14 @@ def mean_curve(trials: list[TrialRun], key: str) -> list[tuple[int, float, float
 
 def layer_groups_of(trials: list[TrialRun]) -> list[str]:
     """The layer groups the trials' analysis metrics name, in network order."""
-    named = {k.split(".", 1)[1] for t in trials for k in t.metrics if k.startswith(ANALYSIS_PREFIXES)}
+    named = {k.split(".", 1)[1] for t in trials for k in t.metrics if k.startswith(LAYER_METRICS)}
     return [g for g in GROUP_ORDER if g in named] + sorted(named - set(GROUP_ORDER))
 
 
 def layer_analysis_rows(trials: list[TrialRun], shared: frozenset = frozenset()) -> list[dict]:
     """Per configuration and layer group: the final CKA with the source and weight change from the
-    start (each trial's last report), mean over seeds; configurations without analysis left out."""
+    start (each trial's last report) and the CKA with scratch at the end, mean over seeds;
+    configurations without analysis left out."""
     groups = defaultdict(list)
     for t in trials:
         groups[label(t.config, shared)].append(t)
@@ -281,7 +284,7 @@ def layer_analysis_rows(trials: list[TrialRun], shared: frozenset = frozenset())
     for name, ts in groups.items():
         for g in layer_groups_of(ts):
             row = {"configuration": name, "group": g, "seeds": len(ts)}
-            for prefix in ANALYSIS_PREFIXES:
+            for prefix in LAYER_METRICS:
                 values = [t.metrics[prefix + g] for t in ts if prefix + g in t.metrics]
                 if values:
                     row[prefix.rstrip(".")] = round(statistics.mean(values), 4)
