@@ -2,7 +2,8 @@
 the trainable part of the network receives (the source's group k-1 output; the input itself for
 k = 0) say about the target labels? Scored by LogME (You et al. 2021) on sampled voxels, in
 seconds; after the sweep, the forecast ranking is set against the measured Dice ranking (Kendall
-tau, with a bootstrap interval over subjects: stats.rank_agreement). No Ray, no MLflow here.
+tau, with a bootstrap interval over subjects: stats.rank_agreement). No Ray here; the registry only
+through starts (the source model, cached per machine).
 """
 
 from __future__ import annotations
