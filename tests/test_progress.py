@@ -88,3 +88,25 @@ def test_a_progress_view_pickled_by_an_older_tlcore_still_runs():
     restored.reported("t1", {"iteration": 4, "val_dice": 0.3})
     restored.end()
     assert "best val_dice 0.300" in restored.stream.getvalue()
+
+
+def test_ray_workers_start_with_tunes_info_lines_off():
+    """Tune's "Restored on <ip> from checkpoint" is logged in the worker before any trial code
+    runs: the setup hook that connect() gives every worker keeps such info lines out."""
+    import logging
+
+    import ray
+
+    from tlcore.flags import sweep_parser
+    from tlcore.ray_cluster import connect
+
+    connect(sweep_parser("test", dataset="ixi").parse_args([]))
+    try:
+        @ray.remote
+        def levels():
+            import logging
+            return [logging.getLogger(name).getEffectiveLevel() for name in ("ray.tune", "ray.train")]
+
+        assert ray.get(levels.remote()) == [logging.WARNING, logging.WARNING]
+    finally:
+        ray.shutdown()

@@ -25,6 +25,15 @@ from tlcore.config import flatten_config
 CLEAR_LINE = "\r\033[K"
 
 
+def quiet_ray_workers() -> None:
+    """Run in every Ray worker process as it starts (ray_cluster.connect: runtime_env's
+    worker_process_setup_hook): Tune's and Train's info lines there ("Restored on <ip> from
+    checkpoint", "Checkpoint successfully created") stay out of the sweep's output; warnings and
+    errors still come through."""
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def ray_messages_to(path: Path):
     """Ray's own log messages (the driver's "ray" loggers) go to `path`, the sweep's log file;

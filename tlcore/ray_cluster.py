@@ -41,10 +41,12 @@ def connect(args) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
     `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    runtime_env = {"worker_process_setup_hook": "tlcore.progress.quiet_ray_workers"}
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
     # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
     # trials through credentials.with_credentials.)
-    runtime_env = {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}} if args.deterministic else None
+    if args.deterministic:
+        runtime_env["env_vars"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     if args.address is None:
         # A private local Ray for this machine: no dashboard; Ray's token authentication stays
         # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).

@@ -6,7 +6,6 @@ script in sweeps/ calls. What trials start from is in starts.py; what follows th
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -21,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from tlcore.config import RunConfig, flatten_config
 from tlcore.credentials import with_credentials
 from tlcore.halving import SuccessiveHalving, asha_rungs
-from tlcore.progress import SweepProgress, ray_messages_to
+from tlcore.progress import SweepProgress, quiet_ray_workers, ray_messages_to
 from tlcore.results import after_fit
 from tlcore.retention import best_paths, deletable
 from tlcore.starts import layer_analysis, num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
@@ -30,14 +29,9 @@ from tlcore.train import (amp_dtype, choose_channels_last, pick_device, read_seg
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
 
 
-def quiet_ray_train() -> None:
-    """No "Checkpoint successfully created" line per report in the sweep's output (warnings stay)."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-
-
 def train_segmentation_trial(config: dict) -> None:
     """Function trainable: train one configuration, report every `report_every` iterations."""
-    quiet_ray_train()
+    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
     cfg = RunConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
     analysis = layer_analysis(cfg, model, val, device)  # before a resume: movement is from the start
@@ -425,7 +419,7 @@ def train_classifier_trial(config: dict) -> None:
     from tlcore.train2d import (ReportEachEpoch, build_learner, classifier_checkpoint_epoch, fit_classifier,
                                 load_classifier_state, uses_bf16, uses_channels_last, write_classifier_checkpoint)
 
-    quiet_ray_train()
+    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
     cfg = RunConfig.from_dict(config)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
