@@ -98,7 +98,6 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
     env = sweep_env()
     args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(w["data"] / "ixi"),
             "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
-            "--frozen-layers", "0,1", "--controls", "scratch",  # three trials: enough to be killed between
             "--storage-path", str(tmp_path / "results"), "--shared-storage", "--address", cluster.address,
             "--max-failures", "3"]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
