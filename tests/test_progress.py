@@ -107,6 +107,30 @@ def test_ray_workers_start_with_tunes_info_lines_off():
             import logging
             return [logging.getLogger(name).getEffectiveLevel() for name in ("ray.tune", "ray.train")]
 
+        @ray.remote
+        def unraisable_output() -> tuple[str, str]:
+            """What the worker prints for an exception Python cannot raise (in a finaliser):
+            nothing for the SystemExit of Ray's SIGTERM handler, the usual report otherwise."""
+            import contextlib
+            import io
+
+            class RaisesWhenDropped:
+                def __init__(self, exc):
+                    self.exc = exc
+
+                def __del__(self):
+                    raise self.exc
+
+            def printed(exc) -> str:
+                out = io.StringIO()
+                with contextlib.redirect_stderr(out):
+                    RaisesWhenDropped(exc)  # dropped at once: Python reports what __del__ raised
+                return out.getvalue()
+
+            return printed(SystemExit(1)), printed(ValueError("a real problem"))
+
         assert ray.get(levels.remote()) == [logging.WARNING, logging.WARNING]
+        stopped, real = ray.get(unraisable_output.remote())
+        assert stopped == "" and "a real problem" in real
     finally:
         ray.shutdown()

@@ -28,10 +28,20 @@ CLEAR_LINE = "\r\033[K"
 def quiet_ray_workers() -> None:
     """Run in every Ray worker process as it starts (ray_cluster.connect: runtime_env's
     worker_process_setup_hook): Tune's and Train's info lines there ("Restored on <ip> from
-    checkpoint", "Checkpoint successfully created") stay out of the sweep's output; warnings and
-    errors still come through."""
+    checkpoint", "Checkpoint successfully created") stay out of the sweep's output, and so does
+    the traceback of a worker that Ray stops (SIGTERM, when the driver exits) while it runs a
+    finaliser; warnings and errors still come through."""
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    sys.unraisablehook = _unraisable_except_stop
+
+
+def _unraisable_except_stop(unraisable) -> None:
+    # Ray's SIGTERM handler raises SystemExit wherever the worker is; inside a weakref callback
+    # or __del__ Python cannot raise it and prints "Exception ignored in ... Traceback" instead.
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
