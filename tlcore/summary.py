@@ -44,15 +44,17 @@ class TrialRun:
 
 
 def collect(uri: str, experiment: str, parent_run_id: str, artifacts: bool = True) -> list[TrialRun]:
-    """The sweep's trial runs with their curves; with `artifacts`, also the per-subject scores and
-    test predictions each run logged (downloads the mean-over-seeds runs do not need)."""
+    """The sweep's trial runs with their curves; with `artifacts`, also the per-layer analysis
+    curves, per-subject scores and test predictions each run logged (reads the mean-over-seeds
+    runs do not need)."""
     out = []
     for run in tracking.child_runs(uri, experiment, parent_run_id):
         if run.tags.get("role") == AGGREGATE_ROLE:
             continue
         rid = run.run_id
         histories = {k: tracking.metric_history(uri, rid, k) for k in run.metrics
-                     if k in (*CURVES, "val_dice", "val_accuracy", "step") or k.startswith(ANALYSIS_PREFIXES)}
+                     if k in (*CURVES, "val_dice", "val_accuracy", "step")
+                     or (artifacts and k.startswith(ANALYSIS_PREFIXES))}
         per_subject = {s: d for s in (("val", "test", "train") if artifacts else ())
                        if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
         pred = (artifacts and tracking.load_json(uri, rid, "test_predictions.json")) or {"image": [], "label": [],
