@@ -299,7 +299,6 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
     return parts
 
 
-
 def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
     """Configurations x layer groups: final CKA with the source, relative weight change from the
     start and CKA with the scratch model at the end (the panels with data), rows of
