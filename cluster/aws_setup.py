@@ -11,7 +11,10 @@ the account, medical data included). This script makes instead:
   nodes, no other inbound rule (Ray's ports stay closed to everyone else);
 - role + instance profile `<cluster>-head` (cluster/aws-head-policy.json): launch instances only
   tagged for this cluster, stop/terminate/tag only those, pass the worker role, the one bucket;
-- role + instance profile `<cluster>-worker` (cluster/aws-worker-policy.json): the one bucket.
+- role + instance profile `<cluster>-worker` (cluster/aws-worker-policy.json): the one bucket;
+- EC2's service-linked role for Spot (AWSServiceRoleForEC2Spot), if the account lacks it: AWS makes
+  it only for a Spot request from the console, and a RunInstances for a spot node type (gpu1,
+  gpu4) fails without it; the head's role may not create IAM roles.
 
 It can be run again: it finds what it made, puts the policies back as the JSON files say and
 removes inbound rules someone added by hand. It prints the lines to put in aws-gpu.yaml.
@@ -117,8 +120,15 @@ def _instance_profile(iam, name: str, policy_document: str) -> str:
     return profile["Arn"]
 
 
+def _spot_service_linked_role(iam) -> None:
+    """AWSServiceRoleForEC2Spot, once per account: EC2 needs it to launch spot instances."""
+    path = "/aws-service-role/spot.amazonaws.com/"
+    if not iam.list_roles(PathPrefix=path)["Roles"]:
+        iam.create_service_linked_role(AWSServiceName="spot.amazonaws.com")
+
+
 def setup(region: str, ssh_cidr: str, bucket: str, cluster: str = "tlcore-aws", vpc_id: str | None = None) -> dict:
-    """Create (or bring back in line) the group and the two profiles; returns their ids."""
+    """Create (or bring back in line) the group, the two profiles and EC2's Spot role; returns their ids."""
     import boto3
 
     ssh_cidr = check_cidr(ssh_cidr)
@@ -130,6 +140,7 @@ def setup(region: str, ssh_cidr: str, bucket: str, cluster: str = "tlcore-aws", 
             raise SystemExit(f"{region} has no default VPC; pass --vpc-id (the VPC of the subnets the nodes use)")
         vpc_id = vpcs[0]["VpcId"]
     group = _security_group(ec2, cluster, vpc_id, ssh_cidr)
+    _spot_service_linked_role(iam)
     values = {"REGION": region, "ACCOUNT": account, "CLUSTER": cluster, "BUCKET": bucket, "SECURITY_GROUP": group}
     return {"security_group_id": group, "vpc_id": vpc_id,
             "head_profile_arn": _instance_profile(iam, f"{cluster}-head", policy("aws-head-policy.json", **values)),
