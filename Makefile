@@ -2,7 +2,7 @@
 # Both create the virtual environment on first use (about 2 minutes).
 PY := .venv/bin/python
 
-.PHONY: demo test bench clean-results
+.PHONY: demo test cluster-test cluster-deps bench clean-results
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -17,9 +17,17 @@ demo: .venv/.installed
 	$(PY) sweeps/ixi_source.py --scheduler asha-sync
 	$(PY) sweeps/brats_layers.py --scheduler asha-sync
 
-test: .venv/.installed
+test: .venv/.installed cluster-deps
 	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
+
+# the multi-node paths, run for real on this machine (root): `ray up` over SSH onto hosts made as
+# network namespaces, and a Slurm job through sbatch (also part of `make test`)
+cluster-test: .venv/.installed cluster-deps
+	$(PY) -m pytest -q -m cluster -s
+
+cluster-deps:
+	@bash tests/cluster_deps.sh
 
 bench: .venv/.installed
 	$(PY) bench/run.py

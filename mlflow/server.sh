@@ -31,7 +31,12 @@ if [ -z "${MLFLOW_BACKEND_URI:-}" ] && [ -n "${MLFLOW_BACKEND_URI_FILE:-}" ]; th
 fi
 : "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI (or MLFLOW_BACKEND_URI_FILE), e.g. postgresql://mlflow@127.0.0.1:5432/mlflow}"
 : "${MLFLOW_ARTIFACTS:?set MLFLOW_ARTIFACTS, e.g. s3://my-bucket/mlflow or /shared/mlflow-artifacts}"
-mlflow_bin="${MLFLOW_BIN:-$here/../.venv/bin/mlflow}"
+# the checkout's venv (make demo / make test), else the mlflow on PATH (a cluster node's venv)
+mlflow_bin="${MLFLOW_BIN:-}"
+if [ -z "$mlflow_bin" ]; then
+  if [ -x "$here/../.venv/bin/mlflow" ]; then mlflow_bin="$here/../.venv/bin/mlflow"; else mlflow_bin="$(command -v mlflow || true)"; fi
+fi
+[ -x "$mlflow_bin" ] || { echo "no mlflow found: run 'make test' once (it makes .venv), activate the venv tlcore is installed in, or set MLFLOW_BIN" >&2; exit 2; }
 # `mlflow server` reads these two from the environment
 export MLFLOW_BACKEND_STORE_URI="$MLFLOW_BACKEND_URI" MLFLOW_ARTIFACTS_DESTINATION="$MLFLOW_ARTIFACTS"
 args=(server --serve-artifacts --host "$host" --port "$port")

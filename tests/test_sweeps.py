@@ -4,6 +4,7 @@ Ray and SQLite MLflow."""
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_layer_sweep(workspace, source_model):
         assert r.data.tags["sweep"] == "brats_layers" and r.data.tags["trial_id"]
         assert r.info.status == "FINISHED"
         assert (r.data.tags["runtime.device"], r.data.tags["runtime.layout"]) == ("cpu", "auto: NCDHW on cpu")
+        assert r.data.tags["runtime.node"] == socket.gethostname() and r.data.tags["runtime.node_ip"]  # which machine
         history = tracking.metric_history(w["uri"], r.info.run_id, "val_dice")
         assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
         assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
+import ray.util
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -27,6 +29,12 @@ from tlcore.starts import layer_analysis, num_classes, runtime_summary, start_cl
 from tlcore.train import (amp_dtype, choose_channels_last, pick_device, read_segmentation_state, train_segmentation,
                           write_segmentation_checkpoint)
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
+
+
+def this_node() -> dict:
+    """The Ray node a trial (re)starts on, for its run's `runtime.node` / `runtime.node_ip` tags:
+    on a cluster, which machine trained it (a restored trial may land elsewhere)."""
+    return {"node": socket.gethostname(), "node_ip": ray.util.get_node_ip_address()}
 
 
 def train_segmentation_trial(config: dict) -> None:
@@ -46,7 +54,7 @@ def train_segmentation_trial(config: dict) -> None:
     # The transfer report (first start) and where this start runs (every start: a restored trial
     # may land on another node) ride along with the first result; the driver's callback logs them.
     first = {"runtime": runtime_summary(device, amp_dtype(cfg, device) is not None, layout_choice,
-                                        volumes_on=staged_on.type)}
+                                        volumes_on=staged_on.type, **this_node())}
     if resume is None:
         first["transfer"] = transfer_summary(transfer)
 
@@ -430,7 +438,7 @@ def train_classifier_trial(config: dict) -> None:
     device = pick_device()
     analysis = layer_analysis(cfg, model, val_dl, device)  # before a resume: movement is from the start
     first = {"runtime": runtime_summary(device, uses_bf16(cfg, device),
-                                        "channels-last" if uses_channels_last(cfg, device) else "NCHW")}
+                                        "channels-last" if uses_channels_last(cfg, device) else "NCHW", **this_node())}
     if not checkpoint:
         first["transfer"] = transfer_summary(transfer)
 
