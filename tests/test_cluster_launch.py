@@ -165,6 +165,7 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
     sweep_s = time.time() - started
     _ok(ran, "the sweep on the head")
     assert PASSWORD not in ran.stdout + ran.stderr
+    assert re.search(rf"Connecting to existing Ray cluster at address: {re.escape(head.ip)}:6379", ran.stdout + ran.stderr)
 
     # what the server holds (its SQLite store, read from this machine)
     store = f"sqlite:///{head.home}/mlflow.db"
@@ -177,11 +178,13 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
     nodes = {}
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert "test_dice" in r.data.metrics  # the evaluation task (a Ray task on either node) logged too
         nodes[r.data.params["source_model"]] = (r.data.tags["runtime.node"], r.data.tags["runtime.node_ip"])
         if r.data.params["source_model"] != "scratch":  # the transferred trial loaded the registered source
             assert r.data.tags["source_run_id"] == source.run_id and int(r.data.params["transfer.loaded_tensors"]) > 0
     assert {ip for _, ip in nodes.values()} == {head.ip, worker.ip}, nodes  # trials ran on both machines
     assert all(r.info.status != "RUNNING" for r in runs)
+    assert all(PASSWORD not in json.dumps([r.data.params, r.data.tags]) for r in runs)
     # no host holds the password: not the results and artifacts on /shared, not Ray's logs in each
     # host's /tmp, not a home (but the server's own admin file, basic_auth.ini, which holds it by design)
     leaked = [f for root in (hosts.shared, *(h.root for h in hosts.hosts)) for f in root.rglob("*")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, kill_ray_processes, mlflow_child_runs, reported_steps, run_script, sweep_env
+from helpers import REPO, mlflow_child_runs, reported_steps, run_script
 
 from tlcore import tracking
 SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedule", "seed"}
@@ -211,32 +211,3 @@ def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model
     original = subprocess.run([sys.executable, "-m", "tlcore.sync", str(results)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert original.returncode == 0 and "2 trial(s), 0 metric value(s) added" in original.stdout, original.stderr
-
-
-@pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
-def test_address_joins_a_running_ray_cluster(workspace, tmp_path):
-    """`--address` with a cluster started by `ray start --head` (here: on this machine)."""
-    w = workspace
-    import tempfile
-
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = "6391"
-    ray_tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # `auto` reads the address `ray start` leaves in $RAY_TMPDIR/ray, and failing that joins ANY Ray
-    # running here, such as the private one of a sweep test in the other pytest worker. A user's
-    # `ray start` writes to /tmp/ray; this test's to its own folder, which the sweep is told of.
-    env = sweep_env(RAY_TMPDIR=ray_tmp)
-    start = subprocess.run([ray_bin, "start", "--head", "--port", port, "--num-cpus", "2",
-                            "--include-dashboard", "false", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        proc = run_script("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--smoke-test",
-                         "--address", "auto", "--mlflow-uri", uri,
-                         "--storage-path", str(tmp_path / "results"), "--max-iterations", "4", env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{port}", proc.stdout + proc.stderr)
-        assert tracking.resolve_model(uri, "models:/ixi_hippocampus/latest").version == "1"
-    finally:
-        kill_ray_processes(ray_tmp)
