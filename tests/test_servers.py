@@ -49,7 +49,7 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> int:
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
-        return urllib.request.urlopen(req, timeout=10).status
+        return urllib.request.urlopen(req, timeout=60).status
     except urllib.error.HTTPError as e:
         return e.code
 
