@@ -42,16 +42,28 @@ def processes_with_env(marker: str):
                 pass
 
 
-def kill_ray_processes(marker: str) -> None:
-    """SIGKILL the Ray processes of one test's Ray instance (their command lines name its temp
-    dir). `ray stop` would also stop every other Ray on the machine, a user's sweep included."""
+def processes_with_cmdline(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line contains `marker`."""
+    found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker in (proc / "cmdline").read_bytes().decode(errors="ignore"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker.encode() in cmd:
+                found.append((int(proc.name), cmd.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def kill_ray_processes(marker: str) -> None:
+    """SIGKILL the Ray processes of one test's Ray instance (their command lines name its temp
+    dir). `ray stop` would also stop every other Ray on the machine, a user's sweep included."""
+    for pid, _ in processes_with_cmdline(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_password: str | None = None,

@@ -37,6 +37,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from helpers import processes_with_cmdline
+
 REPO = Path(__file__).resolve().parents[1]
 SUBNET = "10.231.0"
 CLONE_NEWNET = 0x40000000
@@ -415,15 +417,5 @@ FirstJobId={self.first_job_id}
 def ray_processes(job: str) -> list[tuple[int, str]]:
     """(pid, command line) of every process of job `job`'s Ray: their command lines name its
     temp dir, /tmp/ray-<job>."""
-    marker = f"/tmp/ray-{job}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in cmd:
-                found.append((int(proc.name), cmd.replace(b"\0", b" ").decode(errors="replace")))
-    return found
+    return processes_with_cmdline(f"/tmp/ray-{job}")
 

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, start_tracking_server, stop_tracking_server
+from helpers import REPO, free_port, processes_with_cmdline, start_tracking_server, stop_tracking_server
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -55,16 +55,7 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> int:
 
 
 def _cmdlines_containing(secret: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if secret.encode() in cmd:
-                found.append(cmd.replace(b"\0", b" ").decode(errors="ignore")[:200])
-    return found
+    return [cmd[:200] for _, cmd in processes_with_cmdline(secret)]
 
 
 @pytest.mark.slow
