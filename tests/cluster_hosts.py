@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 SUBNET = "10.77.0"   # a private range, as a cluster's network is (MLflow's server accepts private Host headers only)
 LAPTOP_IP = f"{SUBNET}.2"
 USER = "researcher"  # cluster/onprem.yaml's ssh_user
@@ -142,13 +143,24 @@ class TestHosts:
             f"hostname {host.name}",
             f"mount --bind {self.shared} /shared",
             *(f"mount --bind {etc / f} /etc/{f}" for f in ("passwd", "hosts", "resolv.conf")),
-            f"mount --bind {host.root / 'tmp'} /tmp",   # last: the paths above may lie under /tmp
+            self.cover_tmp(host.root / "tmp"),   # last: the paths above may lie under /tmp
         ])
         host.sshd = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--mount-proc", "--uts", "--mount",
              "--propagation", "private", "--kill-child", "bash", "-c",
              f"{mounts} && exec /usr/sbin/sshd -D -e -f {etc / 'sshd_config'}"],
             stdout=(host.root / "sshd.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def cover_tmp(self, own_tmp: Path) -> str:
+        """Shell commands that mount `own_tmp` over /tmp, keeping this checkout (and its venv)
+        where it was when it lies under /tmp (a clone in /tmp, as CI may make)."""
+        keep = REPO if str(REPO).startswith("/tmp/") else None
+        if keep is None:
+            return f"mount --bind {own_tmp} /tmp"
+        stage = self.base / "checkout"
+        stage.mkdir(exist_ok=True)
+        return (f"mount --bind {keep} {stage} && mount --bind {own_tmp} /tmp && mkdir -p {keep}"
+                f" && mount --bind {stage} {keep}")
 
     def _wait_for_ssh(self, host: Host, timeout: float = 30) -> None:
         deadline = time.time() + timeout
@@ -177,7 +189,7 @@ class TestHosts:
         tmp = self.base / "laptop-tmp"
         tmp.mkdir(exist_ok=True)
         tmp.chmod(0o1777)
-        inner = f"mount --bind {tmp} /tmp && exec \"$@\""
+        inner = f"{self.cover_tmp(tmp)} && exec \"$@\""
         env = {**kw.pop("env", os.environ), "HOME": str(home)}
         return subprocess.run(["ip", "netns", "exec", self.laptop, "unshare", "--pid", "--fork", "--mount-proc",
                                "--mount", "--propagation", "private", "--kill-child", "bash", "-c", inner, "laptop", *argv],
