@@ -46,6 +46,14 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
         kill_ray_processes(ray_tmp)           # ... and the local Ray it started, nothing else
     env.pop("RAY_TMPDIR")
     before = {r.data.tags["trial_id"]: tracking.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
+    # A record the store lost or refused (as a dying server may): Ray's result files still hold it,
+    # and the resumed sweep writes it back.
+    import sqlite3
+
+    lost = next(r for r in runs if r.info.status == "FINISHED")
+    with sqlite3.connect(tracking.local_store_path(uri)) as db:
+        assert db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = 'val_dice' AND step = 4",
+                          (lost.info.run_id,)).rowcount == 1
 
     resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -60,6 +68,8 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
         assert steps == sorted(set(steps)), steps                      # no step logged twice
         old = [s for s, _ in before.get(r.data.tags["trial_id"], [])]
         assert steps[:len(old)] == old                                 # history before the kill kept
+        trial_dir, = (tmp_path / "results" / "brats_layers").glob(f"train_*_{r.data.tags['trial_id']}")
+        assert steps == sorted(reported_steps(trial_dir)), r.data.tags  # every reported step, the lost one too
     for trial_dir in (tmp_path / "results" / "brats_layers").glob("train_segmentation_trial_*"):
         import json as _json
         its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]

@@ -83,12 +83,25 @@ def log_val_per_subject(results, runs: SweepRuns, metric: str = "val_dice", mode
                 tracking.log_dict(runs.uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
-def after_fit(results, runs: SweepRuns, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> None:
+def after_fit(results, runs: SweepRuns, max_iterations: int, metric: str = "val_dice", mode: str = "max",
+              replay_from: str | Path | None = None) -> None:
     """What every sweep does once Tune returns: check the store is up (a store still down after the
     logging callback's final wait stops the sweep here, with what to do, not in a traceback
     halfway through evaluation; --resume then writes the rest), close runs a killed driver left
-    open, and log each trial's per-subject validation Dice."""
+    open, and log each trial's per-subject validation Dice.
+
+    `replay_from` (a resumed sweep's folder, or one whose logging callback had records refused):
+    write every reported step MLflow lacks from Ray's result files (tlcore.sync). Tune saves the
+    callback's buffered records only with its periodic experiment state, and a record the store
+    refused while it was going down is not buffered at all; the result files hold everything."""
     tracking.require_store(runs.uri)
+    if replay_from is not None:
+        from tlcore.sync import replay
+
+        rows = replay(runs.uri, runs.experiment, runs.parent_run_id, replay_from, max_iterations)
+        added = sum(r["metric_values_added"] for r in rows)
+        if added:
+            print(f"[tlcore] {added} metric value(s) MLflow lacked written from Ray's result files", flush=True)
     close_orphaned_runs(results, runs, max_iterations)
     log_val_per_subject(results, runs, metric, mode)
 

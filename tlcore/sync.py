@@ -110,6 +110,11 @@ def sync_trial(uri: str, name: str, parent: str, trial: RecordedTrial, max_itera
             "reported": len(trial.results), "metric_values_added": len(rows), "mlflow_status": status}
 
 
+def replay(uri: str, experiment: str, parent_run_id: str, exp_dir: str | Path, max_iterations: int) -> list[dict]:
+    """Write what MLflow lacks of every trial of the sweep in `exp_dir` under its parent run."""
+    return [sync_trial(uri, experiment, parent_run_id, t, max_iterations) for t in read_trials(Path(exp_dir))]
+
+
 def sync(exp_dir: str | Path, uri: str | None = None) -> list[dict]:
     """Write what MLflow lacks of sweep `exp_dir`; one row per trial."""
     exp_dir = Path(exp_dir).resolve()
@@ -117,11 +122,10 @@ def sync(exp_dir: str | Path, uri: str | None = None) -> list[dict]:
     uri = uri or meta.get("tracking_uri")
     if not uri:
         raise SystemExit(f"error: {exp_dir / 'tlcore_sweep.json'} names no tracking store; pass --mlflow-uri")
-    trials = read_trials(exp_dir)
+    read_trials(exp_dir)  # no Tune state: say so before touching the store
     tracking.prepare_store(uri)
     parent = parent_run(uri, meta, exp_dir)
-    max_iterations = int(meta.get("max_iterations") or 0)
-    return [sync_trial(uri, meta["name"], parent, t, max_iterations) for t in trials]
+    return replay(uri, meta["name"], parent, exp_dir, int(meta.get("max_iterations") or 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -335,7 +335,9 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+    """(step, value) by step: a step replayed later (tlcore.sync) takes its place in the curve."""
+    history = sorted(client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(m.step, m.value) for m in history]
 
 
 # ----------------------------------------------------------------------------- registry

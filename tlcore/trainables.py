@@ -381,7 +381,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     trainable = tune.with_resources(with_credentials(trainable or train_segmentation_trial),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
-    if resume and tune.Tuner.can_restore(exp_dir):
+    restored = resume and tune.Tuner.can_restore(exp_dir)
+    mlflow_log = None
+    if restored:
         print(f"[tlcore] resuming {exp_dir}")
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_errored=True)
     else:
@@ -391,6 +393,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
             param_space = {**param_space, "seed": tune.grid_search([seed + i for i in range(num_samples)])}
             num_samples = 1
         reports = math.ceil(max_iterations / report_every)
+        mlflow_log = MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir)
         early_stopping = None if scheduler == "none" else asha(reports, grace_period, reduction_factor, strata,
                                                                 synchronous=scheduler == "asha-sync")
         tuner = tune.Tuner(
@@ -403,8 +406,7 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                 # which dump every configuration key (and the tracking URI) again and again
                 name=name, storage_path=storage_path, verbose=0,
                 callbacks=[Progress(max_iterations, metric, mode),
-                           MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir),
-                           KeepBestAndLatest(exp_dir, metric, mode), *result_loggers()],
+                           mlflow_log, KeepBestAndLatest(exp_dir, metric, mode), *result_loggers()],
                 # Tune keeps every entry; KeepBestAndLatest deletes what no saved state needs
                 # (num_to_keep deletes what a killed driver's stored state may still name).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=metric,
@@ -418,7 +420,10 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     with ray_messages_to(Path(exp_dir) / "ray.log"):
         results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
-    after_fit(results, SweepRuns(tracking_uri, name, parent_run_id), max_iterations, metric, mode)
+    # a restored sweep's callback is Tune's unpickled copy: replay from Ray's files whenever resumed
+    replay = restored or (mlflow_log is not None and mlflow_log.dropped > 0)
+    after_fit(results, SweepRuns(tracking_uri, name, parent_run_id), max_iterations, metric, mode,
+              replay_from=exp_dir if replay else None)
     return results
 
 
