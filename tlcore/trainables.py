@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from tlcore.config import RunConfig, flatten_config
 from tlcore.credentials import with_credentials
-from tlcore.halving import SuccessiveHalving, asha_rungs
+from tlcore.halving import CONTINUE, STOP, WAIT, SuccessiveHalving, asha_rungs
 from tlcore.progress import SweepProgress, quiet_ray_workers, ray_messages_to
 from tlcore.results import after_fit
 from tlcore.retention import best_paths, deletable
@@ -223,6 +223,30 @@ class MLflowTrialLogger(TrialRunLog, tune.Callback):
         self.finish()
 
 
+class SweepStalled(RuntimeError):
+    """Trials wait at a rung that nothing can decide any more (tlcore's guard; should not happen)."""
+
+
+def reported_results(trial: Trial) -> list[dict]:
+    """A trial's reports so far, from its result.json (the driver's copy, or the storage copy
+    if that one is longer): what a restored scheduler rebuilds its rungs from."""
+    if not getattr(trial.storage, "trial_dir_name", None):  # a new trial: no folder yet
+        return []
+    best: list[str] = []
+    for folder in {trial.local_path, trial.storage.trial_fs_path}:
+        path = Path(folder, "result.json")
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            best = lines if len(lines) > len(best) else best
+    out = []
+    for line in best:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed driver
+            pass
+    return out
+
+
 class StratifiedASHA(FIFOScheduler):
     """ASHA that compares a trial only with the trials of its stratum: the trials sharing its
     values of the `strata` config keys (e.g. `train_subset`: a trial on 26 subjects is not
@@ -234,19 +258,29 @@ class StratifiedASHA(FIFOScheduler):
     the best ceil(n / reduction_factor) go on, ties broken by trial id. Asynchronous ASHA decides
     on the trials that happen to have reported first, so two runs of one sweep can stop
     different trials; synchronous decisions depend on the results only.
+
+    Total under Tune's changes to the set of trials (halving.py): a trial retried after an error
+    or added by a search algorithm after a rung was decided is judged against that rung's
+    recorded scores instead of being waited for; on --resume, both modes rebuild their rungs from
+    each trial's result file (Tune restores the scheduler as it was when the sweep was built).
+    If trials still end up waiting with nothing left to run for `stall_s` seconds, the sweep
+    fails naming them (SweepStalled) rather than wait forever.
     """
 
     def __init__(self, strata=(), *, max_t: int, grace_period: int = 2, reduction_factor: int = 3,
                  synchronous: bool = False, time_attr: str = "training_iteration",
-                 metric: str | None = None, mode: str | None = None):
+                 metric: str | None = None, mode: str | None = None, stall_s: float = 120.0):
         super().__init__()
         self.strata, self.synchronous, self.time_attr = tuple(strata), synchronous, time_attr
         self.max_t, self.grace_period, self.reduction_factor = max_t, min(grace_period, max_t), reduction_factor
         self._metric, self._mode = metric, mode
+        self.stall_s = stall_s
         self._asha: dict[tuple, ASHAScheduler] = {}   # stratum -> its own ASHA (asynchronous)
         self._stratum_of: dict[str, tuple] = {}
         self._trials: dict[str, Trial] = {}
         self._halving = SuccessiveHalving(self.rungs, reduction_factor)  # synchronous decisions
+        self._unsettled = False      # trials restored: decide what their recorded scores decide
+        self._stalled_since = None
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         self._metric, self._mode = self._metric or metric, self._mode or mode
@@ -267,35 +301,60 @@ class StratifiedASHA(FIFOScheduler):
                                                 reduction_factor=self.reduction_factor)
         return self._asha[stratum]
 
+    def _score(self, result: dict) -> float | None:
+        value = result.get(self._metric)
+        return None if value is None else (1.0 if self._mode == "max" else -1.0) * float(value)
+
     # ---------------------------------------------------------------- Tune's scheduler hooks
     def on_trial_add(self, tune_controller, trial):
+        known = trial.trial_id in self._stratum_of
         stratum = self._stratum_of[trial.trial_id] = self.stratum(trial)
         self._trials[trial.trial_id] = trial
-        self._halving.add(trial.trial_id, stratum)
         if not self.synchronous:
             self._sub(stratum).on_trial_add(tune_controller, trial)
+        if not known:
+            self._rebuild(trial, stratum)
+        if trial.status != Trial.TERMINATED:  # new, retried after an error, or restored unfinished
+            self._halving.add(trial.trial_id, stratum)
+
+    def _rebuild(self, trial: Trial, stratum: tuple) -> None:
+        """A trial with reports before this scheduler saw it (a restored sweep): record them."""
+        history = [r for r in reported_results(trial) if r.get(self.time_attr) is not None]
+        if not history:
+            return
+        self._unsettled = True
+        for result in history:
+            t, score = int(result[self.time_attr]), self._score(result)
+            if score is None:
+                continue
+            if self.synchronous and t in self.rungs:
+                self._halving.record(trial.trial_id, stratum, t, score)
+            elif not self.synchronous and t < self.max_t:  # Ray's bracket records each rung's first value
+                self._sub(stratum)._trial_info[trial.trial_id].on_result(trial, t, score)
 
     def on_trial_result(self, tune_controller, trial, result):
         if trial.trial_id not in self._stratum_of:  # e.g. a trial restored into a fresh scheduler
             self.on_trial_add(tune_controller, trial)
+        self._settle(tune_controller)
         stratum = self._stratum_of[trial.trial_id]
         if not self.synchronous:
             return self._sub(stratum).on_trial_result(tune_controller, trial, result)
-        t, value = result.get(self.time_attr), result.get(self._metric)
-        if t is None or value is None:
+        t, score = result.get(self.time_attr), self._score(result)
+        if t is None or score is None:
             return self.CONTINUE
         if t >= self.max_t:
             return self.STOP
-        if t not in self.rungs:
-            return self.CONTINUE
-        sign = 1.0 if self._mode == "max" else -1.0
-        decision = self._halving.report(trial.trial_id, stratum, t, sign * float(value))
+        if t not in self.rungs:  # between rungs: a restored trial may still owe a rung its wait
+            return {CONTINUE: self.CONTINUE, WAIT: self.PAUSE, STOP: self.STOP}[
+                self._halving.verdict(trial.trial_id, stratum, t)]
+        decision = self._halving.report(trial.trial_id, stratum, t, score)
         if decision is None:
             return self.PAUSE  # until the rest of its stratum reached the rung
         self._apply(tune_controller, decision, current=trial)
         if trial.trial_id in decision.keep:
             return self.CONTINUE
-        self._halving.live[stratum].discard(trial.trial_id)
+        for later in self._halving.settle(stratum):  # a late arrival stopped: higher rungs may wait for it no more
+            self._apply(tune_controller, later, current=None)
         return self.STOP
 
     def on_trial_complete(self, tune_controller, trial, result):
@@ -312,12 +371,18 @@ class StratifiedASHA(FIFOScheduler):
             self._sub(self._stratum_of[trial.trial_id]).on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
-        for trial in tune_controller.get_trials():
+        self._settle(tune_controller)
+        trials = tune_controller.get_trials()
+        for trial in trials:
             if trial.status == Trial.PENDING:
+                self._stalled_since = None
                 return trial
-        for trial in tune_controller.get_trials():
+        for trial in trials:
             if trial.status == Trial.PAUSED and (not self.synchronous or trial.trial_id in self._halving.released):
+                self._stalled_since = None
                 return trial
+        if self.synchronous:
+            self._check_stall(trials)
         return None
 
     def debug_string(self) -> str:
@@ -326,6 +391,14 @@ class StratifiedASHA(FIFOScheduler):
                 f"{len(self._halving.live)} strata, rungs {self.rungs}")
 
     # ---------------------------------------------------------------- synchronous decisions
+    def _settle(self, tune_controller) -> None:
+        """After a restore, once Tune has added every trial: the rungs their scores decide."""
+        if not self._unsettled:
+            return
+        self._unsettled = False
+        for decision in self._halving.settle():
+            self._apply(tune_controller, decision, current=None)
+
     def _leave(self, tune_controller, trial) -> None:
         """A trial ended: the trials of its stratum no longer wait for it."""
         stratum = self._stratum_of.get(trial.trial_id)
@@ -336,18 +409,34 @@ class StratifiedASHA(FIFOScheduler):
                 self._apply(tune_controller, decision, current=None)
 
     def _apply(self, tune_controller, decision, current: Trial | None) -> None:
-        """Release the waiting trials that go on; stop the waiting ones that do not (a trial still
-        running toward its report is stopped when it reports). `current` decides for itself."""
-        live = self._halving.live[decision.stratum]
-        for tid in decision.keep | decision.stop:
-            trial = self._trials[tid]
-            if current is not None and tid == current.trial_id or tid not in live:
-                continue
-            if tid in decision.keep:
+        """Release the waiting trials that go on; stop the waiting (or restored, not yet started)
+        ones that do not. `current` decides for itself through its return value."""
+        for tid in decision.keep:
+            if current is None or tid != current.trial_id:
                 self._halving.released.add(tid)
-            elif trial.status == Trial.PAUSED or trial.is_saving:
-                live.discard(tid)
+        for tid in decision.stop:
+            trial = self._trials.get(tid)
+            if trial is None or current is not None and tid == current.trial_id:
+                continue
+            if trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving:
                 tune_controller.stop_trial(trial)
+
+    def _check_stall(self, trials) -> None:
+        """Trials wait, none runs, none may start: after `stall_s` seconds of that, fail."""
+        busy = any(t.status in (Trial.RUNNING, Trial.PENDING) or t.is_saving for t in trials)
+        waiting = [t for t in trials if t.status == Trial.PAUSED]
+        if busy or not waiting:
+            self._stalled_since = None
+            return
+        self._stalled_since = self._stalled_since or time.monotonic()
+        if time.monotonic() - self._stalled_since < self.stall_s:
+            return
+        at = self._halving.waiting()
+        names = ", ".join(f"{t.trial_id} (rung {at[t.trial_id][1]})" if t.trial_id in at else t.trial_id
+                          for t in waiting)
+        raise SweepStalled(f"{len(waiting)} trial(s) wait at a rung of --scheduler asha-sync with nothing left to "
+                           f"run for {self.stall_s:.0f} s: {names}. Rerun with --resume (the rungs are rebuilt "
+                           "from the results), or use --scheduler asha; please report this as a tlcore bug.")
 
 
 SCHEDULERS = ("asha", "asha-sync", "none")
