@@ -12,12 +12,10 @@ Needs the source model: run sweeps/ixi_source.py first (or pass --source models:
 from functools import partial
 
 from ray import tune
-from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from tlcore import driver, flags
 from tlcore.results import cka_with_scratch, evaluate_trials, layer_table, trial_rows
-from tlcore.trainables import run_sweep
+from tlcore.trainables import optuna_search, run_sweep
 
 NAME = "brats_layers"
 
@@ -55,8 +53,7 @@ def main() -> None:
     if args.search == "grid":  # --num-samples: the grid once per seed
         space.update(search_space(source, ks, flags.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
-        searcher = ConcurrencyLimiter(OptunaSearch(partial(optuna_space, source=source), metric="val_dice", mode="max",
-                                                   seed=args.seed), max_concurrent=4)
+        searcher = optuna_search(partial(optuna_space, source=source), metric="val_dice", mode="max", seed=args.seed)
     results = run_sweep(NAME, space, search_alg=searcher, **sweep.tune_kwargs())
     rows = trial_rows(results, sweep.max_iterations)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best

@@ -132,3 +132,137 @@ def test_successive_halving_decides_once_a_stratum_has_all_reported_whatever_the
     assert book.report("s1", ("S1",), 2, 0.0) is None
     (decision,) = book.leave("s2", ("S1",))
     assert decision.keep == {"s1"} and decision.rung == 2 and book.leave("s2", ("S1",)) == []
+
+
+# ------------------------------------------------------------------ faults: retries, resumes, searches
+# A trial's curve is flat at its quality; `quality` picks it. Markers in a shared folder let a trial
+# wait for the others (the worker of a trial that fails once, after the rung was decided without it).
+
+def marked_trial(config):
+    """curve_trial with faults: the trial of `failing_quality` fails once (before its first
+    report) after `fail_when_marked` other trials have reported."""
+    import time
+
+    markers = Path(config["markers"])
+    done = 0
+    if tune.get_checkpoint():
+        with tune.get_checkpoint().as_directory() as d:
+            done = int((Path(d) / "done").read_text())
+    for i in range(done, REPORTS):
+        if (i == 0 and config.get("fail_when_marked") and config["quality"] == config["failing_quality"]
+                and not (markers / "failed").exists()):
+            deadline = time.time() + 60
+            while len(list(markers.glob("first_*"))) < config["fail_when_marked"] and time.time() < deadline:
+                time.sleep(0.1)
+            (markers / "failed").write_text(f"{time.time()}")
+            raise RuntimeError("worker lost (test)")
+        (markers / f"first_{config['quality']}").write_text(f"{time.time()}")  # before: a paused trial's report() never returns
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "done").write_text(str(i + 1))
+            tune.report({"val_dice": config["quality"]}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+class DriverDies(tune.Callback):
+    """Ends the Tune loop (as a killed driver does) once `after` results came in, once (the
+    restored sweep unpickles this callback as it was); Tune saved its state at every step
+    before (TUNE_GLOBAL_CHECKPOINT_S=0)."""
+
+    def __init__(self, after: int, marker: Path):
+        self.after, self.seen, self.marker = after, 0, marker
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.seen += 1
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.after and self.seen >= self.after and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError("driver killed (test)")
+
+
+def finishers(results) -> set:
+    return {r.config["quality"] for r in results if r.metrics.get("training_iteration") == REPORTS}
+
+
+def run_marked(tmp_path, name, qualities, synchronous, *, fail_when_marked=0, dies_after=0, sequential=False,
+               searcher=None, num_samples=1, budget_s=120):
+    import time
+
+    markers = tmp_path / f"{name}-markers"
+    markers.mkdir()
+    space = {"markers": str(markers)}
+    if searcher is None:
+        space["quality"] = tune.grid_search(qualities)
+        space.update(fail_when_marked=fail_when_marked, failing_quality=min(qualities))
+    scheduler = StratifiedASHA((), max_t=REPORTS, grace_period=1, reduction_factor=3, synchronous=synchronous)
+    trainable = tune.with_resources(marked_trial, {"cpu": 1})
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(metric="val_dice", mode="max", scheduler=scheduler,
+                                                   search_alg=searcher, num_samples=num_samples,
+                                                   max_concurrent_trials=1 if sequential else None,
+                                                   time_budget_s=budget_s),
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1),
+                                                 callbacks=[DriverDies(dies_after, markers / "driver_died")]))
+    t0 = time.time()
+    try:
+        results = tuner.fit()
+    except Exception:  # noqa: BLE001 -- the driver "died"; --resume
+        assert dies_after, "only the dying driver may raise"
+        results = tune.Tuner.restore(str(tmp_path / name), trainable, resume_errored=True).fit()
+    elapsed = time.time() - t0
+    print(f"{name}: {elapsed:.1f} s")
+    assert elapsed < budget_s - 5, f"the sweep ran into its time budget ({elapsed:.0f} s): it stalled"
+    assert not results.errors, results.errors
+    return results
+
+
+@pytest.mark.parametrize("synchronous", [True, False], ids=["asha-sync", "asha"])
+def test_a_trial_failing_after_its_rung_was_decided_is_retried_and_the_sweep_ends(local_ray, tmp_path, synchronous):
+    """The worst of five trials fails once, after the other four have reported at rung 1: the
+    rung decides without it (keeping ceil(4/3) = 2, as ceil(5/3) would), Tune retries it, it
+    arrives late and is judged against the recorded scores. The survivors of a quiet sweep."""
+    qualities = [0.1, 0.3, 0.5, 0.7, 0.9]
+    quiet = run_marked(tmp_path, "quiet", qualities, synchronous)
+    faulty = run_marked(tmp_path, "faulty", qualities, synchronous, fail_when_marked=4)
+    assert (tmp_path / "faulty-markers" / "failed").exists()
+    assert all(r.metrics.get("training_iteration", 0) >= 1 for r in faulty)  # the retried trial reported
+    if synchronous:
+        assert finishers(faulty) == finishers(quiet) == {0.9}
+    else:
+        assert 0.9 in finishers(faulty)
+
+
+@pytest.mark.parametrize("synchronous,dies_after", [(True, 2), (False, REPORTS)], ids=["asha-sync", "asha"])
+def test_a_resumed_sweep_rebuilds_its_rungs_and_decides_as_an_uninterrupted_one(local_ray, tmp_path, monkeypatch,
+                                                                                synchronous, dies_after):
+    """One trial at a time, best first. asha-sync: the driver dies while 0.9 and 0.5 wait at rung 1
+    for 0.1. asha: it dies once 0.9 has finished, before the others reach rung 1. Resumed, the
+    rungs are rebuilt from the result files: the same survivors as without the death (a fresh
+    scheduler would let 0.5 through, or wait at rung 1 for trials that have finished)."""
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    qualities = [0.9, 0.5, 0.1]
+    quiet = run_marked(tmp_path, "quiet", qualities, synchronous, sequential=True)
+    resumed = run_marked(tmp_path, "resumed", qualities, synchronous, sequential=True, dies_after=dies_after)
+    assert finishers(resumed) == finishers(quiet) == {0.9}
+    assert len(resumed) == 3 and all(r.metrics.get("training_iteration", 0) >= 1 for r in resumed)
+
+
+def quality_space(trial):
+    trial.suggest_float("quality", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("synchronous", [True, False], ids=["asha-sync", "asha"])
+def test_optuna_adding_trials_over_time_ends_and_learns_of_early_stops_as_pruned(local_ray, tmp_path, synchronous):
+    from optuna.trial import TrialState
+
+    from tlcore.trainables import OptunaPruned, optuna_search
+
+    searcher = optuna_search(quality_space, metric="val_dice", mode="max", seed=0, max_concurrent=2)
+    searcher.searcher.max_t = REPORTS
+    results = run_marked(tmp_path, "optuna", None, synchronous, searcher=searcher, num_samples=6)
+    assert len(results) == 6 and finishers(results)
+    assert isinstance(searcher.searcher, OptunaPruned)
+    states = {t.number: t.state for t in searcher.searcher._ot_study.trials}
+    stopped = [r for r in results if r.metrics["training_iteration"] < REPORTS]
+    assert stopped and sum(s == TrialState.PRUNED for s in states.values()) == len(stopped)
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == len(finishers(results))

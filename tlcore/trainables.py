@@ -18,6 +18,8 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from tlcore.config import RunConfig, flatten_config
 from tlcore.credentials import with_credentials
@@ -439,6 +441,26 @@ class StratifiedASHA(FIFOScheduler):
                            "from the results), or use --scheduler asha; please report this as a tlcore bug.")
 
 
+class OptunaPruned(OptunaSearch):
+    """Ray's OptunaSearch, except that a trial early stopping ended before `max_t` reports is told
+    to Optuna as PRUNED (Optuna's own state for it), not as COMPLETE with its value at the rung:
+    a value after 2 reports is not comparable with one after 40. Its intermediate values (one per
+    report, which Ray's OptunaSearch already sends) stay, and TPE ranks pruned trials by them
+    below the complete ones."""
+
+    max_t: int | None = None  # reports per trial: run_sweep sets the sweep's
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and not error and self.max_t and int(result.get("training_iteration", self.max_t)) < self.max_t:
+            result = None  # Ray's OptunaSearch tells a trial without a value as PRUNED
+        super().on_trial_complete(trial_id, result, error)
+
+
+def optuna_search(space, *, metric: str, mode: str, seed: int, max_concurrent: int = 4):
+    """Optuna's TPE over a define-by-run `space`, `max_concurrent` trials at a time."""
+    return ConcurrencyLimiter(OptunaPruned(space, metric=metric, mode=mode, seed=seed), max_concurrent=max_concurrent)
+
+
 SCHEDULERS = ("asha", "asha-sync", "none")
 
 
@@ -482,6 +504,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
             param_space = {**param_space, "seed": tune.grid_search([seed + i for i in range(num_samples)])}
             num_samples = 1
         reports = math.ceil(max_iterations / report_every)
+        for searcher in (search_alg, getattr(search_alg, "searcher", None)):
+            if isinstance(searcher, OptunaPruned):
+                searcher.max_t = reports
         mlflow_log = MLflowTrialLogger(tracking_uri, name, parent_run_id, max_iterations, exp_dir)
         early_stopping = None if scheduler == "none" else asha(reports, grace_period, reduction_factor, strata,
                                                                 synchronous=scheduler == "asha-sync")
