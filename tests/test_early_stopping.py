@@ -266,3 +266,60 @@ def test_optuna_adding_trials_over_time_ends_and_learns_of_early_stops_as_pruned
     stopped = [r for r in results if r.metrics["training_iteration"] < REPORTS]
     assert stopped and sum(s == TrialState.PRUNED for s in states.values()) == len(stopped)
     assert sum(s == TrialState.COMPLETE for s in states.values()) == len(finishers(results))
+
+
+class PhantomASHA(StratifiedASHA):
+    """A book that waits for a trial Tune never had: what the stall guard is for."""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        self._halving.add("phantom", self._stratum_of[trial.trial_id])
+
+
+def test_trials_waiting_for_nothing_fail_the_sweep_naming_them(local_ray, tmp_path):
+    import time
+
+    from tlcore.halving import SweepStalled
+
+    space = {"markers": str(tmp_path), "quality": tune.grid_search([0.2, 0.8])}
+    tuner = tune.Tuner(tune.with_resources(marked_trial, {"cpu": 1}), param_space=space,
+                       tune_config=tune.TuneConfig(metric="val_dice", mode="max", time_budget_s=120,
+                                                   scheduler=PhantomASHA((), max_t=REPORTS, grace_period=1,
+                                                                         synchronous=True, stall_s=3)),
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    t0 = time.time()
+    with pytest.raises(Exception) as raised:
+        tuner.fit()
+    assert time.time() - t0 < 60
+    chain, e = [], raised.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    (stalled,) = [e for e in chain if isinstance(e, SweepStalled)]
+    assert "2 trial(s) wait at a rung" in str(stalled) and "(rung 1)" in str(stalled)
+
+
+def test_a_stalled_sweep_exits_2_with_the_message_and_leaves_nothing_running(tmp_path, capsys):
+    from tlcore import driver, tracking
+    from tlcore.halving import SweepStalled
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    parent = tracking.start_run(uri, "s", "s", {}, {"role": "parent"})
+    child = tracking.start_run(uri, "s", "t", {}, {"trial_id": "a"}, parent_run_id=parent)
+
+    def main():
+        try:
+            raise SweepStalled("1 trial(s) wait at a rung: a (rung 2)")
+        except SweepStalled as e:
+            raise RuntimeError("Tune failed") from e   # as Tuner.fit wraps it
+
+    driver._running.update(uri=uri, exp_dir=str(tmp_path), name="s", parent_run_id=parent)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            driver.run(main)
+    finally:
+        driver._running.clear()
+    assert exited.value.code == 2
+    assert "error: 1 trial(s) wait at a rung: a (rung 2)" in capsys.readouterr().err
+    assert tracking.get_run(uri, child).status == "FAILED" and tracking.get_run(uri, parent).status == "FAILED"

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
-    """SIGKILL the driver mid-sweep, rerun with --resume: one parent, one run per trial, no step twice."""
+    """SIGKILL the driver while two trials wait at an asha-sync rung for the third, rerun with
+    --resume: the rung is rebuilt and decided as without the kill (one of three goes on), one
+    parent, one run per trial, no step twice, a step MLflow lost written back."""
     import signal
 
     w = workspace
@@ -26,6 +28,7 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     args = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--data-dir", str(w["data"] / "brats"),
             "--smoke-test", "--max-iterations", "16", "--report-every", "4", "--mlflow-uri", uri,
             "--frozen-layers", "0,1", "--controls", "scratch",  # three trials: enough to be killed between
+            "--scheduler", "asha-sync",  # one rung, at report 2: ceil(3/3) = 1 trial goes on
             "--storage-path", str(tmp_path / "results")]
     import tempfile
 
@@ -34,12 +37,11 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        def finished_one_and_one_under_way(runs):
+        def two_waiting_at_the_rung(runs):
             steps = lambda r: len(tracking.metric_history(uri, r.info.run_id, "val_dice"))
-            return (any(r.info.status == "FINISHED" for r in runs)
-                    and any(r.info.status == "RUNNING" and steps(r) >= 2 for r in runs))
+            return sum(r.info.status == "RUNNING" and steps(r) >= 2 for r in runs) == 2
 
-        runs = wait_for_trial_runs(uri, finished_one_and_one_under_way, timeout=300)
+        runs = wait_for_trial_runs(uri, two_waiting_at_the_rung, timeout=300)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver ...
         proc.wait()
@@ -50,7 +52,7 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
     # and the resumed sweep writes it back.
     import sqlite3
 
-    lost = next(r for r in runs if r.info.status == "FINISHED")
+    lost = next(r for r in runs if len(before[r.data.tags["trial_id"]]) >= 2)
     with sqlite3.connect(tracking.local_store_path(uri)) as db:
         assert db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = 'val_dice' AND step = 4",
                           (lost.info.run_id,)).rowcount == 1
@@ -74,6 +76,9 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
         import json as _json
         its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
         assert its.count(4) <= 1, its                                  # interrupted trials did not restart from 0
+    went_on = [d for d in (tmp_path / "results" / "brats_layers").glob("train_segmentation_trial_*")
+               if max(reported_steps(d)) == 16]
+    assert len(went_on) == 1, "the resumed rung kept ceil(3/3) = 1 trial"
     # the resumed sweep's report covers every trial, those finished before the kill included, once
     page = tmp_path / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in resumed.stdout

@@ -104,7 +104,7 @@ def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
     from tlcore.train2d import build_learner, fit_classifier, load_classifier_state, save_classifier_state
     from tlcore.starts import start_classifier
 
-    cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_epochs": 2, "seed": 5})
+    cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_iterations": 2, "seed": 5})
     saved = tmp_path / "after_epoch_1"
     saved.mkdir()
 
@@ -143,7 +143,7 @@ def _mura_config(tmp_path) -> dict:
     official_test = sorted({i.patient for i in images if i.split == "valid"})
     path = write_splits(tmp_path / "splits.json", split_patients(patients, official_test, 0.25, seed=0))
     return {"dataset": "mura", "data_dir": str(tmp_path / "mura"), "splits_file": str(path), "image_size": 32,
-            "batch_size": 4, "max_epochs": 1, "lr_schedule": "one_cycle", "num_threads": 1, "seed": 0}
+            "batch_size": 4, "max_iterations": 1, "lr_schedule": "one_cycle", "num_threads": 1, "seed": 0}
 
 
 def _copy(state: dict) -> dict:

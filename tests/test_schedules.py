@@ -53,7 +53,7 @@ def schedule_2d(cfg: RunConfig, loader) -> tuple[list, list]:
 
 @pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_2d_and_3d_follow_the_same_schedule(schedule, loader):
-    cfg = RunConfig(dataset="mura", lr=1e-3, lr_schedule=schedule, max_epochs=3, image_size=32, batch_size=4)
+    cfg = RunConfig(dataset="mura", lr=1e-3, lr_schedule=schedule, max_iterations=3, image_size=32, batch_size=4)
     lr_2d, mom_2d = schedule_2d(cfg, loader)
     steps = len(lr_2d)  # 3 epochs x 3 batches
     lr_3d, beta_3d = schedule_3d(RunConfig(lr=1e-3, lr_schedule=schedule, max_iterations=steps), steps)

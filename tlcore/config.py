@@ -105,7 +105,6 @@ class RunConfig:
 
     # --- 2D chain (DenseNet121 + fastai head; thesis: 299x299, batch 16, Adam lr 1e-4)
     image_size: int = 299
-    max_epochs: int = 10
     lr_ratio: float = 100.0               # the first layer group trains at lr / lr_ratio, the head at lr
     finding: str = "Pneumothorax"         # ChestX-ray14: this finding vs No Finding
     oversample: float = 0.0               # minority class repeated this often; 0 = balance (thesis 18)
@@ -150,7 +149,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         """Build from a Tune config; nested `start` dicts (source + frozen layers) are merged."""
-        flat = flatten_config(d)
+        flat = {k: v for k, v in flatten_config(d).items() if k not in RETIRED_KEYS}
         unknown = set(flat) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(
@@ -166,6 +165,11 @@ class RunConfig:
     def to_params(self) -> dict[str, Any]:
         """Flat, string-friendly view for MLflow params."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+# Keys an older tlcore wrote into trial configs (a sweep started with it can still be resumed):
+# ignored on reading, never written.
+RETIRED_KEYS = {"max_epochs"}  # 2D trials now train max_iterations epochs, the sweep's one budget
 
 
 def flatten_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from tlcore.data.splits import (
 )
 from tlcore.data.synthetic import ensure_synthetic
 from tlcore.flags import REPO_ROOT, SMOKE, SMOKE_2D, SYNTHETIC, SYNTHETIC_2D, SYNTHETIC_SIZES
+from tlcore.halving import SweepStalled
 from tlcore.progress import format_table
 from tlcore.summary import log_seed_aggregates, seeds_note
 from tlcore.trial_runs import SweepRuns
@@ -96,6 +97,11 @@ def run(main) -> None:
     try:
         main()
     except Exception as e:  # noqa: BLE001 -- anything else is re-raised unchanged
+        stalled = _stalled_cause(e)
+        if stalled is not None and _running:
+            close_stalled_sweep(_running)
+            print(f"\n[tlcore] error: {stalled}", file=sys.stderr)
+            raise SystemExit(2) from None
         cause = tracking.unreachable_cause(e)
         if cause is None or not _running:
             raise
@@ -106,6 +112,27 @@ def run(main) -> None:
               "the records the sweep kept for MLflow are written (Tune saved them), then it evaluates,\n"
               "registers and builds the report.", file=sys.stderr)
         raise SystemExit(EXIT_STORE_DOWN) from None
+
+
+def _stalled_cause(exc: BaseException | None) -> SweepStalled | None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SweepStalled):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def close_stalled_sweep(running: dict) -> None:
+    """A stalled sweep leaves nothing RUNNING in MLflow: its open trial runs and parent fail."""
+    uri, pid, name = running["uri"], running.get("parent_run_id"), running.get("name")
+    if not pid:
+        return
+    for run in tracking.child_runs(uri, name, pid, "attributes.status = 'RUNNING'"):
+        tracking.set_tags(uri, run.run_id, {"stalled": "true"})
+        tracking.end_run(uri, run.run_id, "FAILED")
+    tracking.end_run(uri, pid, "FAILED")
 
 
 def start_ray(sweep: Sweep) -> float:
@@ -213,6 +240,9 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
             fail(f"--spacing {args.spacing}: give three positive voxel sizes in mm, e.g. --spacing 1,1,1")
     if args.max_iterations:
         base["max_iterations"] = args.max_iterations
+    if args.report_every and is_2d:
+        fail(f"--report-every {args.report_every}: a 2D sweep reports once per epoch; its budget is "
+             "--max-iterations, in epochs")
     if args.report_every:
         base["report_every"] = args.report_every
     base.setdefault("max_iterations", 10_000)
@@ -239,7 +269,7 @@ def begin(sweep: Sweep) -> None:
         print(f"[tlcore] earlier results of {name} moved to {aside}")
     exp_dir.mkdir(parents=True, exist_ok=True)
     write_splits(sweep.splits_file, splits)
-    _running.update(uri=uri, exp_dir=str(exp_dir))
+    _running.update(uri=uri, exp_dir=str(exp_dir), name=name)
     if previous:
         sweep.parent_run_id = previous["parent_run_id"]
         tracking.set_tags(uri, sweep.parent_run_id, {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -253,6 +283,7 @@ def begin(sweep: Sweep) -> None:
         (exp_dir / "tlcore_sweep.json").write_text(json.dumps({
             "name": name, "parent_run_id": sweep.parent_run_id, "splits_file": sweep.splits_file,
             "tracking_uri": uri, "max_iterations": sweep.max_iterations}, indent=1))
+    _running["parent_run_id"] = sweep.parent_run_id
     print(f"[tlcore] {name}: {len(splits['train'])} train / {len(splits['val'])} val / "
           f"{len(splits['test'])} test subjects from {sweep.data_dir}")
     print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from tlcore import tracking
-from tlcore.config import HEADS, MEANVAR
+from tlcore.config import DATASETS_2D, HEADS, MEANVAR
 from tlcore.data.layouts import BRATS_TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,12 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
                         "tell (e.g. one machine, several Ray nodes)")
     p.add_argument("--autoscale", action="store_true",
                    help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")
-    p.add_argument("--max-iterations", type=int, default=None, help="training iterations per trial (ASHA may stop earlier)")
-    p.add_argument("--report-every", type=int, default=None, help="iterations between validation reports / checkpoints")
+    is_2d = dataset in DATASETS_2D
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help=("epochs per trial, one report each (ASHA may stop earlier; default 10 on real data)" if is_2d
+                         else "training iterations per trial (ASHA may stop earlier)"))
+    p.add_argument("--report-every", type=int, default=None,
+                   help="2D: not used (a report per epoch)" if is_2d else "iterations between validation reports / checkpoints")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
     p.add_argument("--scheduler", choices=["asha", "asha-sync", "none"], default="asha",
                    help="asha: stop poor trials early, deciding on the results in as they arrive; asha-sync: "

@@ -36,6 +36,11 @@ def asha_rungs(grace_period: int, max_t: int, reduction_factor: int) -> list[int
     return out
 
 
+class SweepStalled(RuntimeError):
+    """Trials wait at a rung that nothing can decide any more (StratifiedASHA's guard; a bug if
+    it happens): the sweep fails naming them instead of waiting forever."""
+
+
 @dataclass(frozen=True)
 class Decision:
     stratum: tuple

@@ -117,8 +117,9 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
 
 
 def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
-    """Train for `max_epochs` with the run's schedule (tlcore/schedules.py: the same curves as
-    the 3D loop) and discriminative learning rates."""
+    """Train for `max_iterations` epochs (the sweep's budget: a 2D report is an epoch) with the
+    run's schedule spanning them (tlcore/schedules.py: the same curves as the 3D loop) and
+    discriminative learning rates."""
     from fastai.callback.schedule import ParamScheduler
 
     from fastcore.basics import even_mults
@@ -131,7 +132,7 @@ def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
     if beta1(cfg.lr_schedule, 0.0) is not None:
         scheds["mom"] = lambda pct: beta1(cfg.lr_schedule, pct)  # fastai's name for Adam's beta1
     with learn.no_bar(), learn.no_logging():  # progress bars would flood the Ray driver
-        learn.fit(cfg.max_epochs, lr=rates, cbs=[ParamScheduler(scheds), SeedEachEpoch(cfg.seed)],
+        learn.fit(cfg.max_iterations, lr=rates, cbs=[ParamScheduler(scheds), SeedEachEpoch(cfg.seed)],
                   start_epoch=start_epoch)
 
 

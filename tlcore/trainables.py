@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tlcore.config import RunConfig, flatten_config
 from tlcore.credentials import with_credentials
-from tlcore.halving import CONTINUE, STOP, WAIT, SuccessiveHalving, asha_rungs
+from tlcore.halving import CONTINUE, STOP, WAIT, SuccessiveHalving, SweepStalled, asha_rungs
 from tlcore.progress import SweepProgress, quiet_ray_workers, ray_messages_to
 from tlcore.results import after_fit
 from tlcore.retention import best_paths, deletable
@@ -223,10 +223,6 @@ class MLflowTrialLogger(TrialRunLog, tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         self.finish()
-
-
-class SweepStalled(RuntimeError):
-    """Trials wait at a rung that nothing can decide any more (tlcore's guard; should not happen)."""
 
 
 def reported_results(trial: Trial) -> list[dict]:
