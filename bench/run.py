@@ -30,6 +30,7 @@ from common import FULL, SMALL, Profile, device_name, versions  # noqa: E402
 from compute import (bench_analysis, bench_deterministic, bench_inference, bench_packing, bench_precision,  # noqa: E402
                      bench_train2d, bench_train3d)
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
+from scale import bench_scale  # noqa: E402
 
 from tlcore.train import pick_device  # noqa: E402
 
@@ -48,10 +49,14 @@ TARGETS = {
     "train2d.b64_compute_images_per_s": (">=", 800.0),
     "train2d.pipeline_over_compute": (">=", 0.9),
     "analysis.overhead_pct_of_report_interval": ("<=", 3.0),
+    "scale.sqlite.growth_ratio": ("<=", 1.2),
+    "scale.server.growth_ratio": ("<=", 1.2),
+    "scale.sqlite.report_s_at_1000": ("<=", 60.0),
+    "scale.server.report_s_at_1000": ("<=", 60.0),
 }
 
 BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "mlflow", "tune",
-           "asha")
+           "asha", "scale")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s",
             "train2d.b64_compute_images_per_s"}
 
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
     if only - set(BENCHES):
         ap.error(f"--only {args.only}: choose from {', '.join(BENCHES)}")
     from importlib.util import find_spec
-    for bench, module in (("tune", "ray"), ("asha", "ray"), ("mlflow", "mlflow"), ("train2d", "fastai")):
+    for bench, module in (("tune", "ray"), ("asha", "ray"), ("scale", "ray"), ("mlflow", "mlflow"), ("train2d", "fastai")):
         if bench in only and find_spec(module) is None:  # e.g. a GPU box that cannot install Ray
             print(f"[bench] skipping {bench}: {module} is not installed", file=sys.stderr)
             only.discard(bench)
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
             bench_tune(profile, device, tmp, emit)
         if "asha" in only:
             bench_asha(profile, device, tmp, emit)
+        if "scale" in only:
+            bench_scale(profile, device, tmp, emit)
     if not args.no_summary:
         write_summary(log, device, profile)
         print(f"[bench] summary written to {BENCH / 'RESULTS.md'}")

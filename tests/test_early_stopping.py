@@ -184,7 +184,7 @@ def finishers(results) -> set:
 
 
 def run_marked(tmp_path, name, qualities, synchronous, *, fail_when_marked=0, dies_after=0, sequential=False,
-               searcher=None, num_samples=1, budget_s=120):
+               searcher=None, num_samples=1, budget_s=120, callbacks=()):
     import time
 
     markers = tmp_path / f"{name}-markers"
@@ -202,7 +202,8 @@ def run_marked(tmp_path, name, qualities, synchronous, *, fail_when_marked=0, di
                                                    time_budget_s=budget_s),
                        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=1),
-                                                 callbacks=[DriverDies(dies_after, markers / "driver_died")]))
+                                                 callbacks=[DriverDies(dies_after, markers / "driver_died"),
+                                                            *callbacks]))
     t0 = time.time()
     try:
         results = tuner.fit()
@@ -220,11 +221,19 @@ def run_marked(tmp_path, name, qualities, synchronous, *, fail_when_marked=0, di
 def test_a_trial_failing_after_its_rung_was_decided_is_retried_and_the_sweep_ends(local_ray, tmp_path, synchronous):
     """The worst of five trials fails once, after the other four have reported at rung 1: the
     rung decides without it (keeping ceil(4/3) = 2, as ceil(5/3) would), Tune retries it, it
-    arrives late and is judged against the recorded scores. The survivors of a quiet sweep."""
+    arrives late and is judged against the recorded scores. The survivors of a quiet sweep; the
+    progress view says the trial was retried."""
+    import io
+
+    from tlcore.trainables import Progress
+
     qualities = [0.1, 0.3, 0.5, 0.7, 0.9]
     quiet = run_marked(tmp_path, "quiet", qualities, synchronous)
-    faulty = run_marked(tmp_path, "faulty", qualities, synchronous, fail_when_marked=4)
+    progress = Progress(REPORTS, "val_dice", "max")
+    progress.stream = io.StringIO()
+    faulty = run_marked(tmp_path, "faulty", qualities, synchronous, fail_when_marked=4, callbacks=[progress])
     assert (tmp_path / "faulty-markers" / "failed").exists()
+    assert "failed at 0/9, retried from its last checkpoint (traceback: " in progress.stream.getvalue()
     assert all(r.metrics.get("training_iteration", 0) >= 1 for r in faulty)  # the retried trial reported
     if synchronous:
         assert finishers(faulty) == finishers(quiet) == {0.9}

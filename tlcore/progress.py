@@ -174,6 +174,11 @@ class SweepProgress:
         self.ended[trial_id] = "failed"
         self._trial(trial_id, f"failed; its traceback: {error_file or 'see above'}")
 
+    def retried(self, trial_id: str, done: int, error_file: str | None) -> None:
+        """A trial failed and Tune starts it again from its last checkpoint (--max-failures)."""
+        self._trial(trial_id, f"failed at {done}/{self.max_iterations}, retried from its last checkpoint "
+                              f"(traceback: {error_file or 'see above'})")
+
     def tick(self, running: int, trials: int) -> None:
         """Every `every_s` seconds: the summary and the table of trials (on a terminal, above the
         status line, which is redrawn at every tick)."""

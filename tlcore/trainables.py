@@ -121,6 +121,9 @@ class Progress(SweepProgress, tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed(trial.trial_id, trial.error_file)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.retried(trial.trial_id, self.done.get(trial.trial_id, 0), trial.error_file)
+
     def on_step_end(self, iteration, trials, **info):
         self.tick(sum(t.status == Trial.RUNNING for t in trials), len(trials))
 
