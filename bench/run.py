@@ -72,14 +72,15 @@ def verdict(key: str, value, on_gpu: bool) -> str:
 
 
 def write_summary(log: Path, device: torch.device, profile: Profile) -> None:
-    """This device's section of RESULTS.md from the newest record of each measurement in `log`
-    (so `--only` reruns replace just their own rows)."""
+    """This device's section of RESULTS.md from the newest value of each measurement in `log`
+    (so `--only` reruns, and partial ones such as TLCORE_SCALE_STORES=server, replace just their
+    own rows)."""
     on_gpu = device.type == "cuda"
     newest = {}
     for line in log.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("device") == device_name(device) and rec.get("profile") == profile.name:
-            newest[rec["bench"]] = rec
+            newest[rec["bench"]] = {**newest.get(rec["bench"], {}), **rec}  # a partial rerun keeps the other keys
     order = list(BENCHES)
     records = [newest[b] for b in order if b in newest]
     title = f"## {device_name(device)}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"

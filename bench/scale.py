@@ -4,7 +4,7 @@ callback, the progress view, Tune's result files), `after_fit`, the seed aggrega
 report, `tlcore.sync` and `summary.collect`; against SQLite and against a local MLflow server.
 
     .venv/bin/python bench/run.py --only scale                 # 100 and 1,000 trials
-    TLCORE_SCALE_SIZES=50,200 .venv/bin/python bench/run.py --only scale
+    TLCORE_SCALE_SIZES=50,200 TLCORE_SCALE_STORES=server .venv/bin/python bench/run.py --only scale
 
 Per-trial overhead is the sweep's wall time over its trials (2 trials at a time, as many as this
 machine has cores); `scale.growth_ratio` is that figure at 1,000 over the one at 100 (1.0: the
@@ -126,7 +126,7 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
                              "--artifacts-destination", str(tmp / "server-artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
+                             "--port", str(port)],  # the server's own defaults, as mlflow/server.sh starts it
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     from tlcore import tracking
@@ -145,8 +145,11 @@ def bench_scale(p, device, tmp: Path, emit) -> None:
     server, out = None, {}
     try:
         server, server_uri = start_server(tmp)
+        stores = os.environ.get("TLCORE_SCALE_STORES", "sqlite,server").split(",")
         for store, uri_of in (("sqlite", lambda n: f"sqlite:///{tmp / f'scale{n}.db'}"),
                               ("server", lambda n: server_uri)):
+            if store not in stores:
+                continue
             by_size = {}
             for n in sizes:
                 by_size[n] = sweep_once(n, uri_of(n), tmp / f"{store}-results", f"scale{n}")

@@ -46,22 +46,29 @@ class TrialRun:
 def collect(uri: str, experiment: str, parent_run_id: str, artifacts: bool = True) -> list[TrialRun]:
     """The sweep's trial runs with their curves; with `artifacts`, also the per-layer analysis
     curves, per-subject scores and test predictions each run logged (reads the mean-over-seeds
-    runs do not need)."""
-    out = []
-    for run in tracking.child_runs(uri, experiment, parent_run_id):
-        if run.tags.get("role") == AGGREGATE_ROLE:
-            continue
-        rid = run.run_id
-        histories = {k: tracking.metric_history(uri, rid, k) for k in run.metrics
-                     if k in (*CURVES, "val_dice", "val_accuracy", "step")
-                     or (artifacts and k.startswith(ANALYSIS_PREFIXES))}
-        per_subject = {s: d for s in (("val", "test", "train") if artifacts else ())
-                       if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json")) is not None}
-        pred = (artifacts and tracking.load_json(uri, rid, "test_predictions.json")) or {"image": [], "label": [],
-                                                                                         "prob": []}
-        out.append(TrialRun(rid, run.params, run.tags, run.metrics,
-                            histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"])))))
-    return out
+    runs do not need). From a tracking server, eight runs are read at a time: each takes a
+    handful of requests, and a 1,000-trial sweep read one request at a time took minutes
+    (bench/RESULTS.md, scale.server.report_s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [r for r in tracking.child_runs(uri, experiment, parent_run_id) if r.tags.get("role") != AGGREGATE_ROLE]
+    threads = 1 if tracking.local_store_path(uri) is not None else 8  # SQLite gains nothing from threads
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda run: _trial_run(uri, run, artifacts), runs))
+
+
+def _trial_run(uri: str, run, artifacts: bool) -> TrialRun:
+    rid = run.run_id
+    histories = {k: tracking.metric_history(uri, rid, k) for k in run.metrics
+                 if k in (*CURVES, "val_dice", "val_accuracy", "step")
+                 or (artifacts and k.startswith(ANALYSIS_PREFIXES))}
+    listed = set(tracking.artifact_files(uri, rid)) if artifacts else set()  # one listing for the four reads
+    per_subject = {s: d for s in (("val", "test", "train") if artifacts else ())
+                   if (d := tracking.load_json(uri, rid, f"{s}_per_subject_dice.json", listed)) is not None}
+    pred = (artifacts and tracking.load_json(uri, rid, "test_predictions.json", listed)) or {
+        "image": [], "label": [], "prob": []}
+    return TrialRun(rid, run.params, run.tags, run.metrics,
+                    histories, per_subject, dict(zip(pred["image"], zip(pred["label"], pred["prob"]))))
 
 
 def label(config: tuple, shared: frozenset = frozenset()) -> str:

@@ -252,9 +252,11 @@ def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: s
     client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
-def load_json(uri: str, run_id: str, artifact_file: str):
-    """A JSON artifact of a run, or None when the run has none by that name."""
-    names = {a.path for a in client(uri).list_artifacts(run_id, str(Path(artifact_file).parent).strip("."))}
+def load_json(uri: str, run_id: str, artifact_file: str, listed: set[str] | None = None):
+    """A JSON artifact of a run, or None when the run has none by that name. `listed`: the
+    artifact paths of its folder, when the caller has them already (one request fewer)."""
+    names = listed if listed is not None else {
+        a.path for a in client(uri).list_artifacts(run_id, str(Path(artifact_file).parent).strip("."))}
     if artifact_file not in names:
         return None
     with tempfile.TemporaryDirectory() as d:
