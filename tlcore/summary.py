@@ -49,12 +49,8 @@ def collect(uri: str, experiment: str, parent_run_id: str, artifacts: bool = Tru
     runs do not need). From a tracking server, eight runs are read at a time: each takes a
     handful of requests, and a 1,000-trial sweep read one request at a time took minutes
     (bench/RESULTS.md, scale.server.report_s)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     runs = [r for r in tracking.child_runs(uri, experiment, parent_run_id) if r.tags.get("role") != AGGREGATE_ROLE]
-    threads = 1 if tracking.local_store_path(uri) is not None else 8  # SQLite gains nothing from threads
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda run: _trial_run(uri, run, artifacts), runs))
+    return tracking.map_runs(uri, lambda run: _trial_run(uri, run, artifacts), runs)
 
 
 def _trial_run(uri: str, run, artifacts: bool) -> TrialRun:

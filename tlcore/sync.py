@@ -115,12 +115,8 @@ def replay(uri: str, experiment: str, parent_run_id: str, exp_dir: str | Path, m
     Against a tracking server, eight trials at a time (each takes about ten requests: 1,000
     trials one at a time took 98 s, bench/RESULTS.md scale.server.sync_s); each writes only its
     own run."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    trials = read_trials(Path(exp_dir))
-    threads = 1 if tracking.local_store_path(uri) is not None else 8  # SQLite: one writer at a time
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda t: sync_trial(uri, experiment, parent_run_id, t, max_iterations), trials))
+    return tracking.map_runs(uri, lambda t: sync_trial(uri, experiment, parent_run_id, t, max_iterations),
+                             read_trials(Path(exp_dir)))
 
 
 def sync(exp_dir: str | Path, uri: str | None = None) -> list[dict]:

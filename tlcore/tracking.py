@@ -336,6 +336,16 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path
     return Path(client(uri).download_artifacts(run_id, path, str(dst)))
 
 
+def map_runs(uri: str, fn, items) -> list:
+    """[fn(item) for item in items], eight at a time against a tracking server (each item is a
+    handful of requests; bench/RESULTS.md scale.server.*), one at a time against a local store
+    (SQLite gains nothing from threads and takes one writer at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1 if local_store_path(uri) is not None else 8) as pool:
+        return list(pool.map(fn, items))
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) by step: a step replayed later (tlcore.sync) takes its place in the curve."""
     history = sorted(client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
