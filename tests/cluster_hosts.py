@@ -59,6 +59,18 @@ class Host:
         out = subprocess.run(["pgrep", "-P", str(self.sshd.pid)], capture_output=True, text=True).stdout.split()
         return int(out[0]) if out else self.sshd.pid
 
+    def environ_holding(self, secret: bytes) -> list[str]:
+        """Command lines of this host's processes whose environment holds `secret`."""
+        ns, found = os.readlink(f"/proc/{self.pid()}/ns/pid"), []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if os.readlink(proc / "ns" / "pid") == ns and secret in (proc / "environ").read_bytes():
+                        found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore").strip())
+                except OSError:
+                    pass
+        return found
+
     def processes(self) -> list[str]:
         """Command lines of every process running on this host (its PID namespace)."""
         ns = os.readlink(f"/proc/{self.pid()}/ns/pid")

@@ -198,3 +198,24 @@ def test_dataset_description_for_non_standard_layouts(tmp_path, synthetic_root):
     desc.write_text("subjects:\n  case1: {t1: nothere.nii.gz}\n")
     with pytest.raises(DatasetLayoutError, match="case1: no 't2' entry"):
         find_subjects("brats", desc)
+
+
+@pytest.mark.parametrize("bad", ["../../outside", "a/b", ".hidden", "..", "x\\y"])
+def test_subject_ids_that_cannot_name_a_file_are_refused_naming_their_source(tmp_path, synthetic_root, bad):
+    """Ids name prediction files (predictions/<id>_pred.nii.gz): `../` would write outside the folder."""
+    from tlcore.data.layouts import find_subjects
+
+    files = next(iter(find_brats(synthetic_root / "brats").values()))
+    desc = tmp_path / "mydata.json"
+    desc.write_text(json.dumps({"subjects": {"ok1": files, bad: files}}))
+    with pytest.raises(DatasetLayoutError, match="cannot name a file") as e:
+        find_subjects("brats", desc)
+    assert str(desc) in str(e.value) and repr(bad) in str(e.value)
+    root = write_brats(tmp_path / "brats", n_hgg=2, n_lgg=0, shape=(8, 8, 8))
+    case = next((root / "HGG").iterdir())
+    hidden = case.rename(case.parent / ".ipynb_checkpoints")
+    for f in hidden.iterdir():
+        f.rename(hidden / f.name.replace(case.name, hidden.name))
+    with pytest.raises(DatasetLayoutError, match="'.ipynb_checkpoints'") as e:
+        find_subjects("brats", root)
+    assert str(hidden) in str(e.value)

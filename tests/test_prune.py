@@ -37,3 +37,19 @@ def test_prune_lists_first_keeps_the_newest_and_never_touches_current_sweeps(tmp
     assert every.returncode == 0 and not old[2].exists() and not other.exists()
     assert current.exists() and unrelated.exists()  # current sweeps and other folders: never
     assert prune(tmp_path / "missing").returncode == 2
+
+
+def test_prune_skips_a_symlink_named_like_an_earlier_sweep(tmp_path):
+    storage, elsewhere = tmp_path / "results", sweep_folder(tmp_path / "precious", megabytes=1)
+    old = sweep_folder(storage / "brats_layers.20261101-120000")
+    (storage / "brats_layers.20261102-120000").symlink_to(elsewhere, target_is_directory=True)
+    (old / "train_x" / "link").symlink_to(elsewhere, target_is_directory=True)  # not counted, not followed
+
+    dry = prune(storage)
+    assert dry.returncode == 0 and "a symbolic link" in dry.stderr, dry.stderr
+    assert [line.split()[2] for line in dry.stdout.splitlines() if line.startswith("would delete")] == [str(old)]
+    assert "(10.2 KB)" in dry.stdout  # the 1 MB behind the links is not counted
+    done = prune(storage, "--delete")
+    assert done.returncode == 0, done.stderr
+    assert not old.exists() and (storage / "brats_layers.20261102-120000").is_symlink()
+    assert (elsewhere / "train_x" / "checkpoint_000001" / "model.safetensors").exists()

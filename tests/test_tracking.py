@@ -78,16 +78,19 @@ def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
     assert main(["models:/nothing/1", "--mlflow-uri", mlflow_uri]) == 2
 
 
-def test_credentials_leave_the_tracking_uri_for_the_environment(monkeypatch):
+def test_a_password_in_a_tracking_uri_is_refused_and_a_user_moves_to_the_environment(monkeypatch):
     for var in credentials.CREDENTIAL_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert credentials.take_credentials("http://alice:s%40cret@10.0.0.5:5000/") == "http://10.0.0.5:5000/"
-    assert credentials.credentials_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s@cret"}
+    for uri in ("http://alice:s%40cret@10.0.0.5:5000/", "postgresql://mlflow:s%40cret@db:5432/mlflow"):
+        with pytest.raises(credentials.PasswordInURI) as e:
+            credentials.take_credentials(uri)
+        assert "s%40cret" not in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
+    assert "pgpass" in str(e.value)
+    assert not credentials.without_credentials()  # nothing was put in the environment
+    assert credentials.take_credentials("http://alice@10.0.0.5:5000/") == "http://10.0.0.5:5000/"
+    assert credentials.without_credentials() == {"MLFLOW_TRACKING_USERNAME": "alice"}
     assert credentials.take_credentials("https://[::1]:5000") == "https://[::1]:5000"
     assert credentials.take_credentials("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
-    with pytest.raises(ValueError, match="pgpass") as e:
-        credentials.take_credentials("postgresql://mlflow:hunter2@db:5432/mlflow")
-    assert "hunter2" not in str(e.value)
 
 
 def test_redact_hides_passwords_anywhere_in_a_line():

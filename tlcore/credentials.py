@@ -1,17 +1,23 @@
-"""MLflow credentials: taken out of a tracking URI (which is recorded everywhere), redacted from
-any line that is printed, and carried to trials and Ray tasks inside the function Ray ships.
-No MLflow or Ray import here.
+"""MLflow credentials stay in the driver's environment: never in a command line or a URI (which
+are recorded everywhere), never shipped to a Ray worker. One check for every entry point that
+takes `--mlflow-uri`, and redaction of any line that is printed. No MLflow or Ray import here.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
 import os
 import re
 from urllib.parse import unquote, urlparse
 
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]*)@")
+HOW_TO_LOG_IN = ("keep it out of the command line: `read -rs MLFLOW_TRACKING_PASSWORD && export "
+                 "MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_USERNAME=<user>`, then pass the URI without it")
+
+
+class PasswordInURI(ValueError):
+    """A tracking URI with a password: refused before anything runs (the message holds no password)."""
 
 
 def redact(text: str) -> str:
@@ -19,51 +25,47 @@ def redact(text: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
 
 
-def take_credentials(uri: str) -> str:
-    """The tracking URI without its `user:password@`, which go where MLflow's client reads them:
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in this process's environment (and,
-    through with_credentials, in every trial's). The URI itself ends up in
-    run params, trial configs, Tune's result files and printed lines, so it must hold no secret.
-
-    A database URI with a password (postgresql://user:pw@host/db as the tracking store itself)
-    cannot shed it: refused, with the ways that keep it out of the command line.
-    """
+def check_tracking_uri(uri: str, flag: str = "--mlflow-uri") -> str:
+    """`uri` if it holds no password; else PasswordInURI naming MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD. Stripping the password after parsing would be too late: a program's
+    command line is in every process list (/proc/<pid>/cmdline is world-readable) before it runs a
+    line, and Ray records a driver's command line as its job's entrypoint (`ray list jobs`)."""
     parsed = urlparse(uri)
-    if parsed.password is None and not (parsed.username and parsed.scheme in ("http", "https")):
+    if parsed.password is None:
         return uri
-    if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"--mlflow-uri {redact(uri)}: a password in a database URI would be recorded with "
-                         "every run. Keep it out of the URI (PostgreSQL: ~/.pgpass or PGPASSWORD), or log "
-                         "through the team server (mlflow/server.sh) with MLFLOW_TRACKING_USERNAME / "
-                         "MLFLOW_TRACKING_PASSWORD set.")
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parsed.username or "")
-    if parsed.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parsed.password)
+    if parsed.scheme in ("http", "https"):
+        raise PasswordInURI(f"{flag} {redact(uri)}: a password in the URI is visible to every user of this "
+                            f"machine (ps) and in Ray's job table; {HOW_TO_LOG_IN}.")
+    raise PasswordInURI(f"{flag} {redact(uri)}: a password in a database URI would be visible in ps and recorded "
+                        "with every run. Keep it out of the URI (PostgreSQL: ~/.pgpass or PGPASSWORD), or log "
+                        f"through the team server (mlflow/server.sh) with MLFLOW_TRACKING_USERNAME / "
+                        f"MLFLOW_TRACKING_PASSWORD set ({HOW_TO_LOG_IN}).")
+
+
+def tracking_uri_flag(text: str) -> str:
+    """argparse `type=` of every --mlflow-uri: a password is refused while the flags are parsed,
+    before Ray, MLflow or torch is imported (argparse prints the message, never the value)."""
+    try:
+        return check_tracking_uri(text)
+    except PasswordInURI as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mlflow-uri ")) from None
+
+
+def take_credentials(uri: str, flag: str = "--mlflow-uri") -> str:
+    """The tracking URI the sweep records: no password (check_tracking_uri), and a `user@` of an
+    http(s) URI moved to MLFLOW_TRACKING_USERNAME, where MLflow's client reads it."""
+    check_tracking_uri(uri, flag)
+    parsed = urlparse(uri)
+    if not (parsed.username and parsed.scheme in ("http", "https")):
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parsed.username)
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname  # IPv6 keeps its brackets
     host += f":{parsed.port}" if parsed.port else ""
     return parsed._replace(netloc=host).geturl()
 
 
-def credentials_env() -> dict[str, str]:
-    """The MLflow credentials this process has, for the sweep's trials (with_credentials):
-    trials on nodes whose Ray was started without them still reach the registry."""
-    return {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
-
-
-def with_credentials(fn):
-    """`fn` (a trainable or a Ray task), first putting the driver's MLflow credentials
-    (credentials_env) into the worker's environment, where MLflow's client reads them:
-    trials and evaluation tasks on nodes whose Ray was started without them still reach the
-    registry and their runs. They travel inside the function Ray ships to the workers; not in the
-    config (recorded as params and in Tune's result files) and not in a Ray runtime environment
-    (Ray's runtime-env agent writes those values to its log)."""
-    credentials = credentials_env()
-    if not credentials:
-        return fn
-
-    @functools.wraps(fn)
-    def with_env(*args, **kwargs):
-        os.environ.update(credentials)
-        return fn(*args, **kwargs)
-
-    return with_env
+def without_credentials() -> dict[str, str]:
+    """Remove the MLflow credentials from this process's environment; returns them (to put back).
+    Processes started meanwhile (a private local Ray's GCS and raylet, whose workers inherit their
+    environment) never see them."""
+    return {k: os.environ.pop(k) for k in CREDENTIAL_VARS if k in os.environ}

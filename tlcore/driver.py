@@ -10,7 +10,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,6 +49,7 @@ class Sweep:
     default_strata: tuple = ()        # config keys early stopping compares within (the sweep's choice)
     parent_run_id: str = ""           # set by begin()
     gpus_per_trial: float = 0         # set by start_ray()
+    source_weights: dict = field(default_factory=dict)  # set by resolve_source(): for the trials
 
     @property
     def runs(self) -> SweepRuns:
@@ -69,7 +70,8 @@ class Sweep:
                 "storage_path": self.storage_path, "max_iterations": self.max_iterations,
                 "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
                 "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume,
-                "scheduler": a.scheduler, "strata": self.strata, "seed": a.seed, "num_samples": a.num_samples}
+                "scheduler": a.scheduler, "strata": self.strata, "seed": a.seed, "num_samples": a.num_samples,
+                "source_weights": self.source_weights}
 
     @property
     def strata(self) -> tuple:
@@ -80,7 +82,7 @@ class Sweep:
 
 
 def fail(msg: str) -> NoReturn:
-    print(f"\n[tlcore] error: {msg}", file=sys.stderr)
+    print(f"\n[tlcore] error: {redact(msg)}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -316,9 +318,15 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
 
 
 def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.ModelRef:
-    """The registered source model, or an error saying how to produce it (call before `begin`)."""
+    """The registered source model, or an error saying how to produce it (call before `begin`).
+    Its weights are read here, once, for the trials (sweep.source_weights): trials never ask the
+    registry, so no node but this one needs an MLflow credential."""
+    from tlcore.starts import source_weights
+
     try:
-        return tracking.resolve_model(sweep.tracking_uri, model_uri)
+        ref = tracking.resolve_model(sweep.tracking_uri, model_uri)
+        sweep.source_weights.update(source_weights(sweep.tracking_uri, [ref.uri]))
+        return ref
     except tracking.ModelNotFoundError as e:
         if sweep.tracking_uri != tracking.default_tracking_uri():
             how_to_make += f" --mlflow-uri {sweep.tracking_uri}"

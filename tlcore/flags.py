@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tlcore import tracking
 from tlcore.config import DATASETS_2D, HEADS, MEANVAR
+from tlcore.credentials import tracking_uri_flag
 from tlcore.data.layouts import BRATS_TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,9 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
                             "volume's own); predictions are written back on each input's grid")
     p.add_argument("--address", default=None, help="Ray address, e.g. 'auto' for a running cluster; omitted = start a local Ray")
     p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
-    p.add_argument("--mlflow-uri", default=None, help=f"MLflow tracking URI; omitted = {tracking.default_tracking_uri()}")
+    p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag,
+                   help=f"MLflow tracking URI, no password in it (MLFLOW_TRACKING_USERNAME / _PASSWORD); "
+                        f"omitted = {tracking.default_tracking_uri()}")
     p.add_argument("--storage-path", default=str(REPO_ROOT / "results"),
                    help="Ray results and checkpoints (shared storage on multi-node clusters)")
     p.add_argument("--num-samples", type=int, default=1, help="repeats per grid point (each with its own seed), or trials of a search")

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from tlcore import tracking
+from tlcore.credentials import tracking_uri_flag
 from tlcore.config import MEANVAR, weights_of
 
 HEADLINE = ("test_dice", "test_accuracy", "test_auc", "best_val_dice", "val_dice", "val_accuracy")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tlcore.lineage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("start", help="models:/<name>/<version|latest>, models:/<name>@<alias> or runs:/<run id>")
-    p.add_argument("--mlflow-uri", default=None, help=f"default {tracking.default_tracking_uri()}")
+    p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag, help=f"default {tracking.default_tracking_uri()}")
     args = p.parse_args(argv)
     try:
         links = chain(args.mlflow_uri or tracking.default_tracking_uri(), args.start)

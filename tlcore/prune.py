@@ -21,15 +21,20 @@ MOVED_ASIDE = re.compile(r"^(?P<name>.+)\.(?P<stamp>\d{8}-\d{6})$")
 
 
 def size_of(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    """Bytes of the files in `folder`; links are not followed (a link's target is not freed)."""
+    return sum(f.lstat().st_size for f in folder.rglob("*") if not f.is_symlink() and f.is_file())
 
 
 def earlier_sweeps(storage: Path, keep: int = 0) -> list[Path]:
-    """Moved-aside sweep folders under `storage`, oldest first, except the newest `keep` of each sweep."""
+    """Moved-aside sweep folders under `storage`, oldest first, except the newest `keep` of each
+    sweep. A symlink named like one is never a sweep's own folder (whoever can write the storage
+    path could point it anywhere): skipped, not followed."""
     by_name: dict[str, list[Path]] = {}
     for d in storage.iterdir() if storage.is_dir() else ():
         m = MOVED_ASIDE.match(d.name)
-        if d.is_dir() and m:
+        if m and d.is_symlink():
+            print(f"[tlcore] skipping {d}: a symbolic link, not a sweep folder", file=sys.stderr)
+        elif d.is_dir() and m:
             by_name.setdefault(m["name"], []).append(d)
     doomed = []
     for folders in by_name.values():

@@ -6,11 +6,13 @@ Ray's core only; no ray.tune here.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import ray
 
 from tlcore import tracking
+from tlcore.credentials import without_credentials
 
 
 class ClusterMismatch(ValueError):
@@ -37,22 +39,56 @@ def is_shared_path(path: str) -> bool:
     return fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse.")
 
 
+def private_ray_token() -> Path | None:
+    """Ray's token for a private local Ray (token authentication is on unless RAY_AUTH_MODE says
+    otherwise), made here if missing: mode 0600 in a 0700 folder. Ray itself writes
+    ~/.ray/auth_token with the process's umask (0644 in a 0755 folder: any user of the machine
+    could read it and drive the sweep's Ray)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token.parent.chmod(0o700)
+    if not token.exists():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+    token.chmod(0o600)
+    return token
+
+
+def start_private_ray(runtime_env: dict) -> None:
+    """A private local Ray for this machine: no dashboard, every process listening on 127.0.0.1
+    only (Ray would otherwise bind every interface and advertise the host's routable address),
+    its token 0600, and no MLflow credential in the environment its processes (and so every
+    worker) inherit. address="local": never join a cluster `ray start` left on this machine."""
+    import ray._private.ray_constants as ray_constants
+
+    private_ray_token()
+    # Ray's own switch for a single-machine Ray (its default on macOS and Windows): the node's
+    # address is the loopback one; read here at ray.init, and by the processes it starts
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    held = without_credentials()
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env=runtime_env)
+    finally:
+        os.environ.update(held)
+
+
 def connect(args) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
     `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     runtime_env = {"worker_process_setup_hook": "tlcore.progress.quiet_ray_workers"}
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
-    # (No secret goes here: Ray's runtime-env agent logs these values; MLflow credentials reach
-    # trials through credentials.with_credentials.)
+    # (No secret goes here: Ray's runtime-env agent logs these values. Trials need none: the
+    # driver is the only MLflow client.)
     if args.deterministic:
         runtime_env["env_vars"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     if args.address is None:
-        # A private local Ray for this machine: no dashboard; Ray's token authentication stays
-        # as configured (on by default in Ray >= 2.52, set RAY_AUTH_MODE=disabled to turn off).
-        # address="local": never join a cluster that `ray start` left running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env=runtime_env)
+        start_private_ray(runtime_env)
     else:
         ray.init(address=args.address, runtime_env=runtime_env)
     resources = ray.cluster_resources()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore import tracking
+from tlcore.credentials import tracking_uri_flag
 from tlcore.plots import (body_part_plot, box_plot, curves_plot, forecast_plot, layer_curves_plot, layer_heatmap,
                           overlay_plot, roc_plot, subsets_plot, training_steps_plot)
 from tlcore.stats import rank_agreement
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment", help="MLflow experiment = sweep name, e.g. brats_layers")
     p.add_argument("--parent-run", default=None, help="the sweep's parent run id (default: the newest)")
     p.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
-    p.add_argument("--mlflow-uri", default=None, help=f"default {tracking.default_tracking_uri()}")
+    p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag, help=f"default {tracking.default_tracking_uri()}")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     args = p.parse_args(argv)
     try:

@@ -23,13 +23,13 @@ from tlcore.progress import format_table
 from tlcore.starts import load_images, load_split, num_classes
 from tlcore.train import amp_dtype, choose_channels_last, pick_device
 from tlcore.transfer import read_weights
-from tlcore.credentials import with_credentials
 from tlcore.trial_runs import SweepRuns, end_trial_run, iteration_tags
 
-def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", run_id: str = "") -> dict:
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
     """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
-    With `run_id`, the predictions of a val or test split are logged to that MLflow run as NIfTI
-    under predictions/<split>/ (on each input's grid, with its affine and header)."""
+    With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
+    with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
+    to MLflow (no credential on the nodes)."""
     cfg = RunConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
     model = build_for(cfg, num_classes(cfg))
@@ -40,13 +40,22 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     with tempfile.TemporaryDirectory() as out:
-        predictions = out if run_id and split != "train" else None
+        keep = out if predictions and split != "train" else None
         ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
                                cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
-                               channels_last, predictions)
-        if predictions:
-            tracking.log_artifacts(cfg.tracking_uri, run_id, out, f"predictions/{split}")
-    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"]}
+                               channels_last, keep)
+        files = {f.name: f.read_bytes() for f in sorted(Path(out).iterdir()) if f.is_file()} if keep else {}
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], "predictions": files}
+
+
+def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) -> None:
+    """The prediction files an evaluation task returned, logged by the driver under predictions/<split>/."""
+    if not files:
+        return
+    with tempfile.TemporaryDirectory() as out:
+        for name, data in files.items():
+            (Path(out) / Path(name).name).write_bytes(data)
+        tracking.log_artifacts(uri, run_id, out, f"predictions/{split}")
 
 
 def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
@@ -174,13 +183,13 @@ def best_checkpoint_of(result, metric: str = "val_dice", mode: str = "max"):
 
 def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
     """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
     return ray.get(task.remote(config, checkpoint, split))
 
 
-def _evaluate_task(config: dict, checkpoint, split: str, run_id: str = "") -> dict:
+def _evaluate_task(config: dict, checkpoint, split: str, predictions: bool = False) -> dict:
     with checkpoint.as_directory() as d:
-        return evaluate_checkpoint(config, d, split, run_id)
+        return evaluate_checkpoint(config, d, split, predictions)
 
 
 def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
@@ -194,7 +203,7 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
     evaluate the same checkpoint again. Trials that failed are left out.
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_evaluate_task))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
     pending, out = {}, {}
     for r in results:
         checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
@@ -206,7 +215,7 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
         if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
             out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
             continue
-        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, run_id) for s in splits})
+        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, bool(run_id)) for s in splits})
     for trial_id, (run_id, best_iteration, refs) in pending.items():
         scores = {s: ray.get(ref) for s, ref in refs.items()}
         dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
@@ -216,6 +225,7 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
                                  step=best_iteration)
             for s, v in scores.items():
                 tracking.log_dict(runs.uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+                log_predictions(runs.uri, run_id, v["predictions"], s)
             tracking.set_tags(runs.uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
                                                                                 "dice": dice})})
     return out
@@ -245,7 +255,7 @@ def cka_with_scratch(results, runs: SweepRuns, *, cpus: float = 1, gpus: float =
     group's CKA on the probe patches (do fine-tuned and scratch models end up computing the same
     thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
     again). Returns trial_id -> {metric: value}."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(_cka_with_scratch_task))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
     scratch = {same(RunConfig.from_dict(r.config)): r for r in results
                if not r.error and RunConfig.from_dict(r.config).source_model == "scratch"}
@@ -274,7 +284,7 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float
     def run(config, checkpoint, split):
         with checkpoint.as_directory() as d:
             return evaluate_classifier(config, d, split)
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(with_credentials(run)).remote(config, checkpoint, split))
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))
 
 
 def chestxray_table(results, rows: list[dict], runs: SweepRuns, *, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlcore import tracking
+from tlcore.credentials import tracking_uri_flag
 from tlcore.progress import format_table
 from tlcore.trial_runs import end_trial_run, logged_metrics, iteration_tags, open_trial_run, reported_dict
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tlcore.sync", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", help="<storage-path>/<sweep name>, e.g. results/brats_layers")
-    p.add_argument("--mlflow-uri", default=None, help="tracking store (default: the one the sweep used)")
+    p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag, help="tracking store (default: the one the sweep used)")
     args = p.parse_args(argv)
     try:
         rows = sync(args.sweep_dir, args.mlflow_uri)

@@ -22,12 +22,12 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from tlcore.config import RunConfig, flatten_config
-from tlcore.credentials import with_credentials
 from tlcore.halving import CONTINUE, STOP, WAIT, SuccessiveHalving, SweepStalled, asha_rungs
 from tlcore.progress import SweepProgress, quiet_ray_workers, ray_messages_to
 from tlcore.results import after_fit
 from tlcore.retention import best_paths, deletable
-from tlcore.starts import layer_analysis, num_classes, runtime_summary, start_classifier, start_segmentation, transfer_summary
+from tlcore.starts import (layer_analysis, num_classes, runtime_summary, start_classifier, start_segmentation,
+                           transfer_summary, use_source_weights)
 from tlcore.train import (amp_dtype, choose_channels_last, pick_device, read_segmentation_state, train_segmentation,
                           write_segmentation_checkpoint)
 from tlcore.trial_runs import SweepRuns, TrialRunLog, iteration_tags, trial_run_name
@@ -39,9 +39,11 @@ def this_node() -> dict:
     return {"node": socket.gethostname(), "node_ip": ray.util.get_node_ip_address()}
 
 
-def train_segmentation_trial(config: dict) -> None:
-    """Function trainable: train one configuration, report every `report_every` iterations."""
+def train_segmentation_trial(config: dict, source_weights: dict | None = None) -> None:
+    """Function trainable: train one configuration, report every `report_every` iterations.
+    `source_weights`: the registered source models, from the driver (starts.use_source_weights)."""
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
+    use_source_weights(source_weights)
     cfg = RunConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
     analysis = layer_analysis(cfg, model, val, device)  # before a resume: movement is from the start
@@ -475,7 +477,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
               max_iterations: int, report_every: int, num_samples: int = 1, seed: int = 0, search_alg=None,
               cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_failures: int = 1,
               resume: bool = False, metric: str = "val_dice", mode: str = "max",
-              scheduler: str = "asha", strata=(), grace_period: int = 2, reduction_factor: int = 3):
+              scheduler: str = "asha", strata=(), grace_period: int = 2, reduction_factor: int = 3,
+              source_weights: dict | None = None):
     """Run (or resume) a sweep of `train_segmentation_trial`; returns the ResultGrid.
 
     num_samples: with a grid (no `search_alg`), the grid runs once per seed, seed .. seed +
@@ -485,10 +488,15 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     the stratum reached the rung: independent of the order results arrive in) or "none" (every
     trial runs to the end). `strata`: config keys whose values split the trials into groups
     that early stopping compares separately (e.g. ("train_subset",)).
+    source_weights: model URI -> (pinned URI, safetensors bytes) of the registered sources the
+    trials start from (starts.source_weights; the driver resolves them once).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}: choose from {SCHEDULERS}")
-    trainable = tune.with_resources(with_credentials(trainable or train_segmentation_trial),
+    # the driver is the only MLflow client: source weights reach trials through Ray's object
+    # store, results come back as Tune reports, and nothing secret is pickled into the trainable
+    trainable = tune.with_resources(tune.with_parameters(trainable or train_segmentation_trial,
+                                                         source_weights=source_weights or {}),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_dir = os.path.join(storage_path, name)
     restored = resume and tune.Tuner.can_restore(exp_dir)
@@ -540,12 +548,13 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     return results
 
 
-def train_classifier_trial(config: dict) -> None:
+def train_classifier_trial(config: dict, source_weights: dict | None = None) -> None:
     """Function trainable for the 2D chain: one report (and checkpoint) per epoch."""
     from tlcore.train2d import (ReportEachEpoch, build_learner, classifier_checkpoint_epoch, fit_classifier,
                                 load_classifier_state, uses_bf16, uses_channels_last, write_classifier_checkpoint)
 
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
+    use_source_weights(source_weights)
     cfg = RunConfig.from_dict(config)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()

@@ -40,12 +40,25 @@ def find_subjects(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
     for layouts that are not the standard one.
     """
     if Path(data_dir).suffix.lower() in (".json", ".yaml", ".yml"):
-        return read_description(data_dir, modalities, strict)
+        return checked_ids(read_description(data_dir, modalities, strict), data_dir)
     if dataset == "brats":
-        return find_brats(data_dir, modalities, grades, strict=strict)
+        return checked_ids(find_brats(data_dir, modalities, grades, strict=strict), data_dir)
     if dataset == "ixi":
-        return find_ixi(data_dir, modalities, strict=strict)
+        return checked_ids(find_ixi(data_dir, modalities, strict=strict), data_dir)
     raise DatasetLayoutError(f"unknown dataset {dataset!r}: expected 'brats' or 'ixi'")
+
+
+def checked_ids(subjects: dict[str, dict[str, str]], source) -> dict[str, dict[str, str]]:
+    """`subjects`, if every id is safe as a file name: ids name the files written for a subject
+    (predictions/<id>_pred.nii.gz), so `../x` would write outside the output folder and `.x` hide it."""
+    for sid, files in subjects.items():
+        if not sid or "/" in sid or "\\" in sid or ".." in sid or sid.startswith(".") or "\0" in sid:
+            where = next(iter(files.values()), "") if Path(source).is_dir() else source
+            raise DatasetLayoutError(
+                f"subject id {sid!r} (from {where}) cannot name a file: ids may not contain '/', '\\' or '..', "
+                "nor start with '.'. Rename that subject (its folder or file names, or its key in the "
+                "dataset description), or remove it.")
+    return subjects
 
 
 def find_brats(root: str | Path, modalities=("t1", "t2"), grades=("HGG",), strict: bool = True) -> dict[str, dict[str, str]]:

@@ -1,0 +1,115 @@
+"""No secret leaves the driver: a password in --mlflow-uri is refused by every entry point before
+anything runs, and tlcore's private local Ray listens on 127.0.0.1 only, keeps its token to its
+user, and gives its processes (so every worker) no MLflow credential. The team path across two
+hosts (worker environments, Ray's key-value store and logs) is in test_cluster_launch.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from helpers import REPO, processes_with_env
+
+PASSWORD = "pw-" + os.urandom(6).hex()
+
+
+def test_a_password_in_mlflow_uri_is_refused_by_sweep_report_lineage_and_sync(tmp_path):
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:5000"
+    storage = tmp_path / "results"
+    commands = {"sweep": ["sweeps/brats_layers.py", "--storage-path", str(storage)],
+                "report": ["-m", "tlcore.report", "brats_layers", "--out", str(tmp_path / "report")],
+                "lineage": ["-m", "tlcore.lineage", "models:/ixi_hippocampus/1"],
+                "sync": ["-m", "tlcore.sync", str(storage / "brats_layers")]}
+    started = time.time()
+    procs = {name: subprocess.Popen([sys.executable, *argv, "--mlflow-uri", uri], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, argv in commands.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, out, err)
+        assert "MLFLOW_TRACKING_PASSWORD" in err and "read -rs" in err and "alice:***@" in err, (name, err)
+        assert PASSWORD not in out + err, name
+    print(f"4 entry points refused in {time.time() - started:.1f} s (in parallel)")
+    assert not storage.exists() and not (tmp_path / "report").exists()  # nothing written
+
+
+PROBE = textwrap.dedent('''
+    import json, os, sys, argparse
+    from tlcore.ray_cluster import connect
+    import ray
+    sys.path.insert(0, sys.argv[1])
+    from gcs_kv_search import search
+
+    args = argparse.Namespace(address=None, deterministic=False, gpus_per_trial=0, cpus_per_trial=1,
+                              autoscale=False, shared_storage=False, storage_path=sys.argv[2], mlflow_uri=None)
+    connect(args)
+    secret = os.environ["MLFLOW_TRACKING_PASSWORD"]
+    in_task = ray.get(ray.remote(lambda: os.environ.get("MLFLOW_TRACKING_PASSWORD")).remote())
+    print(json.dumps({"task_sees": in_task, "driver_keeps": secret == os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+                      "node_ip": ray.nodes()[0]["NodeManagerAddress"], "kv": search(secret.encode())[1]}), flush=True)
+    sys.stdin.readline()  # the test looks at the processes meanwhile
+    ray.shutdown()
+''')
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses of the TCP sockets `pids` listen on (from /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                host = fields[1].split(":")[0]
+                raw = bytes.fromhex(host)
+                if len(raw) == 4:
+                    found.add(".".join(str(b) for b in raw[::-1]))
+                else:  # IPv6: four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(":".join(words[i:i + 2].hex() for i in range(0, 16, 2)))
+    return found
+
+
+LOOPBACK = {"127.0.0.1", "0000:0000:0000:0000:0000:ffff:7f00:0001", "0000:0000:0000:0000:0000:0000:0000:0001"}
+
+
+def test_private_local_ray_is_loopback_only_with_a_private_token_and_no_credentials(tmp_path):
+    marker = "TLCORE_PROBE_" + os.urandom(4).hex()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=str(home), MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=PASSWORD, **{marker: "1"})
+    proc = subprocess.Popen([sys.executable, "-c", PROBE, str(REPO / "tests"), str(tmp_path)], cwd=REPO, env=env,
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-3000:] if proc.poll() is not None else "no output"
+        seen = json.loads(line)
+        assert seen["task_sees"] is None and seen["driver_keeps"] and seen["kv"] == []
+        assert seen["node_ip"] == "127.0.0.1"
+        ray_processes = {pid for pid, title, _ in processes_with_env(marker) if pid != proc.pid}
+        assert len(ray_processes) >= 3  # GCS, raylet, a worker
+        holding = [title for pid, title, _ in processes_with_env(PASSWORD) if pid in ray_processes]
+        assert not holding, holding
+        listening = listening_addresses(ray_processes | {proc.pid})
+        assert listening and listening <= LOOPBACK, listening
+        token = home / ".ray" / "auth_token"  # token authentication on (Ray's default), made by tlcore
+        assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
