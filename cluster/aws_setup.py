@@ -28,20 +28,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from checks import SetupInputError, check_bucket, check_cidr, check_cluster_name  # noqa: E402  (this folder)
+
 EC2_TRUST = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
                                                      "Action": "sts:AssumeRole"}]}
 POLICY_NAME = "tlcore"
-
-
-def check_cidr(cidr: str) -> str:
-    try:
-        net = ipaddress.ip_network(cidr, strict=False)
-    except ValueError:
-        raise SystemExit(f"--ssh-cidr {cidr}: not a network; give yours, e.g. 198.51.100.0/24 or 198.51.100.7/32")
-    if net.prefixlen < 8:
-        raise SystemExit(f"--ssh-cidr {cidr} opens SSH to a large part of the internet; give your office or VPN "
-                         "network (e.g. 198.51.100.0/24), or your own address with /32")
-    return str(net)
 
 
 def policy(file: str, **values) -> str:
@@ -87,7 +79,8 @@ def _security_group(ec2, cluster: str, vpc_id: str, ssh_cidr: str) -> str:
                                                             "Tags": [{"Key": "ray-cluster-name", "Value": cluster}]}])["GroupId"]
         group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
     gid = group["GroupId"]
-    wanted = {("tcp", 22, 22, "CidrIp", ssh_cidr), ("-1", None, None, "GroupId", gid)}
+    ssh_kind = "CidrIpv6" if ipaddress.ip_network(ssh_cidr).version == 6 else "CidrIp"  # IPv6: Ipv6Ranges
+    wanted = {("tcp", 22, 22, ssh_kind, ssh_cidr), ("-1", None, None, "GroupId", gid)}
     have = set(_rules(group["IpPermissions"]))
     if have - wanted:  # nothing else: rules added by hand (or an older --ssh-cidr) go
         ec2.revoke_security_group_ingress(GroupId=gid, IpPermissions=_permissions(have - wanted))
@@ -131,7 +124,12 @@ def setup(region: str, ssh_cidr: str, bucket: str, cluster: str = "tlcore-aws", 
     """Create (or bring back in line) the group, the two profiles and EC2's Spot role; returns their ids."""
     import boto3
 
-    ssh_cidr = check_cidr(ssh_cidr)
+    try:  # before any call to AWS
+        ssh_cidr = check_cidr(ssh_cidr)
+        check_bucket(bucket, "aws")
+        check_cluster_name(cluster, "aws")
+    except SetupInputError as e:
+        raise SystemExit(f"error: {e}") from None
     ec2, iam = boto3.client("ec2", region_name=region), boto3.client("iam", region_name=region)
     account = boto3.client("sts", region_name=region).get_caller_identity()["Account"]
     if vpc_id is None:

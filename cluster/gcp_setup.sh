@@ -12,8 +12,11 @@
 #   - network tlcore-net with one subnet and no default rules; firewall: SSH from --ssh-cidr to the
 #     head only, all traffic between the cluster's nodes, nothing else in; Cloud NAT so workers
 #     without public IPs can still install packages;
-#   - service account tlcore-head: the custom role in gcp-head-role.yaml, only on VMs named
-#     ray-<cluster>-..., may run VMs as tlcore-worker, objects of the one bucket;
+#   - service account tlcore-head: the custom role in gcp-head-role.yaml, only on this cluster's
+#     VMs (ray-<cluster>-head-... / -worker-...) and on tlcore-subnet, may run VMs as
+#     tlcore-worker, objects of the one bucket. (compute.instances.list cannot be narrowed: IAM
+#     checks it on the project, so the head can list every VM of the project with its
+#     metadata. Give the cluster a project of its own if others hold secrets in theirs.);
 #   - service account tlcore-worker: objects of the one bucket.
 # Ray's bootstrap still creates ray-autoscaler-sa-v1 with its broad roles on each `ray up` (Ray has
 # no switch for it); no tlcore node runs as it. cluster/README.md says how to strip it afterwards.
@@ -34,18 +37,34 @@ done
 for v in PROJECT REGION SSH_CIDR BUCKET; do
   [[ -n "${!v}" ]] || { echo "missing --$(echo "$v" | tr 'A-Z_' 'a-z-') (see the header of $0)" >&2; exit 2; }
 done
-prefix=${SSH_CIDR#*/}
-if [[ "$SSH_CIDR" != */* || ! "$prefix" =~ ^[0-9]+$ || "$prefix" -lt 8 ]]; then
-  echo "--ssh-cidr $SSH_CIDR opens SSH to a large part of the internet (or is not a network); give your office or VPN network, e.g. 198.51.100.0/24" >&2
-  exit 2
-fi
+HERE=$(cd "$(dirname "$0")" && pwd)
+# the network (at least /16 for IPv4, /48 for IPv6; a warning wider than /24), the bucket and the
+# cluster name by Google's rules, before any gcloud call
+SSH_CIDR=$(python3 "$HERE/checks.py" gcp --ssh-cidr "$SSH_CIDR" --bucket "$BUCKET" --cluster-name "$CLUSTER") || exit 2
 
-run() {  # print every command; run it unless --dry-run; "already exists" is not an error (run again safely)
+run() {  # print every command; run it unless --dry-run
   echo "+ ${*@Q}"   # quoted: each line can be pasted into a shell
+  [[ $DRY_RUN == 1 ]] && return 0
+  "$@"
+}
+
+create() {  # run a create command; "already exists" is not an error (the update after it applies the file)
+  echo "+ ${*@Q}"
   [[ $DRY_RUN == 1 ]] && return 0
   local out
   if ! out=$("$@" 2>&1); then
     grep -q "already exists" <<<"$out" && return 0
+    echo "$out" >&2
+    return 1
+  fi
+}
+
+unbind() {  # remove a binding; "not found" is not an error (a first run has none)
+  echo "+ ${*@Q}"
+  [[ $DRY_RUN == 1 ]] && return 0
+  local out
+  if ! out=$("$@" 2>&1); then
+    grep -qi "not found\|does not exist" <<<"$out" && return 0
     echo "$out" >&2
     return 1
   fi
@@ -56,21 +75,37 @@ G="gcloud --project=$PROJECT --quiet"
 HEAD_SA="tlcore-head@$PROJECT.iam.gserviceaccount.com"
 WORKER_SA="tlcore-worker@$PROJECT.iam.gserviceaccount.com"
 
-# network: no default rules exist on a new network; these three are all there is
-run $G compute networks create tlcore-net --subnet-mode=custom
-run $G compute networks subnets create tlcore-subnet --network=tlcore-net --region="$REGION" --range=10.20.0.0/20 --enable-private-ip-google-access
-run $G compute firewall-rules create tlcore-ssh --network=tlcore-net --direction=INGRESS --allow=tcp:22 --source-ranges="$SSH_CIDR" --target-tags=tlcore-head
-run $G compute firewall-rules create tlcore-internal --network=tlcore-net --direction=INGRESS --allow=all --source-tags=tlcore --target-tags=tlcore
-run $G compute routers create tlcore-router --network=tlcore-net --region="$REGION"
-run $G compute routers nats create tlcore-nat --router=tlcore-router --region="$REGION" --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges
+# network: no default rules exist on a new network; these three are all there is. Run again, the
+# script brings existing rules and the role back to what this file says (an older, wider
+# --ssh-cidr is replaced, not kept).
+create $G compute networks create tlcore-net --subnet-mode=custom
+create $G compute networks subnets create tlcore-subnet --network=tlcore-net --region="$REGION" --range=10.20.0.0/20 --enable-private-ip-google-access
+create $G compute firewall-rules create tlcore-ssh --network=tlcore-net --direction=INGRESS --allow=tcp:22 --source-ranges="$SSH_CIDR" --target-tags=tlcore-head
+run $G compute firewall-rules update tlcore-ssh --allow=tcp:22 --source-ranges="$SSH_CIDR" --target-tags=tlcore-head --source-tags=
+create $G compute firewall-rules create tlcore-internal --network=tlcore-net --direction=INGRESS --allow=all --source-tags=tlcore --target-tags=tlcore
+run $G compute firewall-rules update tlcore-internal --allow=all --source-tags=tlcore --target-tags=tlcore --source-ranges=
+create $G compute routers create tlcore-router --network=tlcore-net --region="$REGION"
+create $G compute routers nats create tlcore-nat --router=tlcore-router --region="$REGION" --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges
 
 # identities
-run $G iam service-accounts create tlcore-head --display-name="tlcore head (Ray autoscaler)"
-run $G iam service-accounts create tlcore-worker --display-name="tlcore worker"
-run $G iam roles create tlcoreAutoscaler --file="$HERE/gcp-head-role.yaml"
+create $G iam service-accounts create tlcore-head --display-name="tlcore head (Ray autoscaler)"
+create $G iam service-accounts create tlcore-worker --display-name="tlcore worker"
+create $G iam roles create tlcoreAutoscaler --file="$HERE/gcp-head-role.yaml"
+run $G iam roles update tlcoreAutoscaler --file="$HERE/gcp-head-role.yaml"
+# The role's instance permissions hold only for this cluster's VMs (Ray names them
+# ray-<cluster>-head-<8 hex>-compute and ray-<cluster>-worker-...: a cluster named tlcore-gcp-2
+# does not match), subnetworks.use only for tlcore-subnet (not another VPC's subnet, where a VM
+# could run as tlcore-worker out of this network's rules). No comma in the expression: gcloud
+# splits --condition at commas.
+only_this_cluster="(resource.type == 'compute.googleapis.com/Instance' && resource.name.extract('/instances/{name}').matches('^ray-${CLUSTER}-(head|worker)-[0-9a-f]{8}-compute\$'))"
+only_this_cluster+=" || (resource.type == 'compute.googleapis.com/Subnetwork' && resource.name.endsWith('/regions/${REGION}/subnetworks/tlcore-subnet'))"
+only_this_cluster+=" || (resource.type != 'compute.googleapis.com/Instance' && resource.type != 'compute.googleapis.com/Subnetwork')"
+# an earlier binding (an older, wider condition) is removed first: bindings add up
+unbind $G projects remove-iam-policy-binding "$PROJECT" --member="serviceAccount:$HEAD_SA" \
+    --role="projects/$PROJECT/roles/tlcoreAutoscaler" --all
 run $G projects add-iam-policy-binding "$PROJECT" --member="serviceAccount:$HEAD_SA" \
     --role="projects/$PROJECT/roles/tlcoreAutoscaler" \
-    --condition="title=only-${CLUSTER},expression=resource.type != 'compute.googleapis.com/Instance' || resource.name.extract('/instances/{name}').startsWith('ray-${CLUSTER}-')"
+    --condition="title=only-${CLUSTER},expression=${only_this_cluster}"
 run $G iam service-accounts add-iam-policy-binding "$WORKER_SA" --member="serviceAccount:$HEAD_SA" --role=roles/iam.serviceAccountUser
 for sa in "$HEAD_SA" "$WORKER_SA"; do
   run gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" --member="serviceAccount:$sa" --role=roles/storage.objectAdmin

@@ -376,9 +376,17 @@ def test_the_aws_group_lets_in_ssh_from_one_network_and_the_cluster_itself(aws):
     group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
     assert sorted(setup._rules(group["IpPermissions"]), key=str) == sorted(
         [("tcp", 22, 22, "CidrIp", "198.51.100.0/24"), ("-1", None, None, "GroupId", gid)], key=str)
-    for wide in ("0.0.0.0/0", "::/0", "10.0.0.0/4"):
+    for wide in ("0.0.0.0/0", "::/0", "10.0.0.0/4", "3.0.0.0/8", "2001:db8::/32"):
         with pytest.raises(SystemExit, match="--ssh-cidr"):
             setup.setup("eu-west-1", wide, "tlcore-test-data")
+    for bad_name in ({"bucket": "*"}, {"cluster": "tlcore aws"}):
+        with pytest.raises(SystemExit, match="--bucket|--cluster-name"):
+            setup.setup("eu-west-1", "198.51.100.0/24", **{"bucket": "tlcore-test-data", **bad_name})
+    # an IPv6 office network goes in as Ipv6Ranges, replacing the IPv4 rule
+    setup.setup("eu-west-1", "2001:db8:1234::/48", "tlcore-test-data")
+    group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+    assert sorted(setup._rules(group["IpPermissions"]), key=str) == sorted(
+        [("tcp", 22, 22, "CidrIpv6", "2001:db8:1234::/48"), ("-1", None, None, "GroupId", gid)], key=str)
 
 
 def test_the_aws_identities_reach_one_bucket_and_this_clusters_instances(aws):
@@ -595,7 +603,7 @@ def test_gcp_setup_opens_ssh_to_one_network_and_the_head_only():
     import subprocess
 
     run = lambda *a: subprocess.run(["bash", str(CLUSTER / "gcp_setup.sh"), "--project", "p", "--region", "europe-west4",  # noqa: E731
-                                     "--bucket", "b", "--dry-run", *a], capture_output=True, text=True)
+                                     "--bucket", "tlcore-data", "--dry-run", *a], capture_output=True, text=True)
     out = run("--ssh-cidr", "198.51.100.0/24")
     assert out.returncode == 0, out.stderr
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
@@ -606,8 +614,83 @@ def test_gcp_setup_opens_ssh_to_one_network_and_the_head_only():
         ("tcp:22", "198.51.100.0/24", None, "tlcore-head"), ("all", None, "tlcore", "tlcore")}
     roles = {a.split("=", 1)[1] for c in commands for a in c if a.startswith("--role=")}
     assert roles == {"projects/p/roles/tlcoreAutoscaler", "roles/iam.serviceAccountUser", "roles/storage.objectAdmin"}
-    for wide in ("0.0.0.0/0", "10.0.0.0/4", "everyone"):
-        assert run("--ssh-cidr", wide).returncode == 2
+    for wide in ("0.0.0.0/0", "10.0.0.0/4", "3.0.0.0/8", "10.0.0.0/12", "2001:db8::/32", "everyone"):
+        refused = run("--ssh-cidr", wide)
+        assert refused.returncode == 2 and "--ssh-cidr" in refused.stderr and not refused.stdout, wide
+    assert "warning" in run("--ssh-cidr", "10.1.0.0/16").stderr and "warning" not in out.stderr
+    ipv6 = run("--ssh-cidr", "2001:db8:1234::/48")
+    assert ipv6.returncode == 0 and "--source-ranges=2001:db8:1234::/48" in ipv6.stdout
+
+
+def _gcp_dry_run(*extra, cidr="198.51.100.0/24", bucket="tlcore-data", cluster="tlcore-gcp"):
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["bash", str(CLUSTER / "gcp_setup.sh"), "--project", "p", "--region", "europe-west4",
+                          "--ssh-cidr", cidr, "--bucket", bucket, "--cluster-name", cluster, "--dry-run", *extra],
+                         capture_output=True, text=True)
+    return out, [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_gcp_setup_run_again_brings_rules_role_and_binding_back_to_the_files():
+    """Every create is followed by the update that applies the file (a rerun with a narrower
+    --ssh-cidr replaces the old network; an earlier, wider condition is removed before binding)."""
+    out, commands = _gcp_dry_run(cidr="198.51.100.7/32")
+    assert out.returncode == 0, out.stderr
+    verbs = [" ".join(c[3:6]) for c in commands]
+    for created in ("compute firewall-rules create", "iam roles create"):
+        assert verbs[verbs.index(created) + 1] == created.replace("create", "update"), verbs
+    flags = lambda c: dict(a.split("=", 1) for a in c if a.startswith("--") and "=" in a)  # noqa: E731
+    ssh = [flags(c) for c in commands if c[3:7] in (["compute", "firewall-rules", "create", "tlcore-ssh"],
+                                                     ["compute", "firewall-rules", "update", "tlcore-ssh"])]
+    assert [r["--source-ranges"] for r in ssh] == ["198.51.100.7/32"] * 2 and ssh[1]["--source-tags"] == ""
+    assert verbs.index("projects remove-iam-policy-binding p") < verbs.index("projects add-iam-policy-binding p")
+
+
+def test_gcp_head_role_reaches_this_clusters_vms_and_tlcore_subnet_only():
+    """The condition of the head's role, evaluated on the names GCP would check: Ray's own names
+    for this cluster's VMs (from its node-naming code), not another cluster's with a longer name;
+    tlcore-subnet, not another VPC's subnet."""
+    import re
+
+    from ray.autoscaler._private.gcp.node import _generate_node_name
+    from ray.autoscaler.tags import TAG_RAY_NODE_NAME
+
+    out, commands = _gcp_dry_run(cluster="tlcore-gcp")
+    (binding,) = [c for c in commands if c[3:5] == ["projects", "add-iam-policy-binding"]]
+    condition = next(a for a in binding if a.startswith("--condition="))[len("--condition="):]
+    title, expression = condition.split(",", 1)
+    assert title == "title=only-tlcore-gcp" and "," not in expression.removeprefix("expression=")  # gcloud splits at commas
+    expression = expression.removeprefix("expression=")
+    instance_re = re.search(r"matches\('([^']+)'\)", expression)[1]
+    subnet_suffix = re.search(r"endsWith\('([^']+)'\)", expression)[1]
+    name = lambda cluster, kind: _generate_node_name({TAG_RAY_NODE_NAME: f"ray-{cluster}-{kind}"}, "compute")  # noqa: E731
+    assert re.match(instance_re, name("tlcore-gcp", "head")) and re.match(instance_re, name("tlcore-gcp", "worker"))
+    for other in (name("tlcore-gcp-2", "worker"), name("tlcore-gcp-head", "head"), "ray-tlcore-gcp-worker-x", "db-prod-1"):
+        assert not re.match(instance_re, other), other
+    assert "projects/p/regions/europe-west4/subnetworks/tlcore-subnet".endswith(subnet_suffix)
+    assert not "projects/p/regions/europe-west4/subnetworks/other-vpc-subnet".endswith(subnet_suffix)
+    role = yaml.safe_load((CLUSTER / "gcp-head-role.yaml").read_text())["includedPermissions"]
+    assert "compute.subnetworks.use" in role and not any(p.startswith("compute.images.") for p in role)
+    for bad in ("tlcore_gcp", "Tlcore", "-x", "a" * 45):
+        refused, _ = _gcp_dry_run(cluster=bad)
+        assert refused.returncode == 2 and "--cluster-name" in refused.stderr, bad
+
+
+@pytest.mark.parametrize("provider", ["aws", "gcp"])
+def test_setup_scripts_take_one_bucket_by_the_providers_naming_rules(provider, monkeypatch):
+    monkeypatch.syspath_prepend(str(CLUSTER))
+    from checks import SetupInputError, check_bucket
+
+    for good in ("my-tlcore-data", "lab.data.2026", "abc"):
+        assert check_bucket(good, provider) == good
+    for bad in ("*", "my-*", "ab", "My-Bucket", "-data", "a..b", "192.168.1.1", "x" * 64,
+                *(["xn--data", "data-s3alias"] if provider == "aws" else ["goog-data", "my-google-data"])):
+        with pytest.raises(SetupInputError, match="--bucket"):
+            check_bucket(bad, provider)
+    if provider == "gcp":
+        refused, _ = _gcp_dry_run(bucket="*")
+        assert refused.returncode == 2 and "--bucket" in refused.stderr and not refused.stdout
 
 
 def test_ray_up_on_premises_accepts_the_file_and_copies_a_cluster_key_not_a_personal_one(monkeypatch, tmp_path):

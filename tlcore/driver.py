@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -79,6 +81,20 @@ class Sweep:
         if self.args.strata is not None:
             return tuple(k.strip() for k in self.args.strata.split(",") if k.strip())
         return tuple(self.default_strata)
+
+
+def writable_by_others(exp_dir: Path) -> str:
+    """Why someone but this user could have written the state a --resume unpickles ('' if no one):
+    the sweep folder or a file of Tune's in it owned by another user, or group/world-writable."""
+    for path in (exp_dir, *exp_dir.glob("tuner.pkl"), *exp_dir.glob("experiment_state*.json")):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symbolic link"
+        if st.st_uid != os.getuid():
+            return f"{path} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{path} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
+    return ""
 
 
 def fail(msg: str) -> NoReturn:
@@ -197,6 +213,12 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     else:
         subjects = find_subjects(dataset, data_dir, modalities, grades=grades)
 
+    if args.resume and exp_dir.exists():
+        unsafe = writable_by_others(exp_dir)
+        if unsafe:
+            fail(f"--resume: {unsafe}. Resuming unpickles Tune's state in {exp_dir} (tuner.pkl and the "
+                 "experiment state), so whoever can write there could run code as you. Check the folder, "
+                 f"then make it yours alone: chmod -R go-w {exp_dir} (or chown it).")
     previous = json.loads(state_file.read_text()) if args.resume and state_file.exists() else None
     if args.splits:
         splits = read_splits(args.splits)
@@ -269,7 +291,10 @@ def begin(sweep: Sweep) -> None:
         aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results
         print(f"[tlcore] earlier results of {name} moved to {aside}")
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    # 0700: checkpoints and predictions are patient data, and --resume unpickles Tune's state from here
+    Path(sweep.storage_path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    exp_dir.mkdir(mode=0o700, exist_ok=True)
+    exp_dir.chmod(0o700)
     write_splits(sweep.splits_file, splits)
     _running.update(uri=uri, exp_dir=str(exp_dir), name=name)
     if previous:

@@ -45,7 +45,7 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
                                cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
                                channels_last, keep)
         files = {f.name: f.read_bytes() for f in sorted(Path(out).iterdir()) if f.is_file()} if keep else {}
-    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], "predictions": files}
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], **({"predictions": files} if predictions else {})}
 
 
 def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) -> None:
@@ -225,7 +225,7 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
                                  step=best_iteration)
             for s, v in scores.items():
                 tracking.log_dict(runs.uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
-                log_predictions(runs.uri, run_id, v["predictions"], s)
+                log_predictions(runs.uri, run_id, v.get("predictions", {}), s)
             tracking.set_tags(runs.uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
                                                                                 "dice": dice})})
     return out

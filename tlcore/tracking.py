@@ -428,3 +428,49 @@ def local_store_path(uri: str) -> Path | None:
         return _sqlite_path(uri)
     parsed = urlparse(uri)
     return Path(parsed.path if parsed.scheme == "file" else uri)
+
+
+# --- accounts on a team server (MLflow's basic-auth app; python -m tlcore.accounts) -------------
+
+PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE")
+
+
+def _auth(uri: str):
+    from mlflow.server import get_app_client
+
+    return get_app_client("basic-auth", tracking_uri=uri)
+
+
+def add_user(uri: str, username: str, password: str) -> bool:
+    """A new account on the server (the caller's credentials must be an admin's); False if it
+    exists (its password is then set to `password`)."""
+    auth = _auth(uri)
+    try:
+        auth.create_user(username, password)
+        return True
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+        auth.update_user_password(username, password)
+        return False
+
+
+def grant(uri: str, username: str, permission: str, experiments=(), models=()) -> list[str]:
+    """`permission` for `username` on each named experiment and registered model, creating the
+    ones that do not exist yet (a sweep account may then log to an experiment its first sweep
+    has not made). Returns what was granted, one line each."""
+    if permission not in PERMISSIONS:
+        raise ValueError(f"permission {permission!r}: choose from {', '.join(PERMISSIONS)}")
+    auth, c, done = _auth(uri), client(uri), []
+    for name in experiments:
+        exp_id = experiment_id(uri, name)
+        auth.grant_user_permission(username, "experiment", exp_id, permission)
+        done.append(f"{permission} on experiment {name} (id {exp_id})")
+    for name in models:
+        try:
+            c.get_registered_model(name)
+        except MlflowException:
+            c.create_registered_model(name)
+        auth.grant_user_permission(username, "registered_model", name, permission)
+        done.append(f"{permission} on registered model {name}")
+    return done

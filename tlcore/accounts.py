@@ -1,0 +1,71 @@
+"""Accounts on the team MLflow server (mlflow/server.sh, basic-auth): a person or a sweep account,
+and what it may do on named experiments and registered models. Run it as the admin:
+
+    read -rs MLFLOW_TRACKING_PASSWORD && export MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_USERNAME=admin
+    python -m tlcore.accounts add bob --mlflow-uri http://10.0.0.5:5000        # bob's password on stdin
+    python -m tlcore.accounts grant bob EDIT --experiment brats_layers --mlflow-uri http://10.0.0.5:5000
+    python -m tlcore.accounts grant bob READ --model ixi_hippocampus --mlflow-uri http://10.0.0.5:5000
+
+Passwords are read from standard input (typed without echo on a terminal), never from the
+command line. Whoever creates an experiment or a registered model manages it; with the server's
+`default_permission = NO_PERMISSIONS` (mlflow/README.md) nobody else sees it until granted.
+A sweep needs EDIT on its experiment and READ on the source model it fine-tunes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+from tlcore import tracking
+from tlcore.credentials import redact, tracking_uri_flag
+
+
+def read_password(username: str) -> str:
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {username}: ")
+        if getpass.getpass("again: ") != password:
+            raise SystemExit("error: the two passwords differ; nothing was changed")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 12:
+        raise SystemExit("error: give a password of at least 12 characters (e.g. `openssl rand -base64 18`); "
+                         "nothing was changed")
+    return password
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tlcore.accounts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mlflow-uri", required=True, type=tracking_uri_flag, help="the team server, e.g. http://10.0.0.5:5000")
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="a new account (or a new password for one); the password on stdin")
+    add.add_argument("username")
+    give = sub.add_parser("grant", help="a permission on experiments and registered models (made if missing)")
+    give.add_argument("username")
+    give.add_argument("permission", choices=tracking.PERMISSIONS)
+    give.add_argument("--experiment", action="append", default=[], help="an experiment (= sweep) name; repeatable")
+    give.add_argument("--model", action="append", default=[], help="a registered model name; repeatable")
+    # the global flag also after the subcommand (where people type it)
+    for sp in (add, give):
+        sp.add_argument("--mlflow-uri", type=tracking_uri_flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        tracking.check_server(args.mlflow_uri)
+        if args.command == "add":
+            made = tracking.add_user(args.mlflow_uri, args.username, read_password(args.username))
+            print(f"[tlcore] account {args.username} {'created' if made else 'exists: password changed'}")
+        else:
+            if not (args.experiment or args.model):
+                p.error("grant: name at least one --experiment or --model")
+            for line in tracking.grant(args.mlflow_uri, args.username, args.permission, args.experiment, args.model):
+                print(f"[tlcore] {args.username}: {line}")
+    except (RuntimeError, tracking.MlflowException) as e:
+        print(f"error: {redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
