@@ -40,6 +40,16 @@ fi
 # `mlflow server` reads these two from the environment
 export MLFLOW_BACKEND_STORE_URI="$MLFLOW_BACKEND_URI" MLFLOW_ARTIFACTS_DESTINATION="$MLFLOW_ARTIFACTS"
 args=(server --serve-artifacts --host "$host" --port "$port")
+scheme=http
+if [ -n "${MLFLOW_TLS_CERT:-}" ] || [ -n "${MLFLOW_TLS_KEY:-}" ]; then
+  # HTTPS (uvicorn's own TLS): the basic-auth password and the patients' artifacts never cross
+  # the network in clear. Certificates: cluster/tls_certs.sh; clients set
+  # MLFLOW_TRACKING_SERVER_CERT_PATH to its ca.crt.
+  [ -r "${MLFLOW_TLS_CERT:-}" ] && [ -r "${MLFLOW_TLS_KEY:-}" ] || {
+    echo "MLFLOW_TLS_CERT and MLFLOW_TLS_KEY must both name readable files (cluster/tls_certs.sh makes them)" >&2; exit 2; }
+  args+=(--uvicorn-opts "--ssl-certfile $MLFLOW_TLS_CERT --ssl-keyfile $MLFLOW_TLS_KEY")
+  scheme=https
+fi
 auth=off
 if [ "${MLFLOW_AUTH:-on}" != "off" ]; then
   : "${MLFLOW_AUTH_CONFIG_PATH:?set MLFLOW_AUTH_CONFIG_PATH to your basic_auth.ini (or MLFLOW_AUTH=off)}"
@@ -62,5 +72,8 @@ fi
 # what the backend is, without its user and password
 backend="${MLFLOW_BACKEND_URI%%://*}://${MLFLOW_BACKEND_URI#*://}"
 case "${MLFLOW_BACKEND_URI#*://}" in *@*) backend="${MLFLOW_BACKEND_URI%%://*}://***@${MLFLOW_BACKEND_URI##*@}" ;; esac
-echo "MLflow tracking server on http://$host:$port (basic-auth $auth; backend $backend, artifacts ${MLFLOW_ARTIFACTS##*@})"
+echo "MLflow tracking server on $scheme://$host:$port (basic-auth $auth; backend $backend, artifacts ${MLFLOW_ARTIFACTS##*@})"
+# what the server creates (the auth database with every password hash, a SQLite store, local
+# artifacts) is this user's alone
+umask 077
 exec "$mlflow_bin" "${args[@]}"

@@ -67,27 +67,36 @@ def kill_ray_processes(marker: str) -> None:
 
 
 def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_password: str | None = None,
-                          log: Path | None = None) -> subprocess.Popen:
+                          log: Path | None = None, tls: Path | None = None,
+                          default_permission: str = "READ") -> subprocess.Popen:
     """mlflow/server.sh on 127.0.0.1:`port` with a SQLite backend in `workdir`; returns once it
     answers /health (the same store again when called again with the same `workdir`).
-    With `admin_password`: basic-auth on, as server.sh runs by default (user `admin`)."""
+    With `admin_password`: basic-auth on, as server.sh runs by default (user `admin`).
+    With `tls` (a folder of cluster/tls_certs.sh with server.crt/.key): HTTPS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({"MLFLOW_BACKEND_URI": f"sqlite:///{workdir / 'server.db'}",
                 "MLFLOW_ARTIFACTS": str(workdir / "artifacts"), "MLFLOW_AUTH": "off",
                 "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")})
     if admin_password is not None:
         ini = workdir / "basic_auth.ini"
-        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'auth.db'}\n"
+        ini.write_text(f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = sqlite:///{workdir / 'auth.db'}\n"
                        f"admin_username = admin\nadmin_password = {admin_password}\n")
         ini.chmod(0o600)
         env.update({"MLFLOW_AUTH": "on", "MLFLOW_AUTH_CONFIG_PATH": str(ini), "XDG_CONFIG_HOME": str(workdir / "config")})
+    context = None
+    if tls is not None:
+        import ssl
+
+        env.update(MLFLOW_TLS_CERT=str(tls / "server.crt"), MLFLOW_TLS_KEY=str(tls / "server.key"))
+        context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     out = log.open("ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "server.sh"), "--port", str(port)], env=env,
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
+            if urllib.request.urlopen(url, timeout=2, context=context).status == 200:
                 return proc
         except urllib.error.HTTPError:
             return proc  # it answers (basic-auth may guard /health too)
@@ -97,6 +106,16 @@ def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_p
             break
     stop_tracking_server(proc)
     raise AssertionError(f"the MLflow server on port {port} did not answer /health")
+
+
+def make_certificates(folder: Path, *names: str) -> Path:
+    """cluster/tls_certs.sh: a CA and a certificate `<name>.crt/.key` for each of `names` (valid
+    for 127.0.0.1 and this machine's address) in `folder`."""
+    ip = (subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split() or ["127.0.0.1"])[0]
+    for name in names:
+        subprocess.run(["bash", str(REPO / "cluster" / "tls_certs.sh"), str(folder), name, ip], check=True,
+                       capture_output=True, text=True)
+    return folder
 
 
 def stop_tracking_server(proc: subprocess.Popen) -> None:

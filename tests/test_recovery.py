@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import (REPO, free_port, kill_ray_processes, processes_with_env, reported_steps,
+from helpers import (REPO, free_port, kill_ray_processes, make_certificates, processes_with_env, reported_steps,
                      run_script, start_tracking_server, stop_tracking_server, store_with_untrained_source, sweep_env,
                      wait_for_trial_runs)
 
@@ -144,14 +144,29 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
         assert steps == sorted(set(steps))
 
 
-def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path):
-    """The MLflow server dies mid-sweep and comes back: training goes on, every step reaches MLflow."""
+def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path, monkeypatch):
+    """The MLflow server dies mid-sweep and comes back: training goes on, every step reaches MLflow.
+    The server is the team's as shipped: HTTPS (cluster/tls_certs.sh), basic-auth with
+    default_permission NO_PERMISSIONS; the sweep runs as an account the accounts tool made, with
+    EDIT on its experiment and model only, trusting the server's CA through MLFLOW_TRACKING_SERVER_CERT_PATH."""
+    import secrets
     import time
 
-    port = free_port()
-    server = start_tracking_server(tmp_path, port)
-    uri, results = f"http://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
-    env = sweep_env()
+    port, admin, sweeper = free_port(), secrets.token_hex(8), secrets.token_hex(8)
+    tls = make_certificates(tmp_path / "tls", "server")
+    start = lambda: start_tracking_server(tmp_path, port, admin_password=admin, tls=tls,  # noqa: E731
+                                          default_permission="NO_PERMISSIONS")
+    server = start()
+    uri, results = f"https://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
+    for k, v in {"MLFLOW_TRACKING_SERVER_CERT_PATH": str(tls / "ca.crt"), "MLFLOW_TRACKING_USERNAME": "admin",
+                 "MLFLOW_TRACKING_PASSWORD": admin}.items():
+        monkeypatch.setenv(k, v)  # this test's own reads, as the admin
+    for argv, stdin in ((["add", "sweeper"], sweeper + "\n"),
+                        (["grant", "sweeper", "EDIT", "--experiment", "ixi_source", "--model", "ixi_hippocampus"], None)):
+        done = subprocess.run([sys.executable, "-m", "tlcore.accounts", *argv, "--mlflow-uri", uri], input=stdin,
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    env = sweep_env(MLFLOW_TRACKING_USERNAME="sweeper", MLFLOW_TRACKING_PASSWORD=sweeper)
     proc = subprocess.Popen([sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir",
                              str(workspace["data"] / "ixi"), "--smoke-test", "--max-iterations", "24",
                              "--report-every", "4", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")],
@@ -170,7 +185,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         while reported() < at_outage + 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert reported() >= at_outage + 3, f"training stopped while the server was down ({at_outage})\n{log()}"
-        server = start_tracking_server(tmp_path, port)
+        server = start()
         proc.wait(timeout=600)
         out = (tmp_path / "sweep.log").read_text()
         assert proc.returncode == 0, out[-4000:]

@@ -65,12 +65,14 @@ def test_team_server_with_basic_auth_starts_and_refuses_anonymous_requests(tmp_p
     import secrets
 
     password, port, log = secrets.token_hex(8), free_port(), tmp_path / "server.log"
-    server = start_tracking_server(tmp_path, port, admin_password=password, log=log)
+    server = start_tracking_server(tmp_path, port, admin_password=password, log=log, default_permission="NO_PERMISSIONS")
     try:
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _get(api) == 401
         assert _get(api, ("admin", "wrong")) == 401
         assert _get(api, ("admin", password)) == 200
+        assert (tmp_path / "auth.db").stat().st_mode & 0o777 == 0o600  # every account's password hash
+        _accounts_tool_grants_per_experiment_and_model(f"http://127.0.0.1:{port}", password)
         key_file = tmp_path / "config" / "tlcore" / "mlflow-flask-secret-key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         key = key_file.read_text().strip()
@@ -89,3 +91,46 @@ def test_team_server_prints_no_backend_password(tmp_path):
     out = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "db.internal:5432/mlflow" in out.stdout and "hunter2" not in out.stdout + out.stderr
+
+
+def _accounts_tool_grants_per_experiment_and_model(uri: str, admin_password: str) -> None:
+    """python -m tlcore.accounts against the real server (default_permission NO_PERMISSIONS): a
+    person's password on stdin only; a grant opens one experiment and one model to one account."""
+    import secrets
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}
+    tool = lambda *a, stdin=None: subprocess.run([sys.executable, "-m", "tlcore.accounts", *a, "--mlflow-uri", uri],  # noqa: E731
+                                                 input=stdin, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    bob, carol = secrets.token_hex(8), secrets.token_hex(8)
+    for user, pw in (("bob", bob), ("carol", carol)):
+        made = tool("add", user, stdin=pw + "\n")
+        assert made.returncode == 0 and f"account {user} created" in made.stdout, made.stderr
+        assert pw not in made.stdout + made.stderr
+    assert tool("add", "dave", stdin="short\n").returncode != 0  # a password too short to keep anyone out
+    granted = tool("grant", "bob", "EDIT", "--experiment", "brats_layers", "--model", "ixi_hippocampus")
+    assert granted.returncode == 0 and granted.stdout.count("bob: EDIT on") == 2, granted.stderr
+    experiment = f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=brats_layers"
+    model = f"{uri}/api/2.0/mlflow/registered-models/get?name=ixi_hippocampus"
+    assert _get(experiment, ("bob", bob)) == 200 and _get(model, ("bob", bob)) == 200
+    assert _get(experiment, ("carol", carol)) == 403 and _get(model, ("carol", carol)) == 403  # NO_PERMISSIONS
+    # a second grant replaces the first: READ on the model, and bob can no longer change it
+    assert tool("grant", "bob", "READ", "--model", "ixi_hippocampus").returncode == 0
+    assert _send(f"{uri}/api/2.0/mlflow/registered-models/update", ("bob", bob),
+                 {"name": "ixi_hippocampus", "description": "x"}, "PATCH") == 403
+    assert _get(model, ("bob", bob)) == 200
+
+
+def _send(url: str, auth: tuple[str, str], body: dict, method: str) -> int:
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        return urllib.request.urlopen(req, timeout=60).status
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import warnings
 
 from tlcore import tracking
 from tlcore.credentials import redact, tracking_uri_flag
@@ -38,7 +39,7 @@ def read_password(username: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tlcore.accounts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlflow-uri", required=True, type=tracking_uri_flag, help="the team server, e.g. http://10.0.0.5:5000")
+    p.add_argument("--mlflow-uri", type=tracking_uri_flag, help="the team server, e.g. http://10.0.0.5:5000 (required)")
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="a new account (or a new password for one); the password on stdin")
     add.add_argument("username")
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (add, give):
         sp.add_argument("--mlflow-uri", type=tracking_uri_flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", module=r"mlflow\.server")  # the server package's own deprecation notices
+    if not args.mlflow_uri:
+        p.error("--mlflow-uri: name the team server, e.g. --mlflow-uri http://10.0.0.5:5000")
     try:
         tracking.check_server(args.mlflow_uri)
         if args.command == "add":

@@ -72,8 +72,13 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    context = None
+    if uri.startswith("https://"):  # the CA MLflow's client trusts (a team server's own, cluster/tls_certs.sh)
+        import ssl
+
+        context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout, context=context)
     except urllib.error.HTTPError:
         return  # it answered (an auth proxy may refuse /health): reachable
     except (urllib.error.URLError, OSError) as e:
@@ -462,15 +467,25 @@ def grant(uri: str, username: str, permission: str, experiments=(), models=()) -
     if permission not in PERMISSIONS:
         raise ValueError(f"permission {permission!r}: choose from {', '.join(PERMISSIONS)}")
     auth, c, done = _auth(uri), client(uri), []
+
+    def put(resource_type: str, resource_id: str) -> None:  # a grant replaces an earlier one
+        try:
+            auth.grant_user_permission(username, resource_type, resource_id, permission)
+        except MlflowException as e:
+            if "already exists" not in str(e).lower():
+                raise
+            auth.revoke_user_permission(username, resource_type, resource_id)
+            auth.grant_user_permission(username, resource_type, resource_id, permission)
+
     for name in experiments:
         exp_id = experiment_id(uri, name)
-        auth.grant_user_permission(username, "experiment", exp_id, permission)
+        put("experiment", exp_id)
         done.append(f"{permission} on experiment {name} (id {exp_id})")
     for name in models:
         try:
             c.get_registered_model(name)
         except MlflowException:
             c.create_registered_model(name)
-        auth.grant_user_permission(username, "registered_model", name, permission)
+        put("registered_model", name)
         done.append(f"{permission} on registered model {name}")
     return done
