@@ -72,51 +72,74 @@ def test_every_yaml_starts_its_nodes_as_the_tested_one(path):
 
 
 @pytest.mark.slow
-def test_nodes_started_as_the_yaml_says_require_the_token(tmp_path):
+def test_nodes_started_as_the_yaml_says_require_the_token_and_tls(tmp_path):
     """Real Ray processes, started with the YAML's own commands: the head refuses a driver and a
-    worker node without the token (copied to every node by file_mounts) and accepts them with it."""
+    worker node without the token (copied to every node by file_mounts), and, with Ray's TLS on
+    (each node's certificate from cluster/tls_certs.sh, found by cluster/tls_env.sh), a driver or
+    a worker without a certificate of the cluster's CA; it accepts them with both."""
     import os
+    import shutil
     import subprocess
     import sys
 
-    from helpers import free_port, kill_ray_processes
+    from helpers import free_port, kill_ray_processes, make_certificates
 
     config = yaml.safe_load((CLUSTER / "onprem.yaml").read_text())
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"  # every node gets it
     ray_bin = str(Path(sys.executable).parent / "ray")
-    with_token, without = tmp_path / "home", tmp_path / "stranger"
-    with_token.mkdir(), without.mkdir()
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], env={**base, "HOME": str(with_token)},
-                   capture_output=True, check=True)  # what cluster/README.md has you run before `ray up`
-    # the setup command makes every shell a token-mode shell; run it as the nodes do
-    setup = next(c for c in config["setup_commands"] if "auth_token" in c)
-    subprocess.run(["bash", "-c", setup], env={**base, "HOME": str(with_token)}, check=True)
-    assert (with_token / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
-    shell = lambda home: {**base, "HOME": str(home)}  # noqa: E731
+    certs = make_certificates(tmp_path / "ca", "head", "worker")
+    homes = {}
+    for name, token, cert in (("head", True, "head"), ("worker", True, "worker"), ("no_tls", True, None),
+                              ("no_token", False, "worker")):
+        home = homes[name] = tmp_path / name
+        (home / "tlcore").mkdir(parents=True)
+        (home / "tlcore" / "cluster").symlink_to(CLUSTER)  # ~/tlcore as `ray up` copies it
+        if token and name == "head":  # what cluster/README.md has you run before `ray up`
+            subprocess.run([ray_bin, "get-auth-token", "--generate"], env={**base, "HOME": str(home)},
+                           capture_output=True, check=True)
+        elif token:
+            (home / ".ray").mkdir()
+            shutil.copy(homes["head"] / ".ray" / "auth_token", home / ".ray" / "auth_token")
+        if cert:  # cluster/README.md: each node gets ca.crt and its own certificate, as node.crt/.key
+            tls = home / ".tlcore" / "tls"
+            tls.mkdir(parents=True)
+            for src, dst in (("ca.crt", "ca.crt"), (f"{cert}.crt", "node.crt"), (f"{cert}.key", "node.key")):
+                shutil.copy(certs / src, tls / dst)
+        # the setup commands make every shell a token-mode (and TLS) shell; run them as the nodes do
+        for setup in (c for c in config["setup_commands"] if "auth_token" in c or "tls_env" in c):
+            subprocess.run(["bash", "-c", setup], env={**base, "HOME": str(home)}, check=token or "tls_env" in setup,
+                           capture_output=True)
+    assert (homes["head"] / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    shell = lambda home: {**base, "HOME": str(homes[home])}  # noqa: E731
     port, temp = free_port(), f"/tmp/rt{free_port()}"  # short: Ray's socket paths are length-limited
     head = _ray_command(config, "head_start_ray_commands", ray_bin, port) + f" --temp-dir={temp}"
     try:
-        started = subprocess.run(["bash", "-ic", head], env=shell(with_token), capture_output=True, text=True, timeout=120)
+        started = subprocess.run(["bash", "-ic", head], env=shell("head"), capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         probe = ("import sys, ray\ntry:\n    ray.init(address=sys.argv[1], log_to_driver=False)\n"
                  "    print('NODES', len([n for n in ray.nodes() if n['Alive']]))\nexcept Exception as e:\n"
                  "    print('REFUSED', type(e).__name__)\n")
 
-        def driver(home) -> str:
+        def driver(home, wait_s: int = 25) -> subprocess.Popen:
             # an interactive shell, as `ray exec` and `ray attach` give: ~/.bashrc sets the auth mode
-            out = subprocess.run(["bash", "-ic", f"{sys.executable} -c \"$PROBE\" 127.0.0.1:{port}"],
-                                 env={**shell(home), "PROBE": probe}, capture_output=True, text=True, timeout=120)
-            return out.stdout
+            # and TLS. Without TLS, Ray's client retries until it gives up: `wait_s` here.
+            return subprocess.Popen(["bash", "-ic", f"timeout {wait_s} {sys.executable} -c \"$PROBE\" 127.0.0.1:{port}"],
+                                    env={**shell(home), "PROBE": probe}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
 
-        assert "NODES 1" in driver(with_token)
-        assert "REFUSED" in driver(without)
+        assert "NODES 1" in driver("head").communicate(timeout=120)[0]
         worker = _ray_command(config, "worker_start_ray_commands", ray_bin, port).replace("$RAY_HEAD_IP", "127.0.0.1")
-        refused = subprocess.run(["bash", "-ic", worker], env=shell(without), capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0
-        joined = subprocess.run(["bash", "-ic", worker], env=shell(with_token), capture_output=True, text=True, timeout=120)
+        # the four refusals at once (each waits for Ray's client to give up)
+        strangers = [driver("no_token"), driver("no_tls")]
+        workers = [subprocess.Popen(["bash", "-ic", worker.replace(f"{ray_bin} start", f"timeout 30 {ray_bin} start")],
+                                    env=shell(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for home in ("no_token", "no_tls")]
+        assert all("NODES" not in p.communicate(timeout=120)[0] for p in strangers)
+        assert all(p.wait(timeout=120) != 0 for p in workers)
+        joined = subprocess.run(["bash", "-ic", worker], env=shell("worker"), capture_output=True, text=True, timeout=120)
         assert joined.returncode == 0, joined.stdout[-2000:] + joined.stderr[-2000:]
-        assert "NODES 2" in driver(with_token)
+        assert "NODES 2" in driver("head").communicate(timeout=120)[0]
     finally:
         kill_ray_processes(temp)
 
