@@ -48,29 +48,20 @@ run() {  # print every command; run it unless --dry-run
   "$@"
 }
 
-create() {  # run a create command; "already exists" is not an error (the update after it applies the file)
+tolerant() {  # tolerant PATTERN command...: like run; an error whose message matches PATTERN is not one
+  local expected=$1; shift
   echo "+ ${*@Q}"
   [[ $DRY_RUN == 1 ]] && return 0
   local out
   if ! out=$("$@" 2>&1); then
-    grep -q "already exists" <<<"$out" && return 0
+    grep -qi "$expected" <<<"$out" && return 0
     echo "$out" >&2
     return 1
   fi
 }
+create() { tolerant "already exists" "$@"; }                # the update after it applies the file
+unbind() { tolerant "not found\|does not exist" "$@"; }    # a first run has no binding to remove
 
-unbind() {  # remove a binding; "not found" is not an error (a first run has none)
-  echo "+ ${*@Q}"
-  [[ $DRY_RUN == 1 ]] && return 0
-  local out
-  if ! out=$("$@" 2>&1); then
-    grep -qi "not found\|does not exist" <<<"$out" && return 0
-    echo "$out" >&2
-    return 1
-  fi
-}
-
-HERE=$(cd "$(dirname "$0")" && pwd)
 G="gcloud --project=$PROJECT --quiet"
 HEAD_SA="tlcore-head@$PROJECT.iam.gserviceaccount.com"
 WORKER_SA="tlcore-worker@$PROJECT.iam.gserviceaccount.com"

@@ -105,15 +105,27 @@ def test_sbatch_runs_a_sweep_on_two_nodes_and_a_cancelled_job_resubmitted_resume
     log1 = out / f"{first}.out"
     exp_dir = storage / "brats_layers"
     _wait(lambda: any(exp_dir.glob("experiment_state-*.json")), 240, slurm, first, log1)  # trials under way
-    # Ray's token authentication is on: from a node, `ray status` without the token is refused,
-    # with it (the job's HOME) it answers and counts every node
+    # Ray's token authentication and TLS are on: from a node, `ray status` without the token is
+    # refused, and so is one without a certificate of the job's CA (its client never gets through:
+    # cut at 8 s, while the other two run: job 1 must still be running after them); with both (the
+    # job's HOME) it answers and counts every node
     head = f"{slurm.node_ip['n1']}:{_ray_port(log1)}"
-    ray_cli = [str(Path(sys.executable).parent / "ray"), "status", "--address", head]
+    ray_cli = ["timeout", "8", str(Path(sys.executable).parent / "ray"), "status", "--address", head]
+    in_n1 = ["nsenter", f"--net=/run/netns/{slurm.node_ns['n1']}"] if slurm.two else []
+    no_tls = subprocess.Popen(in_n1 + ray_cli, env={**env, "RAY_AUTH_MODE": "token"}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tls_dir = home / ".tlcore" / "tls-jobs" / first
+    assert "Ray's TLS on" in log1.read_text() and not (tls_dir / "ca.key").exists()  # no more certificates
+    assert {f.stat().st_mode & 0o777 for f in tls_dir.iterdir()} == {0o600} and tls_dir.stat().st_mode & 0o777 == 0o700
+    tls = {"RAY_USE_TLS": "1", "RAY_TLS_CA_CERT": str(tls_dir / "ca.crt"),
+           "RAY_TLS_SERVER_CERT": str(tls_dir / "n1.crt"), "RAY_TLS_SERVER_KEY": str(tls_dir / "n1.key")}
     (tmp_path / "nobody").mkdir()
-    without = slurm.on_node("n1", ray_cli, env={**env, "HOME": str(tmp_path / "nobody"), "RAY_AUTH_MODE": "disabled"})
+    without = slurm.on_node("n1", ray_cli, env={**env, **tls, "HOME": str(tmp_path / "nobody"), "RAY_AUTH_MODE": "disabled"})
     assert without.returncode != 0 and "InvalidAuthToken" in without.stdout + without.stderr, without
-    status = slurm.on_node("n1", ray_cli, env={**env, "RAY_AUTH_MODE": "token"})
+    status = slurm.on_node("n1", ray_cli, env={**env, **tls, "RAY_AUTH_MODE": "token"})
     assert status.returncode == 0 and status.stdout.count(" node_") == len(slurm.nodes), status
+    refused = no_tls.communicate(timeout=60)[0]
+    assert no_tls.returncode != 0 and " node_" not in refused, refused[-2000:]
     # a raylet on each node; the MLflow password reached the driver (from the job's environment)
     # and none of Ray's processes
     rays = ray_processes(first)
@@ -133,6 +145,7 @@ def test_sbatch_runs_a_sweep_on_two_nodes_and_a_cancelled_job_resubmitted_resume
         time.sleep(0.5)
     assert first not in slurm.in_queue()
     assert not ray_processes(first), ray_processes(first)   # scancel left no Ray process behind
+    assert not tls_dir.exists()  # nor the job's certificates
     # what job 2 restores from: the trials Tune last saved as finished are not to be trained again
     saved = trial_states(exp_dir)
     finished_before = {t: iterations(exp_dir, t) for t, s in saved.items() if s == "TERMINATED"}
