@@ -32,8 +32,8 @@ def test_only_tracking_imports_mlflow_and_only_trainables_imports_ray_tune():
 
 
 def test_the_command_line_tools_start_without_ray_or_torch_training_code():
-    """`python -m tlcore.sync|lineage|report|validate|prune` answer in a second, on any machine."""
-    code = ("import sys\nimport tlcore.sync, tlcore.lineage, tlcore.report, tlcore.validate, tlcore.prune\n"
+    """`python -m tlcore.sync|lineage|report|validate|prune|accounts` answer in a second, on any machine."""
+    code = ("import sys\nimport tlcore.sync, tlcore.lineage, tlcore.report, tlcore.validate, tlcore.prune, tlcore.accounts\n"
             "print(sorted(m for m in ('ray', 'ray.tune', 'tlcore.trainables', 'tlcore.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

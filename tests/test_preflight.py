@@ -56,9 +56,9 @@ def test_broken_dataset_stops_the_sweep_before_anything_is_written(workspace, tm
 
 
 @pytest.mark.xdist_group("ray_clusters")  # they start clusters that `--address auto` finds
-def test_multi_node_run_refuses_a_local_storage_path_and_store(workspace, tmp_path):
-    """Paths only this node can read: the checkpoints' folder, and a SQLite store (trials on other
-    nodes would each create an empty database there and find no source model)."""
+def test_multi_node_run_refuses_a_local_storage_path_but_not_a_local_store(workspace, tmp_path):
+    """The checkpoints' folder must be one every node can read; a SQLite store need not (the driver
+    is the only MLflow client: trials get the source weights from it)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -70,7 +70,7 @@ def test_multi_node_run_refuses_a_local_storage_path_and_store(workspace, tmp_pa
                          "--mlflow-uri", f"sqlite:///{db}", timeout=180)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "has 2 nodes" in proc.stderr and "shared file system" in proc.stderr
-        assert f"sqlite:///{db} is a file on this node's disk" in proc.stderr and "mlflow/server.sh" in proc.stderr
+        assert str(db) not in proc.stderr  # not a problem
         assert not (tmp_path / "results").exists()  # no trial, no run: the checks come first
         assert tracking.client(f"sqlite:///{db}").get_experiment_by_name("ixi_source") is None
     finally:

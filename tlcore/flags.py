@@ -54,7 +54,7 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1)
     p.add_argument("--shared-storage", action="store_true",
-                   help="--storage-path (and a SQLite MLflow store) is shared by every node although tlcore cannot "
+                   help="--storage-path is shared by every node although tlcore cannot "
                         "tell (e.g. one machine, several Ray nodes)")
     p.add_argument("--autoscale", action="store_true",
                    help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")

@@ -1,5 +1,6 @@
-"""Source models on this machine: each registered version downloaded once per node (trials on
-one node share the folder), and used from there while the registry is unreachable.
+"""Source models on the driver's machine: each registered version downloaded once, and used from
+there while the registry is unreachable (a resumed sweep during an outage). The driver hands the
+weights to the trials (starts.source_weights); no other node asks the registry.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ log = logging.getLogger("tlcore")
 def cached_model(uri: str, model_uri: str) -> tuple[tracking.ModelRef, Path]:
     """The weights folder of a registered model version, downloaded once per machine.
 
-    Every trial starting from a source model needs it. The registry is still asked which
-    version `model_uri` is (a store rebuilt at the same address may hold other weights under
-    the same version), but when it cannot be reached a pinned version already on this machine
-    is used, so trials restarted during a tracking-server outage go on training. `latest` and
-    aliases are cached under the version they resolve to (no download left in a temp folder).
+    The registry is still asked which version `model_uri` is (a store rebuilt at the same
+    address may hold other weights under the same version), but when it cannot be reached a
+    pinned version already on this machine is used. `latest` and aliases are cached under the
+    version they resolve to (no download left in a temp folder); concurrent callers (a driver and
+    a notebook) share the folder safely.
     """
     m = tracking.MODEL_URI.match(model_uri)
     pinned = m is not None and (m["version"] or "").isdigit()

@@ -1,5 +1,5 @@
 """Ray for a sweep: connect to a cluster (or start a private local Ray) and check, before any trial,
-that the sweep fits it (GPUs, CPUs, storage and a tracking store every node can reach).
+that the sweep fits it (GPUs, CPUs, and storage every node can reach).
 Ray's core only; no ray.tune here.
 """
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import ray
 
-from tlcore import tracking
 from tlcore.credentials import without_credentials
 
 
@@ -96,19 +95,12 @@ def connect(args) -> float:
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if have_gpus or args.autoscale else 0.0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1 or args.autoscale:
+        # (The MLflow store may be a SQLite file on this node: the driver is its only client.)
         local = []  # what the other nodes could not reach, all of it in one message
         if not (args.shared_storage or is_shared_path(args.storage_path)):
             local.append(f"--storage-path {args.storage_path} is on a local disk: trials on other nodes could not "
                          "write their checkpoints there, and a resumed trial could not find them. Use a path on a "
                          "shared file system (NFS, EFS, Filestore) that every node mounts at the same place.")
-        uri = args.mlflow_uri or tracking.default_tracking_uri()
-        db = tracking.local_store_path(uri)
-        # trials on other nodes read source models from the registry: each would open (and
-        # create) its own empty database at this path
-        if db is not None and not (args.shared_storage or is_shared_path(str(db.parent))):
-            local.append(f"the MLflow store {uri} is a file on this node's disk, which the other nodes cannot read. "
-                         "Run the team server (mlflow/server.sh on the head node) and pass --mlflow-uri "
-                         "http://<head private IP>:5000, or keep the store on a shared file system.")
         if local:
             raise ClusterMismatch(f"this Ray cluster has {nodes} nodes{' (autoscaling)' if args.autoscale else ''}, but\n  - "
                  + "\n  - ".join(local) + "\nPass --shared-storage if these paths are shared in a way tlcore "
