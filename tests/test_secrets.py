@@ -113,3 +113,22 @@ def test_private_local_ray_is_loopback_only_with_a_private_token_and_no_credenti
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_resume_refuses_a_sweep_folder_someone_else_could_have_written(workspace, tmp_path):
+    """--resume unpickles Tune's state (tuner.pkl): a folder or state file writable by others, or a
+    link, is refused before Ray starts, naming it and the fix; nothing in it is touched."""
+    storage = tmp_path / "results"
+    exp_dir = storage / "brats_layers"
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "tuner.pkl").write_bytes(b"not loaded")
+    argv = [sys.executable, str(REPO / "sweeps" / "brats_layers.py"), "--resume", "--smoke-test", "--data-dir",
+            str(workspace["data"] / "brats"), "--storage-path", str(storage), "--mlflow-uri", workspace["uri"]]
+    for make_unsafe, said in ((lambda: exp_dir.chmod(0o777), f"{exp_dir} is writable by others"),
+                              (lambda: (exp_dir.chmod(0o700), (exp_dir / "tuner.pkl").chmod(0o664)),
+                               f"{exp_dir / 'tuner.pkl'} is writable by its group")):
+        make_unsafe()
+        refused = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert refused.returncode == 2 and said in refused.stderr and "chmod -R go-w" in refused.stderr, refused.stderr
+        assert "Started a local Ray" not in refused.stdout + refused.stderr
+    assert sorted(p.name for p in exp_dir.iterdir()) == ["tuner.pkl"]

@@ -93,6 +93,7 @@ def test_layer_sweep(workspace, source_model):
     # the report: named in the output, in the results folder and in the parent run
     page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
+    assert page.parents[1].stat().st_mode & 0o777 == 0o700  # the sweep's folder: its user's alone
     assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
     # the forecast before the trials, on the parent run, set against the result in the report
     assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", proc.stdout), proc.stdout
