@@ -42,6 +42,26 @@ def processes_with_env(marker: str):
                 pass
 
 
+def listening_sockets() -> list[tuple[str, int, str]]:
+    """(address, port, socket inode) of every TCP socket in LISTEN state (/proc/net/tcp and tcp6);
+    IPv6 addresses as eight groups of four hex digits."""
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = bytes.fromhex(host)
+            if len(raw) == 4:
+                address = ".".join(str(b) for b in raw[::-1])
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                address = ":".join(words[i:i + 2].hex() for i in range(0, 16, 2))
+            found.append((address, int(port, 16), fields[9]))
+    return found
+
+
 def processes_with_cmdline(marker: str) -> list[tuple[int, str]]:
     """(pid, command line) of every process whose command line contains `marker`."""
     found = []

@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from helpers import REPO, processes_with_env
+from helpers import REPO, listening_sockets, processes_with_env
 
 PASSWORD = "pw-" + os.urandom(6).hex()
 
@@ -67,19 +67,7 @@ def listening_addresses(pids: set[int]) -> set[str]:
                     inodes.add(target[8:-1])
         except OSError:
             pass
-    found = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                host = fields[1].split(":")[0]
-                raw = bytes.fromhex(host)
-                if len(raw) == 4:
-                    found.add(".".join(str(b) for b in raw[::-1]))
-                else:  # IPv6: four little-endian 32-bit words
-                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                    found.add(":".join(words[i:i + 2].hex() for i in range(0, 16, 2)))
-    return found
+    return {address for address, _, inode in listening_sockets() if inode in inodes}
 
 
 LOOPBACK = {"127.0.0.1", "0000:0000:0000:0000:0000:ffff:7f00:0001", "0000:0000:0000:0000:0000:0000:0000:0001"}

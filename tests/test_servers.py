@@ -5,22 +5,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, processes_with_cmdline, start_tracking_server, stop_tracking_server
+from helpers import REPO, free_port, listening_sockets, processes_with_cmdline, start_tracking_server, stop_tracking_server
 
 
 def listening_addresses(port: int) -> set[str]:
-    """IPv4/IPv6 addresses with a socket in LISTEN state on `port` (from /proc/net/tcp*)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:  # 0A = LISTEN
-                if len(addr) == 8:
-                    found.add(".".join(str(b) for b in reversed(bytes.fromhex(addr))))
-                else:
-                    found.add("::" if set(addr) == {"0"} else addr)
-    return found
+    """IPv4/IPv6 addresses with a socket in LISTEN state on `port`."""
+    return {address for address, p, _ in listening_sockets() if p == port}
 
 
 @pytest.mark.slow

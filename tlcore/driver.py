@@ -346,11 +346,11 @@ def resolve_source(sweep: Sweep, model_uri: str, how_to_make: str) -> tracking.M
     """The registered source model, or an error saying how to produce it (call before `begin`).
     Its weights are read here, once, for the trials (sweep.source_weights): trials never ask the
     registry, so no node but this one needs an MLflow credential."""
-    from tlcore.starts import source_weights
+    from tlcore.model_cache import cached_model
 
     try:
-        ref = tracking.resolve_model(sweep.tracking_uri, model_uri)
-        sweep.source_weights.update(source_weights(sweep.tracking_uri, [ref.uri]))
+        ref, folder = cached_model(sweep.tracking_uri, model_uri)  # resolved and downloaded once
+        sweep.source_weights[ref.uri] = (folder / "model.safetensors").read_bytes()
         return ref
     except tracking.ModelNotFoundError as e:
         if sweep.tracking_uri != tracking.default_tracking_uri():

@@ -1,6 +1,6 @@
 """Source models on the driver's machine: each registered version downloaded once, and used from
 there while the registry is unreachable (a resumed sweep during an outage). The driver hands the
-weights to the trials (starts.source_weights); no other node asks the registry.
+weights to the trials (driver.resolve_source); no other node asks the registry.
 """
 
 from __future__ import annotations

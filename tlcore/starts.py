@@ -20,7 +20,7 @@ from tlcore.train import pick_device, seed_everything, staging_device
 from tlcore.transfer import TransferReport, freeze_first, load_source, mean_var_init, read_weights
 
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
-_SOURCE_WEIGHTS: dict[str, tuple[str, bytes]] = {}  # use_source_weights
+_SOURCE_WEIGHTS: dict[str, bytes] = {}  # use_source_weights
 
 
 def num_classes(cfg: RunConfig) -> int:
@@ -61,32 +61,21 @@ def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
-def use_source_weights(sources: dict[str, tuple[str, bytes]] | None) -> None:
-    """The source models the driver resolved (model URI -> (pinned URI, safetensors bytes)); a
-    trial gets them from Ray's object store (tune.with_parameters). Trials never ask the registry,
+def use_source_weights(sources: dict[str, bytes] | None) -> None:
+    """The source models the driver read (pinned model URI -> safetensors bytes, driver.resolve_source);
+    a trial gets them from Ray's object store (tune.with_parameters). Trials never ask the registry,
     so no node needs an MLflow credential (the driver is the only MLflow client)."""
     _SOURCE_WEIGHTS.update(sources or {})
-
-
-def source_weights(uri: str, model_uris) -> dict[str, tuple[str, bytes]]:
-    """The driver's side of use_source_weights: each registered model downloaded once (cached on
-    this machine) and read as bytes, for the trials."""
-    out = {}
-    for model_uri in model_uris:
-        ref, folder = cached_model(uri, model_uri)
-        out[model_uri] = (ref.uri, (folder / "model.safetensors").read_bytes())
-    return out
 
 
 def registered_weights(cfg: RunConfig) -> tuple[str, dict[str, torch.Tensor]]:
     """(pinned URI, state dict) of the registered model a start uses: the weights the driver
     handed the trial, else (in the driver itself: the forecast, notebooks) from the registry."""
     model_uri = weights_of(cfg.source_model)
-    if model_uri in _SOURCE_WEIGHTS:
+    if model_uri in _SOURCE_WEIGHTS:  # a trial's config names the pinned version the driver read
         from safetensors.torch import load
 
-        pinned, blob = _SOURCE_WEIGHTS[model_uri]
-        return pinned, load(blob)
+        return model_uri, load(_SOURCE_WEIGHTS[model_uri])
     ref, folder = cached_model(cfg.tracking_uri, model_uri)
     return ref.uri, read_weights(folder / "model.safetensors")
 

@@ -488,8 +488,8 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     the stratum reached the rung: independent of the order results arrive in) or "none" (every
     trial runs to the end). `strata`: config keys whose values split the trials into groups
     that early stopping compares separately (e.g. ("train_subset",)).
-    source_weights: model URI -> (pinned URI, safetensors bytes) of the registered sources the
-    trials start from (starts.source_weights; the driver resolves them once).
+    source_weights: pinned model URI -> safetensors bytes of the registered sources the trials
+    start from (the driver reads them once: driver.resolve_source).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r}: choose from {SCHEDULERS}")
