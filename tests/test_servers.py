@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from helpers import REPO, free_port, listening_sockets, processes_with_cmdline, start_tracking_server, stop_tracking_server
