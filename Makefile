@@ -2,14 +2,14 @@
 # Both create the virtual environment on first use (about 2 minutes).
 PY := .venv/bin/python
 
-.PHONY: demo test cluster-test cluster-deps bench clean-results
+.PHONY: demo test test-fast lint cluster-test cluster-deps bench clean-results
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	# torch first, pinned: other versions download gigabytes on machines that have these on disk
-	.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv/bin/pip install -q -e '.[test,server]'
+	.venv/bin/pip install -q -c constraints.txt torch torchvision
+	.venv/bin/pip install -q -c constraints.txt -e '.[test,server]'
 	touch $@
 
 # synchronous early stopping: two demo runs make the same decisions and print the same tables
@@ -17,13 +17,21 @@ demo: .venv/.installed
 	$(PY) sweeps/ixi_source.py --scheduler asha-sync
 	$(PY) sweeps/brats_layers.py --scheduler asha-sync
 
-test: .venv/.installed cluster-deps
+# the linter first: a name error or a broken import fails in a second, not after the suite
+lint: .venv/.installed
+	.venv/bin/ruff check .
+
+test: lint cluster-deps
 	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
 
 # the multi-node paths, run for real on this machine (root): `ray up` over SSH onto hosts made as
 # network namespaces, and a Slurm job through sbatch (also part of `make test`)
-cluster-test: .venv/.installed cluster-deps
+cluster-# the linter first: a name error or a broken import fails in a second, not after the suite
+lint: .venv/.installed
+	.venv/bin/ruff check .
+
+test: lint cluster-deps
 	$(PY) -m pytest -q -m cluster -s
 
 cluster-deps:

@@ -19,14 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlcore import tracking  # noqa: E402
-from tlcore.analysis import LayerProbe, MinibatchCKA, gram, probe_patches  # noqa: E402
-from tlcore.config import RunConfig  # noqa: E402
-from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
-from tlcore.data.pipeline import load_subject  # noqa: E402
-from tlcore.models import build_model  # noqa: E402
-from tlcore.starts import registered_weights  # noqa: E402
-from tlcore.transfer import load_source, mean_var_init  # noqa: E402
+from tlcore import tracking
+from tlcore.config import RunConfig
+from tlcore.data.layouts import default_label_map, find_brats
+from tlcore.data.pipeline import load_subject
+from tlcore.models.networks import build_model
+from tlcore.models.probes import LayerProbe, MinibatchCKA, gram, probe_patches
+from tlcore.models.transfer import load_source, mean_var_init
+from tlcore.training.trial_start import registered_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def patch_examples_cka(reference, model, patches) -> dict:
     for name, m in (("ref", reference), ("model", model)):
         m.eval()
         acts: dict = {}
-        hooks = [m.blocks[i].register_forward_hook(lambda _m, _i, o, g=g: acts.setdefault(g, []).append(gram(o)))
+        hooks = [m.blocks[i].register_forward_hook(lambda _m, _i, o, g=g, acts=acts: acts.setdefault(g, []).append(gram(o)))
                  for g, i in (("conv_0", 0), ("res_1", 3), ("res_2", 6), ("res_3", 9), ("conv_1", 10))]
         with torch.no_grad():
             for i in range(0, len(patches), 8):

@@ -21,8 +21,8 @@ from tlcore.config import RunConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
 from tlcore.data.pipeline import load_subject  # noqa: E402
 from tlcore.data.synthetic import write_brats  # noqa: E402
-from tlcore.models import build_model  # noqa: E402
-from tlcore.train import train_segmentation  # noqa: E402
+from tlcore.models.networks import build_model  # noqa: E402
+from tlcore.training.segmentation import train_segmentation  # noqa: E402
 
 # Reports per trial of a real sweep (10,000 iterations, a report every 250): ASHA's rungs sit on
 # reports, so the recorded grid reports as often, whatever its length.

@@ -18,15 +18,21 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from common import FixedBatch, Profile, random_batch, steady_patches_per_s, sync, synthetic_subjects  # noqa: E402
+
 from tlcore.config import RunConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
-from tlcore.evaluate import dice_per_class, predict_logits, write_prediction  # noqa: E402
-from tlcore.models import build_model  # noqa: E402
-from tlcore.train import (amp_dtype, choose_channels_last, pick_device, seed_everything, staging_device,  # noqa: E402
-                          train_segmentation)
-
-from common import FixedBatch, Profile, random_batch, steady_patches_per_s, sync, synthetic_subjects  # noqa: E402
+from tlcore.evaluation.metrics import dice_per_class, predict_logits, write_prediction  # noqa: E402
+from tlcore.models.networks import build_model  # noqa: E402
+from tlcore.training.segmentation import (  # noqa: E402
+    amp_dtype,
+    choose_channels_last,
+    pick_device,
+    seed_everything,
+    staging_device,
+    train_segmentation,
+)
 
 
 def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
@@ -98,7 +104,7 @@ def bench_precision(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
         torch.manual_seed(0)
         model = build_model(in_channels=2, num_classes=2)
         reports = []
-        train_segmentation(cfg, model, sampler, [val], 2, report=lambda m, s: reports.append(m), device=device)
+        train_segmentation(cfg, model, sampler, [val], 2, report=lambda m, s, reports=reports: reports.append(m), device=device)
         model.eval()
         preds[name] = predict_logits(model, val.image, p.roi, device, 2, 0.5, amp_dtype(cfg, device),
                                      cl == "on").argmax(1).cpu()
@@ -137,7 +143,7 @@ def bench_deterministic(p: Profile, device, tmp: Path, emit, staged: dict) -> No
             sampler = PatchSampler(staged["subjects"], p.patch, p.batch, "weighted", True, seed=0, device=stage)
             reports = []
             model = build_model(in_channels=2, num_classes=2)
-            train_segmentation(cfg, model, sampler, [staged["val"]], 2, report=lambda m, s: reports.append(m),
+            train_segmentation(cfg, model, sampler, [staged["val"]], 2, report=lambda m, s, reports=reports: reports.append(m),
                                device=device)
             best[deterministic] = max(best[deterministic], reports[-1]["patches_per_s"])
             losses[deterministic].append([r["train_loss"] for r in reports])
@@ -221,8 +227,8 @@ def bench_train2d(p: Profile, device, tmp: Path, emit) -> None:
 
     from tlcore.data.mura import find_mura
     from tlcore.data.synthetic import write_mura
-    from tlcore.models import build_densenet121
-    from tlcore.train2d import build_learner, image_loaders
+    from tlcore.models.networks import build_densenet121
+    from tlcore.training.classification import build_learner, image_loaders
 
     root = write_mura(tmp / "mura", n_patients=max(12, 2 * p.batch_2d), size=p.image_size)
     images = [i for i in find_mura(root)[0] if i.split == "train"]
@@ -289,9 +295,9 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     patches plus weight movement, against the training steps between two reports (validation not
     counted, so the share is an upper bound); the probe's set-up once per trial; the forecast once
     per sweep (LogME at every freeze depth, on the driver's CPU)."""
-    from tlcore.analysis import LayerProbe, WeightMovement
-    from tlcore.forecast import forecast_depths
-    from tlcore.starts import PROBE_SIZE, probe_inputs
+    from tlcore.analysis.forecast import forecast_depths
+    from tlcore.models.probes import LayerProbe, WeightMovement
+    from tlcore.training.trial_start import PROBE_SIZE, probe_inputs
 
     cfg = RunConfig(patch_size=p.patch, batch_size=p.batch)
     torch.manual_seed(0)

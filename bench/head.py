@@ -37,9 +37,9 @@ from tlcore.data.layouts import default_label_map, find_subjects  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.splits import DEFAULT_FRACTIONS, split_subjects  # noqa: E402
 from tlcore.data.synthetic import ensure_synthetic  # noqa: E402
-from tlcore.models import build_model  # noqa: E402
-from tlcore.train import seed_everything, train_segmentation  # noqa: E402
-from tlcore.transfer import load_source  # noqa: E402
+from tlcore.models.networks import build_model  # noqa: E402
+from tlcore.models.transfer import load_source  # noqa: E402
+from tlcore.training.segmentation import seed_everything, train_segmentation  # noqa: E402
 
 STARTS = ("scratch", "transferred")
 FAIL_BELOW = 0.1           # best validation Dice under this = the run did not learn
@@ -57,7 +57,7 @@ def load_dataset(root: Path, dataset: str) -> tuple[list, list, int]:
     classes = max(label_map.values()) + 1
     files = find_subjects(dataset, root / dataset, ("t1", "t2"), grades=("HGG", "LGG"))
     splits = split_subjects(files, DEFAULT_FRACTIONS[dataset], seed=0)
-    load = lambda ids: [load_subject(s, files[s], ("t1", "t2"), label_map, classes, DEMO["patch_size"])  # noqa: E731
+    load = lambda ids: [load_subject(s, files[s], ("t1", "t2"), label_map, classes, DEMO["patch_size"])
                         for s in ids]
     return load(splits["train"]), load(splits["val"]), classes
 
@@ -151,7 +151,7 @@ def summarise(path: Path, iterations: int) -> str:
     lines = ["| start | head | runs | best val Dice mean ± sd | median | final val Dice mean ± sd | "
              f"noise (mean abs Δ Dice, reports {late}-{iterations}){early} | failures |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if early else "")]
-    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")
     for start in STARTS:
         for head in variants:
             rs = [r for r in targets if r["start"] == start and r["head"] == head]

@@ -19,25 +19,25 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from tlcore.config import RunConfig  # noqa: E402
-from tlcore.models import build_model  # noqa: E402
-from tlcore.train import pick_device, train_segmentation  # noqa: E402
-
 from common import SWEEP_REPORTS, FixedBatch, Profile, random_batch  # noqa: E402
+
+from tlcore.config import RunConfig  # noqa: E402
+from tlcore.models.networks import build_model  # noqa: E402
+from tlcore.training.segmentation import pick_device, train_segmentation  # noqa: E402
 
 
 def bench_tracking(p: Profile, device, tmp: Path, emit, step_s: float) -> None:
-    from tlcore import tracking
+    from tlcore.tracking import store
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    tracking.prepare_store(uri)
-    run = tracking.start_run(uri, "bench", "bench")
+    store.prepare_store(uri)
+    run = store.start_run(uri, "bench", "bench")
     metrics = {"train_loss": 0.5, "val_loss": 0.6, "val_dice": 0.7, "lr": 1e-3, "patches_per_s": 10.0}
-    tracking.log_metrics(uri, run, metrics, step=0)
+    store.log_metrics(uri, run, metrics, step=0)
     n = 30
     t0 = time.perf_counter()
     for i in range(1, n + 1):
-        tracking.log_metrics(uri, run, metrics, step=i)
+        store.log_metrics(uri, run, metrics, step=i)
     per_log = (time.perf_counter() - t0) / n
     report_every = RunConfig().report_every
     # The trial never waits for MLflow: Tune's driver logs each report. Per training step
@@ -110,7 +110,7 @@ def bench_asha(p: Profile, device, tmp: Path, emit) -> None:
     import ray
     from ray import tune
 
-    from tlcore.trainables import asha
+    from tlcore.sweep.scheduling import asha
 
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     uri = f"sqlite:///{tmp / 'sweep.db'}"

@@ -27,12 +27,19 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from common import FULL, SMALL, Profile, device_name, versions  # noqa: E402
-from compute import (bench_analysis, bench_deterministic, bench_inference, bench_packing, bench_precision,  # noqa: E402
-                     bench_train2d, bench_train3d)
+from compute import (  # noqa: E402
+    bench_analysis,
+    bench_deterministic,
+    bench_inference,
+    bench_packing,
+    bench_precision,
+    bench_train2d,
+    bench_train3d,
+)
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 from scale import bench_scale  # noqa: E402
 
-from tlcore.train import pick_device  # noqa: E402
+from tlcore.training.segmentation import pick_device  # noqa: E402
 
 # The GPU targets (bench/README.md), for one H100/H200 (ratios apply on every device).
 TARGETS = {

@@ -1,7 +1,7 @@
 """What a sweep costs as it grows: 100 and 1,000 trials of a near-empty trainable (a few reports,
 no model) through tlcore's own sweep path: `run_sweep` (Tune, StratifiedASHA, the MLflow
-callback, the progress view, Tune's result files), `after_fit`, the seed aggregates, the HTML
-report, `tlcore.sync` and `summary.collect`; against SQLite and against a local MLflow server.
+callback, the progress view, Tune's result files), `finish_trial_runs`, the seed aggregates, the HTML
+report, `tlcore.tracking.sync` and `summary.collect`; against SQLite and against a local MLflow server.
 
     .venv/bin/python bench/run.py --only scale                 # 100 and 1,000 trials
     TLCORE_SCALE_SIZES=50,200 TLCORE_SCALE_STORES=server .venv/bin/python bench/run.py --only scale
@@ -65,19 +65,19 @@ class Timed:
 def sweep_once(n: int, uri: str, storage: Path, name: str) -> dict:
     from ray import tune
 
-    from tlcore import tracking
-    from tlcore import trainables
-    from tlcore.report import build
-    from tlcore.results import trial_rows
-    from tlcore.summary import collect, log_seed_aggregates
-    from tlcore.sync import sync
+    from tlcore.report.page import build
+    from tlcore.report.summary import collect, log_seed_aggregates
+    from tlcore.sweep import trainables
+    from tlcore.sweep.results import trial_rows
+    from tlcore.tracking import store
+    from tlcore.tracking.sync import sync
 
-    tracking.prepare_store(uri)
-    parent = tracking.start_run(uri, name, name, {"trials": n}, {"sweep": name, "role": "parent"})
+    store.prepare_store(uri)
+    parent = store.start_run(uri, name, name, {"trials": n}, {"sweep": name, "role": "parent"})
     (storage / name).mkdir(parents=True, exist_ok=True)
     (storage / name / "tlcore_sweep.json").write_text(json.dumps({
         "name": name, "parent_run_id": parent, "tracking_uri": uri, "max_iterations": REPORTS * REPORT_EVERY}))
-    from tlcore.halving import SuccessiveHalving
+    from tlcore.sweep.halving import SuccessiveHalving
 
     on_result = Timed(trainables.StratifiedASHA, "on_trial_result")  # with what it does to Tune's trials
     decide = Timed(SuccessiveHalving, "report")                        # the book's decision alone
@@ -129,9 +129,9 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
                              "--port", str(port)],  # the server's own defaults, as mlflow/server.sh starts it
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    from tlcore import tracking
+    from tlcore.tracking import store
     deadline = time.time() + 120
-    while not tracking.server_reachable(uri) and time.time() < deadline:
+    while not store.server_reachable(uri) and time.time() < deadline:
         time.sleep(1)
     return proc, uri
 
@@ -146,17 +146,17 @@ def bench_scale(p, device, tmp: Path, emit) -> None:
     try:
         server, server_uri = start_server(tmp)
         stores = os.environ.get("TLCORE_SCALE_STORES", "sqlite,server").split(",")
-        for store, uri_of in (("sqlite", lambda n: f"sqlite:///{tmp / f'scale{n}.db'}"),
+        for store_kind, uri_of in (("sqlite", lambda n: f"sqlite:///{tmp / f'scale{n}.db'}"),
                               ("server", lambda n: server_uri)):
-            if store not in stores:
+            if store_kind not in stores:
                 continue
             by_size = {}
             for n in sizes:
-                by_size[n] = sweep_once(n, uri_of(n), tmp / f"{store}-results", f"scale{n}")
-                print(f"[bench] scale {store} {n}: {by_size[n]}", file=sys.stderr, flush=True)
-                out.update({f"scale.{store}.{k}_at_{n}": v for k, v in by_size[n].items() if k != "trials"})
+                by_size[n] = sweep_once(n, uri_of(n), tmp / f"{store_kind}-results", f"scale{n}")
+                print(f"[bench] scale {store_kind} {n}: {by_size[n]}", file=sys.stderr, flush=True)
+                out.update({f"scale.{store_kind}.{k}_at_{n}": v for k, v in by_size[n].items() if k != "trials"})
             small, large = min(sizes), max(sizes)
-            out[f"scale.{store}.growth_ratio"] = by_size[large]["per_trial_s"] / by_size[small]["per_trial_s"]
+            out[f"scale.{store_kind}.growth_ratio"] = by_size[large]["per_trial_s"] / by_size[small]["per_trial_s"]
         emit("scale", {"scale.cpus": min(os.cpu_count() or 2, 2), **out})
     finally:
         ray.shutdown()

@@ -25,7 +25,7 @@ Noise = mean |delta val Dice| between consecutive reports over the second half o
     .venv/bin/python bench/val_noise.py --variants head_plain --seeds 1,2 --modes eval@60
     .venv/bin/python bench/val_noise.py --table                       # table from the JSON lines
 
-The training loop is a copy of tlcore.train.train_segmentation at commit 4206c0b (Adam with
+The training loop is a copy of tlcore.training.segmentation.train_segmentation at commit 4206c0b (Adam with
 coupled L2, per-iteration LambdaLR / CosineAnnealingLR, DiceCE), CPU fp32, so edits to tlcore
 under way do not move the measurement. Runs already in the results file are skipped.
 """
@@ -54,7 +54,7 @@ from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.splits import split_subjects  # noqa: E402
 from tlcore.data.synthetic import ensure_synthetic  # noqa: E402
-from tlcore.evaluate import dice_per_class, predict_logits  # noqa: E402
+from tlcore.evaluation.metrics import dice_per_class, predict_logits  # noqa: E402
 
 RESULTS = BENCH / "results-val-noise.jsonl"
 DATA = Path("/tmp/tlcore-valnoise")
@@ -84,14 +84,14 @@ def load_data():
     files = find_brats(root)
     label_map = default_label_map("brats")
     split = split_subjects(sorted(files), (0.5, 0.3, 0.2), seed=0)
-    load = lambda sid: load_subject(sid, files[sid], ("t1", "t2"), label_map, NUM_CLASSES, PATCH)  # noqa: E731
+    load = lambda sid: load_subject(sid, files[sid], ("t1", "t2"), label_map, NUM_CLASSES, PATCH)
     return [load(s) for s in split["train"]], [load(s) for s in split["val"]]
 
 
 def build(norm: str, head: str) -> nn.Module:
     norm_type = ("batch", {"affine": True}) if norm == "batch" else ("instance", {"affine": True})
     net = HighResNet(spatial_dims=3, in_channels=2, out_channels=NUM_CLASSES, norm_type=norm_type)
-    if head == "none":  # NiftyNet's head: conv -> norm, no activation (as tlcore.models on the working tree)
+    if head == "none":  # NiftyNet's head: conv -> norm, no activation (as tlcore.models.networks on the working tree)
         net.blocks[11].adn.A = nn.Identity()
     elif head == "plain":  # no normalisation on the logits: 1x1x1 conv with a bias, nothing after
         net.blocks[11].conv = nn.Conv3d(80, NUM_CLASSES, 1, bias=True)
@@ -159,7 +159,7 @@ def precise_copy(model, sampler: PatchSampler):
 @torch.no_grad()
 def logits_of(model, val, mode: str) -> torch.Tensor:
     """(n, K, 32, 32, 32) logits. roi == volume: the sliding window is one window, so the eval-mode
-    path runs the volumes as one batch (checked against tlcore.evaluate.predict_logits). trainbn:
+    path runs the volumes as one batch (checked against tlcore.evaluation.metrics.predict_logits). trainbn:
     each volume alone, as the sliding window would feed it (batch statistics of that volume)."""
     if mode == "trainbn":
         m = copy.deepcopy(model).train()

@@ -149,16 +149,16 @@ class Walkthrough:
 
 
 def main() -> None:
-    from tlcore import tracking
+    from tlcore.tracking import store
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlflow-uri", default=tracking.default_tracking_uri())
+    p.add_argument("--mlflow-uri", default=store.default_tracking_uri())
     p.add_argument("--experiment", default="brats_layers")
     p.add_argument("--out", default=str(REPO / "docs" / "mlflow"))
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
-    exp = tracking.client(args.mlflow_uri).get_experiment_by_name(args.experiment)
+    exp = store.client(args.mlflow_uri).get_experiment_by_name(args.experiment)
     if exp is None:
         sys.exit(f"error: no experiment {args.experiment!r} in {args.mlflow_uri}; run its sweep first")
     out = Path(args.out)

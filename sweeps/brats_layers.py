@@ -13,9 +13,11 @@ from functools import partial
 
 from ray import tune
 
-from tlcore import driver, flags
-from tlcore.results import cka_with_scratch, evaluate_trials, layer_table, trial_rows
-from tlcore.trainables import optuna_search, run_sweep
+from tlcore.sweep import driver, flags
+from tlcore.sweep.evaluation import cka_with_scratch, evaluate_trials
+from tlcore.sweep.results import layer_table, trial_rows
+from tlcore.sweep.scheduling import optuna_search
+from tlcore.sweep.tuner import run_sweep
 
 NAME = "brats_layers"
 
@@ -44,8 +46,8 @@ def main() -> None:
                         help="comma-separated k: the transferred starts, with their first k layer groups frozen")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "brats", args)
-    driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    driver.start_ray(sweep)
     driver.begin(sweep)
     ks = sorted({int(k) for k in args.frozen_layers.split(",")}) if args.search == "grid" else range(6)
     driver.log_forecast(sweep, source, ks)  # which k should win? (the report sets it against the result)
@@ -61,7 +63,7 @@ def main() -> None:
     scores = evaluate_trials(results, sweep.runs, splits=("train", "val", "test"),
                              cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
     cka_with_scratch(results, sweep.runs, cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)  # the report's heatmap
-    driver.finish(sweep, layer_table(rows, scores), errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, layer_table(rows, scores))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ shape of thesis Tables 6.3-6.6.
 
 from ray import tune
 
-from tlcore import driver, flags
-from tlcore.results import evaluate_trials, subset_table, trial_rows
-from tlcore.trainables import run_sweep
+from tlcore.sweep import driver, flags
+from tlcore.sweep.evaluation import evaluate_trials
+from tlcore.sweep.results import subset_table, trial_rows
+from tlcore.sweep.tuner import run_sweep
 
 NAME = "brats_subsets"
 
@@ -40,8 +41,8 @@ def main() -> None:
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
     # early stopping compares trials on the same training subset
     sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes, default_strata=("train_subset",))
-    gpus = driver.start_ray(sweep)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
+    gpus = driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(source, flags.control_starts(args.controls, source))}
     if args.smoke_test:  # scratch vs k=1 on the smallest and the full subset: the table's shape, cheaply
@@ -52,7 +53,7 @@ def main() -> None:
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, sweep.runs, cpus=args.cpus_per_trial, gpus=gpus)
     rows = subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.splits)
-    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows)
 
 
 if __name__ == "__main__":

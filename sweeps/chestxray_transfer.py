@@ -9,9 +9,11 @@ Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/
 
 from ray import tune
 
-from tlcore import driver, flags
-from tlcore.results import chestxray_table, trial_rows
-from tlcore.trainables import run_sweep, train_classifier_trial
+from tlcore.sweep import driver, flags
+from tlcore.sweep.evaluation import evaluate_classifier_trials
+from tlcore.sweep.results import trial_rows
+from tlcore.sweep.trainables import train_classifier_trial
+from tlcore.sweep.tuner import run_sweep
 
 NAME = "chestxray_transfer"
 
@@ -47,7 +49,7 @@ def main() -> None:
              "oversample": args.oversample}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
                         **sweep.tune_kwargs(), grace_period=1)
-    rows = chestxray_table(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),
+    rows = evaluate_classifier_trials(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),
                            sweep.runs, target_loss=args.target_loss,
                            cpus=args.cpus_per_trial, gpus=gpus)
     per_start = {}
@@ -57,7 +59,7 @@ def main() -> None:
     driver.log_table(sweep, [{"source_model": k, "target_loss": rows[0]["target_loss"],
                            "fewest_steps_to_target": v if v != float("inf") else "not reached"}
                           for k, v in per_start.items()], "steps_to_target.md", "Steps to reach the training loss")
-    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ model registry as `ixi_hippocampus`, the source of sweeps/brats_layers.py.
 
 from ray import tune
 
-from tlcore import driver, flags
-from tlcore.results import best_trial_checkpoint, evaluate_remote, publish_model, trial_rows
-from tlcore.trainables import run_sweep
+from tlcore.sweep import driver, flags
+from tlcore.sweep.evaluation import evaluate_remote
+from tlcore.sweep.publish import publish_model
+from tlcore.sweep.results import best_trial_checkpoint, trial_rows
+from tlcore.sweep.tuner import run_sweep
 
 NAME = "ixi_source"
 REGISTERED_NAME = "ixi_hippocampus"
@@ -36,7 +38,7 @@ def main() -> None:
     best, checkpoint, iteration = best_trial_checkpoint(results)
     test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
     publish_model(sweep.runs, best, checkpoint, iteration, test, REGISTERED_NAME, task="IXI hippocampus (left/right)")
-    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows)
 
 
 if __name__ == "__main__":

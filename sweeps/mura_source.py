@@ -10,9 +10,12 @@ Cohen's kappa, confusion matrix) and registered as `mura_densenet121`.
 
 from ray import tune
 
-from tlcore import driver, flags
-from tlcore.results import best_trial_checkpoint, evaluate_classifier_remote, publish_model, report_mura, trial_rows
-from tlcore.trainables import run_sweep, train_classifier_trial
+from tlcore.sweep import driver, flags
+from tlcore.sweep.evaluation import evaluate_classifier_remote, log_mura_study_accuracy
+from tlcore.sweep.publish import publish_model
+from tlcore.sweep.results import best_trial_checkpoint, trial_rows
+from tlcore.sweep.trainables import train_classifier_trial
+from tlcore.sweep.tuner import run_sweep
 
 NAME = "mura_source"
 REGISTERED_NAME = "mura_densenet121"
@@ -41,9 +44,9 @@ def main() -> None:
         driver.finish(sweep, rows, errors=len(rows))
     best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    metrics = report_mura(sweep.runs, best, predictions)
+    metrics = log_mura_study_accuracy(sweep.runs, best, predictions)
     publish_model(sweep.runs, best, checkpoint, epoch, metrics, REGISTERED_NAME, task="MURA v1.1 normal / abnormal")
-    driver.finish(sweep, rows, errors=sum(r["status"] == "ERROR" for r in rows))
+    driver.finish(sweep, rows)
 
 
 if __name__ == "__main__":

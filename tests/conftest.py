@@ -22,10 +22,10 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture()
 def mlflow_uri(tmp_path):
-    from tlcore import tracking
+    from tlcore.tracking import store
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    tracking.prepare_store(uri)
+    store.prepare_store(uri)
     return uri
 
 
@@ -55,7 +55,6 @@ def source_model(workspace):
     """The IXI source sweep (smoke), run once per worker; its registered model."""
     from helpers import run_script
 
-    from tlcore import tracking
 
     w = workspace
     src = run_script("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
@@ -71,4 +70,6 @@ def source_model(workspace):
     # Ray's own messages are in the sweep's log file, not on the console
     ray_log = (w["tmp"] / "results" / "ixi_source" / "ray.log").read_text()
     assert "ray.tune" in ray_log and "Wrote the latest version" not in out
-    return tracking.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
+    from tlcore.tracking import registry
+
+    return registry.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tlcore import tracking
+from tlcore.tracking import registry, store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def store_with_untrained_source(tmp_path) -> str:
     """A fresh SQLite store with an untrained 3-class HighRes3DNet registered as the IXI source:
     tests of resuming and recovery need a source to transfer from, not a good one."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.prepare_store(uri)
+    store.prepare_store(uri)
     return register_untrained_source(uri, tmp_path)
 
 
@@ -159,14 +159,14 @@ def register_untrained_source(uri: str, tmp_path) -> str:
     """An untrained 3-class HighRes3DNet, registered as `ixi_hippocampus` in the store at `uri`."""
     from safetensors.torch import save_file
 
-    from tlcore.models import build_model
+    from tlcore.models.networks import build_model
 
     weights = tmp_path / "src"
     weights.mkdir()
     save_file(build_model(in_channels=2, num_classes=3).state_dict(), str(weights / "model.safetensors"))
-    run = tracking.start_run(uri, "ixi_source", "untrained source")
-    tracking.log_artifacts(uri, run, weights, "model")
-    tracking.register_model(uri, "ixi_hippocampus", run)
+    run = store.start_run(uri, "ixi_source", "untrained source")
+    store.log_artifacts(uri, run, weights, "model")
+    registry.register_model(uri, "ixi_hippocampus", run)
     return uri
 
 
@@ -177,8 +177,8 @@ def wait_for_trial_runs(uri: str, ready, timeout: float) -> list:
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(2)
-        exp = tracking.client(uri).get_experiment_by_name("brats_layers")
-        runs = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
+        exp = store.client(uri).get_experiment_by_name("brats_layers")
+        runs = store.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''") if exp else []
         if ready(runs):
             return runs
     pytest.fail("the sweep made no progress to interrupt")
@@ -201,6 +201,6 @@ def run_script(script, *args, timeout=600, env=None):
 def mlflow_child_runs(uri: str, experiment: str, parent_run_id: str) -> list:
     """A parent run's children as MLflow itself returns them (what the UI shows), to check what
     tlcore wrote with MLflow's own client rather than tlcore's."""
-    exp = tracking.client(uri).get_experiment_by_name(experiment)
-    return tracking.client(uri).search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+    exp = store.client(uri).get_experiment_by_name(experiment)
+    return store.client(uri).search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                             max_results=10_000)

@@ -1,4 +1,4 @@
-"""analysis.py (debiased minibatch CKA, weight movement, probe patches) and the Mean-Var start."""
+"""models/probes.py (debiased minibatch CKA, weight movement, probe patches) and the Mean-Var start."""
 
 import itertools
 import math
@@ -6,10 +6,19 @@ import math
 import pytest
 import torch
 
-from tlcore.analysis import (LayerProbe, MinibatchCKA, WeightMovement, gram, hsic1, linear_cka, probe_grams,
-                             probe_patches, voxel_samples)
-from tlcore.models import build_model, layer_groups
-from tlcore.transfer import freeze_first, load_source, mean_var_init
+from tlcore.models.networks import build_model, layer_groups
+from tlcore.models.probes import (
+    LayerProbe,
+    MinibatchCKA,
+    WeightMovement,
+    gram,
+    hsic1,
+    linear_cka,
+    probe_grams,
+    probe_patches,
+    voxel_samples,
+)
+from tlcore.models.transfer import freeze_first, load_source, mean_var_init
 
 
 def randn(*shape, seed=0):
@@ -177,8 +186,8 @@ def test_mean_var_start_shares_less_with_the_source_than_the_transferred_start()
 
 def test_the_reports_group_order_is_the_networks():
     from tlcore.config import RunConfig
-    from tlcore.models import build_for
-    from tlcore.summary import GROUP_ORDER
+    from tlcore.models.networks import build_for
+    from tlcore.report.summary import GROUP_ORDER
 
     networks = [build_for(RunConfig(dataset="brats"), 2), build_for(RunConfig(dataset="mura"), 2)]
     assert GROUP_ORDER == tuple(g for net in networks for g in layer_groups(net))

@@ -8,10 +8,10 @@ from tlcore.config import RunConfig
 from tlcore.data.images2d import RadiographDataset, oversample
 from tlcore.data.mura import find_mura
 from tlcore.data.synthetic import write_mura
-from tlcore.evaluate import classification_metrics, steps_to_reach, study_wise
-from tlcore.models import build_densenet121, layer_groups
-from tlcore.train2d import build_learner, fit_classifier, load_imagenet
-from tlcore.transfer import freeze_first
+from tlcore.evaluation.metrics import classification_metrics, steps_to_reach, study_wise
+from tlcore.models.networks import build_densenet121, layer_groups
+from tlcore.models.transfer import freeze_first
+from tlcore.training.classification import build_learner, fit_classifier, load_imagenet
 
 
 def test_fastai_head_and_three_groups():
@@ -70,7 +70,7 @@ def test_imagenet_weights_from_a_local_file_including_legacy_names(tmp_path):
 
 
 def test_offline_imagenet_error_says_how_to_prefetch(tmp_path, monkeypatch):
-    import tlcore.train2d as t2
+    import tlcore.training.classification as t2
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(t2, "DENSENET121_URL", "http://127.0.0.1:9/densenet121-a639ec97.pth")

@@ -1,4 +1,4 @@
-"""Bounded checkpoints (trainables.KeepBestAndLatest), through real local Ray Tune runs.
+"""Bounded checkpoints (callbacks.KeepBestAndLatest), through real local Ray Tune runs.
 
 Every trial reports a made-up, non-monotone curve with a checkpoint at each report. An audit
 callback looks, whenever a checkpoint registers and at the end of every controller step, at
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from tlcore.trainables import KeepBestAndLatest
+from tlcore.sweep.callbacks import KeepBestAndLatest
 
 CURVES = {0: [0.2, 0.5, 0.9, 0.4, 0.3, 0.6, 0.1, 0.2],   # best at the 3rd report
           1: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}   # best = latest

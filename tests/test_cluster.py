@@ -57,7 +57,7 @@ def _ray_command(config: dict, key: str, ray_bin: str, port: int) -> str:
 def _auth_commands(config: dict) -> tuple:
     """What decides authentication on a node: its setup line for the token and its ray start lines
     (which autoscaler a head runs does not: onprem.yaml's must be v1, Ray's v2 lacks provider local)."""
-    norm = lambda c: re.sub(r"(~/tlcore-venv/bin/)?ray ", "ray ", re.sub(r"RAY_enable_autoscaler_v2=\w+ ", "", c))  # noqa: E731
+    norm = lambda c: re.sub(r"(~/tlcore-venv/bin/)?ray ", "ray ", re.sub(r"RAY_enable_autoscaler_v2=\w+ ", "", c))
     return (next(c for c in config["setup_commands"] if "auth_token" in c),
             *(norm(next(c for c in config[k] if "ray start" in c))
               for k in ("head_start_ray_commands", "worker_start_ray_commands")))
@@ -111,7 +111,7 @@ def test_nodes_started_as_the_yaml_says_require_the_token_and_tls(tmp_path):
             subprocess.run(["bash", "-c", setup], env={**base, "HOME": str(home)}, check=token or "tls_env" in setup,
                            capture_output=True)
     assert (homes["head"] / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
-    shell = lambda home: {**base, "HOME": str(homes[home])}  # noqa: E731
+    shell = lambda home: {**base, "HOME": str(homes[home])}
     port, temp = free_port(), f"/tmp/rt{free_port()}"  # short: Ray's socket paths are length-limited
     head = _ray_command(config, "head_start_ray_commands", ray_bin, port) + f" --temp-dir={temp}"
     try:
@@ -625,7 +625,7 @@ def test_gcp_setup_opens_ssh_to_one_network_and_the_head_only():
     import shlex
     import subprocess
 
-    run = lambda *a: subprocess.run(["bash", str(CLUSTER / "gcp_setup.sh"), "--project", "p", "--region", "europe-west4",  # noqa: E731
+    run = lambda *a: subprocess.run(["bash", str(CLUSTER / "gcp_setup.sh"), "--project", "p", "--region", "europe-west4",
                                      "--bucket", "tlcore-data", "--dry-run", *a], capture_output=True, text=True)
     out = run("--ssh-cidr", "198.51.100.0/24")
     assert out.returncode == 0, out.stderr
@@ -663,7 +663,7 @@ def test_gcp_setup_run_again_brings_rules_role_and_binding_back_to_the_files():
     verbs = [" ".join(c[3:6]) for c in commands]
     for created in ("compute firewall-rules create", "iam roles create"):
         assert verbs[verbs.index(created) + 1] == created.replace("create", "update"), verbs
-    flags = lambda c: dict(a.split("=", 1) for a in c if a.startswith("--") and "=" in a)  # noqa: E731
+    flags = lambda c: dict(a.split("=", 1) for a in c if a.startswith("--") and "=" in a)
     ssh = [flags(c) for c in commands if c[3:7] in (["compute", "firewall-rules", "create", "tlcore-ssh"],
                                                      ["compute", "firewall-rules", "update", "tlcore-ssh"])]
     assert [r["--source-ranges"] for r in ssh] == ["198.51.100.7/32"] * 2 and ssh[1]["--source-tags"] == ""
@@ -687,7 +687,7 @@ def test_gcp_head_role_reaches_this_clusters_vms_and_tlcore_subnet_only():
     expression = expression.removeprefix("expression=")
     instance_re = re.search(r"matches\('([^']+)'\)", expression)[1]
     subnet_suffix = re.search(r"endsWith\('([^']+)'\)", expression)[1]
-    name = lambda cluster, kind: _generate_node_name({TAG_RAY_NODE_NAME: f"ray-{cluster}-{kind}"}, "compute")  # noqa: E731
+    name = lambda cluster, kind: _generate_node_name({TAG_RAY_NODE_NAME: f"ray-{cluster}-{kind}"}, "compute")
     assert re.match(instance_re, name("tlcore-gcp", "head")) and re.match(instance_re, name("tlcore-gcp", "worker"))
     for other in (name("tlcore-gcp-2", "worker"), name("tlcore-gcp-head", "head"), "ray-tlcore-gcp-worker-x", "db-prod-1"):
         assert not re.match(instance_re, other), other

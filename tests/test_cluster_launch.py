@@ -21,11 +21,10 @@ import threading
 import time
 from pathlib import Path
 
+import cluster_hosts
 import pytest
 import yaml
 from helpers import REPO
-
-import cluster_hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -95,8 +94,8 @@ def _wait_for_nodes(hosts, head, n: int, timeout: float) -> None:
 
 
 def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything(hosts):
-    from tlcore import tracking
     from tlcore.data.synthetic import ensure_synthetic
+    from tlcore.tracking import registry, store
 
     head, worker = hosts.hosts
     laptop_home = hosts.base / "laptop-home"
@@ -151,8 +150,8 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
                 "    try: urllib.request.urlopen(sys.argv[1] + '/health', timeout=2); break\n"
                 "    except urllib.error.HTTPError: break\n"
                 "    except OSError: time.sleep(1)\n"
-                "from tlcore import tracking\nfrom helpers import register_untrained_source\n"
-                "tracking.prepare_store(sys.argv[1])\nregister_untrained_source(sys.argv[1], pathlib.Path(sys.argv[2]))\n")
+                "from tlcore.tracking import store\nfrom helpers import register_untrained_source\n"
+                "store.prepare_store(sys.argv[1])\nregister_untrained_source(sys.argv[1], pathlib.Path(sys.argv[2]))\n")
     _ok(hosts.on_laptop([sys.executable, "-c", register, uri, str(hosts.base / "laptop-tmp")], laptop_home, env=as_admin,
                         capture_output=True, text=True, timeout=300), "register the source model through the server")
 
@@ -181,13 +180,13 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
     assert re.search(rf"Connecting to existing Ray cluster at address: {re.escape(head.ip)}:6379", ran.stdout + ran.stderr)
 
     # what the server holds (its SQLite store, read from this machine)
-    store = f"sqlite:///{head.home}/mlflow.db"
-    exp = tracking.client(store).get_experiment_by_name("brats_layers")
-    runs = tracking.client(store).search_runs([exp.experiment_id], max_results=1000)
+    store_uri = f"sqlite:///{head.home}/mlflow.db"
+    exp = store.client(store_uri).get_experiment_by_name("brats_layers")
+    runs = store.client(store_uri).search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("role") != "seed_aggregate"]
     children = [r for r in runs if r.data.tags.get("trial_id")]
     assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.data.tags.get("role")) for r in runs]
-    source = tracking.resolve_model(store, "models:/ixi_hippocampus/1")
+    source = registry.resolve_model(store_uri, "models:/ixi_hippocampus/1")
     nodes = {}
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tlcore.config import RunConfig, flatten_config
@@ -25,5 +27,5 @@ def test_start_pair_is_flattened_and_lists_become_tuples():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 1.0

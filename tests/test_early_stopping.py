@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from tlcore.trainables import StratifiedASHA
+from tlcore.sweep.scheduling import StratifiedASHA
 
 REPORTS = 9
 QUALITY = {"S1": [0.10, 0.20, 0.30], "S4": [0.60, 0.70, 0.80]}
@@ -89,7 +89,7 @@ class StaleStorageCopy(tune.Callback):
 def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
     """asha-sync pauses trials at every rung; their results (metrics_dataframe: best values,
     best checkpoints, tables) must not depend on when Ray last synced to storage."""
-    from tlcore.trainables import result_loggers
+    from tlcore.sweep.callbacks import result_loggers
 
     # the best trial starts first, so it waits PAUSED at the rung (report 3) for the others
     space = {"train_subset": "S4", "rank": tune.grid_search([2, 1, 0])}
@@ -110,7 +110,7 @@ def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
 def test_successive_halving_decides_once_a_stratum_has_all_reported_whatever_the_order():
     from itertools import permutations
 
-    from tlcore.halving import SuccessiveHalving
+    from tlcore.sweep.halving import SuccessiveHalving
 
     scores = {"t1": 0.5, "t2": 0.9, "t3": 0.5, "t4": 0.1, "s1": 0.0, "s2": 0.2}
     stratum_of = {t: ("S1",) if t.startswith("s") else ("S4",) for t in scores}
@@ -225,7 +225,7 @@ def test_a_trial_failing_after_its_rung_was_decided_is_retried_and_the_sweep_end
     progress view says the trial was retried."""
     import io
 
-    from tlcore.trainables import Progress
+    from tlcore.sweep.callbacks import Progress
 
     qualities = [0.1, 0.3, 0.5, 0.7, 0.9]
     quiet = run_marked(tmp_path, "quiet", qualities, synchronous)
@@ -264,7 +264,7 @@ def quality_space(trial):
 def test_optuna_adding_trials_over_time_ends_and_learns_of_early_stops_as_pruned(local_ray, tmp_path, synchronous):
     from optuna.trial import TrialState
 
-    from tlcore.trainables import OptunaPruned, optuna_search
+    from tlcore.sweep.scheduling import OptunaPruned, optuna_search
 
     searcher = optuna_search(quality_space, metric="val_dice", mode="max", seed=0, max_concurrent=2)
     searcher.searcher.max_t = REPORTS
@@ -288,7 +288,7 @@ class PhantomASHA(StratifiedASHA):
 def test_trials_waiting_for_nothing_fail_the_sweep_naming_them(local_ray, tmp_path):
     import time
 
-    from tlcore.halving import SweepStalled
+    from tlcore.sweep.halving import SweepStalled
 
     space = {"markers": str(tmp_path), "quality": tune.grid_search([0.2, 0.8])}
     tuner = tune.Tuner(tune.with_resources(marked_trial, {"cpu": 1}), param_space=space,
@@ -309,13 +309,14 @@ def test_trials_waiting_for_nothing_fail_the_sweep_naming_them(local_ray, tmp_pa
 
 
 def test_a_stalled_sweep_exits_2_with_the_message_and_leaves_nothing_running(tmp_path, capsys):
-    from tlcore import driver, tracking
-    from tlcore.halving import SweepStalled
+    from tlcore.sweep import driver
+    from tlcore.sweep.halving import SweepStalled
+    from tlcore.tracking import store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.prepare_store(uri)
-    parent = tracking.start_run(uri, "s", "s", {}, {"role": "parent"})
-    child = tracking.start_run(uri, "s", "t", {}, {"trial_id": "a"}, parent_run_id=parent)
+    store.prepare_store(uri)
+    parent = store.start_run(uri, "s", "s", {}, {"role": "parent"})
+    child = store.start_run(uri, "s", "t", {}, {"trial_id": "a"}, parent_run_id=parent)
 
     def main():
         try:
@@ -331,4 +332,4 @@ def test_a_stalled_sweep_exits_2_with_the_message_and_leaves_nothing_running(tmp
         driver._running.clear()
     assert exited.value.code == 2
     assert "error: 1 trial(s) wait at a rung: a (rung 2)" in capsys.readouterr().err
-    assert tracking.get_run(uri, child).status == "FAILED" and tracking.get_run(uri, parent).status == "FAILED"
+    assert store.get_run(uri, child).status == "FAILED" and store.get_run(uri, parent).status == "FAILED"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tlcore.flags import control_starts, sweep_parser
+from tlcore.sweep.flags import control_starts, sweep_parser
 
 
 def test_controls_default_per_sweep_and_their_grid_entries(capsys):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tlcore.forecast import depth_features, logme
-from tlcore.stats import rank_agreement
-from tlcore.models import build_model
+from tlcore.analysis.forecast import depth_features, logme
+from tlcore.analysis.stats import rank_agreement
+from tlcore.models.networks import build_model
 
 
 def log_evidence(f, t, alpha, beta):

@@ -11,7 +11,7 @@ from nibabel.orientations import io_orientation, ornt_transform
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import SubjectLoadError, load_subject, map_labels, unpad
 from tlcore.data.synthetic import write_brats
-from tlcore.evaluate import dice_per_class, evaluate_subjects
+from tlcore.evaluation.metrics import dice_per_class, evaluate_subjects
 
 MODALITIES = ("t1", "t2")
 LABEL_MAP = default_label_map("brats")
@@ -143,7 +143,7 @@ def test_label_whose_axes_disagree_with_the_images_names_the_subject(tmp_path):
 
 
 def test_validation_notes_subjects_in_different_orientations(tmp_path):
-    from tlcore.validate import validate_dataset
+    from tlcore.data.validate import validate_dataset
 
     root = write_brats(tmp_path / "brats", n_hgg=2, n_lgg=0, shape=(16, 16, 12))
     assert not validate_dataset("brats", root, use_cache=False).warnings

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tlcore.halving import CONTINUE, STOP, WAIT, SuccessiveHalving
+from tlcore.sweep.halving import CONTINUE, STOP, WAIT, SuccessiveHalving
 
 RUNGS, MAX_T, RF = [1, 3, 9], 27, 3
 

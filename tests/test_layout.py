@@ -1,13 +1,19 @@
-"""The package's dependency rules, checked on the source: who may import mlflow and ray.tune,
-and which command-line tools start without Ray."""
+"""The package's architecture, checked on the source: each stage folder imports only the stages its
+docstring names, only `tracking/` imports mlflow and only `sweep/` imports ray.tune, and the
+command-line tools start without Ray."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tlcore"
+STAGES = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+MAX_LINES = 420
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -22,19 +28,59 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def importers(prefix: str) -> set[str]:
-    return {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+    return {str(p.relative_to(PACKAGE).parent) for p in PACKAGE.rglob("*.py")
             if any(m == prefix or m.startswith(prefix + ".") for m in imported_modules(p))}
 
 
-def test_only_tracking_imports_mlflow_and_only_trainables_imports_ray_tune():
-    assert importers("mlflow") == {"tracking.py"}
-    assert importers("ray.tune") == {"trainables.py"}
+def may_import(stage: str) -> set[str]:
+    """The stages a folder's docstring allows ("May import: tlcore.config, tlcore.data.")."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text())) or ""
+    found = re.search(r"^May import: (.+)\.$", doc, re.M)
+    assert found, f"tlcore/{stage}/__init__.py: say what the folder may import ('May import: ...')"
+    return set(found.group(1).split(", ")) | {f"tlcore.{stage}"}
+
+
+def test_the_folders_are_the_stages_and_no_module_sits_loose():
+    assert STAGES == ["analysis", "data", "evaluation", "models", "report", "sweep", "tracking", "training"]
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "config.py", "text.py"], loose
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_imports_only_the_stages_its_docstring_names(stage):
+    allowed = may_import(stage)
+    wrong = sorted(f"{p.relative_to(PACKAGE)}: {m}" for p in (PACKAGE / stage).rglob("*.py")
+                   for m in imported_modules(p) if m.startswith("tlcore.") and ".".join(m.split(".")[:2]) not in allowed)
+    assert not wrong, wrong
+
+
+def test_the_stages_form_one_order_with_no_import_running_back_up():
+    order = []
+    remaining = {s: {a.split(".")[1] for a in may_import(s)} - {s, "config", "text"} for s in STAGES}
+    while remaining:
+        ready = sorted(s for s, needs in remaining.items() if needs <= set(order))
+        assert ready, f"a cycle among {remaining}"
+        order += ready
+        remaining = {s: n for s, n in remaining.items() if s not in ready}
+    assert order.index("tracking") < order.index("training") < order.index("sweep")
+
+
+def test_only_tracking_imports_mlflow_and_only_sweep_imports_ray_tune():
+    assert importers("mlflow") == {"tracking"}
+    assert importers("ray.tune") == {"sweep"}
+
+
+def test_no_module_is_longer_than_a_screenful_of_screens():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these (over {MAX_LINES} lines): {long}"
 
 
 def test_the_command_line_tools_start_without_ray_or_torch_training_code():
-    """`python -m tlcore.sync|lineage|report|validate|prune|accounts` answer in a second, on any machine."""
-    code = ("import sys\nimport tlcore.sync, tlcore.lineage, tlcore.report, tlcore.validate, tlcore.prune, tlcore.accounts\n"
-            "print(sorted(m for m in ('ray', 'ray.tune', 'tlcore.trainables', 'tlcore.train') if m in sys.modules))")
+    """The tools answer in a second, on any machine, and a sweep's flags are checked before Ray loads."""
+    code = ("import sys\nimport tlcore.tracking.sync, tlcore.tracking.lineage, tlcore.report.page, tlcore.data.validate, "
+            "tlcore.sweep.prune, tlcore.tracking.accounts, tlcore.sweep.flags\n"
+            "print(sorted(m for m in ('ray', 'ray.tune', 'tlcore.sweep.trainables', 'tlcore.training.segmentation') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tlcore.config import HEADS
-from tlcore.models import HIGHRES3DNET_GROUPS, build_model, group_of, group_parameter_counts, layer_groups
+from tlcore.models.networks import HIGHRES3DNET_GROUPS, build_model, group_of, group_parameter_counts, layer_groups
 
 
 def conv(cin, cout, k):
@@ -95,7 +95,7 @@ def test_heads_differ_only_in_what_follows_the_last_conv():
 
 
 def test_weights_move_between_the_bn_heads_and_transfer_reinitialises_a_changed_head():
-    from tlcore.transfer import load_source
+    from tlcore.models.transfer import load_source
 
     bn_relu, bn = (build_model(num_classes=3, head=h) for h in ("bn_relu", "bn"))
     assert bn_relu.state_dict().keys() == bn.state_dict().keys()
@@ -119,7 +119,7 @@ def test_group_order_and_lookup():
 
 def test_the_model_spec_table_builds_each_network_with_its_groups_and_head():
     from tlcore.config import RunConfig
-    from tlcore.models import build_for, head_group, spec_of
+    from tlcore.models.networks import build_for, head_group, spec_of
 
     volumes = build_for(RunConfig(dataset="brats", modalities=("t1", "t2", "flair"), head="bn"), num_classes=4)
     assert spec_of(volumes).name == "highres3dnet" and head_group(volumes) == "conv_2"

@@ -4,7 +4,8 @@ already written is touched."""
 import pytest
 from helpers import run_script
 
-from tlcore import tracking
+from tlcore.tracking import store
+
 pytestmark = pytest.mark.slow
 
 
@@ -15,7 +16,7 @@ def test_missing_source_fails_before_any_trial(workspace, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "models:/ixi_hippocampus/latest" in proc.stderr and "python sweeps/ixi_source.py" in proc.stderr
     assert not (tmp_path / "results" / "brats_layers").exists()  # nothing written, no trial started
-    assert tracking.client(uri).get_experiment_by_name("brats_layers") is None
+    assert store.client(uri).get_experiment_by_name("brats_layers") is None
 
 
 def test_more_gpus_than_the_cluster_has_fails_fast(workspace, tmp_path):
@@ -72,7 +73,7 @@ def test_multi_node_run_refuses_a_local_storage_path_but_not_a_local_store(works
         assert "has 2 nodes" in proc.stderr and "shared file system" in proc.stderr
         assert str(db) not in proc.stderr  # not a problem
         assert not (tmp_path / "results").exists()  # no trial, no run: the checks come first
-        assert tracking.client(f"sqlite:///{db}").get_experiment_by_name("ixi_source") is None
+        assert store.client(f"sqlite:///{db}").get_experiment_by_name("ixi_source") is None
     finally:
         cluster.shutdown()
 

@@ -1,9 +1,9 @@
-"""The sweep's progress view (tlcore.progress) on its own: a status line redrawn in place on a
+"""The sweep's progress view (tlcore.sweep.progress) on its own: a status line redrawn in place on a
 terminal, plain lines elsewhere, and a closing table of the swept axes."""
 
 import io
 
-from tlcore.progress import CLEAR_LINE, SweepProgress, swept_axes
+from tlcore.sweep.progress import CLEAR_LINE, SweepProgress, swept_axes
 
 
 class Terminal(io.StringIO):
@@ -97,8 +97,8 @@ def test_ray_workers_start_with_tunes_info_lines_off():
 
     import ray
 
-    from tlcore.flags import sweep_parser
-    from tlcore.ray_cluster import connect
+    from tlcore.sweep.cluster import connect
+    from tlcore.sweep.flags import sweep_parser
 
     connect(sweep_parser("test", dataset="ixi").parse_args([]))
     try:

@@ -1,4 +1,4 @@
-"""`python -m tlcore.prune`: earlier sweeps' folders listed first, deleted only when asked."""
+"""`python -m tlcore.sweep.prune`: earlier sweeps' folders listed first, deleted only when asked."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ def sweep_folder(path, megabytes=0.01):
 
 
 def prune(*args):
-    return subprocess.run([sys.executable, "-m", "tlcore.prune", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tlcore.sweep.prune", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True)
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 from tlcore.data.chestxray import find_chestxray
 from tlcore.data.mura import find_mura
 from tlcore.data.splits import split_patients
-from tlcore.validate import validate_dataset
+from tlcore.data.validate import validate_dataset
 
 
 def png(path, seed=0):

@@ -9,11 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import (REPO, free_port, kill_ray_processes, make_certificates, processes_with_env, reported_steps,
-                     run_script, start_tracking_server, stop_tracking_server, store_with_untrained_source, sweep_env,
-                     wait_for_trial_runs)
+from helpers import (
+    REPO,
+    free_port,
+    kill_ray_processes,
+    make_certificates,
+    processes_with_env,
+    reported_steps,
+    run_script,
+    start_tracking_server,
+    stop_tracking_server,
+    store_with_untrained_source,
+    sweep_env,
+    wait_for_trial_runs,
+)
 
-from tlcore import tracking
+from tlcore.tracking import registry, store
+
 pytestmark = pytest.mark.slow
 
 
@@ -38,7 +50,7 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
                             start_new_session=True)
     try:
         def two_waiting_at_the_rung(runs):
-            steps = {r.info.run_id: len(tracking.metric_history(uri, r.info.run_id, "val_dice")) for r in runs}
+            steps = {r.info.run_id: len(store.metric_history(uri, r.info.run_id, "val_dice")) for r in runs}
             waiting = sum(r.info.status == "RUNNING" and steps[r.info.run_id] >= 2 for r in runs)
             # the aim; should the third trial reach the rung between two polls, the rung has
             # decided and the survivor runs on: killing it then still tests a resume mid-sweep
@@ -51,26 +63,26 @@ def test_driver_killed_mid_sweep_then_resumed(workspace, tmp_path):
         proc.wait()
         kill_ray_processes(ray_tmp)           # ... and the local Ray it started, nothing else
     env.pop("RAY_TMPDIR")
-    before = {r.data.tags["trial_id"]: tracking.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
+    before = {r.data.tags["trial_id"]: store.metric_history(uri, r.info.run_id, "val_dice") for r in runs}
     # A record the store lost or refused (as a dying server may): Ray's result files still hold it,
     # and the resumed sweep writes it back.
     import sqlite3
 
     lost = next(r for r in runs if len(before[r.data.tags["trial_id"]]) >= 2)
-    with sqlite3.connect(tracking.local_store_path(uri)) as db:
+    with sqlite3.connect(store.local_store_path(uri)) as db:
         assert db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = 'val_dice' AND step = 4",
                           (lost.info.run_id,)).rowcount == 1
 
     resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    c = tracking.client(uri)
+    c = store.client(uri)
     exp = c.get_experiment_by_name("brats_layers")
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
     assert len(children) == 3 and len({r.data.tags["trial_id"] for r in children}) == 3
     for r in children:
         assert r.info.status == "FINISHED", (r.data.tags, r.info.status)
-        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        steps = [s for s, _ in store.metric_history(uri, r.info.run_id, "val_dice")]
         assert steps == sorted(set(steps)), steps                      # no step logged twice
         old = [s for s, _ in before.get(r.data.tags["trial_id"], [])]
         assert steps[:len(old)] == old                                 # history before the kill kept
@@ -133,14 +145,14 @@ def test_lost_worker_node_trials_resume_elsewhere(workspace, tmp_path):
         cluster.shutdown()
     assert proc.returncode == 0, out[-4000:]
     assert "Trial task failed" in out  # the node loss did hit a running trial ...
-    exp = tracking.client(uri).get_experiment_by_name("ixi_source")
-    children = tracking.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''")
+    exp = store.client(uri).get_experiment_by_name("ixi_source")
+    children = store.client(uri).search_runs([exp.experiment_id], "tags.trial_id != ''")
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)  # ... which recovered
     for trial_dir in results.glob("train_segmentation_trial_*"):
         its = [_json.loads(line)["iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
         assert its.count(4) <= 1, its                    # resumed from a checkpoint, not from scratch
     for r in children:
-        steps = [s for s, _ in tracking.metric_history(uri, r.info.run_id, "val_dice")]
+        steps = [s for s, _ in store.metric_history(uri, r.info.run_id, "val_dice")]
         assert steps == sorted(set(steps))
 
 
@@ -154,7 +166,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
 
     port, admin, sweeper = free_port(), secrets.token_hex(8), secrets.token_hex(8)
     tls = make_certificates(tmp_path / "tls", "server")
-    start = lambda: start_tracking_server(tmp_path, port, admin_password=admin, tls=tls,  # noqa: E731
+    start = lambda: start_tracking_server(tmp_path, port, admin_password=admin, tls=tls,
                                           default_permission="NO_PERMISSIONS")
     server = start()
     uri, results = f"https://127.0.0.1:{port}", tmp_path / "results" / "ixi_source"
@@ -163,7 +175,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         monkeypatch.setenv(k, v)  # this test's own reads, as the admin
     for argv, stdin in ((["add", "sweeper"], sweeper + "\n"),
                         (["grant", "sweeper", "EDIT", "--experiment", "ixi_source", "--model", "ixi_hippocampus"], None)):
-        done = subprocess.run([sys.executable, "-m", "tlcore.accounts", *argv, "--mlflow-uri", uri], input=stdin,
+        done = subprocess.run([sys.executable, "-m", "tlcore.tracking.accounts", *argv, "--mlflow-uri", uri], input=stdin,
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
     env = sweep_env(MLFLOW_TRACKING_USERNAME="sweeper", MLFLOW_TRACKING_PASSWORD=sweeper)
@@ -191,7 +203,7 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         assert proc.returncode == 0, out[-4000:]
         assert "unreachable" in out and "reachable again" in out, out[-4000:]
 
-        c = tracking.client(uri)
+        c = store.client(uri)
         exp = c.get_experiment_by_name("ixi_source")
         assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
         children = c.search_runs([exp.experiment_id], "tags.trial_id != ''")
@@ -199,9 +211,9 @@ def test_tracking_server_restarted_mid_sweep_loses_no_metric(workspace, tmp_path
         for r in children:
             steps = reported_steps(next(results.glob(f"train_*_{r.data.tags['trial_id']}")))
             for key in ("train_loss", "val_dice"):
-                logged = dict(tracking.metric_history(uri, r.info.run_id, key))
+                logged = dict(store.metric_history(uri, r.info.run_id, key))
                 assert logged == {s: pytest.approx(v[key]) for s, v in steps.items()}, key
-        synced = subprocess.run([sys.executable, "-m", "tlcore.sync", str(results)], cwd=REPO,
+        synced = subprocess.run([sys.executable, "-m", "tlcore.tracking.sync", str(results)], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert synced.returncode == 0 and "0 metric value(s) added" in synced.stdout, synced.stdout + synced.stderr
     finally:
@@ -243,7 +255,7 @@ def test_store_down_as_a_sweep_ends_stops_it_clearly_and_resume_completes_it(wor
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert {t.name: reported_steps(t) for t in trials} == before  # no trial trained again
 
-        c = tracking.client(uri)
+        c = store.client(uri)
         exp = c.get_experiment_by_name("ixi_source")
         (parent,) = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
         assert parent.info.status == "FINISHED"
@@ -252,9 +264,9 @@ def test_store_down_as_a_sweep_ends_stops_it_clearly_and_resume_completes_it(wor
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         for r in children:
             steps = before[next(n for n in before if n.endswith(r.data.tags["trial_id"]))]
-            assert dict(tracking.metric_history(uri, r.info.run_id, "val_dice")) == {
+            assert dict(store.metric_history(uri, r.info.run_id, "val_dice")) == {
                 s: pytest.approx(v["val_dice"]) for s, v in steps.items()}
-        model = tracking.resolve_model(uri, "models:/ixi_hippocampus/latest")
+        model = registry.resolve_model(uri, "models:/ixi_hippocampus/latest")
         assert model.version == "1" and "test_dice" in c.get_run(model.run_id).data.metrics
     finally:
         if proc.poll() is None:
@@ -296,7 +308,7 @@ def test_exhausted_retries_exit_non_zero_naming_the_failed_trial(workspace, tmp_
     assert proc.returncode == 2, err[-3000:]
     assert "1 trial(s) failed after 1 retry" in err and f"trial {trial_id}" in err, err[-3000:]
     assert "--resume" in err
-    c = tracking.client(uri)
+    c = store.client(uri)
     exp = c.get_experiment_by_name("ixi_source")
     failed = c.search_runs([exp.experiment_id], f"tags.trial_id = '{trial_id}'")
     assert len(failed) == 1 and failed[0].info.status == "FAILED" and failed[0].data.tags["error_file"]

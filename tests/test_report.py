@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import mlflow_child_runs
 
-from tlcore import tracking
-from tlcore.plots import smooth
-from tlcore.report import build
+from tlcore.report.page import build
+from tlcore.report.plots import smooth
+from tlcore.tracking import registry, store
 
 
 def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:
@@ -20,35 +19,35 @@ def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:
     import nibabel as nib
 
     from tlcore.data.layouts import find_brats
-    from tlcore.evaluate import write_prediction
+    from tlcore.evaluation.metrics import write_prediction
 
     files = find_brats(brats_dir)
-    src = tracking.start_run(uri, "ixi_source", "source", {"source_model": "scratch"})
-    tracking.log_text(uri, src, "w", "model/model.safetensors")
-    ref = tracking.register_model(uri, "ixi", src)
-    parent = tracking.start_run(uri, "brats_layers", "sweep", None, {"role": "parent", "sweep": "brats_layers"})
+    src = store.start_run(uri, "ixi_source", "source", {"source_model": "scratch"})
+    store.log_text(uri, src, "w", "model/model.safetensors")
+    ref = registry.register_model(uri, "ixi", src)
+    parent = store.start_run(uri, "brats_layers", "sweep", None, {"role": "parent", "sweep": "brats_layers"})
     subjects = sorted(files)[:10]
     for seed in (0, 1):
         for source, frozen, gain in (("scratch", 0, 0.0), (ref.uri, 1, 0.05)):
             params = {"source_model": source, "frozen_layers": frozen, "train_subset": "all", "lr": 0.001,
                       "lr_schedule": "constant", "seed": seed, "dataset": "brats", "data_dir": str(brats_dir),
                       "modalities": ["t1", "t2"], "label_map": {}}
-            run = tracking.start_run(uri, "brats_layers", f"{source} {seed}", params,
+            run = store.start_run(uri, "brats_layers", f"{source} {seed}", params,
                                      {"trial_id": f"{source}{seed}", "iterations": 120,
                                       "stopped_early": False}, parent_run_id=parent)
             for step in (20, 40, 60):
-                tracking.log_metrics(uri, run, {"train_loss": 1 / step + gain, "val_loss": 2 / step,
+                store.log_metrics(uri, run, {"train_loss": 1 / step + gain, "val_loss": 2 / step,
                                                 "val_dice": 0.5 + gain + step / 1000}, step=step)
             # the transferred model is better by 0.05 + a distinct 0.001 * i on every subject
             test = {s: 0.6 + (gain + 0.001 * i if gain else 0.0) for i, s in enumerate(subjects)}
-            tracking.log_dict(uri, run, test, "test_per_subject_dice.json")
-            tracking.log_dict(uri, run, {s: v - 0.1 for s, v in test.items()}, "val_per_subject_dice.json")
-            tracking.log_metrics(uri, run, {"test_dice": float(np.mean(list(test.values())))}, step=120)
+            store.log_dict(uri, run, test, "test_per_subject_dice.json")
+            store.log_dict(uri, run, {s: v - 0.1 for s, v in test.items()}, "val_per_subject_dice.json")
+            store.log_metrics(uri, run, {"test_dice": float(np.mean(list(test.values())))}, step=120)
             out = tmp / run
             for sid in subjects:  # "predictions": the ground truth, shifted for the scratch model
                 truth = torch.as_tensor(np.asarray(nib.load(files[sid]["label"]).dataobj) > 0).long()
                 write_prediction(truth if gain else truth.roll(2, 0), files[sid]["t1"], out / f"{sid}_pred.nii.gz")
-            tracking.log_artifacts(uri, run, out, "predictions/test")
+            store.log_artifacts(uri, run, out, "predictions/test")
     return parent
 
 
@@ -79,7 +78,7 @@ def test_report_table_statistics_figures_and_lineage(mlflow_uri, tmp_path, synth
     assert "lr_schedule = <code>constant</code>" in page          # shared settings stated once
     for f in ("summary.csv", "per_subject_dice.csv", "curves.csv"):
         assert (tmp_path / "report" / f).exists()
-    logged = {a.path for a in tracking.client(mlflow_uri).list_artifacts(parent, "report")}
+    logged = {a.path for a in store.client(mlflow_uri).list_artifacts(parent, "report")}
     assert "report/report.html" in logged and "report/dice_test_boxplot.png" in logged
 
 
@@ -94,20 +93,20 @@ def synthetic_subjects(root):
 
 
 def test_classifier_report_compares_per_image_correctness_and_draws_roc(mlflow_uri, tmp_path):
-    parent = tracking.start_run(mlflow_uri, "chestxray_transfer", "sweep", None, {"role": "parent"})
+    parent = store.start_run(mlflow_uri, "chestxray_transfer", "sweep", None, {"role": "parent"})
     images = [f"/data/images/{i:08d}_000.png" for i in range(60)]
     labels = [i % 3 == 0 for i in range(60)]
     for source, wrong in (("scratch", range(0, 30)), ("imagenet", range(0, 10))):  # imagenet: 20 more right
-        run = tracking.start_run(mlflow_uri, "chestxray_transfer", source,
+        run = store.start_run(mlflow_uri, "chestxray_transfer", source,
                                  {"source_model": source, "frozen_layers": 0, "train_subset": "all", "lr": 0.001,
                                   "lr_schedule": "one_cycle", "seed": 0},
                                  {"trial_id": source, "iterations": 4, "stopped_early": False},
                                  parent_run_id=parent)
         # imagenet's loss falls faster: 0.9, 0.5, 0.3 against scratch's 0.9, 0.7, 0.5 (10 batches an epoch)
         for epoch, loss in enumerate((0.9, 0.5, 0.3) if source == "imagenet" else (0.9, 0.7, 0.5), start=1):
-            tracking.log_metrics(mlflow_uri, run, {"train_loss": loss, "val_loss": 0.6, "step": 10 * epoch}, step=epoch)
+            store.log_metrics(mlflow_uri, run, {"train_loss": loss, "val_loss": 0.6, "step": 10 * epoch}, step=epoch)
         probs = [(0.3 if y else 0.7) if i in wrong else (0.9 if y else 0.1) for i, y in enumerate(labels)]
-        tracking.log_dict(mlflow_uri, run, {"image": images, "label": [int(y) for y in labels], "prob": probs},
+        store.log_dict(mlflow_uri, run, {"image": images, "label": [int(y) for y in labels], "prob": probs},
                           "test_predictions.json")
     report = build(mlflow_uri, "chestxray_transfer", parent, tmp_path / "r")
     row = next(r for r in report.rows if r["source_model"] == "imagenet")
@@ -125,13 +124,13 @@ def test_classifier_report_compares_per_image_correctness_and_draws_roc(mlflow_u
 
 
 def test_mura_report_draws_accuracy_per_body_part(mlflow_uri, tmp_path):
-    parent = tracking.start_run(mlflow_uri, "mura_source", "sweep", {"target_loss": None}, {"role": "parent"})
-    run = tracking.start_run(mlflow_uri, "mura_source", "imagenet",
+    parent = store.start_run(mlflow_uri, "mura_source", "sweep", {"target_loss": None}, {"role": "parent"})
+    run = store.start_run(mlflow_uri, "mura_source", "imagenet",
                              {"source_model": "imagenet", "frozen_layers": 0, "lr": 0.001, "seed": 0},
                              {"trial_id": "t0", "iterations": 2}, parent_run_id=parent)
-    tracking.log_metrics(mlflow_uri, run, {"train_loss": 0.4, "step": 5}, step=1)
+    store.log_metrics(mlflow_uri, run, {"train_loss": 0.4, "step": 5}, step=1)
     per_part = {"XR_HAND": {"studies": 20, "accuracy": 0.75}, "XR_WRIST": {"studies": 10, "accuracy": 0.9}}
-    tracking.log_dict(mlflow_uri, parent, {"per_body_part": per_part}, "test_metrics.json")
+    store.log_dict(mlflow_uri, parent, {"per_body_part": per_part}, "test_metrics.json")
     report = build(mlflow_uri, "mura_source", parent, tmp_path / "r")
     assert report.figures["accuracy_by_body_part"][1] == ["XR_HAND", "XR_WRIST"]
     assert report.figures["accuracy_by_body_part"][0].stat().st_size > 5000
@@ -139,18 +138,18 @@ def test_mura_report_draws_accuracy_per_body_part(mlflow_uri, tmp_path):
 
 
 def test_subsets_report_draws_dice_and_iterations_against_training_set_size(mlflow_uri, tmp_path):
-    parent = tracking.start_run(mlflow_uri, "brats_subsets", "sweep", None, {"role": "parent"})
-    tracking.log_dict(mlflow_uri, parent, {"subsets": {"S1": ["a"] * 3, "S2": ["a"] * 6}}, "splits.json")
+    parent = store.start_run(mlflow_uri, "brats_subsets", "sweep", None, {"role": "parent"})
+    store.log_dict(mlflow_uri, parent, {"subsets": {"S1": ["a"] * 3, "S2": ["a"] * 6}}, "splits.json")
     subjects = [f"s{i}" for i in range(8)]
     for subset, base in (("S1", 0.4), ("S2", 0.6)):
         for source, gain, best_at in (("scratch", 0.0, 60), ("models:/ixi/1", 0.1, 20)):
-            run = tracking.start_run(mlflow_uri, "brats_subsets", f"{source} {subset}",
+            run = store.start_run(mlflow_uri, "brats_subsets", f"{source} {subset}",
                                      {"source_model": source, "frozen_layers": 0 if gain == 0 else 1,
                                       "train_subset": subset, "lr": 0.001, "lr_schedule": "constant", "seed": 0},
                                      {"trial_id": f"{source}{subset}", "iterations": 60}, parent_run_id=parent)
             for step in (20, 40, 60):  # the best validation Dice at `best_at`
-                tracking.log_metrics(mlflow_uri, run, {"val_dice": 0.9 if step == best_at else 0.5}, step=step)
-            tracking.log_dict(mlflow_uri, run, {s: base + gain + 0.01 * (i % 2) for i, s in enumerate(subjects)},
+                store.log_metrics(mlflow_uri, run, {"val_dice": 0.9 if step == best_at else 0.5}, step=step)
+            store.log_dict(mlflow_uri, run, {s: base + gain + 0.01 * (i % 2) for i, s in enumerate(subjects)},
                               "test_per_subject_dice.json")
     report = build(mlflow_uri, "brats_subsets", parent, tmp_path / "r")
     assert report.figures["dice_by_subset"][1] == ["scratch", "ixi/1 k=1"]
@@ -167,7 +166,7 @@ def test_subsets_report_draws_dice_and_iterations_against_training_set_size(mlfl
 def test_csv_cells_that_a_spreadsheet_would_run_are_defused(tmp_path):
     import csv
 
-    from tlcore.report import _write_csv
+    from tlcore.report.page import _write_csv
 
     _write_csv([{"subject": "=HYPERLINK(\"http://x\")", "run": "@SUM(A1)", "dice": -0.5, "note": "-1+1"},
                 {"subject": "Brats18_2013_2_1", "run": "scratch", "dice": 0.81, "note": ""}], tmp_path / "t.csv")
@@ -180,21 +179,21 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_defused(tmp_path):
 def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
     import statistics
 
-    from tlcore.summary import collect, log_seed_aggregates
+    from tlcore.report.summary import collect, log_seed_aggregates
 
-    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    parent = store.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
     tests = {("scratch", 0): [0.50, 0.56, 0.59], ("models:/ixi/1", 2): [0.61, 0.65], ("models:/ixi/1", 4): [0.3]}
     for (source, frozen), scores in tests.items():
         for seed, score in enumerate(scores):
-            run = tracking.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
+            run = store.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
                                      {"source_model": source, "frozen_layers": frozen, "train_subset": "all",
                                       "lr": 0.001, "lr_schedule": "constant", "seed": seed},
                                      {"trial_id": f"{source}{frozen}{seed}"}, parent_run_id=parent)
             steps = (20, 40) if seed == 1 else (20, 40, 60)  # seed 1 stopped early: 60 is not common
             for step in steps:
-                tracking.log_metrics(mlflow_uri, run, {"val_dice": score * step / 60, "train_loss": 1 / step},
+                store.log_metrics(mlflow_uri, run, {"val_dice": score * step / 60, "train_loss": 1 / step},
                                      step=step)
-            tracking.log_metrics(mlflow_uri, run, {"test_dice": score}, step=60)
+            store.log_metrics(mlflow_uri, run, {"test_dice": score}, step=60)
 
     made = log_seed_aggregates(mlflow_uri, "brats_layers", parent)
     assert len(made) == 2  # the single-seed configuration gets none
@@ -207,7 +206,7 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
     assert scratch.data.metrics["test_dice_sd"] == pytest.approx(statistics.stdev(tests[("scratch", 0)]))
     assert scratch.data.metrics["test_dice_max"] == pytest.approx(0.59)
     assert scratch.data.metrics["best_val_dice"] == pytest.approx(statistics.mean([0.50, 0.56 * 40 / 60, 0.59]))
-    curve = tracking.metric_history(mlflow_uri, scratch.info.run_id, "val_dice")
+    curve = store.metric_history(mlflow_uri, scratch.info.run_id, "val_dice")
     assert [s for s, _ in curve] == [20, 40]  # only the steps every seed reached
     assert curve[1][1] == pytest.approx(statistics.mean(tests[("scratch", 0)]) * 40 / 60)
     assert runs["2"].data.metrics["n_seeds"] == 2 and runs["2"].data.params["source_model"] == "models:/ixi/1"
@@ -223,16 +222,16 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
 def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path):
     """Scratch, the source fine-tuned (k=0) and its Mean-Var control, with per-group CKA and weight
     change curves: the report draws them, and compares Mean-Var with both scratch and the source."""
-    src = tracking.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
-    ref = tracking.register_model(mlflow_uri, "ixi", src)
-    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    src = store.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
+    ref = registry.register_model(mlflow_uri, "ixi", src)
+    parent = store.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
     subjects = [f"s{i:02d}" for i in range(8)]
     groups = ("conv_0", "res_1", "res_2", "res_3", "conv_1")
     # val Dice per subject: transferred best, Mean-Var between, scratch worst; CKA only with a source
     starts = {"scratch": (0.0, None), ref.uri: (0.1, 0.9), f"meanvar:{ref.uri}": (0.04, 0.3)}
     for seed in (0, 1):
         for source, (gain, cka) in starts.items():
-            run = tracking.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
+            run = store.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
                                      {"source_model": source, "frozen_layers": 0, "train_subset": "all",
                                       "lr": 0.001, "lr_schedule": "constant", "seed": seed},
                                      {"trial_id": f"{source}{seed}", "iterations": 8, "stopped_early": False},
@@ -242,10 +241,10 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
                                                        for i, g in enumerate((*groups, "conv_2"))}}
                 if cka is not None:
                     metrics.update({f"cka.{g}": cka + (0.1 - 0.01 * step) - 0.02 * i for i, g in enumerate(groups)})
-                tracking.log_metrics(mlflow_uri, run, metrics, step=step)
+                store.log_metrics(mlflow_uri, run, metrics, step=step)
             if cka is not None:  # results.cka_with_scratch, at the end
-                tracking.log_metrics(mlflow_uri, run, {f"cka_vs_scratch.{g}": cka / 2 for g in groups}, step=8)
-            tracking.log_dict(mlflow_uri, run, {s: 0.5 + gain + 0.002 * i + 0.001 * seed
+                store.log_metrics(mlflow_uri, run, {f"cka_vs_scratch.{g}": cka / 2 for g in groups}, step=8)
+            store.log_dict(mlflow_uri, run, {s: 0.5 + gain + 0.002 * i + 0.001 * seed
                                                 for i, s in enumerate(subjects)}, "val_per_subject_dice.json")
     report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
     rows = {r["configuration"]: r for r in report.rows}
@@ -276,20 +275,20 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
 
 @pytest.mark.parametrize("order, verdict", [(1, "picked the depth that won"), (-1, "The forecast is wrong here")])
 def test_forecast_against_result_says_plainly_whether_it_ranked_right(mlflow_uri, tmp_path, order, verdict):
-    from tlcore.driver import FORECAST_METRIC
+    from tlcore.sweep.driver import FORECAST_METRIC
 
-    src = tracking.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
-    ref = tracking.register_model(mlflow_uri, "ixi", src)
-    parent = tracking.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
+    src = store.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
+    ref = registry.register_model(mlflow_uri, "ixi", src)
+    parent = store.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
     # the forecast, as the driver logs it before the trials: rising (order 1) or falling with k
-    tracking.log_metrics(mlflow_uri, parent, {FORECAST_METRIC.format(k): order * (k - 2.0) for k in range(4)}, step=0)
+    store.log_metrics(mlflow_uri, parent, {FORECAST_METRIC.format(k): order * (k - 2.0) for k in range(4)}, step=0)
     for k in range(4):  # measured: Dice rises with k on every one of 8 subjects
-        run = tracking.start_run(mlflow_uri, "brats_layers", f"k={k}",
+        run = store.start_run(mlflow_uri, "brats_layers", f"k={k}",
                                  {"source_model": ref.uri, "frozen_layers": k, "train_subset": "all", "lr": 0.001,
                                   "lr_schedule": "constant", "seed": 0},
                                  {"trial_id": f"t{k}", "iterations": 8, "stopped_early": False}, parent_run_id=parent)
-        tracking.log_metrics(mlflow_uri, run, {"val_dice": 0.5}, step=8)
-        tracking.log_dict(mlflow_uri, run, {f"s{i}": 0.3 + 0.1 * k + 0.01 * i for i in range(8)},
+        store.log_metrics(mlflow_uri, run, {"val_dice": 0.5}, step=8)
+        store.log_dict(mlflow_uri, run, {f"s{i}": 0.3 + 0.1 * k + 0.01 * i for i in range(8)},
                           "val_per_subject_dice.json")
     report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
     page = report.html.read_text()

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO
+
 from tlcore.config import RunConfig
 from tlcore.data.images2d import RadiographDataset, SeededSampler
 from tlcore.data.layouts import find_brats
@@ -20,8 +20,8 @@ from tlcore.data.synthetic import write_mura
 TRIAL_3D = r"""
 import json, sys, torch
 from tlcore.config import RunConfig
-from tlcore.train import train_segmentation
-from tlcore.starts import num_classes, start_segmentation
+from tlcore.training.segmentation import train_segmentation
+from tlcore.training.trial_start import num_classes, start_segmentation
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
 model, _, sampler, val, device = start_segmentation(cfg)
@@ -35,8 +35,8 @@ print("CURVE", json.dumps(curve))
 TRIAL_2D = r"""
 import json, sys, torch
 from tlcore.config import RunConfig
-from tlcore.train2d import build_learner, fit_classifier
-from tlcore.starts import start_classifier
+from tlcore.training.classification import build_learner, fit_classifier
+from tlcore.training.trial_start import start_classifier
 cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))
 model, _, train_dl, val_dl = start_classifier(cfg)
@@ -80,8 +80,8 @@ def test_2d_trial_repeats_in_fresh_processes(tmp_path):
 def test_resumed_trial_continues_exactly_as_an_uninterrupted_one(brats_config):
     """Tune pauses and restores trials (a lost node, synchronous early stopping): from a
     checkpoint the trial must go on with the same patches, not a fresh stream."""
-    from tlcore.train import train_segmentation
-    from tlcore.starts import start_segmentation
+    from tlcore.training.segmentation import train_segmentation
+    from tlcore.training.trial_start import start_segmentation
 
     cfg = RunConfig.from_dict({**brats_config, "seed": 3})
     whole, states = [], []
@@ -101,8 +101,13 @@ def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
     at epoch 2, a trial trains on as if it had never stopped."""
     from fastai.callback.core import Callback
 
-    from tlcore.train2d import build_learner, fit_classifier, load_classifier_state, save_classifier_state
-    from tlcore.starts import start_classifier
+    from tlcore.training.classification import (
+        build_learner,
+        fit_classifier,
+        load_classifier_state,
+        save_classifier_state,
+    )
+    from tlcore.training.trial_start import start_classifier
 
     cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_iterations": 2, "seed": 5})
     saved = tmp_path / "after_epoch_1"
@@ -152,7 +157,7 @@ def _copy(state: dict) -> dict:
 
 
 def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
-    from tlcore.train2d import image_loaders
+    from tlcore.training.classification import image_loaders
 
     images = find_mura(write_mura(tmp_path / "mura", n_patients=6, size=32))[0]
     cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, seed=5)
@@ -176,7 +181,7 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
     scheduler also makes the same early-stopping decisions, so the tables match too)."""
     import os
 
-    from tlcore import tracking
+    from tlcore.tracking import store
 
     procs, uris = [], []
     for run in ("a", "b"):
@@ -191,10 +196,10 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
 
     def curves(uri: str) -> dict:
-        runs = tracking.client(uri).search_runs(
-            [tracking.client(uri).get_experiment_by_name("ixi_source").experiment_id], "tags.trial_id != ''")
+        runs = store.client(uri).search_runs(
+            [store.client(uri).get_experiment_by_name("ixi_source").experiment_id], "tags.trial_id != ''")
         return {(r.data.params["lr"], r.data.tags["stopped_early"]):
-                {m: tracking.metric_history(uri, r.info.run_id, m)
+                {m: store.metric_history(uri, r.info.run_id, m)
                  for m in ("train_loss", "val_loss", "val_dice", "weight_change.res_2")}
                 for r in runs}
 
@@ -210,7 +215,7 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
 
 
 def test_the_table_says_how_many_seeds_stand_behind_each_row():
-    from tlcore.summary import DEMO_SEED_SD, seeds_note
+    from tlcore.report.summary import DEMO_SEED_SD, seeds_note
 
     one = [{"source_model": "scratch", "seed": 0}, {"source_model": "models:/ixi/1", "seed": 0}]
     assert "every row is one seed" in seeds_note(one, synthetic=True) and f"~{DEMO_SEED_SD}" in seeds_note(one, True)

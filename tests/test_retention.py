@@ -2,7 +2,7 @@
 
 import math
 
-from tlcore.retention import best_paths, checkpoint_index, deletable
+from tlcore.sweep.retention import best_paths, checkpoint_index, deletable
 
 
 def ckpt(i: int) -> str:

@@ -9,10 +9,10 @@ from tlcore.config import LR_SCHEDULES, RunConfig
 from tlcore.data.images2d import RadiographDataset
 from tlcore.data.mura import find_mura
 from tlcore.data.synthetic import write_mura
-from tlcore.models import build_densenet121
-from tlcore.schedules import beta1, lr_factor
-from tlcore.train import build_optimizer, build_scheduler
-from tlcore.train2d import build_learner, fit_classifier
+from tlcore.models.networks import build_densenet121
+from tlcore.training.classification import build_learner, fit_classifier
+from tlcore.training.schedules import beta1, lr_factor
+from tlcore.training.segmentation import build_optimizer, build_scheduler
 
 
 @pytest.fixture(scope="module")

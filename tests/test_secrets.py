@@ -21,9 +21,9 @@ def test_a_password_in_mlflow_uri_is_refused_by_sweep_report_lineage_and_sync(tm
     uri = f"http://alice:{PASSWORD}@127.0.0.1:5000"
     storage = tmp_path / "results"
     commands = {"sweep": ["sweeps/brats_layers.py", "--storage-path", str(storage)],
-                "report": ["-m", "tlcore.report", "brats_layers", "--out", str(tmp_path / "report")],
-                "lineage": ["-m", "tlcore.lineage", "models:/ixi_hippocampus/1"],
-                "sync": ["-m", "tlcore.sync", str(storage / "brats_layers")]}
+                "report": ["-m", "tlcore.report.page", "brats_layers", "--out", str(tmp_path / "report")],
+                "lineage": ["-m", "tlcore.tracking.lineage", "models:/ixi_hippocampus/1"],
+                "sync": ["-m", "tlcore.tracking.sync", str(storage / "brats_layers")]}
     started = time.time()
     procs = {name: subprocess.Popen([sys.executable, *argv, "--mlflow-uri", uri], cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -39,7 +39,7 @@ def test_a_password_in_mlflow_uri_is_refused_by_sweep_report_lineage_and_sync(tm
 
 PROBE = textwrap.dedent('''
     import json, os, sys, argparse
-    from tlcore.ray_cluster import connect
+    from tlcore.sweep.cluster import connect
     import ray
     sys.path.insert(0, sys.argv[1])
     from gcs_kv_search import search

@@ -4,7 +4,14 @@ import os
 import subprocess
 
 import pytest
-from helpers import REPO, free_port, listening_sockets, processes_with_cmdline, start_tracking_server, stop_tracking_server
+from helpers import (
+    REPO,
+    free_port,
+    listening_sockets,
+    processes_with_cmdline,
+    start_tracking_server,
+    stop_tracking_server,
+)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -83,13 +90,13 @@ def test_team_server_prints_no_backend_password(tmp_path):
 
 
 def _accounts_tool_grants_per_experiment_and_model(uri: str, admin_password: str) -> None:
-    """python -m tlcore.accounts against the real server (default_permission NO_PERMISSIONS): a
+    """python -m tlcore.tracking.accounts against the real server (default_permission NO_PERMISSIONS): a
     person's password on stdin only; a grant opens one experiment and one model to one account."""
     import secrets
     import sys
 
     env = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": admin_password}
-    tool = lambda *a, stdin=None: subprocess.run([sys.executable, "-m", "tlcore.accounts", *a, "--mlflow-uri", uri],  # noqa: E731
+    tool = lambda *a, stdin=None: subprocess.run([sys.executable, "-m", "tlcore.tracking.accounts", *a, "--mlflow-uri", uri],
                                                  input=stdin, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     bob, carol = secrets.token_hex(8), secrets.token_hex(8)
     for user, pw in (("bob", bob), ("carol", carol)):

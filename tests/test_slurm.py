@@ -175,8 +175,8 @@ def test_sbatch_runs_a_sweep_on_two_nodes_and_a_cancelled_job_resubmitted_resume
 
     # MLflow, as the team server holds it: one parent, one finished run per trial, nothing RUNNING
     def runs():
-        from tlcore import tracking
-        c = tracking.client(uri)
+        from tlcore.tracking import store
+        c = store.client(uri)
         exp = c.get_experiment_by_name("brats_layers")
         return c.search_runs([exp.experiment_id], max_results=1000)
 
@@ -234,5 +234,6 @@ def _synthetic_brats(root: Path) -> Path:
 
     ensure_synthetic(root, "brats", seed=0, n_hgg=12, n_lgg=2)
     import safetensors.torch  # noqa: F401 -- imported while the MLflow server starts: register_untrained_source
-    import tlcore.models  # noqa: F401
+
+    import tlcore.models.networks  # noqa: F401
     return root

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tlcore.stats import bootstrap_ci, holm, paired_correctness, paired_scores
+from tlcore.analysis.stats import bootstrap_ci, holm, paired_correctness, paired_scores
 
 
 def test_wilcoxon_on_distinct_positive_differences_is_the_exact_sign_probability():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, mlflow_child_runs, reported_steps, run_script
 
-from tlcore import tracking
+from tlcore.tracking import registry, store
+
 SPEC_PARAMS = {"source_model", "frozen_layers", "train_subset", "lr", "lr_schedule", "seed"}
 pytestmark = pytest.mark.slow
 
@@ -21,11 +22,11 @@ pytestmark = pytest.mark.slow
 def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     w, ref = workspace, source_model
     assert ref.version == "1"
-    run = tracking.client(w["uri"]).get_run(ref.run_id)
+    run = store.client(w["uri"]).get_run(ref.run_id)
     assert run.data.tags["sweep"] == "ixi_source" and "test_dice" in run.data.metrics
-    mv = tracking.client(w["uri"]).get_model_version("ixi_hippocampus", "1")
+    mv = store.client(w["uri"]).get_model_version("ixi_hippocampus", "1")
     assert mv.tags["source_run_id"] == ref.run_id
-    folder = tracking.download_model(w["uri"], ref, w["tmp"] / "dl")
+    folder = registry.download_model(w["uri"], ref, w["tmp"] / "dl")
     assert (folder / "model.safetensors").stat().st_size > 3_000_000  # ~0.81 M float32 parameters
     card = json.loads((folder / "tlcore_model.json").read_text())
     assert (card["num_classes"], card["in_channels"], card["modalities"]) == (3, 2, ["t1", "t2"])
@@ -46,7 +47,7 @@ def test_layer_sweep(workspace, source_model):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "brats_layers results" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 
-    c = tracking.client(w["uri"])
+    c = store.client(w["uri"])
     exp = c.get_experiment_by_name("brats_layers")
     parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -67,7 +68,7 @@ def test_layer_sweep(workspace, source_model):
             continue
         cka = [r.data.metrics[f"cka.{g}"] for g in groups]
         assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
-        assert len(tracking.metric_history(w["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
+        assert len(store.metric_history(w["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
         # at the end, against the scratch trial: do fine-tuned and scratch models compute the same thing?
         assert all(0 <= r.data.metrics[f"cka_vs_scratch.{g}"] <= 1 + 1e-6 for g in groups)
         if source.startswith("meanvar:"):  # the source's weight statistics, none of its features
@@ -79,7 +80,7 @@ def test_layer_sweep(workspace, source_model):
         assert r.info.status == "FINISHED"
         assert (r.data.tags["runtime.device"], r.data.tags["runtime.layout"]) == ("cpu", "auto: NCDHW on cpu")
         assert r.data.tags["runtime.node"] == socket.gethostname() and r.data.tags["runtime.node_ip"]  # which machine
-        history = tracking.metric_history(w["uri"], r.info.run_id, "val_dice")
+        history = store.metric_history(w["uri"], r.info.run_id, "val_dice")
         assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
         assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
         if r.data.params["source_model"].startswith("models:/"):
@@ -99,14 +100,14 @@ def test_layer_sweep(workspace, source_model):
     assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", proc.stdout), proc.stdout
     assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
     assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
-    assert all(tracking.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
+    assert all(store.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
     # every trial, early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at its best
     # checkpoint's iteration, and validation predictions for the overlays
     for r in children:
-        best = max(tracking.metric_history(w["uri"], r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
+        best = max(store.metric_history(w["uri"], r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
         assert json.loads(r.data.tags["evaluation"])["best_iteration"] == best[0]
         for split in ("train_dice", "test_dice"):
-            assert [s for s, _ in tracking.metric_history(w["uri"], r.info.run_id, split)] == [best[0]]
+            assert [s for s, _ in store.metric_history(w["uri"], r.info.run_id, split)] == [best[0]]
             assert 0 <= r.data.metrics[split] <= 1
         assert c.list_artifacts(r.info.run_id, "predictions/val")
     assert "overlays_test" in page.read_text() and "test_dice" in table.read_text()  # every trial has test predictions
@@ -116,11 +117,11 @@ def test_layer_sweep(workspace, source_model):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
     assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 8
-    assert len(tracking.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
+    assert len(store.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
     for r in children:  # nor compared with scratch again
-        assert len(tracking.metric_history(w["uri"], r.info.run_id, "cka_vs_scratch.res_1")) <= 1
+        assert len(store.metric_history(w["uri"], r.info.run_id, "cka_vs_scratch.res_1")) <= 1
     for r in children:  # the same best checkpoints were not evaluated again
-        assert len(tracking.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
+        assert len(store.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
     assert not set(splits["train"]) & set(splits["val"])
@@ -132,7 +133,7 @@ def test_optuna_search(workspace, source_model):
     proc = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"],
                      "--search", "optuna", "--num-samples", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    c = tracking.client(w["uri"])
+    c = store.client(w["uri"])
     exp = c.get_experiment_by_name("brats_layers")
     newest = c.search_runs([exp.experiment_id], "tags.role = 'parent'", order_by=["attributes.start_time DESC"])[0]
     children = mlflow_child_runs(w["uri"], "brats_layers", newest.info.run_id)
@@ -150,7 +151,7 @@ def test_subsets_sweep(workspace, source_model):
     w = workspace
     proc = run_script("brats_subsets.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    c = tracking.client(w["uri"])
+    c = store.client(w["uri"])
     exp = c.get_experiment_by_name("brats_subsets")
     parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
     children = mlflow_child_runs(w["uri"], "brats_subsets", parent)
@@ -185,13 +186,13 @@ def test_subsets_sweep(workspace, source_model):
 
 @pytest.mark.xdist_group("workspace_store")  # reads the source sweep's results folder
 def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model, tmp_path):
-    """`tlcore.sync` writes runs and every step from Ray's files; a second run adds nothing."""
-    from tlcore.sync import sync
+    """`tlcore.tracking.sync` writes runs and every step from Ray's files; a second run adds nothing."""
+    from tlcore.tracking.sync import sync
 
     results = workspace["tmp"] / "results" / "ixi_source"
     uri = f"sqlite:///{tmp_path / 'copy.db'}"
     first = sync(results, uri)
-    c = tracking.client(uri)
+    c = store.client(uri)
     exp = c.get_experiment_by_name("ixi_source")
     parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
     assert len(parents) == 1
@@ -200,7 +201,7 @@ def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model
     for r in children:
         steps = reported_steps(next(results.glob(f"train_*_{r.data.tags['trial_id']}")))
         for key in ("train_loss", "val_loss", "val_dice"):
-            assert dict(tracking.metric_history(uri, r.info.run_id, key)) == {
+            assert dict(store.metric_history(uri, r.info.run_id, key)) == {
                 s: pytest.approx(v[key]) for s, v in steps.items()}
         assert r.info.status == "FINISHED" and r.data.params["lr"] in ("0.001", "0.003")
         assert int(r.data.params["transfer.total_params"]) > 0
@@ -209,6 +210,6 @@ def test_sync_replays_a_sweep_into_a_store_that_lacks_it(workspace, source_model
     assert sum(row["metric_values_added"] for row in sync(results, uri)) == 0
     assert len(c.search_runs([exp.experiment_id], "")) == 3  # still one parent and two children
     # the command, into the sweep's own store: its callback had logged everything already
-    original = subprocess.run([sys.executable, "-m", "tlcore.sync", str(results)], cwd=REPO,
+    original = subprocess.run([sys.executable, "-m", "tlcore.tracking.sync", str(results)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert original.returncode == 0 and "2 trial(s), 0 metric value(s) added" in original.stdout, original.stderr

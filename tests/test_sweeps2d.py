@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import mlflow_child_runs
 
-from tlcore import tracking
 from tlcore.data.synthetic import write_chestxray, write_mura
+from tlcore.tracking import registry, store
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain2d")]  # one worker makes the chain once
@@ -44,15 +43,15 @@ def chain(tmp_path_factory):
 def test_mura_source_registers_a_model_with_study_wise_results(chain):
     uri = chain["uri"]
     assert "MURA study-wise test accuracy" in chain["mura_out"] and "XR_" in chain["mura_out"]
-    ref = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
-    run = tracking.client(uri).get_run(ref.run_id)
+    ref = registry.resolve_model(uri, "models:/mura_densenet121/latest")
+    run = store.client(uri).get_run(ref.run_id)
     assert run.data.params["source_model"] == str(chain["weights"])
     assert int(run.data.params["transfer.loaded_tensors"]) > 300  # the ImageNet body
     assert (run.data.tags["runtime.device"], run.data.tags["runtime.layout"]) == ("cpu", "NCHW")
     assert 0 <= run.data.metrics["test_accuracy"] <= 1 and "test_kappa" in run.data.metrics
-    arts = {a.path for a in tracking.client(uri).list_artifacts(ref.run_id)}
+    arts = {a.path for a in store.client(uri).list_artifacts(ref.run_id)}
     assert {"confusion_matrix.png", "test_metrics.json", "test_accuracy_by_body_part.md", "model"} <= arts
-    history = tracking.metric_history(uri, ref.run_id, "val_accuracy")
+    history = store.metric_history(uri, ref.run_id, "val_accuracy")
     assert [s for s, _ in history] == [1, 2]  # one report per epoch, max_iterations epochs
     page = (chain["tmp"] / "results" / "mura_source" / "report" / "report.html").read_text()
     assert "accuracy_by_body_part" in page and "training_steps" in page
@@ -62,7 +61,7 @@ def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
     """--num-samples 2 on a grid of two learning rates: four trials, and per learning rate one
     MLflow run with the mean and spread over its two seeds."""
     uri = chain["uri"]
-    parent = tracking.client(uri).get_run(tracking.resolve_model(uri, "models:/mura_densenet121/latest").run_id)
+    parent = store.client(uri).get_run(registry.resolve_model(uri, "models:/mura_densenet121/latest").run_id)
     runs = mlflow_child_runs(uri, "mura_source", parent.data.tags["mlflow.parentRunId"])
     trials = [r for r in runs if "trial_id" in r.data.tags]
     aggregates = {r.data.params["lr"]: r for r in runs if r.data.tags.get("role") == "seed_aggregate"}
@@ -73,7 +72,7 @@ def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
         members = [r for r in trials if r.data.params["lr"] == lr]
         assert agg.data.tags["seeds"] == "0,1" and agg.info.run_name.endswith("mean of 2 seeds")
         assert set(agg.data.tags["trial_runs"].split(",")) == {r.info.run_id for r in members}
-        best = [max(v for _, v in tracking.metric_history(uri, r.info.run_id, "val_accuracy")) for r in members]
+        best = [max(v for _, v in store.metric_history(uri, r.info.run_id, "val_accuracy")) for r in members]
         assert agg.data.metrics["best_val_accuracy"] == pytest.approx(sum(best) / 2)
         assert agg.data.metrics["best_val_accuracy_max"] == pytest.approx(max(best))
     assert "2 run(s) 'mean of n seeds'" in chain["mura_out"]
@@ -85,12 +84,12 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
                "--controls", "scratch,meanvar", *chain["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Steps to reach the training loss" in proc.stdout
-    c = tracking.client(uri)
+    c = store.client(uri)
     exp = c.get_experiment_by_name("chestxray_transfer")
     parent = c.search_runs([exp.experiment_id], "tags.role = 'parent'")[0].info.run_id
     children = mlflow_child_runs(uri, "chestxray_transfer", parent)
     starts = sorted((r.data.params["source_model"], r.data.params["frozen_layers"]) for r in children)
-    mura = tracking.resolve_model(uri, "models:/mura_densenet121/latest")
+    mura = registry.resolve_model(uri, "models:/mura_densenet121/latest")
     assert starts == sorted([("scratch", "0"), (f"meanvar:{mura.uri}", "0")]
                             + [(str(chain["weights"]), str(k)) for k in range(3)] + [(mura.uri, str(k)) for k in range(3)])
     for r in children:

@@ -1,33 +1,33 @@
 import pytest
 
-from tlcore import credentials, tracking
-from tlcore.model_cache import cached_model
+from tlcore.tracking import credentials, registry, store
+from tlcore.tracking.model_cache import cached_model
 
 
 def test_child_runs_are_found_again_by_trial_id(mlflow_uri):
-    parent = tracking.start_run(mlflow_uri, "exp", "parent", {"a": 1}, {"sweep": "exp"})
-    child = tracking.start_run(mlflow_uri, "exp", "child", {"lr": 0.001, "patch_size": [16, 16, 16]},
+    parent = store.start_run(mlflow_uri, "exp", "parent", {"a": 1}, {"sweep": "exp"})
+    child = store.start_run(mlflow_uri, "exp", "child", {"lr": 0.001, "patch_size": [16, 16, 16]},
                                {"trial_id": "t1"}, parent_run_id=parent)
-    assert tracking.find_child_run(mlflow_uri, "exp", parent, "t1") == child
-    assert tracking.find_child_run(mlflow_uri, "exp", parent, "t2") is None
-    tracking.log_metrics(mlflow_uri, child, {"val_dice": 0.5, "note": "x"}, step=10)
-    tracking.log_metrics(mlflow_uri, child, {"val_dice": 0.7}, step=20)
-    assert tracking.metric_history(mlflow_uri, child, "val_dice") == [(10, 0.5), (20, 0.7)]
-    tracking.log_params(mlflow_uri, child, {"lr": 0.001, "extra": "y"})  # re-logging is harmless
-    run = tracking.get_run(mlflow_uri, child)  # plain values: no MLflow object leaves tracking.py
+    assert store.find_child_run(mlflow_uri, "exp", parent, "t1") == child
+    assert store.find_child_run(mlflow_uri, "exp", parent, "t2") is None
+    store.log_metrics(mlflow_uri, child, {"val_dice": 0.5, "note": "x"}, step=10)
+    store.log_metrics(mlflow_uri, child, {"val_dice": 0.7}, step=20)
+    assert store.metric_history(mlflow_uri, child, "val_dice") == [(10, 0.5), (20, 0.7)]
+    store.log_params(mlflow_uri, child, {"lr": 0.001, "extra": "y"})  # re-logging is harmless
+    run = store.get_run(mlflow_uri, child)  # plain values: no MLflow object leaves store.py
     assert run.params["patch_size"] == "[16, 16, 16]" and run.params["extra"] == "y"
     assert run.tags["mlflow.parentRunId"] == parent and run.tags["trial_id"] == "t1"
     assert (run.name, run.experiment, run.status, run.metrics["val_dice"]) == ("child", "exp", "RUNNING", 0.7)
-    tracking.end_run(mlflow_uri, child)
-    assert tracking.get_run(mlflow_uri, child).status == "FINISHED"
-    assert [r.run_id for r in tracking.child_runs(mlflow_uri, "exp", parent)] == [child]
-    assert tracking.child_runs(mlflow_uri, "exp", parent, "tags.trial_id = 't2'") == []
-    assert tracking.find_run(mlflow_uri, "exp", "tags.trial_id = 't1'") == child
+    store.end_run(mlflow_uri, child)
+    assert store.get_run(mlflow_uri, child).status == "FINISHED"
+    assert [r.run_id for r in store.child_runs(mlflow_uri, "exp", parent)] == [child]
+    assert store.child_runs(mlflow_uri, "exp", parent, "tags.trial_id = 't2'") == []
+    assert store.find_run(mlflow_uri, "exp", "tags.trial_id = 't1'") == child
 
 
 def test_artifacts_go_next_to_the_sqlite_store(mlflow_uri, tmp_path):
-    run = tracking.start_run(mlflow_uri, "exp2", "r")
-    tracking.log_dict(mlflow_uri, run, {"x": 1}, "d.json")
+    run = store.start_run(mlflow_uri, "exp2", "r")
+    store.log_dict(mlflow_uri, run, {"x": 1}, "d.json")
     assert (tmp_path / "mlflow" / "artifacts" / "exp2").is_dir()
 
 
@@ -36,38 +36,38 @@ def test_register_and_resolve_models(mlflow_uri, tmp_path):
     (tmp_path / "w" / "model.safetensors").write_bytes(b"weights")
     runs = []
     for _ in range(2):
-        run = tracking.start_run(mlflow_uri, "src", "r")
-        tracking.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
+        run = store.start_run(mlflow_uri, "src", "r")
+        store.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
         runs.append(run)
-        ref = tracking.register_model(mlflow_uri, "ixi_hippocampus", run, tags={"source_run_id": run})
+        ref = registry.register_model(mlflow_uri, "ixi_hippocampus", run, tags={"source_run_id": run})
     assert ref.uri == "models:/ixi_hippocampus/2"
-    latest = tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus/latest")
+    latest = registry.resolve_model(mlflow_uri, "models:/ixi_hippocampus/latest")
     assert (latest.version, latest.run_id) == ("2", runs[1])
-    assert tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus/1").run_id == runs[0]
-    tracking.client(mlflow_uri).set_registered_model_alias("ixi_hippocampus", "champion", "1")
-    assert tracking.resolve_model(mlflow_uri, "models:/ixi_hippocampus@champion").version == "1"
-    folder = tracking.download_model(mlflow_uri, latest, tmp_path / "dl")
+    assert registry.resolve_model(mlflow_uri, "models:/ixi_hippocampus/1").run_id == runs[0]
+    store.client(mlflow_uri).set_registered_model_alias("ixi_hippocampus", "champion", "1")
+    assert registry.resolve_model(mlflow_uri, "models:/ixi_hippocampus@champion").version == "1"
+    folder = registry.download_model(mlflow_uri, latest, tmp_path / "dl")
     assert (folder / "model.safetensors").read_bytes() == b"weights"
 
 
 @pytest.mark.parametrize("uri", ["models:/nope/latest", "models:/nope/1", "runs:/abc/model"])
 def test_missing_models_raise_model_not_found(mlflow_uri, uri):
-    with pytest.raises(tracking.ModelNotFoundError):
-        tracking.resolve_model(mlflow_uri, uri)
+    with pytest.raises(registry.ModelNotFoundError):
+        registry.resolve_model(mlflow_uri, uri)
 
 
 def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
     """imagenet -> source run -> registered v1 -> fine-tuned run -> registered v1 of the target."""
-    from tlcore.lineage import chain, main, short
+    from tlcore.tracking.lineage import chain, main, short
 
-    src = tracking.start_run(mlflow_uri, "mura_source", "densenet imagenet", {"source_model": "imagenet"})
-    tracking.log_metrics(mlflow_uri, src, {"test_accuracy": 0.81}, step=1)
-    tracking.log_text(mlflow_uri, src, "weights", "model/model.safetensors")
-    mura = tracking.register_model(mlflow_uri, "mura_densenet121", src)
-    tuned = tracking.start_run(mlflow_uri, "chestxray_transfer", "mura k=1",
+    src = store.start_run(mlflow_uri, "mura_source", "densenet imagenet", {"source_model": "imagenet"})
+    store.log_metrics(mlflow_uri, src, {"test_accuracy": 0.81}, step=1)
+    store.log_text(mlflow_uri, src, "weights", "model/model.safetensors")
+    mura = registry.register_model(mlflow_uri, "mura_densenet121", src)
+    tuned = store.start_run(mlflow_uri, "chestxray_transfer", "mura k=1",
                                {"source_model": mura.uri}, {"source_run_id": mura.run_id})
-    tracking.log_text(mlflow_uri, tuned, "weights", "model/model.safetensors")
-    target = tracking.register_model(mlflow_uri, "chestxray_pneumothorax", tuned)
+    store.log_text(mlflow_uri, tuned, "weights", "model/model.safetensors")
+    target = registry.register_model(mlflow_uri, "chestxray_pneumothorax", tuned)
 
     links = chain(mlflow_uri, "models:/chestxray_pneumothorax/latest")
     assert [link.start for link in links] == [target.uri, mura.uri, "imagenet"]
@@ -100,17 +100,17 @@ def test_redact_hides_passwords_anywhere_in_a_line():
 
 def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     """The store failed between create_run and log_params: the next time the trial's run is
-    found (a restored trial, `python -m tlcore.sync`), its params are completed."""
+    found (a restored trial, `python -m tlcore.tracking.sync`), its params are completed."""
     from tlcore.config import RunConfig
-    from tlcore.trial_runs import open_trial_run
+    from tlcore.tracking.trial_runs import open_trial_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = tracking.start_run(uri, "ixi_source", "parent", {"seed": 0}, {"role": "parent"})
-    orphan = tracking.start_run(uri, "ixi_source", "trial", None, {"sweep": "ixi_source", "trial_id": "t1"},
+    parent = store.start_run(uri, "ixi_source", "parent", {"seed": 0}, {"role": "parent"})
+    orphan = store.start_run(uri, "ixi_source", "trial", None, {"sweep": "ixi_source", "trial_id": "t1"},
                                 parent_run_id=parent)  # tags only: the params never arrived
     config = {"dataset": "ixi", "lr": 0.003, "lr_schedule": "cosine"}
     assert open_trial_run(uri, "ixi_source", parent, "t1", config, reopen=False) == orphan
-    params = tracking.client(uri).get_run(orphan).data.params
+    params = store.client(uri).get_run(orphan).data.params
     expected = RunConfig.from_dict(config).to_params()
     assert set(expected) <= set(params) and params["lr"] == "0.003" and params["lr_schedule"] == "cosine"
 
@@ -126,9 +126,9 @@ def test_cached_models_latest_by_version_no_temp_left_and_concurrent_trials_agre
     (tmp_path / "tmp").mkdir()
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "model.safetensors").write_bytes(b"weights-1")
-    run = tracking.start_run(mlflow_uri, "src", "r")
-    tracking.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
-    tracking.register_model(mlflow_uri, "ixi_hippocampus", run)
+    run = store.start_run(mlflow_uri, "src", "r")
+    store.log_artifacts(mlflow_uri, run, tmp_path / "w", "model")
+    registry.register_model(mlflow_uri, "ixi_hippocampus", run)
 
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda _: cached_model(mlflow_uri, "models:/ixi_hippocampus/latest"), range(4)))
@@ -149,16 +149,16 @@ def test_an_outage_is_recognised_inside_a_ray_task_error_and_other_errors_are_no
 
     down = requests.exceptions.ConnectionError("Max retries exceeded: Connection refused")
     wrapped = RayTaskError("_evaluate_task", "Traceback ...", down)
-    assert tracking.unreachable_cause(wrapped) is down
+    assert store.unreachable_cause(wrapped) is down
     try:
         try:
             raise down
         except Exception as e:
             raise RuntimeError("evaluation failed") from e
     except RuntimeError as chained:
-        assert tracking.unreachable_cause(chained) is down
-    assert tracking.unreachable_cause(RayTaskError("f", "tb", ValueError("bad label 7"))) is None
-    assert tracking.unreachable_cause(KeyError("val_dice")) is None
+        assert store.unreachable_cause(chained) is down
+    assert store.unreachable_cause(RayTaskError("f", "tb", ValueError("bad label 7"))) is None
+    assert store.unreachable_cause(KeyError("val_dice")) is None
 
 
 def test_require_store_raises_store_unreachable_quickly(tmp_path):
@@ -167,19 +167,19 @@ def test_require_store_raises_store_unreachable_quickly(tmp_path):
     from helpers import free_port
 
     t0 = time.time()
-    with pytest.raises(tracking.StoreUnreachable, match="does not answer"):
-        tracking.require_store(f"http://127.0.0.1:{free_port()}", attempts=2, wait_s=0.1)
+    with pytest.raises(store.StoreUnreachable, match="does not answer"):
+        store.require_store(f"http://127.0.0.1:{free_port()}", attempts=2, wait_s=0.1)
     assert time.time() - t0 < 60
-    tracking.require_store(f"sqlite:///{tmp_path / 'ok.db'}")  # a store that answers: no error
+    store.require_store(f"sqlite:///{tmp_path / 'ok.db'}")  # a store that answers: no error
 
 
 def test_experiments_open_on_mlflows_model_training_view(mlflow_uri):
     """MLflow 3 shows an untagged experiment as GenAI; tlcore's are tagged model training, and an
     experiment made before the tag existed gets it when next used."""
-    tracking.start_run(mlflow_uri, "fresh", "r")
-    c = tracking.client(mlflow_uri)
+    store.start_run(mlflow_uri, "fresh", "r")
+    c = store.client(mlflow_uri)
     assert c.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
     old = c.create_experiment("older")  # as an earlier tlcore made it
     assert "mlflow.experimentKind" not in c.get_experiment(old).tags
-    tracking.start_run(mlflow_uri, "older", "r")
+    store.start_run(mlflow_uri, "older", "r")
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -6,20 +6,23 @@ from tlcore.config import RunConfig
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import split_subjects
-from tlcore.evaluate import dice_per_class, evaluate_subjects
-from tlcore.models import build_model
-from tlcore.train import build_optimizer, build_scheduler, train_segmentation
+from tlcore.evaluation.metrics import dice_per_class, evaluate_subjects
+from tlcore.models.networks import build_model
+from tlcore.training.segmentation import build_optimizer, build_scheduler, train_segmentation
 
 
 def test_dice_definition():
     a = torch.zeros(1, 8, 8, 8, dtype=torch.long)
     assert dice_per_class(a, a, 2).tolist() == [1.0]            # both empty
-    b = a.clone(); b[0, :4] = 1
+    b = a.clone()
+    b[0, :4] = 1
     assert dice_per_class(b, b, 2).tolist() == [1.0]
     assert dice_per_class(b, a, 2).tolist() == [0.0]            # prediction where there is nothing
-    c = a.clone(); c[0, :2] = 1
+    c = a.clone()
+    c[0, :2] = 1
     assert dice_per_class(c, b, 2)[0] == pytest.approx(2 * 128 / (128 + 256))
-    three = a.clone(); three[0, :4] = 2
+    three = a.clone()
+    three[0, :4] = 2
     assert dice_per_class(three, three, 3).tolist() == [1.0, 1.0]
 
 
@@ -31,7 +34,8 @@ def test_lr_schedules(schedule):
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
     if schedule == "constant":
         assert set(lrs) == {1e-3}
     elif schedule == "one_cycle":
@@ -77,7 +81,7 @@ def test_learning_happens_and_resume_continues(synthetic_root):
 def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
     import nibabel as nib
 
-    from tlcore.evaluate import write_prediction
+    from tlcore.evaluation.metrics import write_prediction
 
     affine = np.array([[-0.9, 0, 0, 90], [0, 1.1, 0, -126], [0, 0, 1.2, -72], [0, 0, 0, 1]])
     ref = nib.Nifti1Image(np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32), affine)
@@ -93,7 +97,7 @@ def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
 
 
 def test_layout_timing_leaves_the_model_untouched():
-    from tlcore.train import time_layouts
+    from tlcore.training.segmentation import time_layouts
 
     torch.manual_seed(0)
     model = build_model(num_classes=2)
@@ -109,36 +113,36 @@ def test_layout_timing_leaves_the_model_untouched():
 def test_channels_last_auto_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
     import json
 
-    from tlcore import train
+    from tlcore.training import segmentation
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cpu, model = torch.device("cpu"), build_model(num_classes=2)
     cfg = RunConfig(patch_size=(12, 12, 12), batch_size=1)
-    assert train.choose_channels_last(RunConfig(channels_last="on"), cpu, model, 2) == (True, "channels_last=on")
-    assert train.choose_channels_last(RunConfig(channels_last="off"), cpu, model, 2)[0] is False
-    assert train.choose_channels_last(cfg, cpu, model, 2) == (False, "auto: NCDHW on cpu")
+    assert segmentation.choose_channels_last(RunConfig(channels_last="on"), cpu, model, 2) == (True, "channels_last=on")
+    assert segmentation.choose_channels_last(RunConfig(channels_last="off"), cpu, model, 2)[0] is False
+    assert segmentation.choose_channels_last(cfg, cpu, model, 2) == (False, "auto: NCDHW on cpu")
     assert not (tmp_path / "tlcore" / "layouts.json").exists()  # CPUs are not measured
 
     # measured where the device is one of LAYOUT_MEASURED_ON (GPUs); here the CPU stands in
-    monkeypatch.setattr(train, "LAYOUT_MEASURED_ON", ("cpu",))
-    use, why = train.choose_channels_last(cfg, cpu, model, 2)
+    monkeypatch.setattr(segmentation, "LAYOUT_MEASURED_ON", ("cpu",))
+    use, why = segmentation.choose_channels_last(cfg, cpu, model, 2)
     cache = json.loads((tmp_path / "tlcore" / "layouts.json").read_text())
     (key, seen), = cache.items()
     assert "batch (1, 2, 12, 12, 12)" in key and "HighResNet" in key and "measured" in why
     t = seen["s_per_step"]
-    assert use == (t["ncdhw"] / t["channels_last_3d"] >= train.LAYOUT_MIN_SPEEDUP)
+    assert use == (t["ncdhw"] / t["channels_last_3d"] >= segmentation.LAYOUT_MIN_SPEEDUP)
     # the cached timings decide from then on, for every trial of this machine
     for ncdhw, expected in ((2.0, True), (1.02, False), (0.5, False)):
         seen["s_per_step"] = {"ncdhw": ncdhw, "channels_last_3d": 1.0}
         (tmp_path / "tlcore" / "layouts.json").write_text(json.dumps({key: seen}))
-        use, why = train.choose_channels_last(cfg, cpu, model, 2)
+        use, why = segmentation.choose_channels_last(cfg, cpu, model, 2)
         assert use is expected and "cached" in why and f"{ncdhw:.2f}x" in why
     # another patch shape is another measurement, made once while the other trials wait for it
     from concurrent.futures import ThreadPoolExecutor
 
     other = RunConfig(patch_size=(16, 16, 16), batch_size=1)
     with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: train.choose_channels_last(other, cpu, model, 2), range(2)))
+        answers = list(pool.map(lambda _: segmentation.choose_channels_last(other, cpu, model, 2), range(2)))
     assert sorted(why.split(", ")[1].split()[0] for _, why in answers) == ["cached", "measured"]
     assert answers[0][0] == answers[1][0]
     assert len(json.loads((tmp_path / "tlcore" / "layouts.json").read_text())) == 2

@@ -6,21 +6,21 @@ import sqlite3
 
 from helpers import mlflow_child_runs
 
-from tlcore import tracking
+from tlcore.tracking import store
 
 
 def test_the_mlflow_callback_buffers_through_an_outage_and_a_restored_one_writes_it_once(tmp_path, capsys):
     from ray.tune.experiment import Trial
 
-    from tlcore.trainables import MLflowTrialLogger
+    from tlcore.sweep.callbacks import MLflowTrialLogger
 
     db = tmp_path / "m.db"
     uri = f"sqlite:///{db}"
-    tracking.prepare_store(uri)
-    parent = tracking.start_run(uri, "exp", "parent", tags={"role": "parent"})
+    store.prepare_store(uri)
+    parent = store.start_run(uri, "exp", "parent", tags={"role": "parent"})
     logger = MLflowTrialLogger(uri, "exp", parent, max_iterations=8, retry_s=0.0, final_wait_s=0)
     trial = Trial("fn", config={"dataset": "ixi", "data_dir": str(tmp_path), "lr": 0.003}, trial_id="t1", stub=True)
-    result = lambda it, dice: {"iteration": it, "val_dice": dice, "train_loss": 1.0 / it}  # noqa: E731
+    result = lambda it, dice: {"iteration": it, "val_dice": dice, "train_loss": 1.0 / it}
 
     logger.on_trial_start(0, [trial], trial)
     logger.on_trial_result(0, [trial], trial, result(4, 0.3))
@@ -42,7 +42,7 @@ def test_the_mlflow_callback_buffers_through_an_outage_and_a_restored_one_writes
     restored.set_state(saved[1])
     assert restored.flush(force=True)  # the backlog, from Tune's saved state
     (run,) = mlflow_child_runs(uri, "exp", parent)
-    assert tracking.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
+    assert store.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
     restored.on_trial_result(0, [trial], trial, result(8, 0.5))  # a restored trial reports again: once only
     trial.update_last_result(result(8, 0.5))
     restored.on_trial_complete(0, [trial], trial)
@@ -50,5 +50,5 @@ def test_the_mlflow_callback_buffers_through_an_outage_and_a_restored_one_writes
 
     (run,) = mlflow_child_runs(uri, "exp", parent)
     assert run.data.tags["trial_id"] == "t1" and run.data.params["lr"] == "0.003"
-    assert tracking.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
+    assert store.metric_history(uri, run.info.run_id, "val_dice") == [(4, 0.3), (8, 0.5)]
     assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "False"

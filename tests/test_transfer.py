@@ -7,9 +7,9 @@ from safetensors.torch import save_file
 from tlcore.config import RunConfig
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import PatchSampler, load_subject
-from tlcore.models import build_model, group_prefixes
-from tlcore.train import train_segmentation
-from tlcore.transfer import freeze_first, load_source, read_weights
+from tlcore.models.networks import build_model, group_prefixes
+from tlcore.models.transfer import freeze_first, load_source, read_weights
+from tlcore.training.segmentation import train_segmentation
 
 
 def source_state(num_classes=3):

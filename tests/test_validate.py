@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tlcore.data.synthetic import write_brats, write_ixi
-from tlcore.validate import inspect_file, validate_dataset
+from tlcore.data.validate import inspect_file, validate_dataset
 
 
 @pytest.fixture()
@@ -133,11 +133,11 @@ def test_cache_skips_unchanged_files_and_rereads_changed_ones(brats):
 
 def test_command_line(brats):
     root, ids = brats
-    ok = subprocess.run([sys.executable, "-m", "tlcore.validate", "brats", "--data-dir", str(root)],
+    ok = subprocess.run([sys.executable, "-m", "tlcore.data.validate", "brats", "--data-dir", str(root)],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "0 error(s)" in ok.stdout
     path(root, ids[1], "seg").unlink()
-    bad = subprocess.run([sys.executable, "-m", "tlcore.validate", "brats", "--data-dir", str(root)],
+    bad = subprocess.run([sys.executable, "-m", "tlcore.data.validate", "brats", "--data-dir", str(root)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and f"{ids[1]}_seg.nii.gz: file missing" in bad.stdout
 
@@ -153,7 +153,7 @@ def test_a_broken_brats_set_is_named_without_a_traceback(brats):
     path(root, b, "t1").mkdir()                                       # a folder where an image should be
     save(path(root, c, "t2"), np.zeros((16, 0, 16), np.float32))     # an empty axis
     save(path(root, d, "t1"), np.zeros((16, 16, 16), np.float32))    # an all-zero modality
-    out = subprocess.run([sys.executable, "-m", "tlcore.validate", "brats", "--data-dir", str(root)],
+    out = subprocess.run([sys.executable, "-m", "tlcore.data.validate", "brats", "--data-dir", str(root)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
     assert f"{a}_seg.nii.gz: 1 NaN/Inf voxels" in out.stdout
@@ -164,7 +164,7 @@ def test_a_broken_brats_set_is_named_without_a_traceback(brats):
 
 def test_an_internal_error_says_so_and_has_its_own_exit_code(brats):
     root, _ = brats
-    script = ("import sys, tlcore.validate as v\n"
+    script = ("import sys, tlcore.data.validate as v\n"
               "def broken(*a, **k): raise KeyError('a bug')\n"
               "v.validate_dataset = broken\n"
               f"sys.exit(v.main(['brats', '--data-dir', {str(root)!r}]))")

@@ -94,7 +94,7 @@ class RunConfig:
     max_val_subjects: int = 0             # 0 = all validation subjects at every report
     precise_bn_batches: int = 16          # BatchNorm statistics re-estimated on this many batches before validation; 0 = off
 
-    # --- analysis at every report (analysis.py): per-group CKA with the source, weight movement
+    # --- analysis at every report (models/probes.py): per-group CKA with the source, weight movement
     probe_patches: int = 16               # fixed validation patches the CKA is measured on; 0 = no analysis
 
     # --- speed

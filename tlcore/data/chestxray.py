@@ -61,7 +61,7 @@ def find_chestxray(data_dir: str | Path, finding: str = "Pneumothorax") -> tuple
                 if name not in rows:
                     problems.append((str(f), f"{name} is not in {ENTRY_CSV}"))
                 split_of[name] = split
-    for name, row in rows.items():
+    for name in rows:
         if name not in on_disk:
             problems.append((str(root / "images" / name), f"row of {ENTRY_CSV} but the image is missing under images*/: "
                                                           "restore it or remove the row"))

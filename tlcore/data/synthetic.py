@@ -74,7 +74,7 @@ def make_ixi_subject(shape, rng):
     label[mask & ~wm & ~left] = ASEG["right_cortex"]
     s = np.array(shape, np.float32)
     radii = np.maximum(s * np.array([0.09, 0.14, 0.09]), 1.5) * rng.uniform(0.85, 1.15, 3)
-    for side, code, sign in (("left", ASEG["left_hippocampus"], -1), ("right", ASEG["right_hippocampus"], 1)):
+    for _side, code, sign in (("left", ASEG["left_hippocampus"], -1), ("right", ASEG["right_hippocampus"], 1)):
         centre = s / 2 + np.array([sign * 0.22, 0.05, -0.12]) * s + rng.normal(0, 0.02, 3) * s
         hippo = _ellipsoid(shape, centre, radii) & mask
         label[hippo] = code

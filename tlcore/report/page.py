@@ -1,0 +1,347 @@
+"""A sweep's report: summary table with statistics, box plots, learning curves and lineage, as one
+self-contained HTML page plus the PNGs and CSVs behind it.
+
+    python -m tlcore.report brats_layers                        # the newest sweep of the experiment
+    python -m tlcore.report brats_subsets --parent-run <id> --out reports/subsets
+
+Every sweep builds its report when it ends and logs it to its MLflow parent run under
+`report/`. Configurations (source, frozen layers, subset, lr, schedule) are summarised over
+seeds (mean and standard deviation); each is compared with the scratch baseline of the same
+subset and schedule on the same subjects (paired per-subject Dice: bootstrap 95 % interval of
+the mean difference, Wilcoxon signed-rank p, Holm-corrected over the report's comparisons;
+McNemar's exact test on per-image correctness for classifiers). Figures: per-subject Dice box
+plots, loss curves, prediction overlays (best / median / worst subject); for classifiers ROC
+curves, training loss against steps with the steps to reach a target loss per starting point,
+and MURA's accuracy per body part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcore.analysis.stats import rank_agreement
+from tlcore.report.plots import (
+    body_part_plot,
+    box_plot,
+    curves_plot,
+    forecast_plot,
+    layer_curves_plot,
+    layer_heatmap,
+    overlay_plot,
+    roc_plot,
+    subsets_plot,
+    training_steps_plot,
+)
+from tlcore.report.summary import (
+    CONFIG_KEYS,
+    collect,
+    label,
+    layer_analysis_rows,
+    layer_groups_of,
+    mean_curve,
+    shared_settings,
+    subject_means,
+    summarise,
+)
+from tlcore.tracking import store
+from tlcore.tracking.credentials import tracking_uri_flag
+from tlcore.tracking.trial_runs import ANALYSIS_PREFIXES
+
+FIGURE_TITLES = {
+    "dice_val": "Per-subject validation Dice (each trial's best checkpoint)",
+    "dice_test": "Per-subject test Dice",
+    "dice_by_subset": "Dice and iterations against training-set size, per model",
+    "overlays_test": "Test predictions (red) and ground truth (green) on the best, median and worst subject",
+    "overlays_val": "Validation predictions (red) and ground truth (green) on the best, median and worst subject",
+    "loss_curves": "Training and validation loss",
+    "roc_test": "Test ROC curves",
+    "training_steps": "Training loss against steps, per starting point",
+    "accuracy_by_body_part": "Accuracy per body part",
+    "layers_final": "Each layer group at the end of training: CKA with the source, and weight change",
+    "layers_curves": "CKA with the source and weight change against iteration (mean over seeds)",
+    "forecast": "Forecast before training against the measured Dice, per freeze depth",
+}
+
+LAYERS_GUIDE = """<h2 id='layers'>Which layers transfer</h2>
+<p><b>CKA</b> compares what a layer group computes, on fixed validation voxels, with what the same
+group of the source model computes: 1 is the same representation up to rotation and scale, 0 an
+unrelated one. Frozen groups stay at 1. A fine-tuned group whose CKA stays high was reused; one
+whose CKA falls was re-learned for the target. <b>Weight change</b> is |w - w0| / |w0| of the
+group's parameters from the trial's own start (0 for frozen groups); a large change with a high CKA
+means the weights moved without changing what the group represents.</p>
+<p>The <b>Mean-Var</b> start (<code>meanvar:</code>) draws every weight from the mean and variance of
+the matching source tensor: the source's weight scales, none of its features. Its row in the summary
+is compared with scratch and with the transferred model (<code>vs_transferred_*</code>): if it does
+as well as the transferred model, the transfer helped through weight scaling, not reused features
+(Raghu et al. 2019).</p>
+"""
+
+
+@dataclass
+class Report:
+    html: Path
+    rows: list[dict]
+    figures: dict = field(default_factory=dict)   # name -> (png path, panel labels)
+
+
+def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
+    """What the sweep itself logged to its parent run (2D: the confusion matrix, accuracy per
+    body part, steps to reach a loss), as HTML sections; copied into `out`."""
+    parts = []
+    for path in store.artifact_files(uri, parent_run_id):
+        if path == "results.md" or not path.endswith((".png", ".md")):
+            continue
+        f = store.download_artifact(uri, parent_run_id, path, out)
+        title = html.escape(f.stem.replace("_", " "))
+        if f.suffix == ".png":
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,"
+                         f"{base64.b64encode(f.read_bytes()).decode()}'>")
+        else:
+            parts.append(f"<h2>{title}</h2><pre>{html.escape(f.read_text())}</pre>")
+    return "".join(parts)
+
+
+def _table_html(rows: list[dict]) -> str:
+    """The summary as HTML: settings shared by every row are stated once above the table (the
+    CSV keeps every column), so the results fit the page."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    shared = [c for c in (*CONFIG_KEYS, "seeds") if c in cols and len(rows) > 1
+              and len({str(r.get(c, "")) for r in rows}) == 1]
+    # and what every compared (non-scratch) row has in common: the source's lineage, the split, the count
+    compared = [c for c in ("lineage", "vs_scratch_split", "subjects", "images") if c in cols
+                and len({str(r[c]) for r in rows if r.get(c, "") != ""}) == 1]
+    cols = [c for c in cols if c not in shared and c not in compared and c != "source_model"]
+    first = lambda c: next(r[c] for r in rows if r.get(c, "") != "")
+    note = "".join(f"<p>{title}: " + ", ".join(f"{html.escape(c)} = <code>{html.escape(str(value(c)))}</code>"
+                                                for c in keys) + "</p>"
+                   for title, keys, value in (("Every row", shared, lambda c: rows[0].get(c)),
+                                              ("Every row compared with scratch", compared, first)) if keys)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"{note}<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def spreadsheet_safe(value):
+    """A text cell that a spreadsheet would run as a formula (subject ids and run names come from
+    file names and user input) gets a leading apostrophe; numbers stay numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[spreadsheet_safe(c) for c in cols])
+        w.writeheader()
+        w.writerows({spreadsheet_safe(k): spreadsheet_safe(v) for k, v in r.items()} for r in rows)
+
+
+def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str | Path | None = None,
+          log: bool = True) -> Report:
+    """Build the report of one sweep (the newest of `experiment` by default) into `out`, and log
+    it to the parent run under `report/` when `log`."""
+    parent_run_id = parent_run_id or store.newest_parent_run(uri, experiment)
+    if parent_run_id is None:
+        raise LookupError(f"no sweep of experiment {experiment!r} in {uri}")
+    out = Path(out or Path("reports") / f"{experiment}-{parent_run_id[:8]}")
+    out.mkdir(parents=True, exist_ok=True)
+    trials = collect(uri, experiment, parent_run_id)
+    shared = shared_settings(trials)
+    rows = summarise(trials, uri, shared)
+    _write_csv(rows, out / "summary.csv")
+
+    by_config = {r["configuration"]: [] for r in rows}  # the table's order: scratch first
+    for t in trials:
+        by_config[label(t.config, shared)].append(t)
+    per_subject_rows, figures = [], {}
+    for split in ("val", "test"):
+        groups = {}
+        for name, ts in by_config.items():
+            scores = [v for t in ts for v in t.per_subject.get(split, {}).values()]
+            if scores:
+                groups[name] = scores
+            per_subject_rows += [{"configuration": name, "seed": t.params.get("seed", ""), "split": split,
+                                  "subject": sid, "dice": v}
+                                 for t in ts for sid, v in t.per_subject.get(split, {}).items()]
+        if groups:
+            png = out / f"dice_{split}_boxplot.png"
+            figures[f"dice_{split}"] = (png, box_plot(groups, f"{experiment}: per-subject {split} Dice", png))
+    if per_subject_rows:
+        _write_csv(per_subject_rows, out / "per_subject_dice.csv")
+    for split in ("test", "val"):  # test predictions where the sweep has a test split (subsets), else val (layers)
+        with_predictions = {}
+        for name, ts in by_config.items():  # one run per configuration (its first seed) with predictions
+            for t in sorted(ts, key=lambda t: str(t.params.get("seed", ""))):
+                if t.per_subject.get(split) and store.artifact_files(uri, t.run_id, f"predictions/{split}"):
+                    with_predictions[name] = t
+                    break
+        if with_predictions:  # at most 8 columns: the configurations with the best mean Dice
+            top = sorted(with_predictions, key=lambda k: -statistics.mean(with_predictions[k].per_subject[split].values()))
+            png = out / f"overlays_{split}.png"
+            drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png, split)
+            if drawn:
+                figures[f"overlays_{split}"] = (png, drawn)
+                break
+    first_with_predictions = {name: next(t for t in ts if t.predictions)
+                              for name, ts in by_config.items() if any(t.predictions for t in ts)}
+    if first_with_predictions:
+        png = out / "roc_test.png"
+        drawn = roc_plot(first_with_predictions, png)
+        if drawn:
+            figures["roc_test"] = (png, drawn)
+    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
+    if curves:
+        png = out / "loss_curves.png"
+        figures["loss_curves"] = (png, curves_plot(curves, png))
+        _write_csv([{"run": name, "metric": k, "step": s, "value": v} for name, h in curves.items()
+                    for k, pts in h.items() for s, v in pts], out / "curves.csv")
+
+    subsets = {t.config[2] for t in trials} - {"", "all"}
+    if len(subsets) > 1:  # the training-set-size sweep
+        split = "test" if any("test" in t.per_subject for t in trials) else "val"
+        sizes = {k: len(v) for k, v in
+                 ((store.load_json(uri, parent_run_id, "splits.json") or {}).get("subsets") or {}).items()}
+        png = out / "dice_by_subset.png"
+        models, subset_rows = subsets_plot(trials, split, sizes, png, shared)
+        figures["dice_by_subset"] = (png, models)
+        _write_csv(subset_rows, out / "dice_by_subset.csv")
+    with_steps = [t for t in trials if t.histories.get("step") and t.histories.get("train_loss")]
+    if with_steps:  # classifier sweeps: data efficiency per starting point
+        from tlcore.evaluation.metrics import common_target_loss
+
+        given = store.get_run(uri, parent_run_id).params.get("target_loss", "null")  # --target-loss
+        target = (float(given) if given not in ("null", "None", "")
+                  else common_target_loss([v for _, v in t.histories["train_loss"]] for t in with_steps))
+        png = out / "training_steps.png"
+        panels, step_rows = training_steps_plot(with_steps, target, png, shared)
+        figures["training_steps"] = (png, panels)
+        _write_csv(step_rows, out / "steps_to_target.csv")
+    parts = (store.load_json(uri, parent_run_id, "test_metrics.json") or {}).get("per_body_part")
+    if parts:  # the MURA source sweep
+        png = out / "accuracy_by_body_part.png"
+        figures["accuracy_by_body_part"] = (png, body_part_plot(parts, png))
+
+    layers = layer_figures(trials, by_config, shared, out)
+    forecast, forecast_text = forecast_figure(uri, parent_run_id, trials, out)
+    extras = sweep_artifacts(uri, parent_run_id, out)
+    page = out / "report.html"
+    images = "".join(
+        f"<h2 id='{name}'>{html.escape(FIGURE_TITLES.get(name, name))}</h2><img alt='{html.escape(name)}' "
+        f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)} report</title>"
+        "<style>body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:12px}.wide{overflow-x:auto}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(experiment)}</h1><p>MLflow parent run <code>{parent_run_id}</code> in "
+        f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
+        "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
+        "Holm-corrected over this table's comparisons.</p>"
+        f"<h2>Summary</h2>{_table_html(rows)}{images}{_layers_html(layers)}{forecast_text}{_layers_html(forecast, guide='')}{extras}"
+        f"<p>CSV: {', '.join(sorted(f.name for f in out.glob('*.csv')))}</p></body></html>")
+    if log:
+        store.log_artifacts(uri, parent_run_id, out, "report")
+    return Report(page, rows, {**figures, **layers, **forecast})
+
+
+def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path) -> dict:
+    """The "Which layers transfer" figures (and layers.csv), for sweeps whose trials logged the
+    per-group analysis; {} otherwise."""
+    rows = layer_analysis_rows(trials, shared)
+    if not rows:
+        return {}
+    _write_csv(rows, out / "layers.csv")
+    figures = {"layers_final": (out / "layers_final.png", layer_heatmap(rows, out / "layers_final.png"))}
+    groups = layer_groups_of(trials)
+    keys = [p + g for p in ANALYSIS_PREFIXES for g in groups]
+    curves = {name: {k: [(step, mean) for step, mean, _ in mean_curve(ts, k)] for k in keys}
+              for name, ts in by_config.items()}
+    png = out / "layers_curves.png"
+    figures["layers_curves"] = (png, layer_curves_plot(curves, groups, png))
+    return figures
+
+
+FORECAST_PREFIX = "forecast_logme.k"  # driver.FORECAST_METRIC
+
+
+def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tuple[dict, str]:
+    """The forecast logged before the trials against the Dice they measured, per freeze depth:
+    the figure and a paragraph that says plainly whether the forecast ranked the depths right."""
+    logged = store.get_run(uri, parent_run_id).metrics
+    forecast = {int(k[len(FORECAST_PREFIX):]): v for k, v in logged.items() if k.startswith(FORECAST_PREFIX)}
+    transferred = [t for t in trials if str(t.params.get("source_model", "")).startswith("models:/")]
+    if not forecast or not transferred:
+        return {}, ""
+    split = "test" if all("test" in t.per_subject for t in transferred) else "val"
+    per_k = {k: subject_means([t for t in transferred if int(t.params.get("frozen_layers", 0)) == k], split)
+             for k in forecast}
+    agreement = rank_agreement(forecast, {k: v for k, v in per_k.items() if v})
+    if agreement["tau"] != agreement["tau"]:  # fewer than three depths measured on shared subjects
+        return {}, ""
+    png = out / "forecast.png"
+    figure = {"forecast": (png, forecast_plot(forecast, agreement, split, png))}
+    tau, (low, high) = agreement["tau"], agreement["ci95"]
+    if agreement["forecast_best"] == agreement["measured_best"] and low > 0:
+        verdict = "The forecast picked the depth that won, and its ranking agrees with the measured one beyond chance."
+    elif low > 0:
+        verdict = (f"The forecast ranks the depths broadly right (its interval excludes 0) but picked "
+                   f"k={agreement['forecast_best']}, not the measured best k={agreement['measured_best']}.")
+    elif high < 0:
+        verdict = "<b>The forecast is wrong here</b>: it ranks the depths against what the sweep measured."
+    else:
+        verdict = ("<b>The forecast cannot be trusted here</b>: its agreement with the measured ranking is not "
+                   "distinguishable from chance (the interval includes 0).")
+    stopped = sorted({int(t.params.get("frozen_layers", 0)) for t in transferred if t.tags.get("stopped_early") == "True"})
+    if stopped:  # their Dice is that of a shorter training: part of a disagreement may be ASHA's
+        verdict += (f" ASHA stopped k={', '.join(map(str, stopped))} early: their Dice is from shorter training, so the "
+                    "measured ranking mixes transferability with training length (--scheduler none runs every depth "
+                    "to the end).")
+    if agreement["subjects"] < 10:
+        verdict += f" With {agreement['subjects']} subjects the interval itself is rough."
+    text = (f"<h2 id='forecast'>Forecast against result</h2><p>Before any trial, the sweep scored each freeze "
+            f"depth k by LogME (You et al. 2021) of what the trained layers receive (the source's group k-1 output; "
+            f"the input for k = 0) against the target labels on sampled voxels. Forecast best: "
+            f"k={agreement['forecast_best']}; measured best ({split} Dice, {agreement['subjects']} subjects, mean "
+            f"over seeds): k={agreement['measured_best']}; Kendall tau {tau:.2f}, bootstrap 95 % interval "
+            f"[{low:.2f}, {high:.2f}] over subjects. {verdict}</p>")
+    return figure, text
+
+
+def _layers_html(figures: dict, guide: str = LAYERS_GUIDE) -> str:
+    if not figures:
+        return ""
+    return guide + "".join(
+        f"<h3>{html.escape(FIGURE_TITLES[name])}</h3><img alt='{name}' "
+        f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tlcore.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="MLflow experiment = sweep name, e.g. brats_layers")
+    p.add_argument("--parent-run", default=None, help="the sweep's parent run id (default: the newest)")
+    p.add_argument("--out", default=None, help="output folder (default reports/<experiment>-<run>)")
+    p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag, help=f"default {store.default_tracking_uri()}")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    args = p.parse_args(argv)
+    try:
+        report = build(args.mlflow_uri or store.default_tracking_uri(), args.experiment, args.parent_run,
+                       args.out, log=not args.no_log)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[tlcore] report: {report.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

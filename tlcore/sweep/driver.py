@@ -1,0 +1,205 @@
+"""What every sweep script does around `run_sweep`: the checks before Ray (preflight.py), Ray start-up,
+the MLflow parent run, the forecast, and the results table and report at the end. A sweep that
+stalls or loses its store ends with what to do, nothing left RUNNING. No ray.tune here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import tlcore
+from tlcore.data.splits import write_splits
+from tlcore.report.summary import log_seed_aggregates, seeds_note
+from tlcore.sweep.halving import SweepStalled
+from tlcore.sweep.invocation import Sweep, fail
+from tlcore.sweep.preflight import check_imagenet, prepare, resolve_source
+from tlcore.text import format_table
+from tlcore.tracking import store
+from tlcore.tracking.credentials import redact
+
+__all__ = ["Sweep", "begin", "check_imagenet", "fail", "finish", "log_forecast", "log_table", "prepare",
+           "resolve_source", "run", "start_ray"]
+
+
+# Exit status of a sweep stopped by a tracking-store outage after its trials started (EX_TEMPFAIL:
+# try again later): distinct from 2 (fix the input) so that a job system can retry it.
+EXIT_STORE_DOWN = 75
+
+
+_running: dict = {}  # the sweep being run (begin()), for run()'s message
+
+
+def run(main) -> None:
+    """Run a sweep script's main(). A tracking store that stops answering once trials have started
+    ends the sweep with what to do instead of a traceback: every result is in Ray's files, and
+    --resume (no trial retrained) writes what MLflow lacks, then evaluates, registers and reports."""
+    try:
+        main()
+    except Exception as e:
+        stalled = _stalled_cause(e)
+        if stalled is not None and _running:
+            close_stalled_sweep(_running)
+            print(f"\n[tlcore] error: {stalled}", file=sys.stderr)
+            raise SystemExit(2) from None
+        cause = store.unreachable_cause(e)
+        if cause is None or not _running:
+            raise
+        reason = redact((str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200])
+        print(f"\n[tlcore] error: the MLflow store {_running['uri']} stopped answering ({reason}).\n"
+              f"Nothing is lost: every trial's results and checkpoints are in {_running['exp_dir']}.\n"
+              "When the store answers again, rerun the same command with --resume: no trial is trained again;\n"
+              "the records the sweep kept for MLflow are written (Tune saved them), then it evaluates,\n"
+              "registers and builds the report.", file=sys.stderr)
+        raise SystemExit(EXIT_STORE_DOWN) from None
+
+
+def _stalled_cause(exc: BaseException | None) -> SweepStalled | None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SweepStalled):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def close_stalled_sweep(running: dict) -> None:
+    """A stalled sweep leaves nothing RUNNING in MLflow: its open trial runs and parent fail."""
+    uri, pid, name = running["uri"], running.get("parent_run_id"), running.get("name")
+    if not pid:
+        return
+    for run in store.child_runs(uri, name, pid, "attributes.status = 'RUNNING'"):
+        store.set_tags(uri, run.run_id, {"stalled": "true"})
+        store.end_run(uri, run.run_id, "FAILED")
+    store.end_run(uri, pid, "FAILED")
+
+
+def start_ray(sweep: Sweep) -> float:
+    """Connect to (or start) Ray and check the sweep fits it (cluster.py); sets and returns
+    the GPUs per trial."""
+    from tlcore.sweep.cluster import ClusterMismatch, connect
+
+    try:
+        sweep.gpus_per_trial = connect(sweep.args)
+    except ClusterMismatch as e:
+        fail(str(e))
+    return sweep.gpus_per_trial
+
+
+def begin(sweep: Sweep) -> None:
+    """After every check passed: set the results folder aside or reuse it, open the parent run."""
+    uri, args, name = sweep.tracking_uri, sweep.args, sweep.name
+    exp_dir = Path(sweep.storage_path) / name
+    previous, splits = sweep.previous, sweep.splits
+    if exp_dir.exists() and previous is None:
+        aside = exp_dir.with_name(f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(exp_dir), aside)  # never overwrite an earlier sweep's results
+        print(f"[tlcore] earlier results of {name} moved to {aside}")
+    # 0700: checkpoints and predictions are patient data, and --resume unpickles Tune's state from here
+    Path(sweep.storage_path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    exp_dir.mkdir(mode=0o700, exist_ok=True)
+    exp_dir.chmod(0o700)
+    write_splits(sweep.splits_file, splits)
+    _running.update(uri=uri, exp_dir=str(exp_dir), name=name)
+    if previous:
+        sweep.parent_run_id = previous["parent_run_id"]
+        store.set_tags(uri, sweep.parent_run_id, {"resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    else:
+        params = {k: v for k, v in vars(args).items()}
+        params.update({f"base.{k}": v for k, v in sweep.base_config.items()})
+        sweep.parent_run_id = store.start_run(uri, name, f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
+                                                 params, {"sweep": name, "role": "parent"})
+        store.log_dict(uri, sweep.parent_run_id, splits, "splits.json")
+        # what `python -m tlcore.tracking.sync` and `--resume` need to find this sweep's runs again
+        (exp_dir / "tlcore_sweep.json").write_text(json.dumps({
+            "name": name, "parent_run_id": sweep.parent_run_id, "splits_file": sweep.splits_file,
+            "tracking_uri": uri, "max_iterations": sweep.max_iterations,
+            "tlcore_version": tlcore.__version__}, indent=1))
+    _running["parent_run_id"] = sweep.parent_run_id
+    print(f"[tlcore] {name}: {len(splits['train'])} train / {len(splits['val'])} val / "
+          f"{len(splits['test'])} test subjects from {sweep.data_dir}")
+    print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
+
+
+FORECAST_METRIC = "forecast_logme.k{}"  # on the parent run, one per freeze depth (report/page.py reads them back)
+
+
+def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
+    """Before any trial: the transferability forecast per freeze depth (forecast.py), printed and
+    logged to the parent run; a resumed sweep keeps the scores it had. A forecast that fails
+    (it is advice, not a result) is a warning; the sweep goes on."""
+    from tlcore.analysis.forecast import forecast_sweep
+
+    uri, pid = sweep.tracking_uri, sweep.parent_run_id
+    logged = store.get_run(uri, pid).metrics
+    if all(FORECAST_METRIC.format(k) in logged for k in depths):
+        return {k: logged[FORECAST_METRIC.format(k)] for k in depths}
+    t0 = time.perf_counter()
+    try:
+        scores = forecast_sweep({**sweep.base_config, "source_model": source}, depths)
+    except Exception as e:  # noqa: BLE001
+        print(f"[tlcore] WARNING: no transferability forecast ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
+    store.log_metrics(uri, pid, {FORECAST_METRIC.format(k): v for k, v in scores.items()}, step=0)
+    best = max(scores, key=scores.get)
+    print(f"[tlcore] transferability forecast (LogME of what the trained layers receive, {time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"k={k} {v:.3f}" for k, v in scores.items()) + f"; forecast best k={best}")
+    return scores
+
+
+def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
+    """Print the results table, log it to the parent run, close the parent run (FAILED when a trial
+    errored, or `errors` says so), and build the report."""
+    errors = max(errors, sum(r.get("status") == "ERROR" for r in rows))
+    table = format_table(rows)
+    uri, pid = sweep.tracking_uri, sweep.parent_run_id
+    store.log_text(uri, pid, table + "\n", "results.md")
+    store.log_dict(uri, pid, rows, "results.json")
+    store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
+    aggregates = log_seed_aggregates(uri, sweep.name, pid)
+    report = write_report(sweep)
+    store.end_run(uri, pid, "FAILED" if errors else "FINISHED")
+    print(f"\n{sweep.name} results\n{table}\n")
+    print(seeds_note(rows, synthetic=not sweep.args.data_dir))
+    if report:
+        print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
+    print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}"
+          + (f"; {len(aggregates)} run(s) 'mean of n seeds' (mean, _sd, _min, _max of every metric)"
+             if aggregates else ""))
+    if uri.startswith("sqlite:///"):
+        print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"[tlcore] open the UI:  {uri}")
+    failed = [r for r in rows if r.get("status") == "ERROR"]
+    if errors or failed:
+        names = "\n".join(f"  trial {r['trial_id']} ({r.get('source_model', '')} k={r.get('frozen_layers', '')} "
+                          f"lr={r.get('lr', '')}): {r.get('error', 'failed')}\n    {r.get('error_file', '')}"
+                          for r in failed)
+        fail(f"{max(errors, len(failed))} trial(s) failed after {sweep.args.max_failures} retr"
+             f"{'y' if sweep.args.max_failures == 1 else 'ies'}:\n{names}\n"
+             f"Rerun the same command with --resume to retry only these; finished trials are kept.")
+    return table
+
+
+def write_report(sweep: Sweep) -> Path | None:
+    """The sweep's HTML report (tables, statistics, figures), logged to the parent run."""
+    from tlcore.report.page import build
+
+    try:
+        return build(sweep.tracking_uri, sweep.name, sweep.parent_run_id,
+                     Path(sweep.storage_path) / sweep.name / "report").html
+    except Exception as e:  # noqa: BLE001 -- the sweep's results are safe; say how to retry
+        print(f"[tlcore] WARNING: the report could not be built ({type(e).__name__}: {e}); retry with\n"
+              f"    python -m tlcore.report {sweep.name} --parent-run {sweep.parent_run_id}", file=sys.stderr)
+        return None
+
+
+def log_table(sweep: Sweep, rows: list[dict], artifact: str, title: str) -> None:
+    """Print a small table and log it to the parent run."""
+    table = format_table(rows)
+    print(f"\n{title}\n{table}\n")
+    store.log_text(sweep.tracking_uri, sweep.parent_run_id, f"{title}\n\n{table}\n", artifact)

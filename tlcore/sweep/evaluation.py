@@ -1,0 +1,253 @@
+"""Evaluation after the trials, in Ray tasks next to the data: every trial's best checkpoint on whole
+volumes (Dice per split, predictions returned as bytes for the driver to log), CKA against the
+from-scratch baseline, and the 2D chain's test metrics. The driver, the only MLflow client, logs
+what the tasks return. Uses Ray's core for tasks; no ray.tune here.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from tlcore.config import RunConfig
+from tlcore.evaluation.metrics import evaluate_subjects
+from tlcore.models.networks import build_for
+from tlcore.models.transfer import read_weights
+from tlcore.report.plots import confusion_png
+from tlcore.sweep.results import best_checkpoint_of, trial_id_of
+from tlcore.text import format_table
+from tlcore.tracking import store
+from tlcore.tracking.trial_runs import SweepRuns
+from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
+from tlcore.training.trial_start import load_images, load_split, num_classes
+
+
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
+    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
+    With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
+    with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
+    to MLflow (no credential on the nodes)."""
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_for(cfg, num_classes(cfg))
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    device = pick_device()
+    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    with tempfile.TemporaryDirectory() as out:
+        keep = out if predictions and split != "train" else None
+        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
+                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
+                               channels_last, keep)
+        files = {f.name: f.read_bytes() for f in sorted(Path(out).iterdir()) if f.is_file()} if keep else {}
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], **({"predictions": files} if predictions else {})}
+
+
+def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) -> None:
+    """The prediction files an evaluation task returned, logged by the driver under predictions/<split>/."""
+    if not files:
+        return
+    with tempfile.TemporaryDirectory() as out:
+        for name, data in files.items():
+            (Path(out) / Path(name).name).write_bytes(data)
+        store.log_artifacts(uri, run_id, out, f"predictions/{split}")
+
+
+def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
+    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
+    from tlcore.data.images2d import RadiographDataset
+    from tlcore.training.classification import predict_probabilities
+
+    cfg = RunConfig.from_dict(config)
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_for(cfg, num_classes=2)
+    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    images = load_images(cfg, split)
+    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
+    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
+    return {"label": y, "prob": p, "path": [i.path for i in images],
+            "study": [getattr(i, "study", i.path) for i in images],
+            "body_part": [getattr(i, "body_part", "") for i in images]}
+
+
+def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    return ray.get(task.remote(config, checkpoint, split))
+
+
+def _evaluate_task(config: dict, checkpoint, split: str, predictions: bool = False) -> dict:
+    with checkpoint.as_directory() as d:
+        return evaluate_checkpoint(config, d, split, predictions)
+
+
+def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+                    mode: str = "max") -> dict:
+    """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
+
+    Every trial, early-stopped or not (a table with empty cells compares nothing): whole-volume
+    Dice per split (train = the trial's own training subset) is logged to the trial's MLflow
+    run at the best checkpoint's iteration, with the per-subject Dice as artifacts, and
+    recorded in the run's `evaluation` tag, so that a `--resume` of a finished sweep does not
+    evaluate the same checkpoint again. Trials that failed are left out.
+    Returns trial_id -> {"<split>_dice", "best_iteration"}.
+    """
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    pending, out = {}, {}
+    for r in results:
+        checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
+        if r.error or checkpoint is None:
+            continue
+        trial_id = trial_id_of(r)
+        run_id = runs.run_of(trial_id) or ""
+        done = json.loads(store.get_run(runs.uri, run_id).tags.get("evaluation", "{}")) if run_id else {}
+        if done.get("best_iteration") == best_iteration and set(splits) <= set(done.get("dice", {})):
+            out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": done["dice"][s] for s in splits}}
+            continue
+        pending[trial_id] = (run_id, best_iteration, {s: task.remote(r.config, checkpoint, s, bool(run_id)) for s in splits})
+    for trial_id, (run_id, best_iteration, refs) in pending.items():
+        scores = {s: ray.get(ref) for s, ref in refs.items()}
+        dice = {s: v[f"{s}_dice"] for s, v in scores.items()}
+        out[trial_id] = {"best_iteration": best_iteration, **{f"{s}_dice": v for s, v in dice.items()}}
+        if run_id:  # val_dice is in the run's history already (the trial validated every checkpoint)
+            store.log_metrics(runs.uri, run_id, {f"{s}_dice": v for s, v in dice.items() if s != "val"},
+                                 step=best_iteration)
+            for s, v in scores.items():
+                store.log_dict(runs.uri, run_id, v["per_subject"], f"{s}_per_subject_dice.json")
+                log_predictions(runs.uri, run_id, v.get("predictions", {}), s)
+            store.set_tags(runs.uri, run_id, {"evaluation": json.dumps({"best_iteration": best_iteration,
+                                                                                "dice": dice})})
+    return out
+
+
+def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
+    from tlcore.models.probes import LayerProbe
+    from tlcore.training.trial_start import probe_inputs
+
+    def load(cfg: RunConfig, ckpt) -> torch.nn.Module:
+        model = build_for(cfg, num_classes(cfg))
+        with ckpt.as_directory() as d:
+            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
+        return model.to(device)
+
+    cfg, scratch_cfg, device = RunConfig.from_dict(config), RunConfig.from_dict(scratch_config), pick_device()
+    torch.set_num_threads(cfg.num_threads or 1)
+    inputs = probe_inputs(cfg, load_split(cfg, "val"))
+    probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
+    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
+
+
+def cka_with_scratch(results, runs: SweepRuns, *, cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
+                     mode: str = "max") -> dict:
+    """At the end of a 3D sweep: each trial that started from a source (Mean-Var included) against
+    the scratch trial of the same seed, subset and schedule, both at their best checkpoints: every
+    group's CKA on the probe patches (do fine-tuned and scratch models end up computing the same
+    thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
+    again). Returns trial_id -> {metric: value}."""
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_cka_with_scratch_task)
+    same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
+    scratch = {same(RunConfig.from_dict(r.config)): r for r in results
+               if not r.error and RunConfig.from_dict(r.config).source_model == "scratch"}
+    pending = {}
+    for r in results:
+        cfg = RunConfig.from_dict(r.config)
+        baseline = scratch.get(same(cfg))
+        if r.error or cfg.source_model == "scratch" or baseline is None:
+            continue
+        run_id = runs.run_of(trial_id_of(r)) or ""
+        if run_id and any(k.startswith("cka_vs_scratch.") for k in store.get_run(runs.uri, run_id).metrics):
+            continue
+        checkpoint, step = best_checkpoint_of(r, metric, mode)
+        scratch_checkpoint, _ = best_checkpoint_of(baseline, metric, mode)
+        if checkpoint is not None and scratch_checkpoint is not None:
+            pending[trial_id_of(r)] = (run_id, step, task.remote(r.config, checkpoint, baseline.config, scratch_checkpoint))
+    out = {}
+    for trial_id, (run_id, step, ref) in pending.items():
+        out[trial_id] = ray.get(ref)
+        if run_id:
+            store.log_metrics(runs.uri, run_id, out[trial_id], step=step)
+    return out
+
+
+def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+    def run(config, checkpoint, split):
+        with checkpoint.as_directory() as d:
+            return evaluate_classifier(config, d, split)
+    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))
+
+
+def evaluate_classifier_trials(results, rows: list[dict], runs: SweepRuns, *, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
+    """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
+    or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
+    training loss first reaches `target_loss`."""
+    from tlcore.evaluation.metrics import classification_metrics, common_target_loss, steps_to_reach
+
+    curves = {}
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and "train_loss" in df:
+            curves[r.metrics.get("trial_id", "")] = (df["step"].tolist(), df["train_loss"].tolist(), r)
+    if target_loss is None:  # the loss every trial reached
+        target_loss = common_target_loss(c[1] for c in curves.values())
+    out = []
+    for row in rows:
+        steps, losses, r = curves.get(row["trial_id"], ([], [], None))
+        reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
+        row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
+               "steps_to_target": steps[reached - 1] if reached else "not reached"}
+        checkpoint, best_epoch = best_checkpoint_of(r, "val_loss", "min") if r is not None else (None, 0)
+        if checkpoint is not None and row["status"] == "OK":
+            row["best_epoch"] = best_epoch
+            pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
+            m = classification_metrics(pred["label"], pred["prob"])
+            row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
+                       test_confusion=m["confusion"])
+            run_id = runs.run_of(row["trial_id"])
+            if run_id:
+                store.log_metrics(runs.uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
+                                     step=best_epoch)
+                store.log_dict(runs.uri, run_id, m, "test_metrics.json")
+                # per image, for the report's ROC curves and paired (McNemar) comparisons
+                store.log_dict(runs.uri, run_id, {"image": list(pred["path"]),
+                                                         "label": list(map(int, pred["label"])),
+                                                         "prob": list(map(float, pred["prob"]))},
+                                  "test_predictions.json")
+                with tempfile.TemporaryDirectory() as d:
+                    confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
+                    store.log_artifacts(runs.uri, run_id, d)
+        out.append(row)
+    return out
+
+
+def log_mura_study_accuracy(runs: SweepRuns, result, predictions: dict) -> dict:
+    """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
+    confusion matrix, logged to the best trial's run and the parent run."""
+    from tlcore.evaluation.metrics import classification_metrics, study_wise
+
+    ids, y, p = study_wise(predictions["study"], predictions["label"], predictions["prob"])
+    overall = classification_metrics(y, p)
+    part_of = dict(zip(predictions["study"], predictions["body_part"]))
+    per_part = {}
+    for part in sorted(set(part_of.values())):
+        mask = np.array([part_of[s] == part for s in ids])
+        per_part[part] = {"studies": int(mask.sum()),
+                          "accuracy": round(float(((p[mask] >= 0.5) == y[mask]).mean()), 4)}
+    table = format_table([{"body_part": k, **v} for k, v in per_part.items()]
+                         + [{"body_part": "all", "studies": len(ids), "accuracy": round(overall["accuracy"], 4)}])
+    print(f"\nMURA study-wise test accuracy (kappa {overall['kappa']:.3f})\n{table}\n")
+    uri, run_id = runs.uri, runs.trial_run(result)
+    with tempfile.TemporaryDirectory() as d:
+        confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")
+        for rid in {run_id, runs.parent_run_id}:
+            store.log_artifacts(uri, rid, d)
+            store.log_dict(uri, rid, {"study_wise": overall, "per_body_part": per_part}, "test_metrics.json")
+            store.log_text(uri, rid, table + "\n", "test_accuracy_by_body_part.md")
+    return {"test_accuracy": overall["accuracy"], "test_kappa": overall["kappa"], "test_auc": overall["auc"],
+            **{f"test_accuracy_{k.lower()}": v["accuracy"] for k, v in per_part.items()}}

@@ -1,0 +1,290 @@
+"""The training loop for patch-based 3D segmentation: no Ray, no MLflow.
+
+`train_segmentation` reads top to bottom: sample a batch, step, and every `report_every`
+iterations evaluate the validation volumes and hand metrics plus a state to `report`, which
+the caller (a Tune trainable, a test, a notebook) turns into a checkpoint and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import math
+import os
+import random
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic, write_run_config
+from tlcore.evaluation.metrics import autocast, evaluate_subjects
+from tlcore.training.schedules import Schedule
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every global random source a trial touches: Python, NumPy, torch on the CPU and on
+    every GPU. Call it before the model is built: Ray reuses worker processes, so a model built
+    unseeded would start from whatever the previous trial left in the random state.
+
+    `deterministic`: GPU kernels without a deterministic implementation are replaced by slower
+    deterministic ones (cuDNN autotuning off; cuBLAS needs CUBLAS_WORKSPACE_CONFIG in the
+    environment before CUDA starts, which the sweep driver sets for every Ray worker). The last
+    few ops PyTorch has no deterministic version of warn instead of failing the trial. CPU
+    kernels are deterministic already. Switched off again for a trial that does not ask, since
+    the worker process may be reused.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        # Patches and sliding windows have fixed shapes: let cuDNN pick its fastest kernels once
+        # (its timing-based choice is not reproducible, so not under --deterministic).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def staging_device(subjects, device: torch.device, share: float = 0.4) -> torch.device:
+    """Where the training volumes live while patches are drawn: the GPU when image + uint8 label
+    of every subject fit in `share` of its free memory (the rest is for the model and the
+    activations; fractional trials share the device), else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = sum(s.image.numel() * s.image.element_size() + s.label.numel() for s in subjects)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < share * free else torch.device("cpu")
+
+
+def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# Devices where channels_last="auto" measures both layouts; on CPUs it stays off (CPU runs are
+# tests and demos, and timings taken next to other trials on a few cores would pick at random).
+LAYOUT_MEASURED_ON = ("cuda",)
+LAYOUT_MIN_SPEEDUP = 1.05  # channels-last-3d must win clearly: a coin-flip choice would vary between runs
+
+
+def time_layouts(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype | None, steps: int = 3) -> dict[str, float]:
+    """Median seconds of a forward + backward training step of a copy of `model` (`model`
+    itself is untouched) in NCDHW and channels-last-3d layouts, after one warm-up step."""
+    loss_fn, out = build_loss(), {}
+    for name, layout in (("ncdhw", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+        trial_model = copy.deepcopy(model).to(device).to(memory_format=layout).train()
+        x, y = images.to(device).contiguous(memory_format=layout), labels.to(device)
+        times = []
+        for _ in range(steps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                loss = loss_fn(trial_model(x).float(), y)
+            loss.backward()
+            loss.detach().item()  # waits for the step
+            times.append(time.perf_counter() - t0)
+            trial_model.zero_grad(set_to_none=True)
+        out[name] = statistics.median(times[1:])
+        del trial_model
+    return out
+
+
+def layout_key(device: torch.device, model: nn.Module, batch_shape: tuple, dtype: torch.dtype | None) -> str:
+    """What the layout timings depend on: the chip, the PyTorch / cuDNN build, the net, the shape."""
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return (f"{chip} | torch {torch.__version__} cudnn {cudnn} | {type(model).__name__} "
+            f"{sum(p.numel() for p in model.parameters())} params | batch {tuple(batch_shape)} | "
+            f"{str(dtype).replace('torch.', '') if dtype else 'fp32'}")
+
+
+def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
+                         num_classes: int) -> tuple[bool, str]:
+    """Whether to train and infer in channels-last-3d, and why.
+
+    `on` / `off` are obeyed. `auto` on a GPU times both layouts once per chip, PyTorch / cuDNN
+    build, network and batch shape (a few seconds) and keeps channels-last-3d only when it is
+    clearly faster: some cuDNN versions run HighRes3DNet's dilated 3D convolutions slower in it.
+    The timings are cached per machine in <cache>/tlcore/layouts.json, so the trials of a sweep
+    that share a node agree and only the first one pays.
+    """
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "on", f"channels_last={cfg.channels_last}"
+    if device.type not in LAYOUT_MEASURED_ON:
+        return False, f"auto: NCDHW on {device.type}"
+    dtype = amp_dtype(cfg, device)
+    batch_shape = (cfg.batch_size, len(cfg.modalities), *cfg.patch_size)
+    key, path = layout_key(device, model, batch_shape, dtype), cache_dir() / "layouts.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One trial measures while the node's other trials wait for its answer: trials packed on one
+    # GPU would otherwise time each other and could choose differently.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = read_json_cache(path)
+        if key in cache:
+            seen, how = cache[key], "cached"
+        else:
+            gen = torch.Generator().manual_seed(0)  # not the trial's RNG: its patch stream stays the same
+            images = torch.randn(batch_shape, generator=gen)
+            labels = torch.randint(0, num_classes, (batch_shape[0], 1, *batch_shape[2:]), generator=gen)
+            seen, how = {"s_per_step": time_layouts(model, images, labels, device, dtype),
+                         "measured": date.today().isoformat()}, "measured"
+            write_json_atomic(path, {**cache, key: seen})
+    t = seen["s_per_step"]
+    speedup = t["ncdhw"] / t["channels_last_3d"]
+    use = speedup >= LAYOUT_MIN_SPEEDUP
+    return use, (f"auto: {'channels-last-3d' if use else 'NCDHW'} (channels-last-3d {speedup:.2f}x the "
+                 f"speed of NCDHW, {how} {seen['measured']})")
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay (AdamW) on the parameters that train: the same rule as
+    the 2D chain's fastai optimizer (tlcore/training/schedules.py)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Schedule:
+    """Per-iteration schedule over `max_iterations` (the thesis used a constant rate)."""
+    return Schedule(optimizer, cfg.lr_schedule, cfg.max_iterations)
+
+
+def build_loss() -> nn.Module:
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, sampler, batches: int, device: torch.device,
+                            dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+    """Precise BatchNorm (Wu & Johnson 2021): before validation, replace the running statistics of
+    every trainable BatchNorm by their average over `batches` fresh training batches.
+
+    With 2-patch batches, momentum-0.1 running statistics average the last ~10 batches and
+    wander with how much tumour those few patches held; validation Dice then jumps between
+    reports on the same kind of weights (bench/RESULTS.md, "Validation-curve noise"). Frozen
+    BatchNorm layers keep the source's statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
+    if not layers or batches < 1:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    was_training = model.training
+    model.train()
+    for _ in range(batches):
+        images, _ = sampler.next_batch()
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, dtype):
+            model(images)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def stream_seed(seed: int, iteration: int) -> int:
+    """Seed of the random streams from `iteration` on (distinct per seed and per start point)."""
+    return seed * 1_000_003 + iteration
+
+
+def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
+                       report: Callable[[dict, dict], None], resume: dict | None = None,
+                       device: torch.device | None = None, channels_last: bool | None = None) -> dict:
+    """Train until `cfg.max_iterations`; call `report(metrics, state)` every `report_every`.
+
+    `state` holds model / optimizer / scheduler state dicts and the iteration; passing it
+    back as `resume` continues where it stopped. `channels_last`: None = `choose_channels_last`.
+    Returns the last metrics.
+    """
+    device = device or pick_device()
+    dtype = amp_dtype(cfg, device)
+    cl = choose_channels_last(cfg, device, model, num_classes)[0] if channels_last is None else channels_last
+    model.to(device)
+    if cl:
+        model.to(memory_format=torch.channels_last_3d)
+    optimizer, loss_fn = build_optimizer(model, cfg), build_loss()
+    scheduler = build_scheduler(optimizer, cfg)
+    iteration = 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        iteration = int(resume["iteration"])
+    val = val_subjects[: cfg.max_val_subjects] if cfg.max_val_subjects else val_subjects
+    metrics, losses, t0 = {}, [], time.perf_counter()
+    while iteration < cfg.max_iterations:
+        if not losses:  # the start of a stretch between reports
+            # Each stretch between reports draws its patches from (seed, iteration): a trial
+            # resumed from a checkpoint (a lost node, a pause) goes on exactly as if uninterrupted.
+            sampler.reseed(stream_seed(cfg.seed, iteration))
+            torch.manual_seed(stream_seed(cfg.seed, iteration))
+        model.train()
+        images, labels = sampler.next_batch()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if cl:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, dtype):
+            loss = loss_fn(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        iteration += 1
+        losses.append(loss.detach())  # no float() here: it would wait for the GPU every step
+        if iteration % cfg.report_every == 0 or iteration == cfg.max_iterations:
+            train_loss = float(torch.stack(losses).mean())
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} before iteration {iteration} "
+                                         f"(lr={cfg.lr}); lower the learning rate")
+            elapsed = time.perf_counter() - t0
+            # from the sampler's stream of this stretch: the next stretch reseeds, so resumes stay exact
+            recompute_bn_statistics(model, sampler, cfg.precise_bn_batches, device, dtype, cl)
+            ev = evaluate_subjects(model, val, num_classes, cfg.roi, device, loss_fn,
+                                   cfg.sw_batch_size, cfg.sw_overlap, dtype, cl)
+            metrics = {"iteration": iteration, "train_loss": train_loss,
+                       "val_loss": ev["loss"], "val_dice": ev["dice"],
+                       "lr": scheduler.get_last_lr()[0],
+                       "patches_per_s": len(losses) * cfg.batch_size / max(elapsed, 1e-9)}
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "iteration": iteration,
+                     "val_per_subject": ev["per_subject"]}
+            report(metrics, state)
+            losses, t0 = [], time.perf_counter()
+    return metrics
+
+
+# A 3D checkpoint (a folder; Tune keeps and moves it): the weights as safetensors (what
+# evaluation and the registry read), the training state for a resume (loaded weights_only), the
+# per-subject validation Dice (the report's box plots) and the run configuration.
+def write_segmentation_checkpoint(directory: Path, cfg: RunConfig, model: nn.Module, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    per_subject = state.pop("val_per_subject")
+    torch.save(state, directory / "state.pt")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    (directory / "val_per_subject.json").write_text(json.dumps(per_subject, indent=1))
+    write_run_config(cfg, directory)
+
+
+def read_segmentation_state(directory: Path) -> dict:
+    return torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
