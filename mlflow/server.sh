@@ -39,6 +39,9 @@ fi
 [ -x "$mlflow_bin" ] || { echo "no mlflow found: run 'make test' once (it makes .venv), activate the venv tlcore is installed in, or set MLFLOW_BIN" >&2; exit 2; }
 # `mlflow server` reads these two from the environment
 export MLFLOW_BACKEND_STORE_URI="$MLFLOW_BACKEND_URI" MLFLOW_ARTIFACTS_DESTINATION="$MLFLOW_ARTIFACTS"
+# MLflow 3's job runner (huey consumers for GenAI evaluation and trace jobs, about ten processes
+# of ~240 MB each) serves nothing tlcore logs: off unless asked for
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 args=(server --serve-artifacts --host "$host" --port "$port")
 scheme=http
 if [ -n "${MLFLOW_TLS_CERT:-}" ] || [ -n "${MLFLOW_TLS_KEY:-}" ]; then

@@ -65,6 +65,17 @@ def test_the_stages_form_one_order_with_no_import_running_back_up():
     assert order.index("tracking") < order.index("training") < order.index("sweep")
 
 
+def test_the_tests_mirror_the_package():
+    """tests/<stage>/test_<module>.py for each stage; tests/sweeps and tests/cluster run the
+    repository's sweeps/ scripts and cluster/ files end to end."""
+    folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(STAGES) | {"sweeps", "cluster"}, folders
+    loose = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
+    assert loose == ["test_config.py", "test_layout.py", "test_xdist_groups.py"], loose
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), "test file names must be unique (pytest imports them by name)"
+
+
 def test_only_tracking_imports_mlflow_and_only_sweep_imports_ray_tune():
     assert importers("mlflow") == {"tracking"}
     assert importers("ray.tune") == {"sweep"}

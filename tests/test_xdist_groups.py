@@ -9,7 +9,7 @@ import sys
 
 
 def test_xdist_groups_keep_their_tests_on_one_worker(tmp_path):
-    # a group of four tests (marked per module, as tests/test_sweeps2d.py does) next to ungrouped
+    # a group of four tests (marked per module, as tests/sweeps/test_classification_sweeps.py does) next to ungrouped
     # ones: without grouping, two idle workers would share the group's tests
     (tmp_path / "test_grouped.py").write_text(
         "import os, time, pytest\n"

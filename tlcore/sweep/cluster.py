@@ -65,15 +65,23 @@ def start_private_ray(runtime_env: dict) -> None:
 
     private_ray_token()
     # Ray's own switch for a single-machine Ray (its default on macOS and Windows): the node's
-    # address is the loopback one; read here at ray.init, and by the processes it starts
+    # address is the loopback one; read here at ray.init, and by the processes it starts (they
+    # inherit it then). Restored afterwards: a `ray start` or `sbatch` this process runs later
+    # would refuse to join a multi-node cluster.
     ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    switch = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before = os.environ.get(switch)
+    os.environ[switch] = "0"
     held = without_credentials()
     try:
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
                  runtime_env=runtime_env)
     finally:
         os.environ.update(held)
+        if before is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = before
 
 
 def connect(args) -> float:

@@ -12,7 +12,7 @@ from ray import tune
 
 from tlcore.sweep.callbacks import KeepBestAndLatest, MLflowTrialLogger, Progress, result_loggers
 from tlcore.sweep.progress import ray_messages_to
-from tlcore.sweep.results import after_fit
+from tlcore.sweep.results import finish_trial_runs
 from tlcore.sweep.scheduling import SCHEDULERS, OptunaPruned, asha
 from tlcore.sweep.trainables import train_segmentation_trial
 from tlcore.tracking.trial_runs import SweepRuns
@@ -94,6 +94,6 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
     # a restored sweep's callback is Tune's unpickled copy: replay from Ray's files whenever resumed
     replay = restored or (mlflow_log is not None and mlflow_log.dropped > 0)
-    after_fit(results, SweepRuns(tracking_uri, name, parent_run_id), max_iterations, metric, mode,
+    finish_trial_runs(results, SweepRuns(tracking_uri, name, parent_run_id), max_iterations, metric, mode,
               replay_from=exp_dir if replay else None)
     return results

@@ -1,7 +1,7 @@
 """No secret leaves the driver: a password in --mlflow-uri is refused by every entry point before
 anything runs, and tlcore's private local Ray listens on 127.0.0.1 only, keeps its token to its
 user, and gives its processes (so every worker) no MLflow credential. The team path across two
-hosts (worker environments, Ray's key-value store and logs) is in test_cluster_launch.py.
+hosts (worker environments, Ray's key-value store and logs) is in tests/cluster/test_ray_up.py.
 """
 
 import json
@@ -50,7 +50,8 @@ PROBE = textwrap.dedent('''
     secret = os.environ["MLFLOW_TRACKING_PASSWORD"]
     in_task = ray.get(ray.remote(lambda: os.environ.get("MLFLOW_TRACKING_PASSWORD")).remote())
     print(json.dumps({"task_sees": in_task, "driver_keeps": secret == os.environ.get("MLFLOW_TRACKING_PASSWORD"),
-                      "node_ip": ray.nodes()[0]["NodeManagerAddress"], "kv": search(secret.encode())[1]}), flush=True)
+                      "node_ip": ray.nodes()[0]["NodeManagerAddress"], "kv": search(secret.encode())[1],
+                      "switch_left_on": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}), flush=True)
     sys.stdin.readline()  # the test looks at the processes meanwhile
     ray.shutdown()
 ''')
@@ -87,6 +88,9 @@ def test_private_local_ray_is_loopback_only_with_a_private_token_and_no_credenti
         seen = json.loads(line)
         assert seen["task_sees"] is None and seen["driver_keeps"] and seen["kv"] == []
         assert seen["node_ip"] == "127.0.0.1"
+        # the single-machine switch is not left in the driver's environment: a `ray start` or
+        # `sbatch` it (or a test process) runs later would refuse to join a multi-node cluster
+        assert seen["switch_left_on"] is None
         ray_processes = {pid for pid, title, _ in processes_with_env(marker) if pid != proc.pid}
         assert len(ray_processes) >= 3  # GCS, raylet, a worker
         holding = [title for pid, title, _ in processes_with_env(PASSWORD) if pid in ray_processes]

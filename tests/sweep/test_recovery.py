@@ -1,6 +1,6 @@
 """Sweeps that lose something midway (the driver, a worker node, the tracking server, a trial's
 retries) and what they keep. (The sweep through the authenticated team server, on a Ray whose
-workers hold no MLflow credentials, runs on a cluster `ray up` launched: tests/test_cluster_launch.py.)"""
+workers hold no MLflow credentials, runs on a cluster `ray up` launched: tests/cluster/test_ray_up.py.)"""
 
 import csv
 import os

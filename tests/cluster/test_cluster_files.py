@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 YAMLS = sorted(p for p in CLUSTER.glob("*.yaml") if "cluster_name:" in p.read_text())  # not gcp-head-role.yaml
 RAY_PORTS = {6379, 8265, 10001}
 

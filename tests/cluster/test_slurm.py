@@ -66,7 +66,7 @@ def test_sbatch_runs_a_sweep_on_two_nodes_and_a_cancelled_job_resubmitted_resume
     home, storage = tmp_path / "home", tmp_path / "storage"
     # the team MLflow server, where both nodes reach it. Without basic-auth: it checks the password
     # hash at every request (~1 s of CPU each on this 2-core machine under load, and the report
-    # makes a request per metric and run); tests/test_recovery.py runs a sweep through basic-auth.
+    # makes a request per metric and run); tests/sweep/test_recovery.py runs a sweep through basic-auth.
     # The job still gets MLflow credentials in its environment, to check where they go (nowhere
     # but the driver). The server takes ~15 s to answer: start it first, prepare the rest meanwhile.
     uri = slurm.start_mlflow(tmp_path / "mlflow")

@@ -8,7 +8,6 @@ from tlcore.config import RunConfig
 from tlcore.data.images2d import RadiographDataset, oversample
 from tlcore.data.mura import find_mura
 from tlcore.data.synthetic import write_mura
-from tlcore.evaluation.metrics import classification_metrics, steps_to_reach, study_wise
 from tlcore.models.networks import build_densenet121, layer_groups
 from tlcore.models.transfer import freeze_first
 from tlcore.training.classification import build_learner, fit_classifier, load_imagenet
@@ -79,17 +78,6 @@ def test_offline_imagenet_error_says_how_to_prefetch(tmp_path, monkeypatch):
     assert "--source /path/to/densenet121-a639ec97.pth" in str(e.value)
 
 
-def test_study_wise_aggregation():
-    studies = ["s1", "s1", "s1", "s2", "s2", "s3"]
-    labels = [1, 1, 1, 0, 0, 1]
-    probs = [0.1, 0.2, 0.9, 0.4, 0.3, 0.2]   # s1 abnormal (one image), s2 normal, s3 missed
-    ids, y, p = study_wise(studies, labels, probs)
-    assert ids == ["s1", "s2", "s3"] and y.tolist() == [1, 0, 1] and p.tolist() == [0.9, 0.4, 0.2]
-    m = classification_metrics(y, p)
-    assert m["accuracy"] == pytest.approx(2 / 3) and m["confusion"] == [[1, 0], [1, 1]]
-    assert m["sensitivity"] == 0.5 and m["specificity"] == 1.0
-    with pytest.raises(ValueError, match="different labels"):
-        study_wise(["a", "a"], [0, 1], [0.1, 0.2])
 
 
 def test_oversampling_ratio():
@@ -101,9 +89,6 @@ def test_oversampling_ratio():
     assert oversample(labels, factor=18, seed=1) != thesis and sorted(oversample(labels, 18, 1)) == sorted(thesis)
 
 
-def test_steps_to_reach():
-    assert steps_to_reach([1.0, 0.8, 0.6, 0.4, 0.2], 0.5, smooth=1) == 4
-    assert steps_to_reach([1.0, 0.9], 0.5) is None
 
 
 def test_resumed_training_runs_only_the_remaining_epochs(mura_images):

@@ -12,7 +12,7 @@ from helpers import mlflow_child_runs
 from tlcore.data.synthetic import write_chestxray, write_mura
 from tlcore.tracking import registry, store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain2d")]  # one worker makes the chain once
 
 

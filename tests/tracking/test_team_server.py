@@ -19,13 +19,32 @@ def listening_addresses(port: int) -> set[str]:
     return {address for address, p, _ in listening_sockets() if p == port}
 
 
+def processes_in_session(session: int) -> list[str]:
+    """Command lines of the processes in a session (the server started its own: start_new_session)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[3]) == session:  # field 6: the session id
+            found.append(cmd)
+    return found
+
+
 @pytest.mark.slow
-def test_team_mlflow_server_binds_to_loopback(tmp_path):
+def test_team_mlflow_server_binds_to_loopback_and_starts_no_job_runner(tmp_path):
+    """Loopback only; and without MLflow 3's GenAI job runner (its huey consumers: about ten processes
+    of ~240 MB each, serving nothing tlcore logs)."""
     port = free_port()
     server = start_tracking_server(tmp_path, port)
     try:
         addresses = listening_addresses(port)
         assert addresses and addresses <= {"127.0.0.1"}, addresses
+        processes = processes_in_session(server.pid)
+        assert any("mlflow" in c for c in processes), processes
+        assert not [c for c in processes if "huey" in c], processes
     finally:
         stop_tracking_server(server)
 

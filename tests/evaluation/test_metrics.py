@@ -1,0 +1,59 @@
+"""The metrics, computed the same way everywhere: Dice per class, predictions written back on the
+input's grid, study-wise aggregation and steps-to-target."""
+
+import numpy as np
+import pytest
+import torch
+
+from tlcore.evaluation.metrics import classification_metrics, dice_per_class, steps_to_reach, study_wise
+
+
+def test_dice_definition():
+    a = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    assert dice_per_class(a, a, 2).tolist() == [1.0]            # both empty
+    b = a.clone()
+    b[0, :4] = 1
+    assert dice_per_class(b, b, 2).tolist() == [1.0]
+    assert dice_per_class(b, a, 2).tolist() == [0.0]            # prediction where there is nothing
+    c = a.clone()
+    c[0, :2] = 1
+    assert dice_per_class(c, b, 2)[0] == pytest.approx(2 * 128 / (128 + 256))
+    three = a.clone()
+    three[0, :4] = 2
+    assert dice_per_class(three, three, 3).tolist() == [1.0, 1.0]
+
+
+def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
+    import nibabel as nib
+
+    from tlcore.evaluation.metrics import write_prediction
+
+    affine = np.array([[-0.9, 0, 0, 90], [0, 1.1, 0, -126], [0, 0, 1.2, -72], [0, 0, 0, 1]])
+    ref = nib.Nifti1Image(np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32), affine)
+    ref.header.set_xyzt_units("mm", "sec")
+    nib.save(ref, tmp_path / "t1.nii.gz")
+    pred = torch.zeros(1, 12, 10, 8, dtype=torch.long)
+    pred[0, 3:6, 2:4, 1:7] = 1
+    out = nib.load(write_prediction(pred, tmp_path / "t1.nii.gz", tmp_path / "out" / "pred.nii.gz"))
+    assert np.allclose(out.affine, affine) and out.header.get_xyzt_units() == ("mm", "sec")
+    assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(out.dataobj), pred[0].numpy())
+    with pytest.raises(ValueError, match="differs from"):
+        write_prediction(pred[:, :6], tmp_path / "t1.nii.gz", tmp_path / "bad.nii.gz")
+
+
+def test_study_wise_aggregation():
+    studies = ["s1", "s1", "s1", "s2", "s2", "s3"]
+    labels = [1, 1, 1, 0, 0, 1]
+    probs = [0.1, 0.2, 0.9, 0.4, 0.3, 0.2]   # s1 abnormal (one image), s2 normal, s3 missed
+    ids, y, p = study_wise(studies, labels, probs)
+    assert ids == ["s1", "s2", "s3"] and y.tolist() == [1, 0, 1] and p.tolist() == [0.9, 0.4, 0.2]
+    m = classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["confusion"] == [[1, 0], [1, 1]]
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 1.0
+    with pytest.raises(ValueError, match="different labels"):
+        study_wise(["a", "a"], [0, 1], [0.1, 0.2])
+
+
+def test_steps_to_reach():
+    assert steps_to_reach([1.0, 0.8, 0.6, 0.4, 0.2], 0.5, smooth=1) == 4
+    assert steps_to_reach([1.0, 0.9], 0.5) is None
