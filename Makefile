@@ -23,7 +23,11 @@ lint: .venv/.installed
 
 test: lint cluster-deps
 	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+
+# the unit tests: no sweep, no cluster (a first check while editing)
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -n 2 -m "not slow and not cluster"
 
 # the multi-node paths, run for real on this machine (root): `ray up` over SSH onto hosts made as
 # network namespaces, and a Slurm job through sbatch (also part of `make test`)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -93,7 +94,8 @@ def sweep_once(n: int, uri: str, storage: Path, name: str) -> dict:
     finally:
         for timer in (on_result, decide, write):
             timer.restore()
-    rows = trial_rows(results, REPORTS * REPORT_EVERY)
+    objective = SimpleNamespace(max_iterations=REPORTS * REPORT_EVERY, metric="val_dice", mode="max")
+    rows = trial_rows(results, objective)
     assert len(rows) == n and not results.errors, results.errors
     t0 = time.perf_counter()
     log_seed_aggregates(uri, name, parent)

@@ -55,14 +55,13 @@ def main() -> None:
     if args.search == "grid":  # --num-samples: the grid once per seed
         space.update(search_space(source, ks, flags.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
-        searcher = optuna_search(partial(optuna_space, source=source), metric="val_dice", mode="max", seed=args.seed)
+        searcher = optuna_search(partial(optuna_space, source=source), metric=sweep.metric, mode=sweep.mode, seed=args.seed)
     results = run_sweep(NAME, space, search_alg=searcher, **sweep.tune_kwargs())
-    rows = trial_rows(results, sweep.max_iterations)
+    rows = trial_rows(results, sweep)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
-    scores = evaluate_trials(results, sweep.runs, splits=("train", "val", "test"),
-                             cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)
-    cka_with_scratch(results, sweep.runs, cpus=args.cpus_per_trial, gpus=sweep.gpus_per_trial)  # the report's heatmap
+    scores = evaluate_trials(results, sweep, splits=("train", "val", "test"))
+    cka_with_scratch(results, sweep)  # the report's heatmap
     driver.finish(sweep, layer_table(rows, scores))
 
 

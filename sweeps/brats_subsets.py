@@ -42,7 +42,7 @@ def main() -> None:
     # early stopping compares trials on the same training subset
     sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes, default_strata=("train_subset",))
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
-    gpus = driver.start_ray(sweep)
+    driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(source, flags.control_starts(args.controls, source))}
     if args.smoke_test:  # scratch vs k=1 on the smallest and the full subset: the table's shape, cheaply
@@ -51,8 +51,8 @@ def main() -> None:
                                            if s["source_model"] == "scratch" or s["frozen_layers"] == 1])
         space["train_subset"] = tune.grid_search(["S1", "S4"])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
-    scores = evaluate_trials(results, sweep.runs, cpus=args.cpus_per_trial, gpus=gpus)
-    rows = subset_table(trial_rows(results, sweep.max_iterations), scores, sweep.splits)
+    scores = evaluate_trials(results, sweep)
+    rows = subset_table(trial_rows(results, sweep), scores, sweep.splits)
     driver.finish(sweep, rows)
 
 

@@ -38,20 +38,17 @@ def main() -> None:
                         help="training loss for the steps-to-reach table (default: the highest final loss)")
     parser.set_defaults(controls="scratch")
     args = parser.parse_args()
-    sweep = driver.prepare(NAME, "chestxray", args)
+    sweep = driver.prepare(NAME, "chestxray", args, objective=("val_loss", "min"))
     imagenet = None if args.imagenet == "none" else args.imagenet
     if imagenet:
         driver.check_imagenet(imagenet)
     mura = driver.resolve_source(sweep, args.source, "python sweeps/mura_source.py").uri
-    gpus = driver.start_ray(sweep)
+    driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test, flags.control_starts(args.controls, mura)),
              "oversample": args.oversample}
-    results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_loss", mode="min",
-                        **sweep.tune_kwargs(), grace_period=1)
-    rows = evaluate_classifier_trials(results, trial_rows(results, sweep.max_iterations, "val_loss", "min"),
-                           sweep.runs, target_loss=args.target_loss,
-                           cpus=args.cpus_per_trial, gpus=gpus)
+    results = run_sweep(NAME, space, trainable=train_classifier_trial, **sweep.tune_kwargs(), grace_period=1)
+    rows = evaluate_classifier_trials(results, trial_rows(results, sweep), sweep, target_loss=args.target_loss)
     per_start = {}
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps
         steps = r["steps_to_target"] if isinstance(r["steps_to_target"], int) else float("inf")

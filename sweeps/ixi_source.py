@@ -28,15 +28,15 @@ SEARCH_SPACE = {
 def main() -> None:
     args = flags.sweep_parser(__doc__, dataset="ixi").parse_args()
     sweep = driver.prepare(NAME, "ixi", args, label_map=LABEL_MAP)
-    gpus = driver.start_ray(sweep)
+    driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE}
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
-    rows = trial_rows(results, sweep.max_iterations)
+    rows = trial_rows(results, sweep)
     if all(r["status"] == "ERROR" for r in rows):
         driver.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
-    best, checkpoint, iteration = best_trial_checkpoint(results)
-    test = evaluate_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
+    best, checkpoint, iteration = best_trial_checkpoint(results, sweep)
+    test = evaluate_remote(best.config, checkpoint, "test", sweep)
     publish_model(sweep.runs, best, checkpoint, iteration, test, REGISTERED_NAME, task="IXI hippocampus (left/right)")
     driver.finish(sweep, rows)
 

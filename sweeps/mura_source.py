@@ -32,19 +32,18 @@ def main() -> None:
     parser.add_argument("--source", default="imagenet",
                         help="imagenet (torchvision weights, cached or downloaded), a local weights file, or scratch")
     args = parser.parse_args()
-    sweep = driver.prepare(NAME, "mura", args)
+    sweep = driver.prepare(NAME, "mura", args, objective=("val_accuracy", "max"))
     driver.check_imagenet(args.source)
-    gpus = driver.start_ray(sweep)
+    driver.start_ray(sweep)
     driver.begin(sweep)
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
-    results = run_sweep(NAME, space, trainable=train_classifier_trial, metric="val_accuracy",
-                        **sweep.tune_kwargs(), grace_period=1)
-    rows = trial_rows(results, sweep.max_iterations, metric="val_accuracy")
+    results = run_sweep(NAME, space, trainable=train_classifier_trial, **sweep.tune_kwargs(), grace_period=1)
+    rows = trial_rows(results, sweep)
     if all(r["status"] == "ERROR" for r in rows):
         driver.finish(sweep, rows, errors=len(rows))
-    best, checkpoint, epoch = best_trial_checkpoint(results, metric="val_accuracy")
-    predictions = evaluate_classifier_remote(best.config, checkpoint, "test", args.cpus_per_trial, gpus)
-    metrics = log_mura_study_accuracy(sweep.runs, best, predictions)
+    best, checkpoint, epoch = best_trial_checkpoint(results, sweep)
+    predictions = evaluate_classifier_remote(best.config, checkpoint, "test", sweep)
+    metrics = log_mura_study_accuracy(sweep, best, predictions)
     publish_model(sweep.runs, best, checkpoint, epoch, metrics, REGISTERED_NAME, task="MURA v1.1 normal / abnormal")
     driver.finish(sweep, rows)
 

@@ -19,10 +19,10 @@ from tlcore.evaluation.metrics import evaluate_subjects
 from tlcore.models.networks import build_for
 from tlcore.models.transfer import read_weights
 from tlcore.report.plots import confusion_png
+from tlcore.sweep.invocation import Sweep
 from tlcore.sweep.results import best_checkpoint_of, trial_id_of
 from tlcore.text import format_table
 from tlcore.tracking import store
-from tlcore.tracking.trial_runs import SweepRuns
 from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
 from tlcore.training.trial_start import load_images, load_split, num_classes
 
@@ -77,9 +77,9 @@ def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") 
             "body_part": [getattr(i, "body_part", "") for i in images]}
 
 
-def evaluate_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+def evaluate_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
     """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_evaluate_task)
     return ray.get(task.remote(config, checkpoint, split))
 
 
@@ -88,8 +88,7 @@ def _evaluate_task(config: dict, checkpoint, split: str, predictions: bool = Fal
         return evaluate_checkpoint(config, d, split, predictions)
 
 
-def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
-                    mode: str = "max") -> dict:
+def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
     """Evaluate every trial at its best checkpoint on `splits`, in parallel Ray tasks.
 
     Every trial, early-stopped or not (a table with empty cells compares nothing): whole-volume
@@ -99,7 +98,8 @@ def evaluate_trials(results, runs: SweepRuns, *, splits=("train", "test"), cpus:
     evaluate the same checkpoint again. Trials that failed are left out.
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_evaluate_task)
+    runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_evaluate_task)
     pending, out = {}, {}
     for r in results:
         checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
@@ -144,14 +144,14 @@ def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scrat
     return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
 
 
-def cka_with_scratch(results, runs: SweepRuns, *, cpus: float = 1, gpus: float = 0, metric: str = "val_dice",
-                     mode: str = "max") -> dict:
+def cka_with_scratch(results, sweep: Sweep) -> dict:
     """At the end of a 3D sweep: each trial that started from a source (Mean-Var included) against
     the scratch trial of the same seed, subset and schedule, both at their best checkpoints: every
     group's CKA on the probe patches (do fine-tuned and scratch models end up computing the same
     thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
     again). Returns trial_id -> {metric: value}."""
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_cka_with_scratch_task)
+    runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
     scratch = {same(RunConfig.from_dict(r.config)): r for r in results
                if not r.error and RunConfig.from_dict(r.config).source_model == "scratch"}
@@ -176,20 +176,21 @@ def cka_with_scratch(results, runs: SweepRuns, *, cpus: float = 1, gpus: float =
     return out
 
 
-def evaluate_classifier_remote(config: dict, checkpoint, split: str, cpus: float, gpus: float) -> dict:
+def evaluate_classifier_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
     def run(config, checkpoint, split):
         with checkpoint.as_directory() as d:
             return evaluate_classifier(config, d, split)
-    return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(run).remote(config, checkpoint, split))
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(run)
+    return ray.get(task.remote(config, checkpoint, split))
 
 
-def evaluate_classifier_trials(results, rows: list[dict], runs: SweepRuns, *, target_loss: float | None = None, cpus: float = 1, gpus: float = 0) -> list[dict]:
-    """Evaluate every trial at its best epoch (lowest val_loss) on the test split, early-stopped
+def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_loss: float | None = None) -> list[dict]:
+    """Evaluate every trial at its best epoch (by the sweep's objective) on the test split, early-stopped
     or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
     training loss first reaches `target_loss`."""
     from tlcore.evaluation.metrics import classification_metrics, common_target_loss, steps_to_reach
 
-    curves = {}
+    runs, curves = sweep.runs, {}
     for r in results:
         df = r.metrics_dataframe
         if df is not None and "train_loss" in df:
@@ -202,10 +203,10 @@ def evaluate_classifier_trials(results, rows: list[dict], runs: SweepRuns, *, ta
         reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
         row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
                "steps_to_target": steps[reached - 1] if reached else "not reached"}
-        checkpoint, best_epoch = best_checkpoint_of(r, "val_loss", "min") if r is not None else (None, 0)
+        checkpoint, best_epoch = best_checkpoint_of(r, sweep.metric, sweep.mode) if r is not None else (None, 0)
         if checkpoint is not None and row["status"] == "OK":
             row["best_epoch"] = best_epoch
-            pred = evaluate_classifier_remote(r.config, checkpoint, "test", cpus, gpus)
+            pred = evaluate_classifier_remote(r.config, checkpoint, "test", sweep)
             m = classification_metrics(pred["label"], pred["prob"])
             row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
                        test_confusion=m["confusion"])
@@ -226,7 +227,7 @@ def evaluate_classifier_trials(results, rows: list[dict], runs: SweepRuns, *, ta
     return out
 
 
-def log_mura_study_accuracy(runs: SweepRuns, result, predictions: dict) -> dict:
+def log_mura_study_accuracy(sweep: Sweep, result, predictions: dict) -> dict:
     """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
     confusion matrix, logged to the best trial's run and the parent run."""
     from tlcore.evaluation.metrics import classification_metrics, study_wise
@@ -242,6 +243,7 @@ def log_mura_study_accuracy(runs: SweepRuns, result, predictions: dict) -> dict:
     table = format_table([{"body_part": k, **v} for k, v in per_part.items()]
                          + [{"body_part": "all", "studies": len(ids), "accuracy": round(overall["accuracy"], 4)}])
     print(f"\nMURA study-wise test accuracy (kappa {overall['kappa']:.3f})\n{table}\n")
+    runs = sweep.runs
     uri, run_id = runs.uri, runs.trial_run(result)
     with tempfile.TemporaryDirectory() as d:
         confusion_png(overall["confusion"], ["normal", "abnormal"], "MURA study-wise", Path(d) / "confusion_matrix.png")

@@ -14,7 +14,8 @@ from tlcore.tracking.trial_runs import SweepRuns
 
 @dataclass
 class Sweep:
-    """What the driver knows about one sweep invocation."""
+    """One sweep invocation: its name, objective (metric, mode), resources, store, data and budget.
+    Result tables and evaluation take it rather than each of these again."""
     name: str
     args: argparse.Namespace
     tracking_uri: str
@@ -28,6 +29,12 @@ class Sweep:
     parent_run_id: str = ""           # set by begin()
     gpus_per_trial: float = 0         # set by start_ray()
     source_weights: dict = field(default_factory=dict)  # set by resolve_source(): for the trials
+    metric: str = "val_dice"          # the objective early stopping and "best checkpoint" use
+    mode: str = "max"
+
+    @property
+    def cpus_per_trial(self) -> float:
+        return self.args.cpus_per_trial
 
     @property
     def runs(self) -> SweepRuns:
@@ -47,6 +54,7 @@ class Sweep:
         return {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_run_id,
                 "storage_path": self.storage_path, "max_iterations": self.max_iterations,
                 "report_every": self.report_every, "cpus_per_trial": a.cpus_per_trial,
+                "metric": self.metric, "mode": self.mode,
                 "gpus_per_trial": self.gpus_per_trial, "max_failures": a.max_failures, "resume": a.resume,
                 "scheduler": a.scheduler, "strata": self.strata, "seed": a.seed, "num_samples": a.num_samples,
                 "source_weights": self.source_weights}

@@ -40,7 +40,7 @@ def writable_by_others(exp_dir: Path) -> str:
 
 
 def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict | None = None,
-            subset_sizes=None, default_strata: tuple = ()) -> Sweep:
+            subset_sizes=None, default_strata: tuple = (), objective: tuple[str, str] = ("val_dice", "max")) -> Sweep:
     """Every check that can fail before anything is written, in the order a user meets them; returns
     the `Sweep`. `args` are the flags of sweep_parser(dataset=dataset)."""
     uri = tracking_uri_of(args)
@@ -56,8 +56,9 @@ def prepare(name: str, dataset: str, args: argparse.Namespace, label_map: dict |
     except RuntimeError as e:
         fail(str(e))
     base = base_config(dataset, args, uri, data_dir, str(exp_dir / "splits.json"), profile, what)
+    metric, mode = objective
     return Sweep(name, args, uri, str(exp_dir.parent), data_dir, str(exp_dir / "splits.json"), base, splits,
-                 previous, tuple(default_strata))
+                 previous, tuple(default_strata), metric=metric, mode=mode)
 
 
 def tracking_uri_of(args: argparse.Namespace) -> str:

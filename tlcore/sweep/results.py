@@ -12,7 +12,7 @@ from tlcore.tracking import store
 from tlcore.tracking.trial_runs import SweepRuns, end_trial_run, iteration_tags
 
 
-def log_val_per_subject(results, runs: SweepRuns, metric: str = "val_dice", mode: str = "max") -> None:
+def log_val_per_subject(results, runs: SweepRuns, metric: str, mode: str) -> None:
     """Each trial's per-subject validation Dice at its best checkpoint, for the report's box
     plots and paired statistics (3D trials write it into every checkpoint)."""
     for r in results:
@@ -29,7 +29,7 @@ def log_val_per_subject(results, runs: SweepRuns, metric: str = "val_dice", mode
                 store.log_dict(runs.uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
-def finish_trial_runs(results, runs: SweepRuns, max_iterations: int, metric: str = "val_dice", mode: str = "max",
+def finish_trial_runs(results, runs: SweepRuns, max_iterations: int, metric: str, mode: str,
               replay_from: str | Path | None = None) -> None:
     """What every sweep does once Tune returns: check the store is up (a store still down after the
     logging callback's final wait stops the sweep here, with what to do, not in a traceback
@@ -66,8 +66,10 @@ def close_orphaned_runs(results, runs: SweepRuns, max_iterations: int) -> int:
     return closed
 
 
-def trial_rows(results, max_iterations: int, metric: str = "val_dice", mode: str = "max") -> list[dict]:
-    """One row per trial: configuration, best metric, iterations run, stopped early or not."""
+def trial_rows(results, sweep) -> list[dict]:
+    """One row per trial: configuration, best value of the sweep's metric, iterations run (of
+    `sweep.max_iterations`), stopped early or not."""
+    max_iterations, metric, mode = sweep.max_iterations, sweep.metric, sweep.mode
     rows = []
     for r in results:
         c = RunConfig.from_dict(r.config)  # its defaults, not restated here
@@ -98,14 +100,14 @@ def trial_id_of(result) -> str:
     return name
 
 
-def best_trial_checkpoint(results, metric: str = "val_dice", mode: str = "max"):
+def best_trial_checkpoint(results, sweep):
     """(ResultGrid entry, checkpoint, its iteration) of the best trial's best report."""
-    best = results.get_best_result(metric=metric, mode=mode, scope="all")
-    checkpoint, iteration = best_checkpoint_of(best, metric, mode)
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
+    checkpoint, iteration = best_checkpoint_of(best, sweep.metric, sweep.mode)
     return best, checkpoint, iteration
 
 
-def best_checkpoint_of(result, metric: str = "val_dice", mode: str = "max"):
+def best_checkpoint_of(result, metric: str, mode: str):
     """(checkpoint, iteration) of a trial's best report by `metric`; (None, 0) without one."""
     df = result.metrics_dataframe
     if df is None or metric not in df or df[metric].isna().all():
