@@ -7,7 +7,7 @@ PY := .venv/bin/python
 .venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	# torch first, pinned: other versions download gigabytes on machines that have these on disk
+	# torch first, pinned (constraints.txt): other versions download gigabytes on machines that have these on disk
 	.venv/bin/pip install -q -c constraints.txt torch torchvision
 	.venv/bin/pip install -q -c constraints.txt -e '.[test,server]'
 	touch $@
@@ -17,7 +17,7 @@ demo: .venv/.installed
 	$(PY) sweeps/ixi_source.py --scheduler asha-sync
 	$(PY) sweeps/brats_layers.py --scheduler asha-sync
 
-# the linter first: a name error or a broken import fails in a second, not after the suite
+# the linter first: a name error or a broken import fails in seconds, not after the suite
 lint: .venv/.installed
 	.venv/bin/ruff check .
 
@@ -31,11 +31,7 @@ test-fast: .venv/.installed
 
 # the multi-node paths, run for real on this machine (root): `ray up` over SSH onto hosts made as
 # network namespaces, and a Slurm job through sbatch (also part of `make test`)
-cluster-# the linter first: a name error or a broken import fails in a second, not after the suite
-lint: .venv/.installed
-	.venv/bin/ruff check .
-
-test: lint cluster-deps
+cluster-test: .venv/.installed cluster-deps
 	$(PY) -m pytest -q -m cluster -s
 
 cluster-deps:
