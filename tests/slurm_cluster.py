@@ -286,7 +286,9 @@ FirstJobId={self.first_job_id}
                 return state
             time.sleep(1)
         tail = output.read_text(errors="replace")[-4000:] if output and output.exists() else ""
-        raise AssertionError(f"job {job} still {state or 'unknown'} after {timeout:.0f} s (want {states})\n{tail}")
+        nodes = self.slurm("sinfo", "-h", "-N", "-o", "%N %t %E", check=False).stdout.strip()
+        raise AssertionError(f"job {job} still {state or 'unknown'} (reason {self.job(job).get('Reason', '?')}) after "
+                             f"{timeout:.0f} s (want {states}); nodes: {nodes}\n{tail}")
 
     def in_queue(self) -> list[str]:
         return self.slurm("squeue", "-h", "-o", "%i", check=False).stdout.split()

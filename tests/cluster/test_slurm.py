@@ -83,7 +83,8 @@ def test_sbatch_runs_a_sweep_on_two_nodes_and_a_cancelled_job_resubmitted_resume
 
         # no token: the job refuses before it starts Ray (HOME holds no ~/.ray/auth_token yet)
         refused = slurm.sbatch(SBATCH, *opts, f"--output={out}/%j.out", env=env)
-        slurm.wait_state(refused, {"FAILED"}, timeout=60, output=out / f"{refused}.out")
+        # a busy 2-core machine (the other test worker training) can keep it pending a while
+        slurm.wait_state(refused, {"FAILED"}, timeout=180, output=out / f"{refused}.out")
         text = (out / f"{refused}.out").read_text()
         assert "no Ray token at" in text and "ray get-auth-token --generate" in text, text
         assert not ray_processes(refused)

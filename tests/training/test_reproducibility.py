@@ -124,7 +124,7 @@ def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
 
         def after_loss(self):
             if self.training:
-                self.losses.append(float(self.loss))
+                self.losses.append(float(self.loss.detach()))
 
     whole_losses, resumed_losses = BatchLosses(), BatchLosses()
     model, _, train_dl, val_dl = start_classifier(cfg)
@@ -156,6 +156,7 @@ def _copy(state: dict) -> dict:
     return copy.deepcopy({k: v for k, v in state.items() if k != "val_per_subject"})
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes:UserWarning")  # 3 on purpose
 def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
     from tlcore.training.classification import image_loaders
 
