@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tlcore import tracking
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import load_subject
 from tlcore.models.networks import build_model
@@ -56,7 +56,7 @@ def patch_examples_cka(reference, model, patches) -> dict:
 
 def main() -> None:
     uri = tracking.default_tracking_uri()
-    cfg = RunConfig(dataset="brats", tracking_uri=uri, source_model="models:/ixi_hippocampus/latest")
+    cfg = TrialConfig(dataset="brats", tracking_uri=uri, source_model="models:/ixi_hippocampus/latest")
     _, state = registered_weights(cfg)
     files = find_brats(REPO / "data" / "synthetic" / "brats")
     subjects = [load_subject(sid, f, ("t1", "t2"), default_label_map("brats"), 2, (32, 32, 32))

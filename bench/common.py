@@ -17,7 +17,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from tlcore.config import RunConfig  # noqa: E402
+from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
 from tlcore.data.pipeline import load_subject  # noqa: E402
 from tlcore.data.synthetic import write_brats  # noqa: E402
@@ -26,7 +26,7 @@ from tlcore.training.segmentation import train_segmentation  # noqa: E402
 
 # Reports per trial of a real sweep (10,000 iterations, a report every 250): ASHA's rungs sit on
 # reports, so the recorded grid reports as often, whatever its length.
-SWEEP_REPORTS = RunConfig().max_iterations // RunConfig().report_every
+SWEEP_REPORTS = TrialConfig().max_iterations // TrialConfig().report_every
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def synthetic_subjects(root: Path, p: Profile):
     return subjects[:-1], subjects[-1], files, load_s
 
 
-def steady_patches_per_s(cfg: RunConfig, sampler, val, device) -> tuple[float, float]:
+def steady_patches_per_s(cfg: TrialConfig, sampler, val, device) -> tuple[float, float]:
     """train_segmentation's own patches/s over `cfg.max_iterations / 2` steps after as many
     warm-up steps, and the seconds per step."""
     reports = []

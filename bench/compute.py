@@ -20,7 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 from common import FixedBatch, Profile, random_batch, steady_patches_per_s, sync, synthetic_subjects  # noqa: E402
 
-from tlcore.config import RunConfig  # noqa: E402
+from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.evaluation.metrics import dice_per_class, predict_logits, write_prediction  # noqa: E402
@@ -38,7 +38,7 @@ from tlcore.training.segmentation import (  # noqa: E402
 def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
     subjects, val, files, load_s = synthetic_subjects(tmp, p)
     half = p.steps
-    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * half,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * half,
                     report_every=half, max_val_subjects=1, num_threads=torch.get_num_threads())
     dtype = amp_dtype(cfg, device)
     cl, layout = choose_channels_last(cfg, device, build_model(in_channels=2, num_classes=2), 2)  # as a trial does
@@ -97,7 +97,7 @@ def bench_precision(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     out, preds, fp32_model = {}, {}, None
     for precision, cl in PRECISIONS:
         name = f"{precision}{'_cl' if cl == 'on' else ''}"
-        cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+        cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
                         report_every=p.steps, max_val_subjects=1, precision=precision, channels_last=cl,
                         num_threads=torch.get_num_threads())
         sampler = PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)
@@ -132,7 +132,7 @@ def bench_deterministic(p: Profile, device, tmp: Path, emit, staged: dict) -> No
     the default kernels (interleaved, best of two), and whether two deterministic runs from the
     same seed give the same losses. (cuBLAS also needs CUBLAS_WORKSPACE_CONFIG before CUDA
     starts; bench/gpu.sh sets it, as the sweep driver does for its workers.)"""
-    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
                     report_every=p.steps, max_val_subjects=1, num_threads=torch.get_num_threads())
     stage = staging_device(staged["subjects"], device)
     best, losses = defaultdict(float), defaultdict(list)
@@ -160,7 +160,7 @@ def _packed_worker(args) -> float:
     p, threads = args
     torch.set_num_threads(threads)
     device = pick_device()
-    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
                     report_every=p.steps, max_val_subjects=1, num_threads=threads)
     x, y = (t.to(device) for t in random_batch(p))
     from tlcore.data.pipeline import Subject
@@ -186,7 +186,7 @@ def bench_packing(p: Profile, device, tmp: Path, emit) -> None:
 
 
 def bench_inference(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
-    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi)
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi)
     model = build_model(in_channels=2, num_classes=2)
     dtype, cl = amp_dtype(cfg, device), choose_channels_last(cfg, device, model, 2)[0]
     model = model.to(device).eval()
@@ -238,7 +238,7 @@ def bench_train2d(p: Profile, device, tmp: Path, emit) -> None:
     workers = 0 if device.type == "cpu" else min(8, (os.cpu_count() or 2) - 1)
 
     def learner(batch: int, torch_adamw: bool):
-        cfg = RunConfig(dataset="mura", image_size=p.image_size, batch_size=batch, data_workers=workers)
+        cfg = TrialConfig(dataset="mura", image_size=p.image_size, batch_size=batch, data_workers=workers)
         train_dl, _ = image_loaders(cfg, images, images[:batch])
         torch.manual_seed(0)
         learn = build_learner(cfg, build_densenet121(), train_dl, train_dl, device)
@@ -299,7 +299,7 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     from tlcore.models.probes import LayerProbe, WeightMovement
     from tlcore.training.trial_start import PROBE_SIZE, probe_inputs
 
-    cfg = RunConfig(patch_size=p.patch, batch_size=p.batch)
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch)
     torch.manual_seed(0)
     source, model = build_model(in_channels=2, num_classes=2).to(device), build_model(in_channels=2, num_classes=2)
     model.to(device)
@@ -321,13 +321,13 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
 
     measure()
     report_s = min(measure() for _ in range(3))
-    interval_s = RunConfig().report_every * staged["step_s"]
+    interval_s = TrialConfig().report_every * staged["step_s"]
     size = tuple(min(x, PROBE_SIZE) for x in p.patch)
     t0 = time.perf_counter()
     forecast_depths(source.cpu(), staged["subjects"], size, range(6))
     forecast_s = time.perf_counter() - t0
     emit("analysis", {"analysis.report_s": report_s, "analysis.setup_s": setup_s,
                       "analysis.overhead_pct_of_report_interval": 100 * report_s / interval_s,
-                      "analysis.setup_pct_of_trial": 100 * setup_s / (RunConfig().max_iterations * staged["step_s"]),
+                      "analysis.setup_pct_of_trial": 100 * setup_s / (TrialConfig().max_iterations * staged["step_s"]),
                       "analysis.probe_patches": len(inputs), "analysis.probe_size": list(inputs.shape[2:]),
                       "forecast.cpu_s": forecast_s})

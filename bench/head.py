@@ -32,7 +32,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from tlcore.config import HEADS, RunConfig  # noqa: E402
+from tlcore.config import HEADS, TrialConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map, find_subjects  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.splits import DEFAULT_FRACTIONS, split_subjects  # noqa: E402
@@ -62,7 +62,7 @@ def load_dataset(root: Path, dataset: str) -> tuple[list, list, int]:
     return load(splits["train"]), load(splits["val"]), classes
 
 
-def train_one(cfg: RunConfig, head: str, data: tuple, source_state: dict | None = None) -> dict:
+def train_one(cfg: TrialConfig, head: str, data: tuple, source_state: dict | None = None) -> dict:
     """Train one run; returns its record (curve, best and final validation Dice) and final weights."""
     train, val, classes = data
     seed_everything(cfg.seed)  # before the build: the initial weights come from the seed
@@ -112,7 +112,7 @@ def run(args) -> None:
     for head in args.heads.split(",") if "transferred" in starts else ():
         if all(("target", head, "transferred", seed, args.iterations) in done for seed in range(args.seeds)):
             continue  # every transferred run of this head is in the JSONL already
-        cfg = RunConfig(dataset="ixi", max_iterations=args.source_iterations, seed=SOURCE_SEED,
+        cfg = TrialConfig(dataset="ixi", max_iterations=args.source_iterations, seed=SOURCE_SEED,
                         precise_bn_batches=args.precise_bn,
                         **{**DEMO, "report_every": max(1, args.source_iterations // 4)})
         rec, state = train_one(cfg, head, ixi)
@@ -127,7 +127,7 @@ def run(args) -> None:
             for head in args.heads.split(","):  # the heads of a (seed, start) pair back to back
                 if ("target", head, start, seed, args.iterations) in done:
                     continue
-                cfg = RunConfig(dataset="brats", max_iterations=args.iterations, seed=seed,
+                cfg = TrialConfig(dataset="brats", max_iterations=args.iterations, seed=seed,
                                 precise_bn_batches=args.precise_bn, **DEMO)
                 rec, _ = train_one(cfg, head, brats, sources.get(head) if start == "transferred" else None)
                 write({"kind": "target", "start": start, **rec})
@@ -215,8 +215,8 @@ def main() -> None:
     p.add_argument("--out", default=str(BENCH / "results-head.jsonl"))
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to run (e.g. one per core)")
     p.add_argument("--starts", default=",".join(STARTS), help="comma-separated: scratch, transferred")
-    p.add_argument("--precise-bn", type=int, default=RunConfig().precise_bn_batches,
-                   help="RunConfig.precise_bn_batches of every run (0 = momentum running statistics)")
+    p.add_argument("--precise-bn", type=int, default=TrialConfig().precise_bn_batches,
+                   help="TrialConfig.precise_bn_batches of every run (0 = momentum running statistics)")
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
     args = p.parse_args()
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, python {platform.python_version()}")

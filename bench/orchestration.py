@@ -21,7 +21,7 @@ sys.path.insert(0, str(BENCH))
 
 from common import SWEEP_REPORTS, FixedBatch, Profile, random_batch  # noqa: E402
 
-from tlcore.config import RunConfig  # noqa: E402
+from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.models.networks import build_model  # noqa: E402
 from tlcore.training.segmentation import pick_device, train_segmentation  # noqa: E402
 
@@ -39,7 +39,7 @@ def bench_tracking(p: Profile, device, tmp: Path, emit, step_s: float) -> None:
     for i in range(1, n + 1):
         store.log_metrics(uri, run, metrics, step=i)
     per_log = (time.perf_counter() - t0) / n
-    report_every = RunConfig().report_every
+    report_every = TrialConfig().report_every
     # The trial never waits for MLflow: Tune's driver logs each report. Per training step
     # that is per_log / report_every, and even logging every step would cost per_log.
     emit("mlflow", {"mlflow.s_per_log_call": per_log, "mlflow.every_step_pct_of_step": 100 * per_log / step_s,
@@ -58,7 +58,7 @@ def bench_tune(p: Profile, device, tmp: Path, emit) -> None:
 
     def trial(config, report):
         torch.set_num_threads(config.get("threads", 1))
-        c = RunConfig(**{**cfg, "seed": config["seed"]})
+        c = TrialConfig(**{**cfg, "seed": config["seed"]})
         x, y = random_batch(p, config["seed"])
         from tlcore.data.pipeline import Subject
         val = Subject("v", torch.randn(2, *val_shape), (torch.rand(1, *val_shape) > 0.9).long(), np.eye(4))

@@ -49,7 +49,7 @@ from torch import nn
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from tlcore.config import RunConfig  # noqa: E402
+from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.data.layouts import default_label_map, find_brats  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.data.splits import split_subjects  # noqa: E402
@@ -64,7 +64,7 @@ PRECISE_BATCHES = 16      # training batches (of 2) for precise BN
 PRECISE_SEED = 987_654    # the same batches before every validation
 NUM_CLASSES = 2
 
-VARIANTS = {  # name -> (RunConfig overrides, norm, head, eval modes [mode, from iteration])
+VARIANTS = {  # name -> (TrialConfig overrides, norm, head, eval modes [mode, from iteration])
     "bn": ({}, "batch", "bn_relu",
            [("eval", 0), ("trainbn", 0), ("precise", SECOND_HALF), ("mom0.01", SECOND_HALF), ("cumul", SECOND_HALF)]),
     "head_none": ({}, "batch", "none", [("eval", 0), ("trainbn", SECOND_HALF), ("precise", SECOND_HALF)]),
@@ -199,7 +199,7 @@ def bn_drift(model, ref) -> float:
 def run(variant: str, seed: int, train, val, modes=None) -> list[dict]:
     overrides, norm, head, default_modes = VARIANTS[variant]
     modes = modes or default_modes
-    cfg = RunConfig(patch_size=PATCH, batch_size=BATCH, inference_roi=ROI, max_iterations=ITERS,
+    cfg = TrialConfig(patch_size=PATCH, batch_size=BATCH, inference_roi=ROI, max_iterations=ITERS,
                     report_every=EVERY, seed=seed, precision="fp32", channels_last="off", **overrides)
     sampler = PatchSampler(train, PATCH, BATCH, "weighted", True, seed)
     precise_sampler = PatchSampler(train, PATCH, BATCH, "weighted", True, PRECISE_SEED)

@@ -2,23 +2,23 @@ import dataclasses
 
 import pytest
 
-from tlcore.config import RunConfig, flatten_config
+from tlcore.config import TrialConfig, flatten_config
 
 
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown config keys: \\['learning_rate'\\]"):
-        RunConfig.from_dict({"learning_rate": 0.1})
+        TrialConfig.from_dict({"learning_rate": 0.1})
 
 
 @pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"sampler": "balanced"}, {"frozen_layers": 7,
                                  "source_model": "models:/x/1"}, {"frozen_layers": 2}, {"patch_size": [16, 16]}])
 def test_invalid_values_fail_loudly(bad):
     with pytest.raises(ValueError, match="invalid run config"):
-        RunConfig.from_dict(bad)
+        TrialConfig.from_dict(bad)
 
 
 def test_start_pair_is_flattened_and_lists_become_tuples():
-    cfg = RunConfig.from_dict({"start": {"source_model": "models:/ixi_hippocampus/2", "frozen_layers": 3},
+    cfg = TrialConfig.from_dict({"start": {"source_model": "models:/ixi_hippocampus/2", "frozen_layers": 3},
                                "patch_size": [16, 16, 16], "label_map": {"17": 1}})
     assert (cfg.source_model, cfg.frozen_layers) == ("models:/ixi_hippocampus/2", 3)
     assert cfg.patch_size == (16, 16, 16) and cfg.roi == (16, 16, 16)
@@ -28,4 +28,4 @@ def test_start_pair_is_flattened_and_lists_become_tuples():
 
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        RunConfig().lr = 1.0
+        TrialConfig().lr = 1.0

@@ -1,7 +1,7 @@
 """The run configuration of one training trial.
 
 A trial's config arrives from Ray Tune as a plain dict (search space + fixed values). It is
-turned into a frozen `RunConfig` once, at the top of the trainable, so a typo in a sweep
+turned into a frozen `TrialConfig` once, at the top of the trainable, so a typo in a sweep
 script fails the first trial loudly instead of being silently ignored.
 """
 
@@ -28,6 +28,10 @@ MEANVAR = "meanvar:"  # a start "meanvar:<start>": the Mean-Var control of <star
 def weights_of(source_model: str) -> str:
     """The start whose weights a trial uses: "meanvar:models:/x/1" -> "models:/x/1"."""
     return source_model[len(MEANVAR):] if source_model.startswith(MEANVAR) else source_model
+
+
+# The checkout: where the embedded defaults live (data/synthetic/, results/, mlflow/).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
@@ -58,7 +62,7 @@ NUM_LAYER_GROUPS = 6
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class TrialConfig:
     # --- what is trained on
     dataset: str = "brats"                # brats | ixi
     data_dir: str = ""                    # absolute path; trials run in their own folders
@@ -147,7 +151,7 @@ class RunConfig:
             raise ValueError("invalid run config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
         """Build from a Tune config; nested `start` dicts (source + frozen layers) are merged."""
         flat = {k: v for k, v in flatten_config(d).items() if k not in RETIRED_KEYS}
         unknown = set(flat) - {f.name for f in fields(cls)}
@@ -188,14 +192,14 @@ def flatten_config(d: dict[str, Any]) -> dict[str, Any]:
 RUN_CONFIG_FILE = "run_config.json"  # in every checkpoint and registered model: what it was trained with
 
 
-def write_run_config(cfg: RunConfig, directory: Path) -> None:
+def write_run_config(cfg: TrialConfig, directory: Path) -> None:
     (Path(directory) / RUN_CONFIG_FILE).write_text(json.dumps(cfg.to_params(), indent=1))
 
 
-def read_run_config(directory: Path) -> RunConfig:
-    """The RunConfig a checkpoint or registered model folder was trained with."""
+def read_run_config(directory: Path) -> TrialConfig:
+    """The TrialConfig a checkpoint or registered model folder was trained with."""
     path = Path(directory) / RUN_CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the checkpoint was written by an older tlcore; "
                                 "pass its configuration explicitly")
-    return RunConfig.from_dict(json.loads(path.read_text()))
+    return TrialConfig.from_dict(json.loads(path.read_text()))

@@ -118,16 +118,16 @@ def test_group_order_and_lookup():
 
 
 def test_the_model_spec_table_builds_each_network_with_its_groups_and_head():
-    from tlcore.config import RunConfig
-    from tlcore.models.networks import build_for, head_group, spec_of
+    from tlcore.config import TrialConfig
+    from tlcore.models.networks import build_network, head_group, spec_of_model
 
-    volumes = build_for(RunConfig(dataset="brats", modalities=("t1", "t2", "flair"), head="bn"), num_classes=4)
-    assert spec_of(volumes).name == "highres3dnet" and head_group(volumes) == "conv_2"
+    volumes = build_network(TrialConfig(dataset="brats", modalities=("t1", "t2", "flair"), head="bn"), num_classes=4)
+    assert spec_of_model(volumes).name == "highres3dnet" and head_group(volumes) == "conv_2"
     assert volumes.blocks[0].conv.in_channels == 3 and volumes.blocks[-1].conv.out_channels == 4
     assert list(layer_groups(volumes)) == ["conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2"]
 
-    radiographs = build_for(RunConfig(dataset="mura", frozen_layers=0), num_classes=2)
-    assert spec_of(radiographs).name == "densenet121" and head_group(radiographs) == "head"
+    radiographs = build_network(TrialConfig(dataset="mura", frozen_layers=0), num_classes=2)
+    assert spec_of_model(radiographs).name == "densenet121" and head_group(radiographs) == "head"
     assert list(layer_groups(radiographs)) == ["body_1", "body_2", "head"]
     # every parameter belongs to exactly one group
     grouped = [p for mods in layer_groups(radiographs).values() for m in mods for p in m.parameters()]

@@ -185,9 +185,9 @@ def test_mean_var_start_shares_less_with_the_source_than_the_transferred_start()
 
 
 def test_the_reports_group_order_is_the_networks():
-    from tlcore.config import RunConfig
-    from tlcore.models.networks import build_for
+    from tlcore.config import TrialConfig
+    from tlcore.models.networks import build_network
     from tlcore.report.summary import GROUP_ORDER
 
-    networks = [build_for(RunConfig(dataset="brats"), 2), build_for(RunConfig(dataset="mura"), 2)]
+    networks = [build_network(TrialConfig(dataset="brats"), 2), build_network(TrialConfig(dataset="mura"), 2)]
     assert GROUP_ORDER == tuple(g for net in networks for g in layer_groups(net))

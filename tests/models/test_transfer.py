@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.models.networks import build_model, group_prefixes
@@ -87,7 +87,7 @@ def test_training_keeps_frozen_groups_bit_identical(synthetic_root):
     freeze_first(model, 2)
     files = list(find_brats(synthetic_root / "brats").items())[:3]
     subjects = [load_subject(s, f, ("t1", "t2"), default_label_map("brats"), 2, (16, 16, 16)) for s, f in files]
-    cfg = RunConfig(patch_size=(16, 16, 16), batch_size=2, max_iterations=3, report_every=3,
+    cfg = TrialConfig(patch_size=(16, 16, 16), batch_size=2, max_iterations=3, report_every=3,
                     inference_roi=(32, 32, 32), lr=1e-2)
     torch.set_num_threads(1)
     train_segmentation(cfg, model, PatchSampler(subjects, (16, 16, 16), 2), subjects[:1], 2,

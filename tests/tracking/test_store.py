@@ -58,7 +58,7 @@ def test_missing_models_raise_model_not_found(mlflow_uri, uri):
 
 def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
     """imagenet -> source run -> registered v1 -> fine-tuned run -> registered v1 of the target."""
-    from tlcore.tracking.lineage import chain, main, short
+    from tlcore.tracking.lineage import chain, chain_line, main
 
     src = store.start_run(mlflow_uri, "mura_source", "densenet imagenet", {"source_model": "imagenet"})
     store.log_metrics(mlflow_uri, src, {"test_accuracy": 0.81}, step=1)
@@ -73,7 +73,7 @@ def test_lineage_follows_a_two_step_chain(mlflow_uri, tmp_path):
     assert [link.start for link in links] == [target.uri, mura.uri, "imagenet"]
     assert [link.run_id for link in links] == [tuned, src, ""]
     assert links[1].experiment == "mura_source" and "test_accuracy 0.810" in links[1].metric
-    assert short(chain(mlflow_uri, f"runs:/{tuned}")) == f"imagenet -> {mura.uri} -> runs:/{tuned}"
+    assert chain_line(chain(mlflow_uri, f"runs:/{tuned}")) == f"imagenet -> {mura.uri} -> runs:/{tuned}"
     assert main([target.uri, "--mlflow-uri", mlflow_uri]) == 0
     assert main(["models:/nothing/1", "--mlflow-uri", mlflow_uri]) == 2
 
@@ -101,7 +101,7 @@ def test_redact_hides_passwords_anywhere_in_a_line():
 def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     """The store failed between create_run and log_params: the next time the trial's run is
     found (a restored trial, `python -m tlcore.tracking.sync`), its params are completed."""
-    from tlcore.config import RunConfig
+    from tlcore.config import TrialConfig
     from tlcore.tracking.trial_runs import open_trial_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -111,7 +111,7 @@ def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     config = {"dataset": "ixi", "lr": 0.003, "lr_schedule": "cosine"}
     assert open_trial_run(uri, "ixi_source", parent, "t1", config, reopen=False) == orphan
     params = store.client(uri).get_run(orphan).data.params
-    expected = RunConfig.from_dict(config).to_params()
+    expected = TrialConfig.from_dict(config).to_params()
     assert set(expected) <= set(params) and params["lr"] == "0.003" and params["lr_schedule"] == "cosine"
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.data.images2d import RadiographDataset, oversample
 from tlcore.data.mura import find_mura
 from tlcore.data.synthetic import write_mura
@@ -33,7 +33,7 @@ def mura_images(tmp_path_factory):
 
 def test_freezing_and_discriminative_learning_rates(mura_images):
     torch.manual_seed(0)
-    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, max_iterations=1, lr=1e-3, lr_ratio=100,
+    cfg = TrialConfig(dataset="mura", image_size=32, batch_size=4, max_iterations=1, lr=1e-3, lr_ratio=100,
                     lr_schedule="constant", source_model="imagenet", frozen_layers=1)
     model = build_densenet121(2)
     report = freeze_first(model, 1)
@@ -93,7 +93,7 @@ def test_oversampling_ratio():
 
 def test_resumed_training_runs_only_the_remaining_epochs(mura_images):
     """A trial resumed from its epoch-k checkpoint trains epochs k+1.. with the schedule where it was."""
-    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, max_iterations=3, lr=1e-3, lr_schedule="one_cycle")
+    cfg = TrialConfig(dataset="mura", image_size=32, batch_size=4, max_iterations=3, lr=1e-3, lr_schedule="one_cycle")
     ds = RadiographDataset([i.path for i in mura_images], [i.label for i in mura_images], 32, train=True)
     dl = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
     epochs = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.data.images2d import RadiographDataset, SeededSampler
 from tlcore.data.layouts import find_brats
 from tlcore.data.mura import find_mura
@@ -19,10 +19,10 @@ from tlcore.data.synthetic import write_mura
 # One 3D trial through the trainable's own start-up (start_segmentation) and loop, 8 iterations.
 TRIAL_3D = r"""
 import json, sys, torch
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.training.segmentation import train_segmentation
 from tlcore.training.trial_start import num_classes, start_segmentation
-cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+cfg = TrialConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
 model, _, sampler, val, device = start_segmentation(cfg)
 curve = []
@@ -34,10 +34,10 @@ print("CURVE", json.dumps(curve))
 # One 2D trial (DenseNet121 + fastai head, dropout and flips) through start_classifier, one epoch.
 TRIAL_2D = r"""
 import json, sys, torch
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.training.classification import build_learner, fit_classifier
 from tlcore.training.trial_start import start_classifier
-cfg = RunConfig.from_dict(json.loads(sys.argv[1]))
+cfg = TrialConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))
 model, _, train_dl, val_dl = start_classifier(cfg)
 learn = build_learner(cfg, model, train_dl, val_dl, torch.device("cpu"))
@@ -83,7 +83,7 @@ def test_resumed_trial_continues_exactly_as_an_uninterrupted_one(brats_config):
     from tlcore.training.segmentation import train_segmentation
     from tlcore.training.trial_start import start_segmentation
 
-    cfg = RunConfig.from_dict({**brats_config, "seed": 3})
+    cfg = TrialConfig.from_dict({**brats_config, "seed": 3})
     whole, states = [], []
     model, _, sampler, val, device = start_segmentation(cfg)
     train_segmentation(cfg, model, sampler, val, 2, lambda m, s: (whole.append(m["val_dice"]),
@@ -109,7 +109,7 @@ def test_resumed_2d_trial_continues_exactly_as_an_uninterrupted_one(tmp_path):
     )
     from tlcore.training.trial_start import start_classifier
 
-    cfg = RunConfig.from_dict({**_mura_config(tmp_path), "max_iterations": 2, "seed": 5})
+    cfg = TrialConfig.from_dict({**_mura_config(tmp_path), "max_iterations": 2, "seed": 5})
     saved = tmp_path / "after_epoch_1"
     saved.mkdir()
 
@@ -161,10 +161,10 @@ def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
     from tlcore.training.classification import image_loaders
 
     images = find_mura(write_mura(tmp_path / "mura", n_patients=6, size=32))[0]
-    cfg = RunConfig(dataset="mura", image_size=32, batch_size=4, seed=5)
+    cfg = TrialConfig(dataset="mura", image_size=32, batch_size=4, seed=5)
     batches = {}
     for workers in (0, 2, 3):
-        train_dl, _ = image_loaders(RunConfig.from_dict({**cfg.to_params(), "data_workers": workers}), images, images[:4])
+        train_dl, _ = image_loaders(TrialConfig.from_dict({**cfg.to_params(), "data_workers": workers}), images, images[:4])
         batches[workers] = torch.cat([x for x, _ in train_dl])
     assert torch.equal(batches[0], batches[2]) and torch.equal(batches[0], batches[3])
     # each drawn seed flips its image or keeps it, and both happen

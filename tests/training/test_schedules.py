@@ -5,7 +5,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from tlcore.config import LR_SCHEDULES, RunConfig
+from tlcore.config import LR_SCHEDULES, TrialConfig
 from tlcore.data.images2d import RadiographDataset
 from tlcore.data.mura import find_mura
 from tlcore.data.synthetic import write_mura
@@ -22,7 +22,7 @@ def loader(tmp_path_factory):
     return torch.utils.data.DataLoader(ds, batch_size=4, drop_last=True)
 
 
-def schedule_3d(cfg: RunConfig, steps: int) -> tuple[list, list]:
+def schedule_3d(cfg: TrialConfig, steps: int) -> tuple[list, list]:
     opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
     sched = build_scheduler(opt, cfg)
     lrs, betas = [], []
@@ -34,7 +34,7 @@ def schedule_3d(cfg: RunConfig, steps: int) -> tuple[list, list]:
     return lrs, betas
 
 
-def schedule_2d(cfg: RunConfig, loader) -> tuple[list, list]:
+def schedule_2d(cfg: TrialConfig, loader) -> tuple[list, list]:
     class Record(Callback):
         order = 70  # after fastai's ParamScheduler set this batch's values
 
@@ -53,10 +53,10 @@ def schedule_2d(cfg: RunConfig, loader) -> tuple[list, list]:
 
 @pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_2d_and_3d_follow_the_same_schedule(schedule, loader):
-    cfg = RunConfig(dataset="mura", lr=1e-3, lr_schedule=schedule, max_iterations=3, image_size=32, batch_size=4)
+    cfg = TrialConfig(dataset="mura", lr=1e-3, lr_schedule=schedule, max_iterations=3, image_size=32, batch_size=4)
     lr_2d, mom_2d = schedule_2d(cfg, loader)
     steps = len(lr_2d)  # 3 epochs x 3 batches
-    lr_3d, beta_3d = schedule_3d(RunConfig(lr=1e-3, lr_schedule=schedule, max_iterations=steps), steps)
+    lr_3d, beta_3d = schedule_3d(TrialConfig(lr=1e-3, lr_schedule=schedule, max_iterations=steps), steps)
     assert steps == 9 and np.allclose(lr_2d, lr_3d, rtol=1e-9, atol=0)
     assert np.allclose(mom_2d, beta_3d, rtol=1e-9, atol=0)
     expected = [1e-3 * lr_factor(schedule, i / steps) for i in range(steps)]
@@ -73,12 +73,12 @@ def test_weight_decay_is_decoupled_in_2d_and_3d(loader):
     lr, wd = 0.1, 0.01
     linear = torch.nn.Linear(3, 3)
     before = linear.weight.detach().clone()
-    opt = build_optimizer(linear, RunConfig(lr=lr, weight_decay=wd))
+    opt = build_optimizer(linear, TrialConfig(lr=lr, weight_decay=wd))
     linear.weight.grad, linear.bias.grad = torch.zeros_like(linear.weight), torch.zeros_like(linear.bias)
     opt.step()
     assert torch.allclose(linear.weight.detach(), before * (1 - lr * wd))
 
-    cfg = RunConfig(dataset="mura", lr=lr, lr_ratio=1, weight_decay=wd, image_size=32, batch_size=4)
+    cfg = TrialConfig(dataset="mura", lr=lr, lr_ratio=1, weight_decay=wd, image_size=32, batch_size=4)
     model = build_densenet121(2)
     learn = build_learner(cfg, model, loader, loader, torch.device("cpu"))
     learn.create_opt()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.data.layouts import default_label_map, find_brats
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import split_subjects
@@ -13,7 +13,7 @@ from tlcore.training.segmentation import build_optimizer, build_scheduler, train
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "poly", "one_cycle"])
 def test_lr_schedules(schedule):
-    cfg = RunConfig(lr=1e-3, lr_schedule=schedule, max_iterations=100)
+    cfg = TrialConfig(lr=1e-3, lr_schedule=schedule, max_iterations=100)
     opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
     sched = build_scheduler(opt, cfg)
     lrs = []
@@ -44,7 +44,7 @@ def test_learning_happens_and_resume_continues(synthetic_root):
     torch.manual_seed(0)
     model = build_model(num_classes=2)
     before = evaluate_subjects(model, val, 2, (32, 32, 32), torch.device("cpu"))["dice"]
-    cfg = RunConfig(patch_size=(16, 16, 16), batch_size=2, inference_roi=(32, 32, 32),
+    cfg = TrialConfig(patch_size=(16, 16, 16), batch_size=2, inference_roi=(32, 32, 32),
                     max_iterations=100, report_every=50, seed=0)
     reports, states = [], []
     train_segmentation(cfg, model, PatchSampler(train, (16, 16, 16), 2, seed=0), val, 2,
@@ -56,7 +56,7 @@ def test_learning_happens_and_resume_continues(synthetic_root):
 
     # resume from the first report's state: continues at iteration 50, not 0
     more = []
-    cfg2 = RunConfig(patch_size=(16, 16, 16), batch_size=2, inference_roi=(32, 32, 32),
+    cfg2 = TrialConfig(patch_size=(16, 16, 16), batch_size=2, inference_roi=(32, 32, 32),
                      max_iterations=55, report_every=5, seed=0, max_val_subjects=1)
     train_segmentation(cfg2, build_model(num_classes=2), PatchSampler(train, (16, 16, 16), 2), val, 2,
                        report=lambda m, s: more.append(m), resume=states[0], device=torch.device("cpu"))
@@ -86,9 +86,9 @@ def test_channels_last_auto_is_measured_once_per_machine_and_shape(tmp_path, mon
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cpu, model = torch.device("cpu"), build_model(num_classes=2)
-    cfg = RunConfig(patch_size=(12, 12, 12), batch_size=1)
-    assert segmentation.choose_channels_last(RunConfig(channels_last="on"), cpu, model, 2) == (True, "channels_last=on")
-    assert segmentation.choose_channels_last(RunConfig(channels_last="off"), cpu, model, 2)[0] is False
+    cfg = TrialConfig(patch_size=(12, 12, 12), batch_size=1)
+    assert segmentation.choose_channels_last(TrialConfig(channels_last="on"), cpu, model, 2) == (True, "channels_last=on")
+    assert segmentation.choose_channels_last(TrialConfig(channels_last="off"), cpu, model, 2)[0] is False
     assert segmentation.choose_channels_last(cfg, cpu, model, 2) == (False, "auto: NCDHW on cpu")
     assert not (tmp_path / "tlcore" / "layouts.json").exists()  # CPUs are not measured
 
@@ -109,7 +109,7 @@ def test_channels_last_auto_is_measured_once_per_machine_and_shape(tmp_path, mon
     # another patch shape is another measurement, made once while the other trials wait for it
     from concurrent.futures import ThreadPoolExecutor
 
-    other = RunConfig(patch_size=(16, 16, 16), batch_size=1)
+    other = TrialConfig(patch_size=(16, 16, 16), batch_size=1)
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: segmentation.choose_channels_last(other, cpu, model, 2), range(2)))
     assert sorted(why.split(", ")[1].split()[0] for _, why in answers) == ["cached", "measured"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.models.networks import layer_groups
 from tlcore.models.probes import output_module, probe_patches
 from tlcore.training.trial_start import PROBE_SIZE, build_start_model, load_split
@@ -98,7 +98,7 @@ def forecast_sweep(config: dict, depths, subjects: int = 8, patches: int = 16) -
     config (source_model = the registered source); LogME at each freeze depth in `depths`, on
     voxels of `patches` patches from its first `subjects` training subjects (one pass of the
     source over them, CPU seconds)."""
-    cfg = RunConfig.from_dict({**config, "frozen_layers": 0})
+    cfg = TrialConfig.from_dict({**config, "frozen_layers": 0})
     with torch.random.fork_rng(devices=[]):
         model = build_start_model(cfg)[0]
     size = tuple(min(p, PROBE_SIZE) for p in cfg.patch_size)

@@ -13,7 +13,7 @@ from typing import Callable
 from monai.networks.nets import HighResNet
 from torch import nn
 
-from tlcore.config import DATASETS_2D, HEADS, RunConfig
+from tlcore.config import DATASETS_2D, HEADS, TrialConfig
 
 # HighRes3DNet layer groups (thesis Table 6.1) -> indices into MONAI HighResNet.blocks.
 HIGHRES3DNET_GROUPS: dict[str, tuple[int, ...]] = {
@@ -79,7 +79,7 @@ def _densenet121_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    build: Callable[[RunConfig, int], nn.Module]          # (run config, number of classes) -> network
+    build: Callable[[TrialConfig, int], nn.Module]          # (run config, number of classes) -> network
     groups: Callable[[nn.Module], dict[str, list[nn.Module]]]
     head_group: str
 
@@ -92,26 +92,26 @@ MODEL_SPECS = {
 }
 
 
-def spec_for(cfg: RunConfig) -> ModelSpec:
+def spec_for_config(cfg: TrialConfig) -> ModelSpec:
     """The network a run trains: DenseNet121 for the radiographs, HighRes3DNet for volumes."""
     return MODEL_SPECS["densenet121" if cfg.dataset in DATASETS_2D else "highres3dnet"]
 
 
-def build_for(cfg: RunConfig, num_classes: int) -> nn.Module:
-    return spec_for(cfg).build(cfg, num_classes)
+def build_network(cfg: TrialConfig, num_classes: int) -> nn.Module:
+    return spec_for_config(cfg).build(cfg, num_classes)
 
 
-def spec_of(model: nn.Module) -> ModelSpec:
+def spec_of_model(model: nn.Module) -> ModelSpec:
     return MODEL_SPECS[getattr(model, "tlcore_arch", "highres3dnet")]
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Group name -> modules, in network order."""
-    return spec_of(model).groups(model)
+    return spec_of_model(model).groups(model)
 
 
 def head_group(model: nn.Module) -> str:
-    return spec_of(model).head_group
+    return spec_of_model(model).head_group
 
 
 def group_keys(model: nn.Module) -> dict[str, set[str]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlcore.report.summary import CURVES, TrialRun, label, short_source, steps_to_target, subject_means
+from tlcore.report.summary import CURVES, TrialRun, label, source_name, steps_to_target, subject_means
 from tlcore.tracking import store
 
 
@@ -254,7 +254,7 @@ def training_steps_plot(runs: list[TrialRun], target: float, path: Path,
     ax.set_ylabel("training loss")
     ax.set_title(f"training loss; dots: first step at loss <= {target:.3f}")
     ax.legend(fontsize=5.5, loc="upper right")
-    names = [short_source(s) for s in starts]
+    names = [source_name(s) for s in starts]
     top = max([v for v in fewest.values() if v] or [1])
     heights = [fewest[s] if fewest[s] is not None else top * 1.1 for s in starts]
     drawn = bars.bar(range(len(starts)), heights, color=[colour[s] for s in starts])

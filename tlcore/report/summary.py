@@ -14,7 +14,7 @@ from pathlib import Path
 from tlcore.analysis.stats import holm, paired_correctness, paired_scores
 from tlcore.config import MEANVAR, weights_of
 from tlcore.tracking import store
-from tlcore.tracking.lineage import chain, short
+from tlcore.tracking.lineage import chain, chain_line
 from tlcore.tracking.trial_runs import ANALYSIS_PREFIXES
 
 CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedule")
@@ -71,7 +71,7 @@ def label(config: tuple, shared: frozenset = frozenset()) -> str:
     """A configuration's short name: the source, k, and the settings that vary across the sweep
     (those in `shared`, the same for every trial, are stated once on the page instead)."""
     source, frozen, subset, lr, schedule = config
-    name = "scratch" if source == "scratch" else f"{short_source(source)} k={frozen}"
+    name = "scratch" if source == "scratch" else f"{source_name(source)} k={frozen}"
     extra = [x for k, x in (("train_subset", subset if subset not in ("", "all") else ""),
                             ("lr", f"lr={lr}" if lr else ""), ("lr_schedule", schedule)) if x and k not in shared]
     return f"{name} ({', '.join(extra)})" if extra else name
@@ -136,7 +136,7 @@ def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset 
         row["stopped_early"] = f"{sum(t.tags.get('stopped_early') == 'True' for t in ts)}/{len(ts)}"
         if uri and config[0] not in ("", "scratch"):
             try:
-                row["lineage"] = short(chain(uri, config[0]))
+                row["lineage"] = chain_line(chain(uri, config[0]))
             except Exception as e:  # noqa: BLE001 -- a deleted model must not sink the report
                 row["lineage"] = f"{config[0]} (lineage unavailable: {type(e).__name__})"
         baselines = {"": groups.get(("scratch", "0", *config[2:]))}
@@ -183,7 +183,7 @@ def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | Non
     return steps, losses, (steps[hit - 1] if hit else None)
 
 
-def short_source(source: str) -> str:
+def source_name(source: str) -> str:
     return Path(source).name if source.endswith((".pth", ".pt", ".safetensors")) else source.replace("models:/", "")
 
 

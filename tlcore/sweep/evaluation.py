@@ -14,9 +14,9 @@ import numpy as np
 import ray
 import torch
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.evaluation.metrics import evaluate_subjects
-from tlcore.models.networks import build_for
+from tlcore.models.networks import build_network
 from tlcore.models.transfer import read_weights
 from tlcore.report.plots import confusion_png
 from tlcore.sweep.invocation import Sweep
@@ -32,9 +32,9 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
     with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
     to MLflow (no credential on the nodes)."""
-    cfg = RunConfig.from_dict(config)
+    cfg = TrialConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_for(cfg, num_classes(cfg))
+    model = build_network(cfg, num_classes(cfg))
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     device = pick_device()
     channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
@@ -65,9 +65,9 @@ def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") 
     from tlcore.data.images2d import RadiographDataset
     from tlcore.training.classification import predict_probabilities
 
-    cfg = RunConfig.from_dict(config)
+    cfg = TrialConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_for(cfg, num_classes=2)
+    model = build_network(cfg, num_classes=2)
     model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
     images = load_images(cfg, split)
     ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
@@ -131,13 +131,13 @@ def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scrat
     from tlcore.models.probes import LayerProbe
     from tlcore.training.trial_start import probe_inputs
 
-    def load(cfg: RunConfig, ckpt) -> torch.nn.Module:
-        model = build_for(cfg, num_classes(cfg))
+    def load(cfg: TrialConfig, ckpt) -> torch.nn.Module:
+        model = build_network(cfg, num_classes(cfg))
         with ckpt.as_directory() as d:
             model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
         return model.to(device)
 
-    cfg, scratch_cfg, device = RunConfig.from_dict(config), RunConfig.from_dict(scratch_config), pick_device()
+    cfg, scratch_cfg, device = TrialConfig.from_dict(config), TrialConfig.from_dict(scratch_config), pick_device()
     torch.set_num_threads(cfg.num_threads or 1)
     inputs = probe_inputs(cfg, load_split(cfg, "val"))
     probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
@@ -153,11 +153,11 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
     task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
-    scratch = {same(RunConfig.from_dict(r.config)): r for r in results
-               if not r.error and RunConfig.from_dict(r.config).source_model == "scratch"}
+    scratch = {same(TrialConfig.from_dict(r.config)): r for r in results
+               if not r.error and TrialConfig.from_dict(r.config).source_model == "scratch"}
     pending = {}
     for r in results:
-        cfg = RunConfig.from_dict(r.config)
+        cfg = TrialConfig.from_dict(r.config)
         baseline = scratch.get(same(cfg))
         if r.error or cfg.source_model == "scratch" or baseline is None:
             continue

@@ -6,16 +6,13 @@ data get small shapes).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tlcore.config import DATASETS_2D, HEADS, MEANVAR
+from tlcore.config import DATASETS_2D, HEADS, MEANVAR, REPO_ROOT
 from tlcore.data.layouts import BRATS_TARGETS
 from tlcore.tracking import store
 from tlcore.tracking.credentials import tracking_uri_flag
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Run-config overrides per data situation. Real data keeps the thesis regime (RunConfig defaults).
+# Run-config overrides per data situation. Real data keeps the thesis regime (TrialConfig defaults).
 SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 32, 32),
              "max_iterations": 120, "report_every": 20}
 SMOKE = {"patch_size": (16, 16, 16), "batch_size": 1, "inference_roi": (32, 32, 32),
@@ -25,6 +22,7 @@ SYNTHETIC_SIZES = {"brats": {"n_hgg": 20, "n_lgg": 4}, "ixi": {"n": 24},
 # 2D: "iterations" are epochs, one report each. Real data: 299x299, batch 16 (thesis).
 SYNTHETIC_2D = {"image_size": 64, "batch_size": 8, "max_iterations": 4}
 SMOKE_2D = {"image_size": 32, "batch_size": 8, "max_iterations": 2}
+REAL_2D = {"image_size": 299, "batch_size": 16, "max_iterations": 10}  # the thesis's radiograph regime
 
 
 def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import tlcore
-from tlcore.config import DATASETS_2D, RunConfig
+from tlcore.config import DATASETS_2D, REPO_ROOT, TrialConfig
 from tlcore.data.layouts import BRATS_TARGETS, find_subjects
 from tlcore.data.splits import DEFAULT_FRACTIONS, nested_subsets, read_splits, split_patients, split_subjects
 from tlcore.data.synthetic import ensure_synthetic
 from tlcore.data.validate import validate_dataset
-from tlcore.sweep.flags import REPO_ROOT, SMOKE, SMOKE_2D, SYNTHETIC, SYNTHETIC_2D, SYNTHETIC_SIZES
+from tlcore.sweep.flags import REAL_2D, SMOKE, SMOKE_2D, SYNTHETIC, SYNTHETIC_2D, SYNTHETIC_SIZES
 from tlcore.sweep.invocation import Sweep, fail
 from tlcore.tracking import registry, store
 from tlcore.tracking.credentials import take_credentials
@@ -76,7 +76,7 @@ def check_strata(strata: str | None) -> None:
     """--strata names run-config keys: a typo would silently compare everything with everything."""
     if not strata:
         return
-    known = {f.name for f in fields(RunConfig)}
+    known = {f.name for f in fields(TrialConfig)}
     unknown = [k for k in strata.split(",") if k.strip() and k.strip() not in known]
     if unknown:
         fail(f"--strata {strata}: {unknown} are not run-config keys; use keys the sweep varies, "
@@ -89,7 +89,7 @@ def data_and_profile(dataset: str, args: argparse.Namespace) -> tuple[str, dict]
     is_2d = dataset in DATASETS_2D
     if args.data_dir:
         data_dir = str(Path(args.data_dir).absolute())
-        profile = {"image_size": 299, "batch_size": 16, "max_iterations": 10} if is_2d else {}
+        profile = dict(REAL_2D) if is_2d else {}
     else:
         data_dir = str(ensure_synthetic(REPO_ROOT / "data" / "synthetic" / dataset, dataset, seed=0,
                                         shape=(64,) if is_2d else (32, 32, 32), **SYNTHETIC_SIZES[dataset]))
@@ -198,7 +198,7 @@ def base_config(dataset: str, args: argparse.Namespace, uri: str, data_dir: str,
     if dataset in ("brats", "ixi") and args.spacing:
         try:
             base["spacing"] = tuple(float(x) for x in args.spacing.split(","))
-            RunConfig(spacing=base["spacing"])
+            TrialConfig(spacing=base["spacing"])
         except ValueError:
             fail(f"--spacing {args.spacing}: give three positive voxel sizes in mm, e.g. --spacing 1,1,1")
     if args.max_iterations:

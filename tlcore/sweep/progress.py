@@ -75,7 +75,7 @@ def swept_axes(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(c.get(k)) for c in flat}) > 1]
 
 
-def short(value) -> str:
+def cell_text(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     text = str(value)
@@ -230,7 +230,7 @@ class SweepProgress:
         for t in ids:
             c = flatten_config(self.configs[t])
             best = self.best.get(t)
-            rows.append({"trial": t, **{k: short(c.get(k, "")) for k in axes},
+            rows.append({"trial": t, **{k: cell_text(c.get(k, "")) for k in axes},
                          "iteration": f"{self.done.get(t, 0)}/{self.max_iterations}",
                          f"best {self.metric}": "" if best is None else f"{best:.3f}",
                          "status": self.ended.get(t, "running")})

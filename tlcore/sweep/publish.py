@@ -8,17 +8,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tlcore.config import DATASETS_2D, RunConfig, write_run_config
-from tlcore.models.networks import spec_for
+from tlcore.config import DATASETS_2D, TrialConfig, write_run_config
+from tlcore.models.networks import spec_for_config
 from tlcore.tracking import registry, store
 from tlcore.tracking.trial_runs import SweepRuns
 from tlcore.training.trial_start import num_classes
 
 
-def model_card(cfg: RunConfig, task: str) -> dict:
+def model_card(cfg: TrialConfig, task: str) -> dict:
     """What a registered model is (tlcore_model.json beside its weights), derived from the run
     configuration it was trained with (run_config.json, also beside them)."""
-    spec = spec_for(cfg)
+    spec = spec_for_config(cfg)
     if cfg.dataset in DATASETS_2D:
         return {"architecture": f"{spec.name}+fastai_head", "num_classes": 2, "image_size": cfg.image_size, "task": task}
     return {"architecture": spec.name, "in_channels": len(cfg.modalities), "num_classes": num_classes(cfg),
@@ -40,7 +40,7 @@ def publish_model(runs: SweepRuns, result, checkpoint, iteration: int, metrics: 
         store.log_dict(uri, run_id, per_subject, "test_per_subject_dice.json")
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory() as out:
         shutil.copy(Path(d) / "model.safetensors", Path(out) / "model.safetensors")
-        cfg = RunConfig.from_dict(result.config)
+        cfg = TrialConfig.from_dict(result.config)
         write_run_config(cfg, Path(out))
         (Path(out) / "tlcore_model.json").write_text(json.dumps(model_card(cfg, task), indent=1))
         store.log_artifacts(uri, run_id, out, "model")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.tracking import store
 from tlcore.tracking.trial_runs import SweepRuns, end_trial_run, iteration_tags
 
@@ -72,7 +72,7 @@ def trial_rows(results, sweep) -> list[dict]:
     max_iterations, metric, mode = sweep.max_iterations, sweep.metric, sweep.mode
     rows = []
     for r in results:
-        c = RunConfig.from_dict(r.config)  # its defaults, not restated here
+        c = TrialConfig.from_dict(r.config)  # its defaults, not restated here
         df = r.metrics_dataframe
         best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray.util
 from ray import tune
 
-from tlcore.config import RunConfig
+from tlcore.config import TrialConfig
 from tlcore.sweep.progress import quiet_ray_workers
 from tlcore.training.segmentation import (
     amp_dtype,
@@ -44,7 +44,7 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
     `source_weights`: the registered source models, from the driver (trial_start.use_source_weights)."""
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
     use_source_weights(source_weights)
-    cfg = RunConfig.from_dict(config)
+    cfg = TrialConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
     analysis = layer_analysis(cfg, model, val, device)  # before a resume: movement is from the start
     staged_on = sampler.device
@@ -87,7 +87,7 @@ def train_classifier_trial(config: dict, source_weights: dict | None = None) -> 
 
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
     use_source_weights(source_weights)
-    cfg = RunConfig.from_dict(config)
+    cfg = TrialConfig.from_dict(config)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:

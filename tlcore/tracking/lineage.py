@@ -71,7 +71,7 @@ def describe(links: list[Link]) -> str:
     return "\n".join(("  <- " if i else "") + str(link) for i, link in enumerate(links))
 
 
-def short(links: list[Link]) -> str:
+def chain_line(links: list[Link]) -> str:
     """One line, origin first: 'imagenet -> models:/mura_densenet121/1 -> runs:/...'."""
     return " -> ".join(link.start for link in reversed(links))
 

@@ -22,9 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from tlcore.config import REPO_ROOT
 from tlcore.tracking.credentials import redact
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE_DIR = REPO_ROOT / "mlflow"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000

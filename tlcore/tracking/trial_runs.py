@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from tlcore.config import RunConfig, flatten_config, weights_of
+from tlcore.config import TrialConfig, flatten_config, weights_of
 from tlcore.data.splits import read_splits
 from tlcore.tracking import registry, store
 
@@ -60,7 +60,7 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
     already logged, so a restored trial never logs a step twice."""
     run_id = store.find_child_run(uri, experiment, parent_run_id, trial_id)
     if run_id is None:
-        cfg = RunConfig.from_dict(config)
+        cfg = TrialConfig.from_dict(config)
         tags = {"sweep": experiment, "trial_id": trial_id}
         if weights_of(cfg.source_model).startswith("models:/"):  # meanvar: its statistics' source
             tags["source_run_id"] = registry.resolve_model(uri, weights_of(cfg.source_model)).run_id
@@ -71,7 +71,7 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
     else:
         # A store outage between create_run and log_params leaves a run without params; finding
         # it again completes them (log_params adds only the missing keys).
-        store.log_params(uri, run_id, RunConfig.from_dict(config).to_params())
+        store.log_params(uri, run_id, TrialConfig.from_dict(config).to_params())
         if last_step is not None:
             history = store.metric_history(uri, run_id, "train_loss")
             last_step[trial_id] = max((step for step, _ in history), default=-1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlcore.config import MEANVAR, RunConfig, write_run_config
+from tlcore.config import MEANVAR, TrialConfig, write_run_config
 from tlcore.models.networks import layer_groups
 from tlcore.models.transfer import TransferReport, load_source, mean_var_init
 from tlcore.training.schedules import beta1, lr_factor
@@ -63,22 +63,22 @@ def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     return [[p for m in mods for p in m.parameters()] for mods in layer_groups(model).values()]
 
 
-def lr_slice(cfg: RunConfig) -> slice:
+def lr_slice(cfg: TrialConfig) -> slice:
     """Discriminative learning rates: `lr` for the head, `lr / lr_ratio` for the first group."""
     return slice(cfg.lr / cfg.lr_ratio, cfg.lr)
 
 
-def uses_bf16(cfg: RunConfig, device: torch.device) -> bool:
+def uses_bf16(cfg: TrialConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.precision in ("auto", "bf16")
 
 
-def uses_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+def uses_channels_last(cfg: TrialConfig, device: torch.device) -> bool:
     """2D channels-last is cuDNN's fast path for DenseNet on GPUs; unlike the dilated 3D convs it
     needs no measuring."""
     return device.type == "cuda" and cfg.channels_last != "off"
 
 
-def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: torch.device, cbs=()):
+def build_learner(cfg: TrialConfig, model: nn.Module, train_dl, valid_dl, device: torch.device, cbs=()):
     from fastai.callback.core import Callback
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -116,7 +116,7 @@ def build_learner(cfg: RunConfig, model: nn.Module, train_dl, valid_dl, device: 
     return learn
 
 
-def fit_classifier(learn, cfg: RunConfig, start_epoch: int = 0) -> None:
+def fit_classifier(learn, cfg: TrialConfig, start_epoch: int = 0) -> None:
     """Train for `max_iterations` epochs (the sweep's budget: a 2D report is an epoch) with the
     run's schedule spanning them (tlcore/training/schedules.py: the same curves as the 3D loop) and
     discriminative learning rates."""
@@ -202,7 +202,7 @@ def save_classifier_state(learn, directory: Path) -> None:
     torch.save(_plain(learn.opt.state_dict()), Path(directory) / "optimizer.pt")
 
 
-def write_classifier_checkpoint(directory: Path, cfg: RunConfig, learn, epoch: int) -> None:
+def write_classifier_checkpoint(directory: Path, cfg: TrialConfig, learn, epoch: int) -> None:
     """A 2D checkpoint: the learner's state, the epochs done and the run configuration."""
     save_classifier_state(learn, directory)
     (directory / "progress.json").write_text(json.dumps({"epoch": epoch}))
@@ -238,7 +238,7 @@ def predict_probabilities(model: nn.Module, loader, device: torch.device) -> tup
     return ys, ps
 
 
-def image_loaders(cfg: RunConfig, train_images, val_images, start_epoch: int = 0):
+def image_loaders(cfg: TrialConfig, train_images, val_images, start_epoch: int = 0):
     """Training (shuffled; minority class oversampled for ChestX-ray14) and validation DataLoaders.
     Order and flips come from `SeededSampler` (seed, epoch); the loaders' own generators only
     seed worker processes, so the global torch stream (dropout) is the same for any number of

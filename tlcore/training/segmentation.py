@@ -24,7 +24,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from tlcore.config import RunConfig, cache_dir, read_json_cache, write_json_atomic, write_run_config
+from tlcore.config import TrialConfig, cache_dir, read_json_cache, write_json_atomic, write_run_config
 from tlcore.evaluation.metrics import autocast, evaluate_subjects
 from tlcore.training.schedules import Schedule
 
@@ -68,7 +68,7 @@ def staging_device(subjects, device: torch.device, share: float = 0.4) -> torch.
     return device if need < share * free else torch.device("cpu")
 
 
-def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+def amp_dtype(cfg: TrialConfig, device: torch.device) -> torch.dtype | None:
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -113,7 +113,7 @@ def layout_key(device: torch.device, model: nn.Module, batch_shape: tuple, dtype
             f"{str(dtype).replace('torch.', '') if dtype else 'fp32'}")
 
 
-def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
+def choose_channels_last(cfg: TrialConfig, device: torch.device, model: nn.Module,
                          num_classes: int) -> tuple[bool, str]:
     """Whether to train and infer in channels-last-3d, and why.
 
@@ -152,14 +152,14 @@ def choose_channels_last(cfg: RunConfig, device: torch.device, model: nn.Module,
                  f"speed of NCDHW, {how} {seen['measured']})")
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay (AdamW) on the parameters that train: the same rule as
     the 2D chain's fastai optimizer (tlcore/training/schedules.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> Schedule:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> Schedule:
     """Per-iteration schedule over `max_iterations` (the thesis used a constant rate)."""
     return Schedule(optimizer, cfg.lr_schedule, cfg.max_iterations)
 
@@ -206,7 +206,7 @@ def stream_seed(seed: int, iteration: int) -> int:
     return seed * 1_000_003 + iteration
 
 
-def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
+def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
                        report: Callable[[dict, dict], None], resume: dict | None = None,
                        device: torch.device | None = None, channels_last: bool | None = None) -> dict:
     """Train until `cfg.max_iterations`; call `report(metrics, state)` every `report_every`.
@@ -275,7 +275,7 @@ def train_segmentation(cfg: RunConfig, model: nn.Module, sampler, val_subjects, 
 # A 3D checkpoint (a folder; Tune keeps and moves it): the weights as safetensors (what
 # evaluation and the registry read), the training state for a resume (loaded weights_only), the
 # per-subject validation Dice (the report's box plots) and the run configuration.
-def write_segmentation_checkpoint(directory: Path, cfg: RunConfig, model: nn.Module, state: dict) -> None:
+def write_segmentation_checkpoint(directory: Path, cfg: TrialConfig, model: nn.Module, state: dict) -> None:
     from safetensors.torch import save_file
 
     per_subject = state.pop("val_per_subject")

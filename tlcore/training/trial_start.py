@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import torch
 
-from tlcore.config import DATASETS_2D, MEANVAR, RunConfig, weights_of
+from tlcore.config import DATASETS_2D, MEANVAR, TrialConfig, weights_of
 from tlcore.data.layouts import default_label_map, find_subjects
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
-from tlcore.models.networks import build_for
+from tlcore.models.networks import build_network
 from tlcore.models.probes import LayerProbe, WeightMovement, probe_patches
 from tlcore.models.transfer import TransferReport, freeze_first, load_source, mean_var_init, read_weights
 from tlcore.tracking.model_cache import cached_model
@@ -23,11 +23,11 @@ _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it acro
 _SOURCE_WEIGHTS: dict[str, bytes] = {}  # use_source_weights
 
 
-def num_classes(cfg: RunConfig) -> int:
+def num_classes(cfg: TrialConfig) -> int:
     return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
 
 
-def load_split(cfg: RunConfig, split: str, limit: int | None = None, cache: bool = True) -> list:
+def load_split(cfg: TrialConfig, split: str, limit: int | None = None, cache: bool = True) -> list:
     """Subjects of one split (the first `limit`), loaded and normalised once per worker process
     (`cache=False`: loaded for this call only, e.g. in the driver, which keeps running)."""
     label_map = cfg.label_map or default_label_map(cfg.dataset)
@@ -51,10 +51,10 @@ def load_split(cfg: RunConfig, split: str, limit: int | None = None, cache: bool
     return out
 
 
-def build_start_model(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+def build_start_model(cfg: TrialConfig) -> tuple[torch.nn.Module, TransferReport]:
     """The network a trial starts from: scratch, the source's weights with k groups frozen, or
     the source's Mean-Var control."""
-    model = build_for(cfg, num_classes(cfg))
+    model = build_network(cfg, num_classes(cfg))
     report = TransferReport(source="scratch")
     if cfg.source_model != "scratch":
         report = load_registered(model, cfg)
@@ -68,7 +68,7 @@ def use_source_weights(sources: dict[str, bytes] | None) -> None:
     _SOURCE_WEIGHTS.update(sources or {})
 
 
-def registered_weights(cfg: RunConfig) -> tuple[str, dict[str, torch.Tensor]]:
+def registered_weights(cfg: TrialConfig) -> tuple[str, dict[str, torch.Tensor]]:
     """(pinned URI, state dict) of the registered model a start uses: the weights the driver
     handed the trial, else (in the driver itself: the forecast, notebooks) from the registry."""
     model_uri = weights_of(cfg.source_model)
@@ -80,7 +80,7 @@ def registered_weights(cfg: RunConfig) -> tuple[str, dict[str, torch.Tensor]]:
     return ref.uri, read_weights(folder / "model.safetensors")
 
 
-def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
+def load_registered(model: torch.nn.Module, cfg: TrialConfig) -> TransferReport:
     """Copy the registered source model's weights into `model`, or, for a meanvar: start, draw
     them from each source tensor's mean and variance (seeded by the trial's seed)."""
     uri, state = registered_weights(cfg)
@@ -92,7 +92,7 @@ def load_registered(model: torch.nn.Module, cfg: RunConfig) -> TransferReport:
 PROBE_SIZE = 48  # probe patches are at most 48^3: a minibatch of 8 holds ~0.3 GB of activations per group
 
 
-def probe_inputs(cfg: RunConfig, val) -> torch.Tensor:
+def probe_inputs(cfg: TrialConfig, val) -> torch.Tensor:
     """The fixed validation inputs CKA is measured on, the same for every trial of a sweep: 3D,
     patches from the validation subjects (`val`); 2D, evenly spaced validation images (`val` is
     the validation DataLoader)."""
@@ -102,7 +102,7 @@ def probe_inputs(cfg: RunConfig, val) -> torch.Tensor:
     return probe_patches(val, tuple(min(p, PROBE_SIZE) for p in cfg.patch_size), cfg.probe_patches)
 
 
-def layer_analysis(cfg: RunConfig, model: torch.nn.Module, val, device: torch.device):
+def layer_analysis(cfg: TrialConfig, model: torch.nn.Module, val, device: torch.device):
     """What each report measures besides its metric, as a function model -> metrics: every
     group's weight movement from `model`'s starting weights, and with a source, every group's CKA
     with the source model (a meanvar: start's too: how far is it from the features it lacks?) on
@@ -119,7 +119,7 @@ def layer_analysis(cfg: RunConfig, model: torch.nn.Module, val, device: torch.de
     return lambda m: {**movement(m), **(probe.cka(m) if probe else {})}
 
 
-def start_segmentation(cfg: RunConfig):
+def start_segmentation(cfg: TrialConfig):
     """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
     worker processes, and the model's initial weights come from the random state).
     Returns (model, transfer report, patch sampler, validation subjects, device)."""
@@ -144,7 +144,7 @@ def transfer_summary(r: TransferReport) -> dict:
             "reinitialised": ",".join(r.reinitialised) or "none"}
 
 
-def load_images(cfg: RunConfig, split: str) -> list:
+def load_images(cfg: TrialConfig, split: str) -> list:
     """Images (MuraImage / ChestImage records) of the patients in one split."""
     patients = set(read_splits(cfg.splits_file)[split])
     if cfg.dataset == "mura":
@@ -156,11 +156,11 @@ def load_images(cfg: RunConfig, split: str) -> list:
     return [i for i in images if i.patient in patients]
 
 
-def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferReport]:
+def build_start_classifier(cfg: TrialConfig) -> tuple[torch.nn.Module, TransferReport]:
     """DenseNet121 + fastai head from scratch, ImageNet (hub cache or a local file) or a registered model."""
     from tlcore.training.classification import load_imagenet
 
-    model = build_for(cfg, num_classes=2)
+    model = build_network(cfg, num_classes=2)
     src, mean_var_seed = weights_of(cfg.source_model), cfg.seed if cfg.source_model.startswith(MEANVAR) else None
     if src == "scratch":
         report = TransferReport(source="scratch")
@@ -171,7 +171,7 @@ def build_start_classifier(cfg: RunConfig) -> tuple[torch.nn.Module, TransferRep
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
-def start_classifier(cfg: RunConfig, start_epoch: int = 0):
+def start_classifier(cfg: TrialConfig, start_epoch: int = 0):
     """What a 2D trial starts from, a function of its config alone (seeded before the model is
     built: the fastai head's weights and dropout come from the random state).
     Returns (model, transfer report, training loader, validation loader)."""
