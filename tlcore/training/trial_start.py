@@ -6,6 +6,7 @@ patch sampler or data loaders. No Ray here: trials (trainables) and evaluation (
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -119,10 +120,26 @@ def layer_analysis(cfg: TrialConfig, model: torch.nn.Module, val, device: torch.
     return lambda m: {**movement(m), **(probe.cka(m) if probe else {})}
 
 
-def start_segmentation(cfg: TrialConfig):
+class SegmentationStart(NamedTuple):
+    """What a 3D trial starts from."""
+    model: torch.nn.Module
+    transfer: TransferReport     # what was loaded, re-initialised and frozen
+    sampler: PatchSampler        # training patches, seeded by the trial
+    val: list                    # validation subjects
+    device: torch.device
+
+
+class ClassifierStart(NamedTuple):
+    """What a 2D trial starts from."""
+    model: torch.nn.Module
+    transfer: TransferReport
+    train_dl: object             # fastai / torch DataLoaders, seeded by the trial
+    val_dl: object
+
+
+def start_segmentation(cfg: TrialConfig) -> SegmentationStart:
     """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
-    worker processes, and the model's initial weights come from the random state).
-    Returns (model, transfer report, patch sampler, validation subjects, device)."""
+    worker processes, and the model's initial weights come from the random state)."""
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed, cfg.deterministic)
     model, transfer = build_start_model(cfg)
@@ -130,7 +147,7 @@ def start_segmentation(cfg: TrialConfig):
     device = pick_device()
     sampler = PatchSampler(train, cfg.patch_size, cfg.batch_size, cfg.sampler, cfg.augment, cfg.seed,
                            device=staging_device(train, device))
-    return model, transfer, sampler, load_split(cfg, "val"), device
+    return SegmentationStart(model, transfer, sampler, load_split(cfg, "val"), device)
 
 
 def runtime_summary(device: torch.device, bf16: bool, layout: str, **more) -> dict:
@@ -171,15 +188,14 @@ def build_start_classifier(cfg: TrialConfig) -> tuple[torch.nn.Module, TransferR
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
-def start_classifier(cfg: TrialConfig, start_epoch: int = 0):
+def start_classifier(cfg: TrialConfig, start_epoch: int = 0) -> ClassifierStart:
     """What a 2D trial starts from, a function of its config alone (seeded before the model is
-    built: the fastai head's weights and dropout come from the random state).
-    Returns (model, transfer report, training loader, validation loader)."""
+    built: the fastai head's weights and dropout come from the random state)."""
     from tlcore.training.classification import image_loaders
 
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed, cfg.deterministic)
     model, transfer = build_start_classifier(cfg)
     train_dl, val_dl = image_loaders(cfg, load_images(cfg, "train"), load_images(cfg, "val"), start_epoch)
-    return model, transfer, train_dl, val_dl  # fit_classifier seeds dropout per epoch
+    return ClassifierStart(model, transfer, train_dl, val_dl)  # fit_classifier seeds dropout per epoch
 
