@@ -39,88 +39,120 @@ def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
         f"*_{run.data.tags['trial_id']}/checkpoint_*"))).to_params()
 
 
-@pytest.mark.xdist_group("workspace_store")  # one store and one source model (conftest.source_model)
-def test_layer_sweep(workspace, source_model):
-    w, ref = workspace, source_model
+GROUPS = ("conv_0", "res_1", "res_2", "res_3", "conv_1")
 
+
+@pytest.fixture(scope="session")  # once per worker (a module fixture is rebuilt when xdist interleaves)
+def layer_sweep(workspace, source_model):
+    """brats_layers as a user runs it, once for the tests below: what it printed, its parent run and
+    its eight trial runs."""
+    w = workspace
     proc = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "brats_layers results" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
-
     c = store.client(w["uri"])
     exp = c.get_experiment_by_name("brats_layers")
     parents = c.search_runs([exp.experiment_id], "tags.role = 'parent'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
-    children = mlflow_child_runs(w["uri"], "brats_layers", parent)
-    assert len(children) == 8
+    return {"out": proc.stdout, "client": c, "experiment": exp, "parent": parent,
+            "children": mlflow_child_runs(w["uri"], "brats_layers", parent)}
+
+
+pytestmark_layers = pytest.mark.xdist_group("workspace_store")  # one store and one source model (conftest.source_model)
+
+
+@pytestmark_layers
+def test_layer_sweep_runs_scratch_meanvar_and_every_freeze_depth(layer_sweep, source_model):
+    children = layer_sweep["children"]
+    assert "brats_layers results" in layer_sweep["out"] and "mlflow ui --backend-store-uri" in layer_sweep["out"]
     configs = sorted((r.data.params["source_model"], int(r.data.params["frozen_layers"])) for r in children)
     assert configs == sorted([("scratch", 0), ("meanvar:models:/ixi_hippocampus/1", 0)]
                              + [("models:/ixi_hippocampus/1", k) for k in range(6)])
-    # which layers changed: every group's CKA with the source (every start with one) and weight movement
-    groups = ("conv_0", "res_1", "res_2", "res_3", "conv_1")
-    for r in children:
-        k, source = int(r.data.params["frozen_layers"]), r.data.params["source_model"]
-        moved = [r.data.metrics[f"weight_change.{g}"] for g in (*groups, "conv_2")]
-        assert all(m == 0 for m in moved[:k]) and all(m > 0 for m in moved[k:]), (source, k, moved)
-        if source == "scratch":
-            assert not any(m.startswith("cka.") for m in r.data.metrics)
-            continue
-        cka = [r.data.metrics[f"cka.{g}"] for g in groups]
-        assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
-        assert len(store.metric_history(w["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
-        # at the end, against the scratch trial: do fine-tuned and scratch models compute the same thing?
-        assert all(0 <= r.data.metrics[f"cka_vs_scratch.{g}"] <= 1 + 1e-6 for g in groups)
-        if source.startswith("meanvar:"):  # the source's weight statistics, none of its features
-            assert int(r.data.params["transfer.sampled_tensors"]) > 0 and r.data.params["transfer.loaded_tensors"] == "0"
-            assert max(cka) < 0.95, cka
     for r in children:
         assert SPEC_PARAMS <= set(r.data.params), set(r.data.params)
         assert r.data.tags["sweep"] == "brats_layers" and r.data.tags["trial_id"]
         assert r.info.status == "FINISHED"
-        assert (r.data.tags["runtime.device"], r.data.tags["runtime.layout"]) == ("cpu", "auto: NCDHW on cpu")
-        assert r.data.tags["runtime.node"] == socket.gethostname() and r.data.tags["runtime.node_ip"]  # which machine
-        history = store.metric_history(w["uri"], r.info.run_id, "val_dice")
-        assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
-        assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
         if r.data.params["source_model"].startswith("models:/"):
-            assert r.data.tags["source_run_id"] == ref.run_id
+            assert r.data.tags["source_run_id"] == source_model.run_id
             assert int(r.data.params["transfer.loaded_tensors"]) > 0
             assert r.data.params["transfer.reinitialised_tensors"] == "2"  # 3 IXI classes -> 2 BraTS: the conv head's weight and bias
+
+
+@pytestmark_layers
+def test_frozen_groups_keep_the_sources_features_and_weights(layer_sweep, workspace):
+    """Which layers changed: every group's CKA with the source (every start with one), weight movement."""
+    for r in layer_sweep["children"]:
+        k, source = int(r.data.params["frozen_layers"]), r.data.params["source_model"]
+        moved = [r.data.metrics[f"weight_change.{g}"] for g in (*GROUPS, "conv_2")]
+        assert all(m == 0 for m in moved[:k]) and all(m > 0 for m in moved[k:]), (source, k, moved)
+        if source == "scratch":
+            assert not any(m.startswith("cka.") for m in r.data.metrics)
+            continue
+        cka = [r.data.metrics[f"cka.{g}"] for g in GROUPS]
+        assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
+        assert len(store.metric_history(workspace["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
+        # at the end, against the scratch trial: do fine-tuned and scratch models compute the same thing?
+        assert all(0 <= r.data.metrics[f"cka_vs_scratch.{g}"] <= 1 + 1e-6 for g in GROUPS)
+        if source.startswith("meanvar:"):  # the source's weight statistics, none of its features
+            assert int(r.data.params["transfer.sampled_tensors"]) > 0 and r.data.params["transfer.loaded_tensors"] == "0"
+            assert max(cka) < 0.95, cka
+
+
+@pytestmark_layers
+def test_every_trial_logs_its_curves_where_it_ran_and_asha_stops_some(layer_sweep, workspace):
+    children = layer_sweep["children"]
+    for r in children:
+        assert (r.data.tags["runtime.device"], r.data.tags["runtime.layout"]) == ("cpu", "auto: NCDHW on cpu")
+        assert r.data.tags["runtime.node"] == socket.gethostname() and r.data.tags["runtime.node_ip"]  # which machine
+        history = store.metric_history(workspace["uri"], r.info.run_id, "val_dice")
+        assert len(history) >= 2 and [s for s, _ in history] == sorted({s for s, _ in history})
+        assert {"train_loss", "val_loss", "val_dice"} <= set(r.data.metrics)
     assert any(r.data.tags["stopped_early"] == "True" for r in children), "ASHA stopped nothing"
     assert any(r.data.tags["stopped_early"] == "False" for r in children)
-    table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"])))
-    assert table.read_text().count("| models:/ixi_hippocampus/1") == 6 and "meanvar:" in table.read_text()
-    # the report: named in the output, in the results folder and in the parent run
-    page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
-    assert f"[tlcore] report: {page}" in proc.stdout and page.read_text().count("data:image/png") >= 2
-    assert page.parents[1].stat().st_mode & 0o777 == 0o700  # the sweep's folder: its user's alone
-    assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
-    # the forecast before the trials, on the parent run, set against the result in the report
-    assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", proc.stdout), proc.stdout
-    assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
-    assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
-    assert all(store.load_json(w["uri"], r.info.run_id, "val_per_subject_dice.json") for r in children)
-    # every trial, early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at its best
-    # checkpoint's iteration, and validation predictions for the overlays
-    for r in children:
-        best = max(store.metric_history(w["uri"], r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
+
+
+@pytestmark_layers
+def test_every_trial_is_evaluated_at_its_best_checkpoint(layer_sweep, workspace):
+    """Early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at the best checkpoint's
+    iteration, per-subject validation Dice and validation predictions for the overlays."""
+    uri, c = workspace["uri"], layer_sweep["client"]
+    for r in layer_sweep["children"]:
+        best = max(store.metric_history(uri, r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
         assert json.loads(r.data.tags["evaluation"])["best_iteration"] == best[0]
         for split in ("train_dice", "test_dice"):
-            assert [s for s, _ in store.metric_history(w["uri"], r.info.run_id, split)] == [best[0]]
+            assert [s for s, _ in store.metric_history(uri, r.info.run_id, split)] == [best[0]]
             assert 0 <= r.data.metrics[split] <= 1
         assert c.list_artifacts(r.info.run_id, "predictions/val")
-    assert "overlays_test" in page.read_text() and "test_dice" in table.read_text()  # every trial has test predictions
+        assert store.load_json(uri, r.info.run_id, "val_per_subject_dice.json")
 
-    # --resume on a finished sweep re-runs nothing and duplicates no run
+
+@pytestmark_layers
+def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspace):
+    w, c, parent, out = workspace, layer_sweep["client"], layer_sweep["parent"], layer_sweep["out"]
+    table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
+    assert table.count("| models:/ixi_hippocampus/1") == 6 and "meanvar:" in table and "test_dice" in table
+    # the report: named in the output, in the results folder and in the parent run
+    page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
+    assert f"[tlcore] report: {page}" in out and page.read_text().count("data:image/png") >= 2
+    assert page.parents[1].stat().st_mode & 0o777 == 0o700  # the sweep's folder: its user's alone
+    assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
+    assert "overlays_test" in page.read_text()  # every trial has test predictions
+    # the forecast before the trials, on the parent run, set against the result in the report
+    assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", out), out
+    assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
+    assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
+
+
+@pytestmark_layers
+def test_resuming_a_finished_layer_sweep_reruns_and_duplicates_nothing(layer_sweep, workspace):
+    w, c, parent = workspace, layer_sweep["client"], layer_sweep["parent"]
     again = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert len(c.search_runs([exp.experiment_id], "tags.role = 'parent'")) == 1
+    assert len(c.search_runs([layer_sweep["experiment"].experiment_id], "tags.role = 'parent'")) == 1
     assert len(mlflow_child_runs(w["uri"], "brats_layers", parent)) == 8
     assert len(store.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
-    for r in children:  # nor compared with scratch again
+    for r in layer_sweep["children"]:  # nor compared with scratch again, nor evaluated again
         assert len(store.metric_history(w["uri"], r.info.run_id, "cka_vs_scratch.res_1")) <= 1
-    for r in children:  # the same best checkpoints were not evaluated again
         assert len(store.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())
