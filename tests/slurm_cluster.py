@@ -118,16 +118,20 @@ class SlurmCluster:
     # ------------------------------------------------------------------ set-up
     def start(self) -> "SlurmCluster":
         self.base.mkdir(parents=True, exist_ok=True)
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "log", "munge"):
             (self.base / d).mkdir(exist_ok=True)
         (self.base / "munge").chmod(0o700)
         if self.two:
             self._network()
         self._start_munge()
+        # slurmd's spool holds the job steps' Unix sockets (<spool>/<node>_<job>.<step>): a pytest
+        # folder is too long for them (108 bytes) with 6-digit job ids, and the job fails to launch
+        self.spool = self._sock_dir / "spool"
+        self.spool.mkdir()
         self._write_conf()
         self._procs.append(self._spawn("slurmctld", ["slurmctld", "-D", "-c"], self.ctl_ns if self.two else None))
         for n in self.nodes:
-            (self.base / "spool" / n).mkdir(exist_ok=True)
+            (self.spool / n).mkdir(exist_ok=True)
             self._procs.append(self._spawn(f"slurmd.{n}", ["slurmd", "-D", "-N", n],
                                            self.node_ns[n] if self.two else None))
         self._wait_idle(timeout=40)
@@ -191,7 +195,7 @@ AuthInfo=socket={self.munge_socket}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={b / 'state'}
-SlurmdSpoolDir={b / 'spool'}/%n
+SlurmdSpoolDir={self.spool}/%n
 SlurmctldPidFile={b / 'slurmctld.pid'}
 SlurmdPidFile={b / 'slurmd.%n.pid'}
 SlurmctldLogFile={b / 'log' / 'slurmctld.log'}
