@@ -11,12 +11,14 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tlcore-test-cache-")
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
-    """Small synthetic BraTS and IXI datasets in their real layouts (32^3 volumes)."""
+    """Small synthetic BraTS and IXI datasets in their real layouts (helpers.SWEEP_VOLUME)."""
+    from helpers import SWEEP_VOLUME
+
     from tlcore.data.synthetic import ensure_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
-    ensure_synthetic(root / "brats", "brats", seed=0, n_hgg=12, n_lgg=2)
-    ensure_synthetic(root / "ixi", "ixi", seed=0, n=10)
+    ensure_synthetic(root / "brats", "brats", seed=0, n_hgg=12, n_lgg=2, shape=SWEEP_VOLUME)
+    ensure_synthetic(root / "ixi", "ixi", seed=0, n=10, shape=SWEEP_VOLUME)
     return root
 
 

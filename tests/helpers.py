@@ -16,6 +16,10 @@ import pytest
 from tlcore.tracking import registry, store
 
 REPO = Path(__file__).resolve().parents[1]
+# The sweeps' synthetic volumes: 20^3, not the demo's 32^3. Whole-volume inference (validation at
+# every report, the final train/val/test Dice, CKA) dominates a smoke sweep's CPU time and scales
+# with the voxels: 20^3 is a quarter of 32^3, and still holds a 16^3 training patch.
+SWEEP_VOLUME = (20, 20, 20)
 
 
 def sweep_env(base: dict | None = None, **extra: str) -> dict:

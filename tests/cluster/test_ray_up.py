@@ -24,7 +24,7 @@ from pathlib import Path
 import cluster_hosts
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, SWEEP_VOLUME
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -135,7 +135,7 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
     assert refused.returncode != 0 and re.search(r"token|auth", refused.stderr, re.I), refused.stderr[-3000:]
 
     # data on the shared file system; the team MLflow server on the head, auth on
-    ensure_synthetic(hosts.shared / "data" / "brats", "brats", seed=0, n_hgg=8, n_lgg=0)
+    ensure_synthetic(hosts.shared / "data" / "brats", "brats", seed=0, n_hgg=8, n_lgg=0, shape=SWEEP_VOLUME)
     ini = (f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{head.home}/mlflow-auth.db\n"
            f"admin_username = admin\nadmin_password = {PASSWORD}\n")
     _ok(hosts.ssh(head, "umask 077 && cat > ~/basic_auth.ini", stdin=ini), "write basic_auth.ini")

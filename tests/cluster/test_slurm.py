@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import REPO, register_untrained_source
+from helpers import REPO, SWEEP_VOLUME, register_untrained_source
 from slurm_cluster import SlurmCluster, SlurmUnavailable, missing, ray_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -233,7 +233,7 @@ def _driver(job: str) -> int:
 def _synthetic_brats(root: Path) -> Path:
     from tlcore.data.synthetic import ensure_synthetic
 
-    ensure_synthetic(root, "brats", seed=0, n_hgg=12, n_lgg=2)
+    ensure_synthetic(root, "brats", seed=0, n_hgg=12, n_lgg=2, shape=SWEEP_VOLUME)
     import safetensors.torch  # noqa: F401 -- imported while the MLflow server starts: register_untrained_source
 
     import tlcore.models.networks  # noqa: F401

@@ -23,6 +23,23 @@ def test_dice_definition():
     assert dice_per_class(three, three, 3).tolist() == [1.0, 1.0]
 
 
+def test_a_window_larger_than_the_volume_is_cut_to_it_not_padded():
+    """Inference on a 20x20x12 volume with a 32^3 window: the network sees the volume's own shape
+    (MONAI would pad it to the window and compute the padding too)."""
+    from tlcore.evaluation.metrics import predict_logits
+
+    seen = []
+
+    def network(x):
+        seen.append(tuple(x.shape[-3:]))
+        return x[:, :1].repeat(1, 2, 1, 1, 1)
+
+    logits = predict_logits(network, torch.rand(2, 20, 20, 12), (32, 32, 32), torch.device("cpu"), sw_batch_size=1)
+    assert seen == [(20, 20, 12)] and logits.shape == (1, 2, 20, 20, 12)
+    predict_logits(network, torch.rand(2, 40, 20, 12), (32, 32, 32), torch.device("cpu"), sw_batch_size=1)
+    assert set(seen[1:]) == {(32, 20, 12)}  # only the axis longer than the window is tiled
+
+
 def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
     import nibabel as nib
 
