@@ -22,13 +22,26 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture()
-def mlflow_uri(tmp_path):
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """A new SQLite MLflow store, made (migrated) once: MLflow's schema migrations take ~2 CPU-s
+    per store, and a copy of the file is the same store."""
     from tlcore.tracking import store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    store.prepare_store(uri)
-    return uri
+    db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    store.prepare_store(f"sqlite:///{db}")
+    store.client.cache_clear()  # no connection left open on the template
+    return db
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, empty_store):
+    import shutil
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copyfile(empty_store, db)
+    return f"sqlite:///{db}"
 
 
 @pytest.fixture(scope="module")

@@ -97,5 +97,17 @@ def test_the_command_line_tools_start_without_ray_or_torch_training_code():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_sweeps_driver_loads_no_monai_the_workers_do():
+    """Importing MONAI loads all of it (~7 CPU-s, in every process that does): the driver only hands
+    Tune its functions and sends evaluation tasks, so the sweep scripts import without it."""
+    code = ("import sys, runpy\nsys.argv = ['x']\n"
+            "for script in %r: runpy.run_path(script, run_name='imported')\n"
+            "print(sorted(m for m in ('monai', 'tlcore.training.segmentation', 'tlcore.data.pipeline') if m in sys.modules))"
+            % sorted(str(p) for p in (REPO / "sweeps").glob("*.py")))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_mlflow_folder_is_not_a_package():
     assert not (REPO / "mlflow" / "__init__.py").exists()  # it would shadow the mlflow package

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import SWEEP_VOLUME
 
 from tlcore.data.layouts import DatasetLayoutError, default_label_map, find_brats, find_ixi
 from tlcore.data.pipeline import PatchSampler, SubjectLoadError, load_subject, map_labels
@@ -97,10 +98,9 @@ def _subjects(root, n=4):
 
 def test_zscore_inside_brain(synthetic_root):
     s = _subjects(synthetic_root / "brats", 1)[0]
-    assert s.image.shape == (2, 32, 32, 32) and s.label.shape == (1, 32, 32, 32)
-    brain = s.image[0] != 0
+    assert s.image.shape == (2, *SWEEP_VOLUME) and s.label.shape == (1, *SWEEP_VOLUME)
     for c in range(2):
-        v = s.image[c][brain]
+        v = s.image[c][s.image[c] != 0]  # each modality's own brain mask
         assert abs(float(v.mean())) < 1e-3 and abs(float(v.std()) - 1) < 1e-2
     assert set(s.label.unique().tolist()) == {0, 1}
 
@@ -109,10 +109,12 @@ def test_weighted_sampler_finds_rare_class_more_often(synthetic_root):
     subjects = _subjects(synthetic_root / "brats")
     fg = {}
     for name in ("weighted", "uniform"):
-        sampler = PatchSampler(subjects, (16, 16, 16), 2, name, augment=False, seed=0)
-        hits = [bool((sampler.next_batch()[1][i] > 0).any()) for _ in range(30) for i in range(2)]
+        sampler = PatchSampler(subjects, (8, 8, 8), 2, name, augment=False, seed=0)  # a fraction of the volume
+        hits = [bool((sampler.next_batch()[1][i] > 0).any()) for _ in range(100) for i in range(2)]
         fg[name] = np.mean(hits)
-    assert fg["weighted"] > 0.9 and fg["weighted"] > fg["uniform"]
+    # weighted: background or tumour core first (1/2 each), then a voxel of it: over half the
+    # patches hold tumour, whatever its size; uniform: as often as the tumour's size allows
+    assert fg["weighted"] > 0.5 and fg["weighted"] > fg["uniform"] + 0.15, fg
 
 
 def test_patches_shapes_augmentation_and_seed(synthetic_root):

@@ -1,11 +1,11 @@
-"""The metrics, computed the same way everywhere: Dice per class, predictions written back on the
-input's grid, study-wise aggregation and steps-to-target."""
+"""Segmentation metrics, computed the same way everywhere: Dice per class, sliding-window inference,
+predictions written back on the input's grid."""
 
 import numpy as np
 import pytest
 import torch
 
-from tlcore.evaluation.metrics import classification_metrics, dice_per_class, steps_to_reach, study_wise
+from tlcore.evaluation.metrics import dice_per_class
 
 
 def test_dice_definition():
@@ -56,21 +56,3 @@ def test_prediction_nifti_carries_the_input_affine_and_header(tmp_path):
     assert out.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(out.dataobj), pred[0].numpy())
     with pytest.raises(ValueError, match="differs from"):
         write_prediction(pred[:, :6], tmp_path / "t1.nii.gz", tmp_path / "bad.nii.gz")
-
-
-def test_study_wise_aggregation():
-    studies = ["s1", "s1", "s1", "s2", "s2", "s3"]
-    labels = [1, 1, 1, 0, 0, 1]
-    probs = [0.1, 0.2, 0.9, 0.4, 0.3, 0.2]   # s1 abnormal (one image), s2 normal, s3 missed
-    ids, y, p = study_wise(studies, labels, probs)
-    assert ids == ["s1", "s2", "s3"] and y.tolist() == [1, 0, 1] and p.tolist() == [0.9, 0.4, 0.2]
-    m = classification_metrics(y, p)
-    assert m["accuracy"] == pytest.approx(2 / 3) and m["confusion"] == [[1, 0], [1, 1]]
-    assert m["sensitivity"] == 0.5 and m["specificity"] == 1.0
-    with pytest.raises(ValueError, match="different labels"):
-        study_wise(["a", "a"], [0, 1], [0.1, 0.2])
-
-
-def test_steps_to_reach():
-    assert steps_to_reach([1.0, 0.8, 0.6, 0.4, 0.2], 0.5, smooth=1) == 4
-    assert steps_to_reach([1.0, 0.9], 0.5) is None

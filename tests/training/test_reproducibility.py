@@ -21,7 +21,8 @@ TRIAL_3D = r"""
 import json, sys, torch
 from tlcore.config import TrialConfig
 from tlcore.training.segmentation import train_segmentation
-from tlcore.training.trial_start import num_classes, start_segmentation
+from tlcore.data.layouts import num_classes
+from tlcore.training.trial_start import start_segmentation
 cfg = TrialConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
 model, _, sampler, val, device = start_segmentation(cfg)

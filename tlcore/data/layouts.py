@@ -31,6 +31,11 @@ def default_label_map(dataset: str) -> dict[int, int]:
     return dict(BRATS_TARGETS["tumour_core"] if dataset == "brats" else IXI_HIPPOCAMPUS)
 
 
+def num_classes(cfg) -> int:
+    """Output classes of a run's network (background included), from its label map."""
+    return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
+
+
 def find_subjects(dataset: str, data_dir: str | Path, modalities=("t1", "t2"),
                   strict: bool = True, grades=("HGG",)) -> dict[str, dict[str, str]]:
     """Subject id -> files. strict=False keeps subjects with missing files (their expected

@@ -216,7 +216,7 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         _write_csv(subset_rows, out / "dice_by_subset.csv")
     with_steps = [t for t in trials if t.histories.get("step") and t.histories.get("train_loss")]
     if with_steps:  # classifier sweeps: data efficiency per starting point
-        from tlcore.evaluation.metrics import common_target_loss
+        from tlcore.evaluation.scores import common_target_loss
 
         given = store.get_run(uri, parent_run_id).params.get("target_loss", "null")  # --target-loss
         target = (float(given) if given not in ("null", "None", "")

@@ -173,7 +173,7 @@ def _compare(ts: list[TrialRun], baseline: list[TrialRun]) -> dict:
 
 def steps_to_target(run: TrialRun, target: float) -> tuple[list, list, int | None]:
     """(training steps, training loss, steps when the loss first reached `target` or None)."""
-    from tlcore.evaluation.metrics import steps_to_reach
+    from tlcore.evaluation.scores import steps_to_reach
 
     steps_at = dict(run.histories.get("step", []))      # iteration -> optimizer steps so far
     pts = sorted(run.histories.get("train_loss", []))

@@ -12,19 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
 from tlcore.config import TrialConfig
-from tlcore.evaluation.metrics import evaluate_subjects
-from tlcore.models.networks import build_network
-from tlcore.models.transfer import read_weights
+from tlcore.data.layouts import num_classes
 from tlcore.report.plots import confusion_png
 from tlcore.sweep.invocation import Sweep
 from tlcore.sweep.results import best_checkpoint_of, trial_id_of
 from tlcore.text import format_table
 from tlcore.tracking import store
-from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
-from tlcore.training.trial_start import load_images, load_split, num_classes
+
+# What only the tasks need (torch, MONAI, the networks, the data pipeline) is imported inside them,
+# in the worker: the driver, which only sends them, never pays MONAI's ~7 CPU-s import.
 
 
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
@@ -32,6 +30,14 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
     with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
     to MLflow (no credential on the nodes)."""
+    import torch
+
+    from tlcore.evaluation.metrics import evaluate_subjects
+    from tlcore.models.networks import build_network
+    from tlcore.models.transfer import read_weights
+    from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
+    from tlcore.training.trial_start import load_split
+
     cfg = TrialConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
     model = build_network(cfg, num_classes(cfg))
@@ -62,8 +68,14 @@ def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) 
 
 def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
     """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
+    import torch
+
     from tlcore.data.images2d import RadiographDataset
+    from tlcore.models.networks import build_network
+    from tlcore.models.transfer import read_weights
     from tlcore.training.classification import predict_probabilities
+    from tlcore.training.segmentation import pick_device
+    from tlcore.training.trial_start import load_images
 
     cfg = TrialConfig.from_dict(config)
     torch.set_num_threads(cfg.num_threads or 1)
@@ -128,8 +140,13 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
 
 
 def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
+    import torch
+
+    from tlcore.models.networks import build_network
     from tlcore.models.probes import LayerProbe
-    from tlcore.training.trial_start import probe_inputs
+    from tlcore.models.transfer import read_weights
+    from tlcore.training.segmentation import pick_device
+    from tlcore.training.trial_start import load_split, probe_inputs
 
     def load(cfg: TrialConfig, ckpt) -> torch.nn.Module:
         model = build_network(cfg, num_classes(cfg))
@@ -188,7 +205,7 @@ def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_l
     """Evaluate every trial at its best epoch (by the sweep's objective) on the test split, early-stopped
     or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
     training loss first reaches `target_loss`."""
-    from tlcore.evaluation.metrics import classification_metrics, common_target_loss, steps_to_reach
+    from tlcore.evaluation.scores import classification_metrics, common_target_loss, steps_to_reach
 
     runs, curves = sweep.runs, {}
     for r in results:
@@ -230,7 +247,7 @@ def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_l
 def log_mura_study_accuracy(sweep: Sweep, result, predictions: dict) -> dict:
     """Study-wise accuracy overall and per body part (thesis Table 5.1), kappa and the
     confusion matrix, logged to the best trial's run and the parent run."""
-    from tlcore.evaluation.metrics import classification_metrics, study_wise
+    from tlcore.evaluation.scores import classification_metrics, study_wise
 
     ids, y, p = study_wise(predictions["study"], predictions["label"], predictions["prob"])
     overall = classification_metrics(y, p)

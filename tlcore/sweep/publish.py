@@ -9,10 +9,10 @@ import tempfile
 from pathlib import Path
 
 from tlcore.config import DATASETS_2D, TrialConfig, write_run_config
+from tlcore.data.layouts import num_classes
 from tlcore.models.networks import spec_for_config
 from tlcore.tracking import registry, store
 from tlcore.tracking.trial_runs import SweepRuns
-from tlcore.training.trial_start import num_classes
 
 
 def model_card(cfg: TrialConfig, task: str) -> dict:

@@ -13,24 +13,11 @@ import ray.util
 from ray import tune
 
 from tlcore.config import TrialConfig
+from tlcore.data.layouts import num_classes
 from tlcore.sweep.progress import quiet_ray_workers
-from tlcore.training.segmentation import (
-    amp_dtype,
-    choose_channels_last,
-    pick_device,
-    read_segmentation_state,
-    train_segmentation,
-    write_segmentation_checkpoint,
-)
-from tlcore.training.trial_start import (
-    layer_analysis,
-    num_classes,
-    runtime_summary,
-    start_classifier,
-    start_segmentation,
-    transfer_summary,
-    use_source_weights,
-)
+
+# Training is imported inside each trial function, in the worker that runs it: the driver imports
+# this module only to hand Tune the functions, and importing MONAI costs ~7 CPU-s per process.
 
 
 def this_node() -> dict:
@@ -42,6 +29,21 @@ def this_node() -> dict:
 def train_segmentation_trial(config: dict, source_weights: dict | None = None) -> None:
     """Function trainable: train one configuration, report every `report_every` iterations.
     `source_weights`: the registered source models, from the driver (trial_start.use_source_weights)."""
+    from tlcore.training.segmentation import (
+        amp_dtype,
+        choose_channels_last,
+        read_segmentation_state,
+        train_segmentation,
+        write_segmentation_checkpoint,
+    )
+    from tlcore.training.trial_start import (
+        layer_analysis,
+        runtime_summary,
+        start_segmentation,
+        transfer_summary,
+        use_source_weights,
+    )
+
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
     use_source_weights(source_weights)
     cfg = TrialConfig.from_dict(config)
@@ -83,6 +85,14 @@ def train_classifier_trial(config: dict, source_weights: dict | None = None) -> 
         uses_bf16,
         uses_channels_last,
         write_classifier_checkpoint,
+    )
+    from tlcore.training.segmentation import pick_device
+    from tlcore.training.trial_start import (
+        layer_analysis,
+        runtime_summary,
+        start_classifier,
+        transfer_summary,
+        use_source_weights,
     )
 
     quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)

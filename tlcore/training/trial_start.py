@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from tlcore.config import DATASETS_2D, MEANVAR, TrialConfig, weights_of
-from tlcore.data.layouts import default_label_map, find_subjects
+from tlcore.data.layouts import default_label_map, find_subjects, num_classes
 from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
 from tlcore.models.networks import build_network
@@ -22,10 +22,6 @@ from tlcore.training.segmentation import pick_device, seed_everything, staging_d
 
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
 _SOURCE_WEIGHTS: dict[str, bytes] = {}  # use_source_weights
-
-
-def num_classes(cfg: TrialConfig) -> int:
-    return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1
 
 
 def load_split(cfg: TrialConfig, split: str, limit: int | None = None, cache: bool = True) -> list:
