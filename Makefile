@@ -22,7 +22,7 @@ lint: .venv/.installed
 	.venv/bin/ruff check .
 
 test: lint cluster-deps
-	# two workers: most of a sweep test is waiting (process start-up, Ray, polling), not computing
+	# two workers, one per core: the suite is CPU-bound (docs/testing.md: where the time goes)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # the unit tests: no sweep, no cluster (a first check while editing)
