@@ -58,10 +58,10 @@ def layer_sweep(workspace, source_model):
             "children": mlflow_child_runs(w["uri"], "brats_layers", parent)}
 
 
-pytestmark_layers = pytest.mark.xdist_group("workspace_store")  # one store and one source model (conftest.source_model)
+in_workspace_store = pytest.mark.xdist_group("workspace_store")  # one store and one source model (conftest.source_model)
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_layer_sweep_runs_scratch_meanvar_and_every_freeze_depth(layer_sweep, source_model):
     children = layer_sweep["children"]
     assert "brats_layers results" in layer_sweep["out"] and "mlflow ui --backend-store-uri" in layer_sweep["out"]
@@ -78,7 +78,7 @@ def test_layer_sweep_runs_scratch_meanvar_and_every_freeze_depth(layer_sweep, so
             assert r.data.params["transfer.reinitialised_tensors"] == "2"  # 3 IXI classes -> 2 BraTS: the conv head's weight and bias
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_frozen_groups_keep_the_sources_features_and_weights(layer_sweep, workspace):
     """Which layers changed: every group's CKA with the source (every start with one), weight movement."""
     for r in layer_sweep["children"]:
@@ -98,7 +98,7 @@ def test_frozen_groups_keep_the_sources_features_and_weights(layer_sweep, worksp
             assert max(cka) < 0.95, cka
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_every_trial_logs_its_curves_where_it_ran_and_asha_stops_some(layer_sweep, workspace):
     children = layer_sweep["children"]
     for r in children:
@@ -111,7 +111,7 @@ def test_every_trial_logs_its_curves_where_it_ran_and_asha_stops_some(layer_swee
     assert any(r.data.tags["stopped_early"] == "False" for r in children)
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_every_trial_is_evaluated_at_its_best_checkpoint(layer_sweep, workspace):
     """Early-stopped or not: whole-volume train / test Dice (thesis Table 6.2) at the best checkpoint's
     iteration, per-subject validation Dice and validation predictions for the overlays."""
@@ -126,7 +126,7 @@ def test_every_trial_is_evaluated_at_its_best_checkpoint(layer_sweep, workspace)
         assert store.load_json(uri, r.info.run_id, "val_per_subject_dice.json")
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspace):
     w, c, parent, out = workspace, layer_sweep["client"], layer_sweep["parent"], layer_sweep["out"]
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
@@ -143,7 +143,7 @@ def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspa
     assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
 
 
-@pytestmark_layers
+@in_workspace_store
 def test_resuming_a_finished_layer_sweep_reruns_and_duplicates_nothing(layer_sweep, workspace):
     w, c, parent = workspace, layer_sweep["client"], layer_sweep["parent"]
     again = run_script("brats_layers.py", "--data-dir", str(w["data"] / "brats"), *w["common"], "--resume")
