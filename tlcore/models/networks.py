@@ -44,8 +44,9 @@ def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: i
         raise ValueError(f"unknown model {name!r}; tlcore's 3D model is 'highres3dnet'")
     if head not in HEADS:
         raise ValueError(f"head={head!r}: choose from {HEADS}")
-    from monai.networks.nets import HighResNet  # here: importing MONAI loads all of it (~7 CPU-s), and
-    # the specs are read by processes that build no network (a sweep's driver, the model card)
+    # imported here: importing MONAI loads all of it (~7 CPU-s), and the specs are also read by
+    # processes that build no network (a sweep's driver, the model card)
+    from monai.networks.nets import HighResNet
 
     net = HighResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes)
     block = net.blocks[HIGHRES3DNET_GROUPS[HEAD_GROUP][0]]

@@ -25,6 +25,19 @@ from tlcore.tracking import store
 # in the worker: the driver, which only sends them, never pays MONAI's ~7 CPU-s import.
 
 
+def _checkpoint_model(cfg: TrialConfig, directory, classes: int):
+    """The network saved in a checkpoint folder, built in the task's worker with the trial's threads."""
+    import torch
+
+    from tlcore.models.networks import build_network
+    from tlcore.models.transfer import read_weights
+
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_network(cfg, classes)
+    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
+    return model
+
+
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
     """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
     With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
@@ -33,15 +46,11 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     import torch
 
     from tlcore.evaluation.metrics import evaluate_subjects
-    from tlcore.models.networks import build_network
-    from tlcore.models.transfer import read_weights
     from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
     from tlcore.training.trial_start import load_split
 
     cfg = TrialConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    model = build_network(cfg, num_classes(cfg))
-    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    model = _checkpoint_model(cfg, checkpoint_dir, num_classes(cfg))
     device = pick_device()
     channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
     model.to(device)
@@ -71,16 +80,12 @@ def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") 
     import torch
 
     from tlcore.data.images2d import RadiographDataset
-    from tlcore.models.networks import build_network
-    from tlcore.models.transfer import read_weights
     from tlcore.training.classification import predict_probabilities
     from tlcore.training.segmentation import pick_device
     from tlcore.training.trial_start import load_images
 
     cfg = TrialConfig.from_dict(config)
-    torch.set_num_threads(cfg.num_threads or 1)
-    model = build_network(cfg, num_classes=2)
-    model.load_state_dict(read_weights(Path(checkpoint_dir) / "model.safetensors"))
+    model = _checkpoint_model(cfg, checkpoint_dir, classes=2)
     images = load_images(cfg, split)
     ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
     y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
@@ -142,20 +147,16 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
 def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
     import torch
 
-    from tlcore.models.networks import build_network
     from tlcore.models.probes import LayerProbe
-    from tlcore.models.transfer import read_weights
     from tlcore.training.segmentation import pick_device
     from tlcore.training.trial_start import load_split, probe_inputs
 
-    def load(cfg: TrialConfig, ckpt) -> torch.nn.Module:
-        model = build_network(cfg, num_classes(cfg))
+    def load(cfg: TrialConfig, ckpt):
         with ckpt.as_directory() as d:
-            model.load_state_dict(read_weights(Path(d) / "model.safetensors"))
-        return model.to(device)
+            return _checkpoint_model(cfg, d, num_classes(cfg)).to(device)
 
     cfg, scratch_cfg, device = TrialConfig.from_dict(config), TrialConfig.from_dict(scratch_config), pick_device()
-    torch.set_num_threads(cfg.num_threads or 1)
+    torch.set_num_threads(cfg.num_threads or 1)  # before the probe volumes are loaded and normalised
     inputs = probe_inputs(cfg, load_split(cfg, "val"))
     probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
     return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
