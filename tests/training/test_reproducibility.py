@@ -16,20 +16,22 @@ from tlcore.data.mura import find_mura
 from tlcore.data.splits import split_patients, split_subjects, write_splits
 from tlcore.data.synthetic import write_mura
 
-# One 3D trial through the trainable's own start-up (start_segmentation) and loop, 8 iterations.
-TRIAL_3D = r"""
+# 3D trials through the trainable's own start-up (start_segmentation) and loop, 8 iterations each,
+# one after another in one process (as in a reused Ray worker).
+TRIALS_3D = r"""
 import json, sys, torch
 from tlcore.config import TrialConfig
 from tlcore.training.segmentation import train_segmentation
 from tlcore.data.layouts import num_classes
 from tlcore.training.trial_start import start_segmentation
-cfg = TrialConfig.from_dict(json.loads(sys.argv[1]))
 torch.rand(int(sys.argv[2]))  # a reused Ray worker: an earlier trial used the random state
-model, _, sampler, val, device = start_segmentation(cfg)
-curve = []
-train_segmentation(cfg, model, sampler, val, num_classes(cfg),
-                   lambda m, s: curve.append([m["train_loss"], m["val_loss"], m["val_dice"]]), device=device)
-print("CURVE", json.dumps(curve))
+curves = []
+for cfg in map(TrialConfig.from_dict, json.loads(sys.argv[1])):
+    model, _, sampler, val, device = start_segmentation(cfg)
+    curves.append([])
+    train_segmentation(cfg, model, sampler, val, num_classes(cfg),
+                       lambda m, s: curves[-1].append([m["train_loss"], m["val_loss"], m["val_dice"]]), device=device)
+print("CURVE", json.dumps(curves))
 """
 
 # One 2D trial (DenseNet121 + fastai head, dropout and flips) through start_classifier, one epoch.
@@ -60,14 +62,14 @@ def brats_config(synthetic_root, tmp_path_factory):
     splits["val"] = splits["val"][:2]
     path = write_splits(tmp_path_factory.mktemp("splits") / "splits.json", splits)
     return {"dataset": "brats", "data_dir": str(synthetic_root / "brats"), "splits_file": str(path),
-            "patch_size": [16, 16, 16], "batch_size": 2, "inference_roi": [32, 32, 32],
+            "patch_size": [12, 12, 12], "batch_size": 2, "inference_roi": [32, 32, 32],
             "max_iterations": 8, "report_every": 4, "num_threads": 1}
 
 
 def test_3d_trial_repeats_in_fresh_processes_and_another_seed_differs(brats_config):
-    first = run_trial(TRIAL_3D, {**brats_config, "seed": 0}, burn=0)
-    again = run_trial(TRIAL_3D, {**brats_config, "seed": 0}, burn=1000)
-    other = run_trial(TRIAL_3D, {**brats_config, "seed": 1}, burn=0)
+    seed = lambda s: {**brats_config, "seed": s}
+    (first,) = run_trial(TRIALS_3D, [seed(0)], burn=0)
+    other, again = run_trial(TRIALS_3D, [seed(1), seed(0)], burn=1000)  # seed 0 after another trial
     assert len(first) == 2 and first == again  # bit-identical losses and Dice at every report
     assert other != first
 
@@ -178,24 +180,20 @@ def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
+@pytest.mark.xdist_group("workspace_store")  # compares with conftest.source_model's sweep
+def test_two_runs_of_a_sweep_log_identical_curves(workspace, source_model, tmp_path):
     """The bar: two runs of one sweep with one seed log the same numbers (the synchronous
-    scheduler also makes the same early-stopping decisions, so the tables match too)."""
-    import os
+    scheduler also makes the same early-stopping decisions, so the tables match too). The first
+    run is the session's source sweep; the second runs here in a store and folder of its own."""
+    from helpers import run_script, source_sweep_flags
 
     from tlcore.tracking import store
 
-    procs, uris = [], []
-    for run in ("a", "b"):
-        uris.append(f"sqlite:///{tmp_path / run / 'mlflow.db'}")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(synthetic_root / "ixi"),
-             "--smoke-test", "--scheduler", "asha-sync", "--mlflow-uri", uris[-1],
-             "--storage-path", str(tmp_path / run / "results")],
-            cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    again = run_script("ixi_source.py", *source_sweep_flags(workspace["data"]), "--smoke-test", "--mlflow-uri", uri,
+                       "--storage-path", str(tmp_path / "results"))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    uris, outputs = (workspace["uri"], uri), (workspace["source_out"], again.stdout)
 
     def curves(uri: str) -> dict:
         runs = store.client(uri).search_runs(
