@@ -134,3 +134,36 @@ def test_ray_workers_start_with_tunes_info_lines_off():
         assert stopped == "" and "a real problem" in real
     finally:
         ray.shutdown()
+
+
+WORKER_PROBE = r"""
+import ray
+from tlcore.sweep.cluster import worker_runtime_env
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=worker_runtime_env(False))
+
+@ray.remote
+def probe():
+    import sys
+    import monai  # imports mlflow for its MLflow handler where it can
+    try:
+        import mlflow  # noqa: F401
+        return "imported"
+    except ImportError:
+        return "refused" if "mlflow" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]] else "partly"
+
+print("WORKER", ray.get(probe.remote()))
+"""
+
+
+def test_a_sweeps_ray_workers_refuse_to_import_mlflow():
+    """The driver is the only MLflow client: a sweep's workers (trials, evaluation tasks) cannot
+    load MLflow at all (progress.prepare_ray_worker), MONAI's optional import of it included."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, sweep_env
+
+    done = subprocess.run([sys.executable, "-c", WORKER_PROBE], cwd=REPO, env=sweep_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert "WORKER refused" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

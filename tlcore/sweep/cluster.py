@@ -84,16 +84,22 @@ def start_private_ray(runtime_env: dict) -> None:
             os.environ[switch] = before
 
 
+def worker_runtime_env(deterministic: bool) -> dict:
+    """What every Ray worker of a sweep starts with: tlcore's setup hook (progress.prepare_ray_worker)."""
+    runtime_env = {"worker_process_setup_hook": "tlcore.sweep.progress.prepare_ray_worker"}
+    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
+    # (No secret goes here: Ray's runtime-env agent logs these values. Trials need none: the
+    # driver is the only MLflow client.)
+    if deterministic:
+        runtime_env["env_vars"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    return runtime_env
+
+
 def connect(args) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
     `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    runtime_env = {"worker_process_setup_hook": "tlcore.sweep.progress.quiet_ray_workers"}
-    # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
-    # (No secret goes here: Ray's runtime-env agent logs these values. Trials need none: the
-    # driver is the only MLflow client.)
-    if args.deterministic:
-        runtime_env["env_vars"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    runtime_env = worker_runtime_env(args.deterministic)
     if args.address is None:
         start_private_ray(runtime_env)
     else:

@@ -1,7 +1,7 @@
 """Evaluation after the trials, in Ray tasks next to the data: every trial's best checkpoint on whole
 volumes (Dice per split, predictions returned as bytes for the driver to log), CKA against the
-from-scratch baseline, and the 2D chain's test metrics. The driver, the only MLflow client, logs
-what the tasks return. Uses Ray's core for tasks; no ray.tune here.
+from-scratch baseline, and the 2D chain's test metrics. The tasks' code is in evaluation_tasks; the
+driver, the only MLflow client, logs what they return. Uses Ray's core for tasks; no ray.tune here.
 """
 
 from __future__ import annotations
@@ -14,55 +14,15 @@ import numpy as np
 import ray
 
 from tlcore.config import TrialConfig
-from tlcore.data.layouts import num_classes
 from tlcore.report.plots import confusion_png
+from tlcore.sweep.evaluation_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
 from tlcore.sweep.invocation import Sweep
 from tlcore.sweep.results import best_checkpoint_of, trial_id_of
 from tlcore.text import format_table
 from tlcore.tracking import store
 
-# What only the tasks need (torch, MONAI, the networks, the data pipeline) is imported inside them,
-# in the worker: the driver, which only sends them, never pays MONAI's ~7 CPU-s import.
-
-
-def _checkpoint_model(cfg: TrialConfig, directory, classes: int):
-    """The network saved in a checkpoint folder, built in the task's worker with the trial's threads."""
-    import torch
-
-    from tlcore.models.networks import build_network
-    from tlcore.models.transfer import read_weights
-
-    torch.set_num_threads(cfg.num_threads or 1)
-    model = build_network(cfg, classes)
-    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
-    return model
-
-
-def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
-    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
-    With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
-    with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
-    to MLflow (no credential on the nodes)."""
-    import torch
-
-    from tlcore.evaluation.metrics import evaluate_subjects
-    from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
-    from tlcore.training.trial_start import load_split
-
-    cfg = TrialConfig.from_dict(config)
-    model = _checkpoint_model(cfg, checkpoint_dir, num_classes(cfg))
-    device = pick_device()
-    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
-    with tempfile.TemporaryDirectory() as out:
-        keep = out if predictions and split != "train" else None
-        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
-                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
-                               channels_last, keep)
-        files = {f.name: f.read_bytes() for f in sorted(Path(out).iterdir()) if f.is_file()} if keep else {}
-    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], **({"predictions": files} if predictions else {})}
+# The tasks' own code is in evaluation_tasks (what a worker imports: no MLflow there); this
+# module sends them and logs what they return.
 
 
 def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) -> None:
@@ -75,34 +35,10 @@ def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) 
         store.log_artifacts(uri, run_id, out, f"predictions/{split}")
 
 
-def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
-    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
-    import torch
-
-    from tlcore.data.images2d import RadiographDataset
-    from tlcore.training.classification import predict_probabilities
-    from tlcore.training.segmentation import pick_device
-    from tlcore.training.trial_start import load_images
-
-    cfg = TrialConfig.from_dict(config)
-    model = _checkpoint_model(cfg, checkpoint_dir, classes=2)
-    images = load_images(cfg, split)
-    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
-    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
-    return {"label": y, "prob": p, "path": [i.path for i in images],
-            "study": [getattr(i, "study", i.path) for i in images],
-            "body_part": [getattr(i, "body_part", "") for i in images]}
-
-
 def evaluate_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
     """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_evaluate_task)
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_segmentation_task)
     return ray.get(task.remote(config, checkpoint, split))
-
-
-def _evaluate_task(config: dict, checkpoint, split: str, predictions: bool = False) -> dict:
-    with checkpoint.as_directory() as d:
-        return evaluate_checkpoint(config, d, split, predictions)
 
 
 def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
@@ -116,7 +52,7 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_evaluate_task)
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_segmentation_task)
     pending, out = {}, {}
     for r in results:
         checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
@@ -144,24 +80,6 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
     return out
 
 
-def _cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
-    import torch
-
-    from tlcore.models.probes import LayerProbe
-    from tlcore.training.segmentation import pick_device
-    from tlcore.training.trial_start import load_split, probe_inputs
-
-    def load(cfg: TrialConfig, ckpt):
-        with ckpt.as_directory() as d:
-            return _checkpoint_model(cfg, d, num_classes(cfg)).to(device)
-
-    cfg, scratch_cfg, device = TrialConfig.from_dict(config), TrialConfig.from_dict(scratch_config), pick_device()
-    torch.set_num_threads(cfg.num_threads or 1)  # before the probe volumes are loaded and normalised
-    inputs = probe_inputs(cfg, load_split(cfg, "val"))
-    probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
-    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
-
-
 def cka_with_scratch(results, sweep: Sweep) -> dict:
     """At the end of a 3D sweep: each trial that started from a source (Mean-Var included) against
     the scratch trial of the same seed, subset and schedule, both at their best checkpoints: every
@@ -169,7 +87,7 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
     thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
     again). Returns trial_id -> {metric: value}."""
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_cka_with_scratch_task)
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
     scratch = {same(TrialConfig.from_dict(r.config)): r for r in results
                if not r.error and TrialConfig.from_dict(r.config).source_model == "scratch"}
@@ -195,10 +113,7 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
 
 
 def evaluate_classifier_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
-    def run(config, checkpoint, split):
-        with checkpoint.as_directory() as d:
-            return evaluate_classifier(config, d, split)
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(run)
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_classifier_task)
     return ray.get(task.remote(config, checkpoint, split))
 
 

@@ -26,12 +26,22 @@ from tlcore.text import format_table
 CLEAR_LINE = "\r\033[K"
 
 
+def prepare_ray_worker() -> None:
+    """Run in every Ray worker process as it starts (cluster.connect: runtime_env's
+    worker_process_setup_hook): quiet_ray_workers, and no MLflow in the process. The driver is
+    the only MLflow client (no credential leaves it), so a worker must never become one: an import
+    of mlflow there fails at once instead of reaching a server. (MONAI would import mlflow for
+    its MLflow handler, ~1 CPU-s per worker; its optional_import takes the refusal quietly.)"""
+    quiet_ray_workers()
+    if "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # Python's own way to make an import fail (ModuleNotFoundError)
+
+
 def quiet_ray_workers() -> None:
-    """Run in every Ray worker process as it starts (ray_cluster.connect: runtime_env's
-    worker_process_setup_hook): Tune's and Train's info lines there ("Restored on <ip> from
-    checkpoint", "Checkpoint successfully created") stay out of the sweep's output, and so does
-    the traceback of a worker that Ray stops (SIGTERM, when the driver exits) while it runs a
-    finaliser; warnings and errors still come through."""
+    """Tune's and Train's info lines in a worker ("Restored on <ip> from checkpoint", "Checkpoint
+    successfully created") stay out of the sweep's output, and so does the traceback of a worker
+    that Ray stops (SIGTERM, when the driver exits) while it runs a finaliser; warnings and
+    errors still come through."""
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     sys.unraisablehook = _unraisable_except_stop

@@ -44,7 +44,7 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
         use_source_weights,
     )
 
-    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
+    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (notebooks, tests)
     use_source_weights(source_weights)
     cfg = TrialConfig.from_dict(config)
     model, transfer, sampler, val, device = start_segmentation(cfg)
@@ -95,7 +95,7 @@ def train_classifier_trial(config: dict, source_weights: dict | None = None) -> 
         use_source_weights,
     )
 
-    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (tests, notebooks)
+    quiet_ray_workers()  # also when Ray was initialised without tlcore's setup hook (notebooks, tests)
     use_source_weights(source_weights)
     cfg = TrialConfig.from_dict(config)
     start_epoch = 0

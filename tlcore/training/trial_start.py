@@ -17,7 +17,6 @@ from tlcore.data.splits import read_splits, training_ids
 from tlcore.models.networks import build_network
 from tlcore.models.probes import LayerProbe, WeightMovement, probe_patches
 from tlcore.models.transfer import TransferReport, freeze_first, load_source, mean_var_init, read_weights
-from tlcore.tracking.model_cache import cached_model
 from tlcore.training.segmentation import pick_device, seed_everything, staging_device
 
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
@@ -73,6 +72,9 @@ def registered_weights(cfg: TrialConfig) -> tuple[str, dict[str, torch.Tensor]]:
         from safetensors.torch import load
 
         return model_uri, load(_SOURCE_WEIGHTS[model_uri])
+    # imported here: it is MLflow's client, and a trial's worker never loads MLflow (progress.setup_ray_worker)
+    from tlcore.tracking.model_cache import cached_model
+
     ref, folder = cached_model(cfg.tracking_uri, model_uri)
     return ref.uri, read_weights(folder / "model.safetensors")
 

@@ -1,0 +1,105 @@
+"""What the evaluation tasks run on a Ray worker after the trials: a checkpoint's network rebuilt,
+its Dice on whole volumes (with the predictions as bytes), a classifier's probabilities, CKA
+against the scratch baseline. A worker never talks to MLflow (it holds no credential, and
+progress.prepare_ray_worker keeps mlflow out of it): the tasks return what the driver logs
+(sweep.evaluation). torch, MONAI and the pipeline are imported inside the functions, in the
+worker: the driver, which only sends the tasks, never pays MONAI's ~7 CPU-s import.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from tlcore.config import TrialConfig
+from tlcore.data.layouts import num_classes
+
+
+def checkpoint_model(cfg: TrialConfig, directory, classes: int):
+    """The network saved in a checkpoint folder, built in the task's worker with the trial's threads."""
+    import torch
+
+    from tlcore.models.networks import build_network
+    from tlcore.models.transfer import read_weights
+
+    torch.set_num_threads(cfg.num_threads or 1)
+    model = build_network(cfg, classes)
+    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
+    return model
+
+
+def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
+    """Whole-volume Dice of a checkpoint on one split (run as a Ray task next to the data).
+    With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
+    with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
+    to MLflow (no credential on the nodes)."""
+    import torch
+
+    from tlcore.evaluation.metrics import evaluate_subjects
+    from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
+    from tlcore.training.trial_start import load_split
+
+    cfg = TrialConfig.from_dict(config)
+    model = checkpoint_model(cfg, checkpoint_dir, num_classes(cfg))
+    device = pick_device()
+    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    with tempfile.TemporaryDirectory() as out:
+        keep = out if predictions and split != "train" else None
+        ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,
+                               cfg.sw_batch_size, cfg.sw_overlap, amp_dtype(cfg, device),
+                               channels_last, keep)
+        files = {f.name: f.read_bytes() for f in sorted(Path(out).iterdir()) if f.is_file()} if keep else {}
+    return {f"{split}_dice": ev["dice"], "per_subject": ev["per_subject"], **({"predictions": files} if predictions else {})}
+
+
+def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") -> dict:
+    """P(positive) of every image of a split, with the ids needed for study-wise metrics."""
+    import torch
+
+    from tlcore.data.images2d import RadiographDataset
+    from tlcore.training.classification import predict_probabilities
+    from tlcore.training.segmentation import pick_device
+    from tlcore.training.trial_start import load_images
+
+    cfg = TrialConfig.from_dict(config)
+    model = checkpoint_model(cfg, checkpoint_dir, classes=2)
+    images = load_images(cfg, split)
+    ds = RadiographDataset([i.path for i in images], [i.label for i in images], cfg.image_size)
+    y, p = predict_probabilities(model, torch.utils.data.DataLoader(ds, batch_size=32), pick_device())
+    return {"label": y, "prob": p, "path": [i.path for i in images],
+            "study": [getattr(i, "study", i.path) for i in images],
+            "body_part": [getattr(i, "body_part", "") for i in images]}
+
+
+def evaluate_segmentation_task(config: dict, checkpoint, split: str, predictions: bool = False) -> dict:
+    """The Ray task: a Tune checkpoint's Dice on one split (evaluate_checkpoint)."""
+    with checkpoint.as_directory() as d:
+        return evaluate_checkpoint(config, d, split, predictions)
+
+
+def evaluate_classifier_task(config: dict, checkpoint, split: str = "test") -> dict:
+    """The Ray task: a Tune checkpoint's probabilities on one split (evaluate_classifier)."""
+    with checkpoint.as_directory() as d:
+        return evaluate_classifier(config, d, split)
+
+
+def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratch_checkpoint) -> dict:
+    """The Ray task: every group's CKA between a trial's and its scratch baseline's best checkpoints."""
+    import torch
+
+    from tlcore.models.probes import LayerProbe
+    from tlcore.training.segmentation import pick_device
+    from tlcore.training.trial_start import load_split, probe_inputs
+
+    def load(cfg: TrialConfig, ckpt):
+        with ckpt.as_directory() as d:
+            return checkpoint_model(cfg, d, num_classes(cfg)).to(device)
+
+    cfg, scratch_cfg, device = TrialConfig.from_dict(config), TrialConfig.from_dict(scratch_config), pick_device()
+    torch.set_num_threads(cfg.num_threads or 1)  # before the probe volumes are loaded and normalised
+    inputs = probe_inputs(cfg, load_split(cfg, "val"))
+    probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
+    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
