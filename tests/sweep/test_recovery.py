@@ -183,7 +183,7 @@ def test_tracking_server_lost_mid_sweep_stops_it_clearly_and_resume_completes_it
         assert done.returncode == 0, done.stderr
     env = sweep_env(MLFLOW_TRACKING_USERNAME="sweeper", MLFLOW_TRACKING_PASSWORD=sweeper, TLCORE_MLFLOW_WAIT_S="3")
     args = [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(workspace["data"] / "ixi"),
-            "--smoke-test", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")]
+            "--smoke-test", "--scheduler", "none", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results")]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
     # trials write a checkpoint with every report, at once (Ray's result.json lags behind)
     checkpoints = lambda: len(list(results.glob("train_*/checkpoint_*")))

@@ -17,7 +17,7 @@ from tlcore.config import TrialConfig
 from tlcore.report.plots import confusion_png
 from tlcore.sweep.evaluation_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
 from tlcore.sweep.invocation import Sweep
-from tlcore.sweep.results import best_checkpoint_of, trial_id_of
+from tlcore.sweep.results import best_checkpoint_of, config_of, trial_id_of
 from tlcore.text import format_table
 from tlcore.tracking import store
 
@@ -89,11 +89,11 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
     task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
-    scratch = {same(TrialConfig.from_dict(r.config)): r for r in results
-               if not r.error and TrialConfig.from_dict(r.config).source_model == "scratch"}
+    scratch = {same(TrialConfig.from_dict(config_of(r))): r for r in results
+               if not r.error and TrialConfig.from_dict(config_of(r)).source_model == "scratch"}
     pending = {}
     for r in results:
-        cfg = TrialConfig.from_dict(r.config)
+        cfg = TrialConfig.from_dict(config_of(r))
         baseline = scratch.get(same(cfg))
         if r.error or cfg.source_model == "scratch" or baseline is None:
             continue

@@ -72,7 +72,7 @@ def trial_rows(results, sweep) -> list[dict]:
     max_iterations, metric, mode = sweep.max_iterations, sweep.metric, sweep.mode
     rows = []
     for r in results:
-        c = TrialConfig.from_dict(r.config)  # its defaults, not restated here
+        c = TrialConfig.from_dict(config_of(r))  # its defaults, not restated here
         df = r.metrics_dataframe
         best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
@@ -86,6 +86,15 @@ def trial_rows(results, sweep) -> list[dict]:
             rows[-1]["error_file"] = str(Path(r.path) / "error.txt")
     return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
                                          row["frozen_layers"], str(row["lr"]), row["seed"]))
+
+
+def config_of(result) -> dict:
+    """A Tune result's trial configuration: from its metrics, or from the params.json Tune wrote
+    in the trial's folder when it started (a trial whose last attempt failed before its first
+    report has no metrics, so Ray's `result.config` is None)."""
+    if result.config is not None:
+        return result.config
+    return json.loads((Path(result.path) / "params.json").read_text())
 
 
 def trial_id_of(result) -> str:
