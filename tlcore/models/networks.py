@@ -8,9 +8,10 @@ on transfer). Building, loading, freezing, evaluation and the model card all go 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a network is built: a sweep's driver only reads the specs
+    from torch import nn
 
 from tlcore.config import DATASETS_2D, HEADS, TrialConfig
 
@@ -47,6 +48,7 @@ def build_model(name: str = "highres3dnet", in_channels: int = 2, num_classes: i
     # imported here: importing MONAI loads all of it (~7 CPU-s), and the specs are also read by
     # processes that build no network (a sweep's driver, the model card)
     from monai.networks.nets import HighResNet
+    from torch import nn
 
     net = HighResNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes)
     block = net.blocks[HIGHRES3DNET_GROUPS[HEAD_GROUP][0]]
