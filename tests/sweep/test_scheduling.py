@@ -228,16 +228,15 @@ def test_a_trial_failing_after_its_rung_was_decided_is_retried_and_the_sweep_end
     from tlcore.sweep.callbacks import Progress
 
     qualities = [0.1, 0.3, 0.5, 0.7, 0.9]
-    quiet = run_marked(tmp_path, "quiet", qualities, synchronous)
     progress = Progress(REPORTS, "val_dice", "max")
     progress.stream = io.StringIO()
     faulty = run_marked(tmp_path, "faulty", qualities, synchronous, fail_when_marked=4, callbacks=[progress])
     assert (tmp_path / "faulty-markers" / "failed").exists()
     assert "failed at 0/9, retried from its last checkpoint (traceback: " in progress.stream.getvalue()
     assert all(r.metrics.get("training_iteration", 0) >= 1 for r in faulty)  # the retried trial reported
-    if synchronous:
-        assert finishers(faulty) == finishers(quiet) == {0.9}
-    else:
+    if synchronous:  # the same survivors as a sweep without the failure
+        assert finishers(faulty) == finishers(run_marked(tmp_path, "quiet", qualities, synchronous)) == {0.9}
+    else:  # (asynchronous: which trials a rung keeps depends on arrival order; the best goes on)
         assert 0.9 in finishers(faulty)
 
 

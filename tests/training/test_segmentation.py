@@ -41,29 +41,29 @@ def brats_subjects(root):
 
 
 def test_learning_happens_and_resume_continues(synthetic_root):
-    """Sixty CPU steps on 12^3 patches reach validation Dice far above chance (~0.8 over seeds 0-2)."""
+    """Forty CPU steps on 12^3 patches reach validation Dice far above chance (0.6-0.8 over seeds 0-2)."""
     torch.set_num_threads(2)
     train, val = brats_subjects(synthetic_root / "brats")
     torch.manual_seed(0)
     model = build_model(num_classes=2)
     before = evaluate_subjects(model, val, 2, (32, 32, 32), torch.device("cpu"))["dice"]
     cfg = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32),
-                    max_iterations=60, report_every=30, seed=0)
+                    max_iterations=40, report_every=20, seed=0)
     reports, states = [], []
     train_segmentation(cfg, model, PatchSampler(train, PATCH, 2, seed=0), val, 2,
                        report=lambda m, s: (reports.append(m), states.append(s)), device=torch.device("cpu"))
-    assert [r["iteration"] for r in reports] == [30, 60]
+    assert [r["iteration"] for r in reports] == [20, 40]
     best = max(r["val_dice"] for r in reports)
     assert before < 0.1 and best > 0.4, (before, reports)
     assert set(states[0]["val_per_subject"]) == {s.id for s in val}
 
-    # resume from the first report's state: continues at iteration 30, not 0
+    # resume from the first report's state: continues at iteration 20, not 0
     more = []
     cfg2 = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32),
-                     max_iterations=35, report_every=5, seed=0, max_val_subjects=1)
+                     max_iterations=25, report_every=5, seed=0, max_val_subjects=1)
     train_segmentation(cfg2, build_model(num_classes=2), PatchSampler(train, PATCH, 2), val, 2,
                        report=lambda m, s: more.append(m), resume=states[0], device=torch.device("cpu"))
-    assert [m["iteration"] for m in more] == [35]
+    assert [m["iteration"] for m in more] == [25]
 
 
 def test_layout_timing_leaves_the_model_untouched():
