@@ -113,8 +113,8 @@ def test_what_a_worker_runs_imports_without_mlflow():
     """A sweep's workers cannot load MLflow (sweep.progress.prepare_ray_worker): the trainables, the
     trial start-up and the evaluation tasks must not need it."""
     code = ("import sys\nsys.modules['mlflow'] = None\n"
-            "import tlcore.sweep.trainables, tlcore.sweep.evaluation_tasks, tlcore.training.trial_start, "
-            "tlcore.training.classification, tlcore.models.probes\nprint('imported')")
+            "import tlcore.sweep.trainables, tlcore.sweep.worker_tasks, tlcore.training.trial_start, "
+            "tlcore.training.classification, tlcore.models.probes, tlcore.analysis.forecast\nprint('imported')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "imported", out.stderr[-3000:]
 

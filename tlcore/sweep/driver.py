@@ -17,6 +17,7 @@ from tlcore.report.summary import log_seed_aggregates, seeds_note
 from tlcore.sweep.halving import SweepStalled
 from tlcore.sweep.invocation import Sweep, fail
 from tlcore.sweep.preflight import check_imagenet, prepare, resolve_source
+from tlcore.sweep.worker_tasks import forecast_task
 from tlcore.text import format_table
 from tlcore.tracking import store
 from tlcore.tracking.credentials import redact
@@ -132,7 +133,7 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
     """Before any trial: the transferability forecast per freeze depth (forecast.py), printed and
     logged to the parent run; a resumed sweep keeps the scores it had. A forecast that fails
     (it is advice, not a result) is a warning; the sweep goes on."""
-    from tlcore.analysis.forecast import forecast_sweep
+    import ray
 
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     logged = store.get_run(uri, pid).metrics
@@ -140,7 +141,9 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
         return {k: logged[FORECAST_METRIC.format(k)] for k in depths}
     t0 = time.perf_counter()
     try:
-        scores = forecast_sweep({**sweep.base_config, "source_model": source}, depths)
+        # in a Ray task, like the trials: the driver loads no network code (MONAI, torch)
+        task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(forecast_task)
+        scores = ray.get(task.remote({**sweep.base_config, "source_model": source}, list(depths), sweep.source_weights))
     except Exception as e:  # noqa: BLE001
         print(f"[tlcore] WARNING: no transferability forecast ({type(e).__name__}: {e})", file=sys.stderr)
         return {}

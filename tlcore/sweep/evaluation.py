@@ -1,6 +1,6 @@
 """Evaluation after the trials, in Ray tasks next to the data: every trial's best checkpoint on whole
 volumes (Dice per split, predictions returned as bytes for the driver to log), CKA against the
-from-scratch baseline, and the 2D chain's test metrics. The tasks' code is in evaluation_tasks; the
+from-scratch baseline, and the 2D chain's test metrics. The tasks' code is in worker_tasks; the
 driver, the only MLflow client, logs what they return. Uses Ray's core for tasks; no ray.tune here.
 """
 
@@ -15,13 +15,13 @@ import ray
 
 from tlcore.config import TrialConfig
 from tlcore.report.plots import confusion_png
-from tlcore.sweep.evaluation_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
 from tlcore.sweep.invocation import Sweep
 from tlcore.sweep.results import best_checkpoint_of, config_of, trial_id_of
+from tlcore.sweep.worker_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
 from tlcore.text import format_table
 from tlcore.tracking import store
 
-# The tasks' own code is in evaluation_tasks (what a worker imports: no MLflow there); this
+# The tasks' own code is in worker_tasks (what a worker imports: no MLflow there); this
 # module sends them and logs what they return.
 
 

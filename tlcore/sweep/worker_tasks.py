@@ -1,9 +1,10 @@
-"""What the evaluation tasks run on a Ray worker after the trials: a checkpoint's network rebuilt,
-its Dice on whole volumes (with the predictions as bytes), a classifier's probabilities, CKA
-against the scratch baseline. A worker never talks to MLflow (it holds no credential, and
+"""What a sweep's Ray tasks run on a worker: the transferability forecast before the trials (on
+the source weights the driver hands over), and after them a checkpoint's network rebuilt, its
+Dice on whole volumes (with the predictions as bytes), a classifier's probabilities, CKA against
+the scratch baseline. A worker never talks to MLflow (it holds no credential, and
 progress.prepare_ray_worker keeps mlflow out of it): the tasks return what the driver logs
-(sweep.evaluation). torch, MONAI and the pipeline are imported inside the functions, in the
-worker: the driver, which only sends the tasks, never pays MONAI's ~7 CPU-s import.
+(sweep.driver, sweep.evaluation). torch, MONAI and the pipeline are imported inside the functions,
+in the worker: the driver, which only sends the tasks, never loads them (~7 CPU-s for MONAI).
 """
 
 from __future__ import annotations
@@ -103,3 +104,13 @@ def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratc
     inputs = probe_inputs(cfg, load_split(cfg, "val"))
     probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
     return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
+
+
+def forecast_task(config: dict, depths: list[int], source_weights: dict[str, bytes]) -> dict[int, float]:
+    """The Ray task: the layer sweep's forecast per freeze depth (analysis.forecast.forecast_sweep),
+    with the trial's resources (a GPU node on clusters), from the source weights the driver read."""
+    from tlcore.analysis.forecast import forecast_sweep
+    from tlcore.training.trial_start import use_source_weights
+
+    use_source_weights(source_weights)
+    return forecast_sweep(config, depths)
