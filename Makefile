@@ -25,7 +25,7 @@ test: lint cluster-deps
 	# two workers, one per core: the suite is CPU-bound (docs/testing.md: where the time goes)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
-# the unit tests: no sweep, no cluster (a first check while editing)
+# the unit tests: no sweep, no cluster, no whole trial in a fresh process (a first check while editing)
 test-fast: .venv/.installed
 	$(PY) -m pytest -q -n 2 -m "not slow and not cluster"
 

@@ -8,6 +8,7 @@
 #   export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9000                    # only for MinIO
 #   mlflow/server.sh                       # http://127.0.0.1:5000, basic-auth on
 #   mlflow/server.sh --host 10.0.0.5       # reachable from the cluster's private network (never 0.0.0.0 on a public IP)
+#   mlflow/server.sh --workers 1           # one server process (MLflow's default is 4; each loads MLflow, ~10 CPU-s)
 #
 # Basic-auth (needs `pip install -e '.[server]'`: mlflow[auth]): the admin account comes from
 # $MLFLOW_AUTH_CONFIG_PATH (an .ini outside the repo, see mlflow/README.md); the Flask session
@@ -19,13 +20,16 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 host=127.0.0.1
 port=5000
+workers=4
 while [ $# -gt 0 ]; do
   case "$1" in
     --host) host="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
-    *) echo "unknown option $1 (use --host, --port)" >&2; exit 2 ;;
+    --workers) workers="$2"; shift 2 ;;
+    *) echo "unknown option $1 (use --host, --port, --workers)" >&2; exit 2 ;;
   esac
 done
+case "$workers" in ''|*[!0-9]*|0) echo "--workers $workers: a number of server processes, 1 or more" >&2; exit 2 ;; esac
 if [ -z "${MLFLOW_BACKEND_URI:-}" ] && [ -n "${MLFLOW_BACKEND_URI_FILE:-}" ]; then
   MLFLOW_BACKEND_URI="$(tr -d '\n' < "$MLFLOW_BACKEND_URI_FILE")"
 fi
@@ -42,7 +46,7 @@ export MLFLOW_BACKEND_STORE_URI="$MLFLOW_BACKEND_URI" MLFLOW_ARTIFACTS_DESTINATI
 # MLflow 3's job runner (huey consumers for GenAI evaluation and trace jobs, about ten processes
 # of ~240 MB each) serves nothing tlcore logs: off unless asked for
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
-args=(server --serve-artifacts --host "$host" --port "$port")
+args=(server --serve-artifacts --host "$host" --port "$port" --workers "$workers")
 scheme=http
 if [ -n "${MLFLOW_TLS_CERT:-}" ] || [ -n "${MLFLOW_TLS_KEY:-}" ]; then
   # HTTPS (uvicorn's own TLS): the basic-auth password and the patients' artifacts never cross

@@ -98,11 +98,13 @@ def kill_ray_processes(marker: str) -> None:
 
 def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_password: str | None = None,
                           log: Path | None = None, tls: Path | None = None,
-                          default_permission: str = "READ") -> subprocess.Popen:
+                          default_permission: str = "READ", workers: int = 1) -> subprocess.Popen:
     """mlflow/server.sh on 127.0.0.1:`port` with a SQLite backend in `workdir`; returns once it
     answers /health (the same store again when called again with the same `workdir`).
     With `admin_password`: basic-auth on, as server.sh runs by default (user `admin`).
-    With `tls` (a folder of cluster/tls_certs.sh with server.crt/.key): HTTPS."""
+    With `tls` (a folder of cluster/tls_certs.sh with server.crt/.key): HTTPS.
+    One server process by default: MLflow's four each load MLflow (~10 CPU-s apiece), and no test
+    needs them (test_team_server starts the default too)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({"MLFLOW_BACKEND_URI": f"sqlite:///{workdir / 'server.db'}",
                 "MLFLOW_ARTIFACTS": str(workdir / "artifacts"), "MLFLOW_AUTH": "off",
@@ -110,7 +112,7 @@ def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_p
     if admin_password is not None:
         ini = workdir / "basic_auth.ini"
         ini.write_text(f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = sqlite:///{workdir / 'auth.db'}\n"
-                       f"admin_username = admin\nadmin_password = {admin_password}\n")
+                       f"admin_username = admin\nadmin_password = {admin_password}\nauth_cache_ttl_seconds = 60\n")  # mlflow/README.md
         ini.chmod(0o600)
         env.update({"MLFLOW_AUTH": "on", "MLFLOW_AUTH_CONFIG_PATH": str(ini), "XDG_CONFIG_HOME": str(workdir / "config")})
     context = None
@@ -120,7 +122,7 @@ def start_tracking_server(workdir: Path, port: int, timeout: float = 90, admin_p
         env.update(MLFLOW_TLS_CERT=str(tls / "server.crt"), MLFLOW_TLS_KEY=str(tls / "server.key"))
         context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     out = log.open("ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "server.sh"), "--port", str(port)], env=env,
+    proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "server.sh"), "--port", str(port), "--workers", str(workers)], env=env,
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline:

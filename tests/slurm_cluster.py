@@ -320,12 +320,13 @@ FirstJobId={self.first_job_id}
         if admin_password is not None:
             ini = workdir / "basic_auth.ini"
             ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{workdir / 'auth.db'}\n"
-                           f"admin_username = admin\nadmin_password = {admin_password}\n")
+                           f"admin_username = admin\nadmin_password = {admin_password}\nauth_cache_ttl_seconds = 60\n")
             ini.chmod(0o600)
             env.update({"MLFLOW_AUTH": "on", "MLFLOW_AUTH_CONFIG_PATH": str(ini),
                         "XDG_CONFIG_HOME": str(workdir / "config")})
         proc = self._spawn("mlflow",
-                           ["bash", str(REPO / "mlflow" / "server.sh"), "--host", self.ctl_ip, "--port", str(port)],
+                           ["bash", str(REPO / "mlflow" / "server.sh"), "--host", self.ctl_ip, "--port", str(port),
+                            "--workers", "1"],
                            self.ctl_ns if self.two else None, env=env)
         self.servers.append(proc)
         self.mlflow_uri = f"http://{self.ctl_ip}:{port}"

@@ -137,10 +137,11 @@ def test_ray_up_over_ssh_runs_a_sweep_on_two_nodes_and_ray_down_stops_everything
     # data on the shared file system; the team MLflow server on the head, auth on
     ensure_synthetic(hosts.shared / "data" / "brats", "brats", seed=0, n_hgg=8, n_lgg=0, shape=SWEEP_VOLUME)
     ini = (f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{head.home}/mlflow-auth.db\n"
-           f"admin_username = admin\nadmin_password = {PASSWORD}\n")
+           f"admin_username = admin\nadmin_password = {PASSWORD}\nauth_cache_ttl_seconds = 60\n")  # mlflow/README.md
     _ok(hosts.ssh(head, "umask 077 && cat > ~/basic_auth.ini", stdin=ini), "write basic_auth.ini")
+    # (one server process, --workers 1: the default four each load MLflow, and one sweep needs one)
     server = (f"cd ~/tlcore; MLFLOW_BACKEND_URI=sqlite:///$HOME/mlflow.db MLFLOW_ARTIFACTS=/shared/mlflow-artifacts "
-              f"MLFLOW_AUTH_CONFIG_PATH=$HOME/basic_auth.ini setsid nohup mlflow/server.sh --host {head.ip} "
+              f"MLFLOW_AUTH_CONFIG_PATH=$HOME/basic_auth.ini setsid nohup mlflow/server.sh --host {head.ip} --workers 1 "
               "> ~/mlflow-server.log 2>&1 < /dev/null & echo $! > ~/mlflow-server.pid")
     _ok(hosts.ssh(head, server), "start the MLflow server")
     uri = f"http://{head.ip}:5000"

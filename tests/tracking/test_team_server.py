@@ -80,7 +80,8 @@ def test_team_server_with_basic_auth_starts_and_refuses_anonymous_requests(tmp_p
     import secrets
 
     password, port, log = secrets.token_hex(8), free_port(), tmp_path / "server.log"
-    server = start_tracking_server(tmp_path, port, admin_password=password, log=log, default_permission="NO_PERMISSIONS")
+    server = start_tracking_server(tmp_path, port, admin_password=password, log=log, default_permission="NO_PERMISSIONS",
+                                   workers=4)  # MLflow's default number of server processes, as shipped
     try:
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _get(api) == 401
@@ -97,6 +98,12 @@ def test_team_server_with_basic_auth_starts_and_refuses_anonymous_requests(tmp_p
         assert "basic-auth on" in log.read_text() and key not in log.read_text()
     finally:
         stop_tracking_server(server)
+
+
+def test_team_server_refuses_a_number_of_workers_that_is_not_one_or_more():
+    for bad in ("0", "two", ""):
+        out = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh"), "--workers", bad], capture_output=True, text=True)
+        assert out.returncode == 2 and "1 or more" in out.stderr, (bad, out.stderr)
 
 
 def test_team_server_prints_no_backend_password(tmp_path):

@@ -66,6 +66,7 @@ def brats_config(synthetic_root, tmp_path_factory):
             "max_iterations": 8, "report_every": 4, "num_threads": 1}
 
 
+@pytest.mark.slow  # whole trials in fresh processes (make test; not test-fast)
 def test_3d_trial_repeats_in_fresh_processes_and_another_seed_differs(brats_config):
     seed = lambda s: {**brats_config, "seed": s}
     (first,) = run_trial(TRIALS_3D, [seed(0)], burn=0)
@@ -74,6 +75,7 @@ def test_3d_trial_repeats_in_fresh_processes_and_another_seed_differs(brats_conf
     assert other != first
 
 
+@pytest.mark.slow  # whole trials in fresh processes (make test; not test-fast)
 def test_2d_trial_repeats_in_fresh_processes(tmp_path):
     cfg = _mura_config(tmp_path)
     first, again = run_trial(TRIAL_2D, cfg, burn=0), run_trial(TRIAL_2D, cfg, burn=1000)
