@@ -62,7 +62,7 @@ def main() -> None:
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
     scores = evaluate_trials(results, sweep, splits=("train", "val", "test"))
     cka_with_scratch(results, sweep)  # the report's heatmap
-    driver.finish(sweep, layer_table(rows, scores))
+    driver.finish(sweep, rows, layer_table(rows, scores))
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def main() -> None:
         space["train_subset"] = tune.grid_search(["S1", "S4"])
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     scores = evaluate_trials(results, sweep)
-    rows = subset_table(trial_rows(results, sweep), scores, sweep.splits)
-    driver.finish(sweep, rows)
+    rows = trial_rows(results, sweep)
+    driver.finish(sweep, rows, subset_table(rows, scores, sweep.splits))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def main() -> None:
     rows = evaluate_classifier_trials(results, trial_rows(results, sweep), sweep, target_loss=args.target_loss)
     per_start = {}
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps
-        steps = r["steps_to_target"] if isinstance(r["steps_to_target"], int) else float("inf")
-        per_start[r["source_model"]] = min(per_start.get(r["source_model"], float("inf")), steps)
-    driver.log_table(sweep, [{"source_model": k, "target_loss": rows[0]["target_loss"],
+        steps = r.scores["steps_to_target"] if isinstance(r.scores["steps_to_target"], int) else float("inf")
+        per_start[r.source_model] = min(per_start.get(r.source_model, float("inf")), steps)
+    driver.log_table(sweep, [{"source_model": k, "target_loss": rows[0].scores["target_loss"],
                            "fewest_steps_to_target": v if v != float("inf") else "not reached"}
                           for k, v in per_start.items()], "steps_to_target.md", "Steps to reach the training loss")
     driver.finish(sweep, rows)

@@ -33,7 +33,7 @@ def main() -> None:
     space = {**sweep.base_config, **SEARCH_SPACE}
     results = run_sweep(NAME, space, **sweep.tune_kwargs())
     rows = trial_rows(results, sweep)
-    if all(r["status"] == "ERROR" for r in rows):
+    if all(r.failed for r in rows):
         driver.finish(sweep, rows, errors=len(rows))  # exits non-zero: nothing to register
     best, checkpoint, iteration = best_trial_checkpoint(results, sweep)
     test = evaluate_remote(best.config, checkpoint, "test", sweep)

@@ -39,7 +39,7 @@ def main() -> None:
     space = {**sweep.base_config, **SEARCH_SPACE, "source_model": args.source}
     results = run_sweep(NAME, space, trainable=train_classifier_trial, **sweep.tune_kwargs(), grace_period=1)
     rows = trial_rows(results, sweep)
-    if all(r["status"] == "ERROR" for r in rows):
+    if all(r.failed for r in rows):
         driver.finish(sweep, rows, errors=len(rows))
     best, checkpoint, epoch = best_trial_checkpoint(results, sweep)
     predictions = evaluate_classifier_remote(best.config, checkpoint, "test", sweep)

@@ -17,6 +17,7 @@ from tlcore.report.summary import log_seed_aggregates, seeds_note
 from tlcore.sweep.halving import SweepStalled
 from tlcore.sweep.invocation import Sweep, fail
 from tlcore.sweep.preflight import check_imagenet, prepare, resolve_source
+from tlcore.sweep.results import TrialRow
 from tlcore.sweep.worker_tasks import forecast_task
 from tlcore.text import format_table
 from tlcore.tracking import store
@@ -154,20 +155,23 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
     return scores
 
 
-def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
-    """Print the results table, log it to the parent run, close the parent run (FAILED when a trial
-    errored, or `errors` says so), and build the report."""
-    errors = max(errors, sum(r.get("status") == "ERROR" for r in rows))
-    table = format_table(rows)
+def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = None, errors: int = 0) -> str:
+    """Print the results table (`table_rows`, a thesis-shaped view of `rows`; else the rows
+    themselves), log it to the parent run, close the parent run (FAILED when a trial errored, or
+    `errors` says so), and build the report."""
+    failed = [r for r in rows if r.failed]
+    errors = max(errors, len(failed))
+    table_rows = table_rows if table_rows is not None else [r.as_dict() for r in rows]
+    table = format_table(table_rows)
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     store.log_text(uri, pid, table + "\n", "results.md")
-    store.log_dict(uri, pid, rows, "results.json")
+    store.log_dict(uri, pid, table_rows, "results.json")
     store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
     aggregates = log_seed_aggregates(uri, sweep.name, pid)
     report = write_report(sweep)
     store.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
-    print(seeds_note(rows, synthetic=not sweep.args.data_dir))
+    print(seeds_note([r.as_dict() for r in rows], synthetic=not sweep.args.data_dir))
     if report:
         print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
     print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}"
@@ -177,12 +181,10 @@ def finish(sweep: Sweep, rows: list[dict], errors: int = 0) -> str:
         print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
         print(f"[tlcore] open the UI:  {uri}")
-    failed = [r for r in rows if r.get("status") == "ERROR"]
-    if errors or failed:
-        names = "\n".join(f"  trial {r['trial_id']} ({r.get('source_model', '')} k={r.get('frozen_layers', '')} "
-                          f"lr={r.get('lr', '')}): {r.get('error', 'failed')}\n    {r.get('error_file', '')}"
-                          for r in failed)
-        fail(f"{max(errors, len(failed))} trial(s) failed after {sweep.args.max_failures} retr"
+    if errors:
+        names = "\n".join(f"  trial {r.trial_id} ({r.source_model} k={r.frozen_layers} lr={r.lr}): "
+                          f"{r.error or 'failed'}\n    {r.error_file}" for r in failed)
+        fail(f"{errors} trial(s) failed after {sweep.args.max_failures} retr"
              f"{'y' if sweep.args.max_failures == 1 else 'ies'}:\n{names}\n"
              f"Rerun the same command with --resume to retry only these; finished trials are kept.")
     return table

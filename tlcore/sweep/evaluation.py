@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import ray
 from tlcore.config import TrialConfig
 from tlcore.report.plots import confusion_png
 from tlcore.sweep.invocation import Sweep
-from tlcore.sweep.results import best_checkpoint_of, config_of, trial_id_of
+from tlcore.sweep.results import TrialRow, best_checkpoint_of, config_of, trial_id_of
 from tlcore.sweep.worker_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
 from tlcore.text import format_table
 from tlcore.tracking import store
@@ -117,7 +118,7 @@ def evaluate_classifier_remote(config: dict, checkpoint, split: str, sweep: Swee
     return ray.get(task.remote(config, checkpoint, split))
 
 
-def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_loss: float | None = None) -> list[dict]:
+def evaluate_classifier_trials(results, rows: list[TrialRow], sweep: Sweep, target_loss: float | None = None) -> list[TrialRow]:
     """Evaluate every trial at its best epoch (by the sweep's objective) on the test split, early-stopped
     or not, and add the data-efficiency figure: training steps until the (smoothed, per-epoch)
     training loss first reaches `target_loss`."""
@@ -132,18 +133,18 @@ def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_l
         target_loss = common_target_loss(c[1] for c in curves.values())
     out = []
     for row in rows:
-        steps, losses, r = curves.get(row["trial_id"], ([], [], None))
+        steps, losses, r = curves.get(row.trial_id, ([], [], None))
         reached = steps_to_reach(losses, target_loss, smooth=1) if losses else None
-        row = {**row, "target_loss": round(target_loss, 4) if target_loss else "",
-               "steps_to_target": steps[reached - 1] if reached else "not reached"}
+        scores = {"target_loss": round(target_loss, 4) if target_loss else "",
+                  "steps_to_target": steps[reached - 1] if reached else "not reached"}
         checkpoint, best_epoch = best_checkpoint_of(r, sweep.metric, sweep.mode) if r is not None else (None, 0)
-        if checkpoint is not None and row["status"] == "OK":
-            row["best_epoch"] = best_epoch
+        if checkpoint is not None and not row.failed:
+            scores["best_epoch"] = best_epoch
             pred = evaluate_classifier_remote(r.config, checkpoint, "test", sweep)
             m = classification_metrics(pred["label"], pred["prob"])
-            row.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
-                       test_confusion=m["confusion"])
-            run_id = runs.run_of(row["trial_id"])
+            scores.update({f"test_{k}": round(v, 4) for k, v in m.items() if k != "confusion"},
+                          test_confusion=m["confusion"])
+            run_id = runs.run_of(row.trial_id)
             if run_id:
                 store.log_metrics(runs.uri, run_id, {f"test_{k}": v for k, v in m.items() if k != "confusion"},
                                      step=best_epoch)
@@ -156,7 +157,7 @@ def evaluate_classifier_trials(results, rows: list[dict], sweep: Sweep, target_l
                 with tempfile.TemporaryDirectory() as d:
                     confusion_png(m["confusion"], ["no finding", "finding"], "test", Path(d) / "confusion_matrix.png")
                     store.log_artifacts(runs.uri, run_id, d)
-        out.append(row)
+        out.append(replace(row, scores={**row.scores, **scores}))
     return out
 
 

@@ -1,10 +1,11 @@
-"""After the trials: the run of every trial closed (also those a killed driver left open), one row
-per trial, and the thesis-shaped tables built from rows and evaluation scores.
+"""After the trials: the run of every trial closed (also those a killed driver left open), one
+TrialRow per trial, and the thesis-shaped tables built from rows and evaluation scores.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcore.config import TrialConfig
@@ -66,26 +67,59 @@ def close_orphaned_runs(results, runs: SweepRuns, max_iterations: int) -> int:
     return closed
 
 
-def trial_rows(results, sweep) -> list[dict]:
-    """One row per trial: configuration, best value of the sweep's metric, iterations run (of
-    `sweep.max_iterations`), stopped early or not."""
-    max_iterations, metric, mode = sweep.max_iterations, sweep.metric, sweep.mode
+@dataclass
+class TrialRow:
+    """One trial as its sweep ends: the axes a sweep varies, the best value of the sweep's
+    objective, how far it ran and how it ended; `scores` holds what evaluation added (test
+    Dice, test AUC, steps to a target loss), in the order the table shows them."""
+    trial_id: str
+    source_model: str
+    frozen_layers: int
+    train_subset: str
+    lr: str                   # as the table prints it (3 significant digits)
+    lr_schedule: str
+    seed: int
+    metric: str               # the sweep's objective, e.g. val_dice
+    best: float               # its best reported value (nan before a first report)
+    iterations: int
+    stopped_early: bool
+    error: str = ""           # the cause in a few words (a failed trial); the traceback is in error_file
+    error_file: str = ""
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error_file)
+
+    def as_dict(self) -> dict:
+        """The row as the printed table and results.json show it."""
+        row = {"trial_id": self.trial_id, "source_model": self.source_model, "frozen_layers": self.frozen_layers,
+               "train_subset": self.train_subset, "lr": self.lr, "lr_schedule": self.lr_schedule, "seed": self.seed,
+               f"best_{self.metric}": round(self.best, 4), "iterations": self.iterations,
+               "stopped_early": self.stopped_early, "status": "ERROR" if self.failed else "OK"}
+        if self.failed:
+            row.update(error=self.error, error_file=self.error_file)
+        return {**row, **self.scores}
+
+
+def trial_rows(results, sweep) -> list[TrialRow]:
+    """One row per trial (scratch first, then by source, depth, lr and seed): its configuration,
+    the best value of the sweep's metric, iterations run (of `sweep.max_iterations`), stopped
+    early or not, and why it failed."""
     rows = []
     for r in results:
         c = TrialConfig.from_dict(config_of(r))  # its defaults, not restated here
         df = r.metrics_dataframe
-        best = float(getattr(df[metric], mode)()) if df is not None and metric in df else float("nan")
+        best = float(getattr(df[sweep.metric], sweep.mode)()) if df is not None and sweep.metric in df else float("nan")
         its = int(df["iteration"].max()) if df is not None and "iteration" in df else 0
-        rows.append({"trial_id": trial_id_of(r), "source_model": c.source_model, "frozen_layers": c.frozen_layers,
-                     "train_subset": c.train_subset, "lr": f"{c.lr:.3g}", "lr_schedule": c.lr_schedule,
-                     "seed": c.seed, f"best_{metric}": round(best, 4),
-                     "iterations": its, "stopped_early": r.error is None and its < max_iterations,
-                     "status": "ERROR" if r.error else "OK"})
-        if r.error:  # the cause in a few words; the whole traceback is in the trial's error.txt
-            rows[-1]["error"] = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
-            rows[-1]["error_file"] = str(Path(r.path) / "error.txt")
-    return sorted(rows, key=lambda row: (row["source_model"] != "scratch", row["source_model"],
-                                         row["frozen_layers"], str(row["lr"]), row["seed"]))
+        rows.append(TrialRow(trial_id_of(r), c.source_model, c.frozen_layers, c.train_subset, f"{c.lr:.3g}",
+                             c.lr_schedule, c.seed, sweep.metric, best, its,
+                             stopped_early=r.error is None and its < sweep.max_iterations))
+        if r.error:
+            rows[-1].error = (str(r.error).strip().splitlines() or [type(r.error).__name__])[-1][:120]
+            rows[-1].error_file = str(Path(r.path) / "error.txt")
+    return sorted(rows, key=lambda row: (row.source_model != "scratch", row.source_model, row.frozen_layers,
+                                         row.lr, row.seed))
 
 
 def config_of(result) -> dict:
@@ -129,32 +163,31 @@ def best_checkpoint_of(result, metric: str, mode: str):
     return checkpoint, int(df.loc[row, "iteration"])
 
 
-def layer_table(rows: list[dict], scores: dict) -> list[dict]:
+def layer_table(rows: list[TrialRow], scores: dict) -> list[dict]:
     """Rows in the shape of thesis Table 6.2: every trial's whole-volume train / val / test Dice
     at its best checkpoint (the iteration of the best validation Dice), early-stopped or not."""
     fmt = lambda v: "" if v is None else round(v, 4)
     out = []
     for r in rows:
-        s = scores.get(r["trial_id"], {})
-        out.append({**r, "train_dice": fmt(s.get("train_dice")), "val_dice": fmt(s.get("val_dice")),
+        s = scores.get(r.trial_id, {})
+        out.append({**r.as_dict(), "train_dice": fmt(s.get("train_dice")), "val_dice": fmt(s.get("val_dice")),
                     "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", "")})
     return out
 
 
-def subset_table(rows: list[dict], scores: dict, splits: dict) -> list[dict]:
+def subset_table(rows: list[TrialRow], scores: dict, splits: dict) -> list[dict]:
     """Rows in the shape of thesis Tables 6.3-6.6: per subset and model, train / val / test Dice
     and the iteration of the chosen (best validation) checkpoint."""
     subsets = splits.get("subsets", {})
+    fmt = lambda v: "" if v is None else round(v, 4)
     out = []
     for r in rows:
-        s = scores.get(r["trial_id"], {})
-        fmt = lambda v: "" if v is None else round(v, 4)
-        subset = r.get("train_subset", "all")
-        out.append({"train_subset": f"{subset} ({len(subsets.get(subset, splits['train']))})",
-                    "model": "scratch" if r["source_model"] == "scratch" else f"k={r['frozen_layers']}",
-                    "lr_schedule": r["lr_schedule"], "seed": r["seed"],
-                    "train_dice": fmt(s.get("train_dice")), "val_dice": r["best_val_dice"],
+        s = scores.get(r.trial_id, {})
+        out.append({"train_subset": f"{r.train_subset} ({len(subsets.get(r.train_subset, splits['train']))})",
+                    "model": "scratch" if r.source_model == "scratch" else f"k={r.frozen_layers}",
+                    "lr_schedule": r.lr_schedule, "seed": r.seed,
+                    "train_dice": fmt(s.get("train_dice")), "val_dice": fmt(r.best),
                     "test_dice": fmt(s.get("test_dice")), "best_iteration": s.get("best_iteration", ""),
-                    "iterations": r["iterations"], "stopped_early": r["stopped_early"],
-                    "status": r["status"], "trial_id": r["trial_id"]})
+                    "iterations": r.iterations, "stopped_early": r.stopped_early,
+                    "status": "ERROR" if r.failed else "OK", "trial_id": r.trial_id})
     return sorted(out, key=lambda x: (x["train_subset"], x["model"] != "scratch", x["model"], x["lr_schedule"]))
