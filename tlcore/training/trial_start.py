@@ -66,13 +66,13 @@ def use_source_weights(sources: dict[str, bytes] | None) -> None:
 
 def registered_weights(cfg: TrialConfig) -> tuple[str, dict[str, torch.Tensor]]:
     """(pinned URI, state dict) of the registered model a start uses: the weights the driver
-    handed the trial, else (in the driver itself: the forecast, notebooks) from the registry."""
+    handed the trial (or the forecast task), else (notebooks, a process with MLflow) from the registry."""
     model_uri = weights_of(cfg.source_model)
     if model_uri in _SOURCE_WEIGHTS:  # a trial's config names the pinned version the driver read
         from safetensors.torch import load
 
         return model_uri, load(_SOURCE_WEIGHTS[model_uri])
-    # imported here: it is MLflow's client, and a trial's worker never loads MLflow (progress.setup_ray_worker)
+    # imported here: it is MLflow's client, and a trial's worker never loads MLflow (progress.prepare_ray_worker)
     from tlcore.tracking.model_cache import cached_model
 
     ref, folder = cached_model(cfg.tracking_uri, model_uri)
