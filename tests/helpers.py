@@ -22,12 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP_VOLUME = (20, 20, 20)
 
 
-def source_sweep_flags(data_root: Path) -> list[str]:
-    """ixi_source.py's flags in conftest.source_model, but the store, results folder and
-    --smoke-test (workspace["common"]): a second run with them must repeat it exactly."""
-    return ["--data-dir", str(data_root / "ixi"), "--scheduler", "asha-sync"]
-
-
 def sweep_env(base: dict | None = None, **extra: str) -> dict:
     """The environment a test runs a sweep script in: a private Ray without token auth (tests start
     their own), unbuffered output (tests read it as it comes), plus `extra`."""

@@ -182,20 +182,24 @@ def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("workspace_store")  # compares with conftest.source_model's sweep
-def test_two_runs_of_a_sweep_log_identical_curves(workspace, source_model, tmp_path):
+def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
     """The bar: two runs of one sweep with one seed log the same numbers (the synchronous
-    scheduler also makes the same early-stopping decisions, so the tables match too). The first
-    run is the session's source sweep; the second runs here in a store and folder of its own."""
-    from helpers import run_script, source_sweep_flags
+    scheduler also makes the same early-stopping decisions, so the tables match too)."""
+    import os
 
     from tlcore.tracking import store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    again = run_script("ixi_source.py", *source_sweep_flags(workspace["data"]), "--smoke-test", "--mlflow-uri", uri,
-                       "--storage-path", str(tmp_path / "results"))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    uris, outputs = (workspace["uri"], uri), (workspace["source_out"], again.stdout)
+    procs, uris = [], []
+    for run in ("a", "b"):
+        uris.append(f"sqlite:///{tmp_path / run / 'mlflow.db'}")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(synthetic_root / "ixi"),
+             "--smoke-test", "--scheduler", "asha-sync", "--mlflow-uri", uris[-1],
+             "--storage-path", str(tmp_path / run / "results")],
+            cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
 
     def curves(uri: str) -> dict:
         runs = store.client(uri).search_runs(
