@@ -143,7 +143,7 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
     t0 = time.perf_counter()
     try:
         # in a Ray task, like the trials: the driver loads no network code (MONAI, torch)
-        task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(forecast_task)
+        task = sweep.remote(forecast_task)
         scores = ray.get(task.remote({**sweep.base_config, "source_model": source}, list(depths), sweep.source_weights))
     except Exception as e:  # noqa: BLE001
         print(f"[tlcore] WARNING: no transferability forecast ({type(e).__name__}: {e})", file=sys.stderr)
@@ -161,7 +161,8 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
     `errors` says so), and build the report."""
     failed = [r for r in rows if r.failed]
     errors = max(errors, len(failed))
-    table_rows = table_rows if table_rows is not None else [r.as_dict() for r in rows]
+    as_dicts = [r.as_dict() for r in rows]
+    table_rows = table_rows if table_rows is not None else as_dicts
     table = format_table(table_rows)
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     store.log_text(uri, pid, table + "\n", "results.md")
@@ -171,7 +172,7 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
     report = write_report(sweep)
     store.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
-    print(seeds_note([r.as_dict() for r in rows], synthetic=not sweep.args.data_dir))
+    print(seeds_note(as_dicts, synthetic=not sweep.args.data_dir))
     if report:
         print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
     print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}"

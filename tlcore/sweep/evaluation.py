@@ -38,7 +38,7 @@ def log_predictions(uri: str, run_id: str, files: dict[str, bytes], split: str) 
 
 def evaluate_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
     """Evaluate a checkpoint in a Ray task with the trial's resources (a GPU node on clusters)."""
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_segmentation_task)
+    task = sweep.remote(evaluate_segmentation_task)
     return ray.get(task.remote(config, checkpoint, split))
 
 
@@ -53,7 +53,7 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
     Returns trial_id -> {"<split>_dice", "best_iteration"}.
     """
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_segmentation_task)
+    task = sweep.remote(evaluate_segmentation_task)
     pending, out = {}, {}
     for r in results:
         checkpoint, best_iteration = best_checkpoint_of(r, metric, mode)
@@ -88,7 +88,7 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
     thing?), logged to the trial's run as `cka_vs_scratch.<group>` (a resume does not compute it
     again). Returns trial_id -> {metric: value}."""
     runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(cka_with_scratch_task)
+    task = sweep.remote(cka_with_scratch_task)
     same = lambda c: (c.train_subset, c.lr, c.lr_schedule, c.seed)
     scratch = {same(TrialConfig.from_dict(config_of(r))): r for r in results
                if not r.error and TrialConfig.from_dict(config_of(r)).source_model == "scratch"}
@@ -114,7 +114,7 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
 
 
 def evaluate_classifier_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
-    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(evaluate_classifier_task)
+    task = sweep.remote(evaluate_classifier_task)
     return ray.get(task.remote(config, checkpoint, split))
 
 

@@ -48,6 +48,13 @@ class Sweep:
     def report_every(self) -> int:
         return self.base_config["report_every"]
 
+    def remote(self, fn):
+        """`fn` as a Ray task with a trial's resources (a GPU where trials get one): the forecast
+        before the trials, the evaluations after them (sweep/worker_tasks)."""
+        import ray  # here: the checks before Ray starts import this module
+
+        return ray.remote(num_cpus=self.cpus_per_trial, num_gpus=self.gpus_per_trial)(fn)
+
     def tune_kwargs(self) -> dict:
         """The `run_sweep` arguments every sweep passes the same way."""
         a = self.args
