@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from common import FULL, SMALL, Profile, device_name, versions  # noqa: E402
+from common import FULL, SMALL, Profile, device_name, stage, versions  # noqa: E402
 from compute import (  # noqa: E402
     bench_analysis,
     bench_deterministic,
@@ -36,6 +36,7 @@ from compute import (  # noqa: E402
     bench_train2d,
     bench_train3d,
 )
+from experiment_a import bench_experiment_a, bench_monai_gpu  # noqa: E402
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 from scale import bench_scale  # noqa: E402
 
@@ -60,12 +61,14 @@ TARGETS = {
     "scale.server.growth_ratio": ("<=", 1.2),
     "scale.sqlite.report_s_at_1000": ("<=", 60.0),
     "scale.server.report_s_at_1000": ("<=", 60.0),
+    "monai_gpu.default_follows_measurement": ("==", True),
+    "experiment_a.gpu_hours": ("<=", 1.5),
 }
 
-BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "mlflow", "tune",
-           "asha", "scale")
+BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "monai_gpu",
+           "experiment_a", "mlflow", "tune", "asha", "scale")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s",
-            "train2d.b64_compute_images_per_s"}
+            "train2d.b64_compute_images_per_s", "experiment_a.gpu_hours", "monai_gpu.default_follows_measurement"}
 
 
 def verdict(key: str, value, on_gpu: bool) -> str:
@@ -78,20 +81,25 @@ def verdict(key: str, value, on_gpu: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def write_summary(log: Path, device: torch.device, profile: Profile) -> None:
+def write_summary(log: Path, device: torch.device | str, profile: Profile) -> None:
     """This device's section of RESULTS.md from the newest value of each measurement in `log`
     (so `--only` reruns, and partial ones such as TLCORE_SCALE_STORES=server, replace just their
-    own rows)."""
-    on_gpu = device.type == "cuda"
+    own rows). `device`: this process's device, or the name a GPU run recorded (`--summary-of`:
+    a lent machine's run cut short before it wrote its summary)."""
+    name = device if isinstance(device, str) else device_name(device)
+    on_gpu = not name.startswith("CPU")
     newest = {}
     for line in log.read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("device") == device_name(device) and rec.get("profile") == profile.name:
+        if rec.get("device") == name and rec.get("profile") == profile.name:
             newest[rec["bench"]] = {**newest.get(rec["bench"], {}), **rec}  # a partial rerun keeps the other keys
     order = list(BENCHES)
     records = [newest[b] for b in order if b in newest]
-    title = f"## {device_name(device)}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"
-    lines = [title, "", f"{time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
+    title = f"## {name}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"
+    stamp = f"{time.strftime('%Y-%m-%d')}; " + ", ".join(f"{k} {v}" for k, v in versions().items())
+    if isinstance(device, str):  # written elsewhere: these versions are not the run's
+        stamp = f"{time.strftime('%Y-%m-%d')}; from {log.name} (the run's versions: bench.log of that run)"
+    lines = [title, "", stamp, "",
              "| measurement | value | target | |", "|---|---|---|---|"]
     for rec in records:
         for k, v in rec.items():
@@ -113,8 +121,13 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the real shapes (for a GPU)")
     ap.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHES))
     ap.add_argument("--no-summary", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--summary-of", metavar="DEVICE", help="only rewrite DEVICE's section of RESULTS.md from "
+                    "results-cuda.jsonl (e.g. 'NVIDIA H200', after a lent machine's run was cut short)")
     args = ap.parse_args(argv)
     profile = FULL if args.full else SMALL
+    if args.summary_of:
+        write_summary(BENCH / "results-cuda.jsonl", args.summary_of, profile)
+        return 0
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -128,8 +141,10 @@ def main(argv=None) -> int:
             only.discard(bench)
     log = BENCH / f"results-{device.type}.jsonl"
 
+    stack = versions()
+
     def emit(name: str, values: dict) -> None:
-        rec = {"bench": name, "device": device_name(device), "profile": profile.name, **values}
+        rec = {"bench": name, "device": device_name(device), "profile": profile.name, **values, "versions": stack}
         line = json.dumps(rec, default=str)
         print(line, flush=True)
         with log.open("a") as f:
@@ -137,8 +152,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
         tmp = Path(d)
-        staged = (bench_train3d(profile, device, tmp, emit)
-                  if only & {"train3d", "inference", "mlflow", "precision", "deterministic", "analysis"} else None)
+        needs_subjects = {"inference", "mlflow", "precision", "deterministic", "analysis", "monai_gpu", "experiment_a"}
+        staged = (bench_train3d(profile, device, tmp, emit) if "train3d" in only
+                  else stage(profile, device, tmp) if only & needs_subjects else None)
+        for name, bench in (("monai_gpu", bench_monai_gpu), ("experiment_a", bench_experiment_a)):
+            if name in only:
+                bench(profile, device, tmp, emit, staged)
         if "inference" in only:
             bench_inference(profile, device, tmp, emit, staged)
         if "precision" in only:
