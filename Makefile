@@ -8,10 +8,8 @@ PY := .venv/bin/python
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	# torch first, pinned (constraints.txt): other versions download gigabytes on machines that have these on disk
-	# --no-compile: byte-compiling every installed module took 35 of torch's 98 s here; Python
-	# compiles (and caches) only the modules a run imports
-	.venv/bin/pip install -q --no-compile -c constraints.txt torch torchvision
-	.venv/bin/pip install -q --no-compile -c constraints.txt -e '.[test,server]'
+	.venv/bin/pip install -q -c constraints.txt torch torchvision
+	.venv/bin/pip install -q -c constraints.txt -e '.[test,server]'
 	touch $@
 
 # synchronous early stopping: two demo runs make the same decisions and print the same tables
