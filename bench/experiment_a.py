@@ -26,6 +26,7 @@ full experiment is extrapolated from what it and the parts below measured:
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -470,15 +471,41 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     emit("experiment_a", out)
 
     # 4. torch.compile, where it pays after its compile time (last: it may take minutes)
-    compiled = measure_compile(p, device, timeout_s=120 if device.type == "cuda" else 600)
-    out.update({f"experiment_a.{k}": v for k, v in compiled.items()})
-    if "compile.error" not in compiled:
-        saved = ITERATIONS * step_s["scratch"] * (1 - 1 / compiled["compile.speedup"])
-        pays = saved > compiled["compile.compile_s"] and compiled["compile.argmax_agreement"] >= 1 - DICE_TOLERANCE
-        out["experiment_a.compile.pays"] = pays
-        if pays:
-            extrapolate(out, step_s, rung_subjects, packing["packing_val.best_k"], 1 / compiled["compile.speedup"])
+    apply_compile(out, measure_compile(p, device, timeout_s=120 if device.type == "cuda" else 600))
     emit("experiment_a", out)
+
+
+def bench_compile(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    """`--only compile`: torch.compile alone, and experiment A's figure again with it, from the
+    parts this device recorded last (a short device call after a long one)."""
+    from common import device_name
+
+    parts = {}
+    log = BENCH / f"results-{device.type}.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rec = json.loads(line)
+        if rec.get("bench") == "experiment_a" and rec.get("device") == device_name(device) \
+                and rec.get("profile") == p.name:
+            parts.update(rec)
+    out = {k: v for k, v in parts.items() if k.startswith(("experiment_a.", "validation."))}
+    apply_compile(out, measure_compile(p, device, timeout_s=240 if device.type == "cuda" else 600))
+    emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
+
+
+def apply_compile(out: dict, compiled: dict) -> None:
+    """Record torch.compile's figures; where it pays after its compile time, and keeps the same
+    predictions, extrapolate again with the compiled step (needs the parts already in `out`)."""
+    out.update({f"experiment_a.{k}": v for k, v in compiled.items()})
+    out["experiment_a.compile.error"] = compiled.get("compile.error")  # None clears an earlier run's in the summary
+    step_s = {k.rsplit(".", 1)[1]: v for k, v in out.items() if k.startswith("experiment_a.step_s.")}
+    if "compile.error" in compiled or not step_s:
+        return
+    saved = ITERATIONS * step_s["scratch"] * (1 - 1 / compiled["compile.speedup"])
+    pays = saved > compiled["compile.compile_s"] and compiled["compile.argmax_agreement"] >= 1 - DICE_TOLERANCE
+    out["experiment_a.compile.pays"] = pays
+    if pays and "experiment_a.packing_val.gain" in out:
+        extrapolate(out, step_s, out["experiment_a.rung_subjects"], out["experiment_a.packing_val.best_k"],
+                    1 / compiled["compile.speedup"])
 
 
 def extrapolate(out: dict, step_s: dict, rung_subjects: int, best_k: int, compile_factor: float) -> None:
@@ -507,8 +534,6 @@ def extrapolate(out: dict, step_s: dict, rung_subjects: int, best_k: int, compil
 def asha_share() -> float:
     """ASHA's iterations over the grid's, the newest CPU measurement (`asha.iterations_over_grid`,
     the sweeps' own settings replayed on a recorded brats_layers grid); 1 when none was recorded."""
-    import json
-
     share = 1.0
     log = BENCH / "results-cpu.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:

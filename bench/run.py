@@ -36,7 +36,7 @@ from compute import (  # noqa: E402
     bench_train2d,
     bench_train3d,
 )
-from experiment_a import bench_experiment_a, bench_monai_gpu  # noqa: E402
+from experiment_a import bench_compile, bench_experiment_a, bench_monai_gpu  # noqa: E402
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 from scale import bench_scale  # noqa: E402
 
@@ -66,7 +66,7 @@ TARGETS = {
 }
 
 BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "monai_gpu",
-           "experiment_a", "mlflow", "tune", "asha", "scale")
+           "experiment_a", "compile", "mlflow", "tune", "asha", "scale")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s",
             "train2d.b64_compute_images_per_s", "experiment_a.gpu_hours", "monai_gpu.default_follows_measurement"}
 
@@ -103,7 +103,7 @@ def write_summary(log: Path, device: torch.device | str, profile: Profile) -> No
              "| measurement | value | target | |", "|---|---|---|---|"]
     for rec in records:
         for k, v in rec.items():
-            if k in ("bench", "device", "profile") or isinstance(v, (dict, list)):
+            if k in ("bench", "device", "profile") or v is None or isinstance(v, (dict, list)):
                 continue
             shown = f"{v:.4g}" if isinstance(v, float) else str(v)
             target = " ".join(map(str, TARGETS[k])) if k in TARGETS else ""
@@ -155,7 +155,8 @@ def main(argv=None) -> int:
         needs_subjects = {"inference", "mlflow", "precision", "deterministic", "analysis", "monai_gpu", "experiment_a"}
         staged = (bench_train3d(profile, device, tmp, emit) if "train3d" in only
                   else stage(profile, device, tmp) if only & needs_subjects else None)
-        for name, bench in (("monai_gpu", bench_monai_gpu), ("experiment_a", bench_experiment_a)):
+        for name, bench in (("monai_gpu", bench_monai_gpu), ("experiment_a", bench_experiment_a),
+                            ("compile", bench_compile)):
             if name in only:
                 bench(profile, device, tmp, emit, staged)
         if "inference" in only:
