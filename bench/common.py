@@ -106,6 +106,19 @@ def stage(p: Profile, device, tmp: Path) -> dict:
     return {"subjects": subjects, "val": val, "files": files, "step_s": step_s}
 
 
+def newest_records(log: Path, device: str | None = None, profile: str | None = None) -> dict[str, dict]:
+    """Each benchmark's newest values in a results log, for one device and profile (None: any);
+    a partial rerun replaces its own keys and keeps the others."""
+    import json
+
+    newest: dict[str, dict] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rec = json.loads(line)
+        if device in (None, rec.get("device")) and profile in (None, rec.get("profile")):
+            newest[rec["bench"]] = {**newest.get(rec["bench"], {}), **rec}
+    return newest
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

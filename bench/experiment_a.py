@@ -26,7 +26,6 @@ full experiment is extrapolated from what it and the parts below measured:
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -241,8 +240,6 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     packing = packing_with_validation(p, device, steps_per_volume,
                                       (window["overlap"], window["sw_batch_size"], tuple(window["roi"])))
     out.update({f"experiment_a.{k}": v for k, v in packing.items()})
-    emit("experiment_a", out)
-
     extrapolate(out, step_s, rung_subjects, packing["packing_val.best_k"], 1.0)
     emit("experiment_a", out)
 
@@ -254,15 +251,9 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
 def bench_compile(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     """`--only compile`: torch.compile alone, and experiment A's figure again with it, from the
     parts this device recorded last (a short device call after a long one)."""
-    from common import device_name
+    from common import device_name, newest_records
 
-    parts = {}
-    log = BENCH / f"results-{device.type}.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else []:
-        rec = json.loads(line)
-        if rec.get("bench") == "experiment_a" and rec.get("device") == device_name(device) \
-                and rec.get("profile") == p.name:
-            parts.update(rec)
+    parts = newest_records(BENCH / f"results-{device.type}.jsonl", device_name(device), p.name).get("experiment_a", {})
     out = {k: v for k, v in parts.items() if k.startswith(("experiment_a.", "validation."))}
     apply_compile(out, measure_compile(p, device, timeout_s=240 if device.type == "cuda" else 600))
     emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
@@ -310,8 +301,6 @@ def extrapolate(out: dict, step_s: dict, rung_subjects: int, best_k: int, compil
 def asha_share() -> float:
     """ASHA's iterations over the grid's, the newest CPU measurement (`asha.iterations_over_grid`,
     the sweeps' own settings replayed on a recorded brats_layers grid); 1 when none was recorded."""
-    share = 1.0
-    log = BENCH / "results-cpu.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else []:
-        share = json.loads(line).get("asha.iterations_over_grid", share)
-    return float(share)
+    from common import newest_records
+
+    return float(newest_records(BENCH / "results-cpu.jsonl").get("asha", {}).get("asha.iterations_over_grid", 1.0))

@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from common import FULL, SMALL, Profile, device_name, stage, versions  # noqa: E402
+from common import FULL, SMALL, Profile, device_name, newest_records, stage, versions  # noqa: E402
 from compute import (  # noqa: E402
     bench_analysis,
     bench_deterministic,
@@ -88,11 +88,7 @@ def write_summary(log: Path, device: torch.device | str, profile: Profile) -> No
     a lent machine's run cut short before it wrote its summary)."""
     name = device if isinstance(device, str) else device_name(device)
     on_gpu = not name.startswith("CPU")
-    newest = {}
-    for line in log.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("device") == name and rec.get("profile") == profile.name:
-            newest[rec["bench"]] = {**newest.get(rec["bench"], {}), **rec}  # a partial rerun keeps the other keys
+    newest = newest_records(log, name, profile.name)
     order = list(BENCHES)
     records = [newest[b] for b in order if b in newest]
     title = f"## {name}: `bench/run.py{' --full' if profile.name == 'full' else ''}`"
