@@ -98,7 +98,7 @@ def stage(p: Profile, device, tmp: Path) -> dict:
     """What bench_train3d hands the other benchmarks, without its comparisons: the subjects and
     the model's own seconds per step on a pre-staged batch."""
     subjects, val, files, _ = synthetic_subjects(tmp, p)
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                       report_every=p.steps, max_val_subjects=1, precise_bn_batches=0,
                       num_threads=torch.get_num_threads())
     x, y = random_batch(p)

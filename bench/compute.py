@@ -38,7 +38,7 @@ from tlcore.training.segmentation import (  # noqa: E402
 def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:
     subjects, val, files, load_s = synthetic_subjects(tmp, p)
     half = p.steps
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * half,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * half,
                     report_every=half, max_val_subjects=1, num_threads=torch.get_num_threads())
     dtype = amp_dtype(cfg, device)
     cl, layout = choose_channels_last(cfg, device, build_model(in_channels=2, num_classes=2), 2)  # as a trial does
@@ -97,7 +97,7 @@ def bench_precision(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     out, preds, fp32_model = {}, {}, None
     for precision, cl in PRECISIONS:
         name = f"{precision}{'_cl' if cl == 'on' else ''}"
-        cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+        cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                         report_every=p.steps, max_val_subjects=1, precision=precision, channels_last=cl,
                         num_threads=torch.get_num_threads())
         sampler = PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)
@@ -132,7 +132,7 @@ def bench_deterministic(p: Profile, device, tmp: Path, emit, staged: dict) -> No
     the default kernels (interleaved, best of two), and whether two deterministic runs from the
     same seed give the same losses. (cuBLAS also needs CUBLAS_WORKSPACE_CONFIG before CUDA
     starts; bench/gpu.sh sets it, as the sweep driver does for its workers.)"""
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                     report_every=p.steps, max_val_subjects=1, num_threads=torch.get_num_threads())
     stage = staging_device(staged["subjects"], device)
     best, losses = defaultdict(float), defaultdict(list)
@@ -160,7 +160,7 @@ def _packed_worker(args) -> float:
     p, threads = args
     torch.set_num_threads(threads)
     device = pick_device()
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                     report_every=p.steps, max_val_subjects=1, num_threads=threads)
     x, y = (t.to(device) for t in random_batch(p))
     from tlcore.data.pipeline import Subject

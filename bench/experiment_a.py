@@ -85,7 +85,7 @@ def bench_monai_gpu(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
 
     subjects, val = staged["subjects"], staged["val"]
     stage = staging_device(subjects, device)
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                     report_every=p.steps, max_val_subjects=1, precise_bn_batches=0,
                     num_threads=torch.get_num_threads())
     samplers = {"tlcore": lambda: PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0, device=stage)}
@@ -152,7 +152,7 @@ def scaled_run(p: Profile, device, staged: dict, val_subjects, window: dict, ite
 
     subjects = staged["subjects"]
     stage = staging_device(subjects, device)
-    common = dict(patch_size=p.patch, batch_size=p.batch, inference_roi=tuple(window["roi"]),
+    common = dict(patch_size=p.patch, batch_size=p.batch, inference_roi=tuple(window["roi"]), torch_compile="off",
                   report_every=iterations // reports, max_val_subjects=0, sw_overlap=window["overlap"],
                   sw_batch_size=window["sw_batch_size"], num_threads=torch.get_num_threads())
     # the source: a model trained on the same task from another seed (no IXI here); the starts
@@ -185,7 +185,10 @@ def scaled_run(p: Profile, device, staged: dict, val_subjects, window: dict, ite
         report_wall = np.diff(marks)[1:] if len(marks) > 2 else np.diff(marks)
         # what a report costs beyond its training steps: precise BN + validation (+ the loop's share)
         overhead = float(np.median(report_wall)) - cfg.report_every * step_s
+        later = [m for m, _ in reports_seen[1:]] or [reports_seen[0][0]]  # the first warms cuDNN up
         per_start[str(start)] = {"step_s": step_s, "report_overhead_s": overhead,
+                                 "bn_s": float(np.median([m["precise_bn_s"] for m in later])),
+                                 "val_s": float(np.median([m["val_s"] for m in later])),
                                  "final_dice": reports_seen[-1][0]["val_dice"]}
         for i, (_, per_subject) in enumerate(reports_seen):
             while len(curves) <= i:
@@ -203,7 +206,7 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     out["experiment_a.setup_s"] = time.perf_counter() - t0
 
     # 1. window settings, on a model trained a little (a predictor that is neither empty nor random)
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, max_iterations=2 * p.steps,
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=2 * p.steps,
                     report_every=2 * p.steps, max_val_subjects=1, num_threads=torch.get_num_threads())
     from tlcore.data.pipeline import PatchSampler
     torch.manual_seed(0)
@@ -225,10 +228,14 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     agreement = rank_agreement(run["curves"], subset)
     rung_ok = agreement["same_top_third_share"] == 1.0 and agreement["regret_max"] <= DICE_TOLERANCE
     step_s = {k: v["step_s"] for k, v in run["per_start"].items()}
-    overhead_per_volume = float(np.median([v["report_overhead_s"] for v in run["per_start"].values()])) / n_val
+    # the report's two parts as train_segmentation timed them: precise BN once, then each volume
+    bn_s = float(np.median([v["bn_s"] for v in run["per_start"].values()]))
+    val_s = float(np.median([v["val_s"] for v in run["per_start"].values()])) / n_val
+    overhead = float(np.median([v["report_overhead_s"] for v in run["per_start"].values()]))
     out.update({f"experiment_a.step_s.{k}": v for k, v in step_s.items()})
     out.update({f"experiment_a.rank.{k}": v for k, v in agreement.items()})
-    out.update({"experiment_a.val_s_per_volume": overhead_per_volume,
+    out.update({"experiment_a.val_s_per_volume": val_s, "experiment_a.bn_s_per_report": bn_s,
+                "experiment_a.report_overhead_s": overhead,
                 "experiment_a.rung_subset_agrees": rung_ok, "experiment_a.rank.subset": f"{subset} of {n_val}",
                 "experiment_a.final_dice": {k: v["final_dice"] for k, v in run["per_start"].items()},
                 "experiment_a.curves": run["curves"]})
@@ -240,7 +247,8 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     packing = packing_with_validation(p, device, steps_per_volume,
                                       (window["overlap"], window["sw_batch_size"], tuple(window["roi"])))
     out.update({f"experiment_a.{k}": v for k, v in packing.items()})
-    extrapolate(out, step_s, rung_subjects, packing["packing_val.best_k"], 1.0)
+    out["experiment_a.rung_subjects"] = rung_subjects
+    extrapolate(out)
     emit("experiment_a", out)
 
     # 4. torch.compile, where it pays after its compile time (last: it may take minutes)
@@ -259,27 +267,66 @@ def bench_compile(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
 
 
+def bench_report_parts(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
+    """`--only report_parts`: a report's two parts as `train_segmentation` times them (precise BN
+    once, then validation per volume), with the sweeps' window defaults, on one start and the
+    validation volumes of `experiment_a`; then experiment A's figure again from the parts this
+    device recorded last (a short device call that corrects the validation term)."""
+    from common import device_name, newest_records
+
+    from tlcore.data.pipeline import PatchSampler
+
+    n_val = 12 if p.name == "full" else 4
+    val_subjects = _validation_subjects(tmp, p, n_val)
+    subjects = staged["subjects"]
+    reports, every = 3, p.steps
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=reports * every,
+                      report_every=every, max_val_subjects=0, num_threads=torch.get_num_threads())
+    seen = []
+    torch.manual_seed(0)
+    train_segmentation(cfg, build_model(in_channels=2, num_classes=2),
+                       PatchSampler(subjects, p.patch, p.batch, "weighted", True, seed=0,
+                                    device=staging_device(subjects, device)),
+                       val_subjects, 2, report=lambda m, s: seen.append(m), device=device)
+    later = seen[1:]  # the first report warms cuDNN up
+    parts = newest_records(BENCH / f"results-{device.type}.jsonl", device_name(device), p.name).get("experiment_a", {})
+    out = {k: v for k, v in parts.items() if k.startswith(("experiment_a.", "validation."))}
+    out.update({"experiment_a.bn_s_per_report": float(np.median([m["precise_bn_s"] for m in later])),
+                "experiment_a.val_s_per_volume": float(np.median([m["val_s"] for m in later])) / n_val,
+                "experiment_a.report_parts.window": f"overlap {cfg.sw_overlap}, sw_batch_size {cfg.sw_batch_size}",
+                "experiment_a.report_parts.precise_bn_batches": cfg.precise_bn_batches})
+    if "experiment_a.packing_val.gain" in out:
+        extrapolate(out)
+    emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
+
+
 def apply_compile(out: dict, compiled: dict) -> None:
     """Record torch.compile's figures; where it pays after its compile time, and keeps the same
     predictions, extrapolate again with the compiled step (needs the parts already in `out`)."""
     out.update({f"experiment_a.{k}": v for k, v in compiled.items()})
     out["experiment_a.compile.error"] = compiled.get("compile.error")  # None clears an earlier run's in the summary
-    step_s = {k.rsplit(".", 1)[1]: v for k, v in out.items() if k.startswith("experiment_a.step_s.")}
-    if "compile.error" in compiled or not step_s:
+    if "compile.error" in compiled or "experiment_a.step_s.scratch" not in out:
         return
-    saved = ITERATIONS * step_s["scratch"] * (1 - 1 / compiled["compile.speedup"])
-    pays = saved > compiled["compile.compile_s"] and compiled["compile.argmax_agreement"] >= 1 - DICE_TOLERANCE
+    saved = ITERATIONS * out["experiment_a.step_s.scratch"] * (1 - 1 / compiled["compile.speedup"])
+    # the same predictions: compiled bf16 as close to fp32 as eager bf16 is (the AMP noise already accepted)
+    same = compiled.get("compile.compiled_vs_fp32_agreement", compiled["compile.argmax_agreement"]) >= \
+        compiled.get("compile.eager_amp_vs_fp32_agreement", 1.0) - DICE_TOLERANCE
+    pays = saved > compiled["compile.compile_s"] and same
     out["experiment_a.compile.pays"] = pays
-    if pays and "experiment_a.packing_val.gain" in out:
-        extrapolate(out, step_s, out["experiment_a.rung_subjects"], out["experiment_a.packing_val.best_k"],
-                    1 / compiled["compile.speedup"])
+    if "experiment_a.packing_val.gain" in out:
+        extrapolate(out)
 
 
-def extrapolate(out: dict, step_s: dict, rung_subjects: int, best_k: int, compile_factor: float) -> None:
-    """The full experiment's GPU-hours from the measured parts (the module's formula)."""
-    val_s = out["experiment_a.val_s_per_volume"]
+def extrapolate(out: dict) -> None:
+    """The full experiment's GPU-hours from the measured parts in `out` (the module's formula):
+    torch.compile's step counts where it paid; precise BN per report where it was timed apart
+    (records before 2026-12-05 counted it inside val_s)."""
+    step_s = {k.rsplit(".", 1)[1]: v for k, v in out.items() if k.startswith("experiment_a.step_s.")}
+    rung_subjects, best_k = out["experiment_a.rung_subjects"], out["experiment_a.packing_val.best_k"]
+    compile_factor = 1 / out["experiment_a.compile.speedup"] if out.get("experiment_a.compile.pays") else 1.0
+    val_s, bn_s = out["experiment_a.val_s_per_volume"], out.get("experiment_a.bn_s_per_report", 0.0)
     training = {k: ITERATIONS * s * compile_factor for k, s in step_s.items()}
-    trial_s = {k: training[k] + REPORTS * rung_subjects * val_s for k in step_s}
+    trial_s = {k: training[k] + REPORTS * (bn_s + rung_subjects * val_s) for k in step_s}
     eval_s = EVAL_SUBJECTS * val_s
     gain = out["experiment_a.packing_val.gain"]
     grid_s = SEEDS * sum(trial_s.values())
@@ -293,8 +340,8 @@ def extrapolate(out: dict, step_s: dict, rung_subjects: int, best_k: int, compil
                 "experiment_a.gpu_hours": (asha * grid_s + SEEDS * len(STARTS) * eval_s) / gain / 3600,
                 "experiment_a.formula": (
                     f"({asha:.2f} (ASHA's share of the grid, CPU run) x {SEEDS} seeds x sum over {len(STARTS)} starts of ({ITERATIONS} x step_s(k)"
-                    f"{f' x {compile_factor:.3f} (compiled)' if compile_factor != 1 else ''} + {REPORTS} reports x "
-                    f"{rung_subjects} volumes x {val_s:.3f} s) + {SEEDS * len(STARTS)} trials x {EVAL_SUBJECTS} "
+                    f"{f' x {compile_factor:.3f} (compiled)' if compile_factor != 1 else ''} + {REPORTS} reports x ("
+                    f"{bn_s:.2f} s precise BN + {rung_subjects} volumes x {val_s:.3f} s)) + {SEEDS * len(STARTS)} trials x {EVAL_SUBJECTS} "
                     f"volumes x {val_s:.3f} s) / packing gain {gain:.2f} ({best_k} trials per GPU) / 3600")})
 
 

@@ -36,7 +36,7 @@ from compute import (  # noqa: E402
     bench_train2d,
     bench_train3d,
 )
-from experiment_a import bench_compile, bench_experiment_a, bench_monai_gpu  # noqa: E402
+from experiment_a import bench_compile, bench_experiment_a, bench_monai_gpu, bench_report_parts  # noqa: E402
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 from scale import bench_scale  # noqa: E402
 
@@ -66,7 +66,7 @@ TARGETS = {
 }
 
 BENCHES = ("train3d", "inference", "precision", "deterministic", "packing", "train2d", "analysis", "monai_gpu",
-           "experiment_a", "compile", "mlflow", "tune", "asha", "scale")
+           "experiment_a", "compile", "report_parts", "mlflow", "tune", "asha", "scale")
 GPU_ONLY = {"train3d.patches_per_s", "inference.model_only_s", "inference.end_to_end_s",
             "train2d.b64_compute_images_per_s", "experiment_a.gpu_hours", "monai_gpu.default_follows_measurement"}
 
@@ -148,11 +148,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="tlcore-bench-") as d:
         tmp = Path(d)
-        needs_subjects = {"inference", "mlflow", "precision", "deterministic", "analysis", "monai_gpu", "experiment_a"}
+        needs_subjects = {"inference", "mlflow", "precision", "deterministic", "analysis", "monai_gpu", "experiment_a",
+                          "report_parts"}
         staged = (bench_train3d(profile, device, tmp, emit) if "train3d" in only
                   else stage(profile, device, tmp) if only & needs_subjects else None)
         for name, bench in (("monai_gpu", bench_monai_gpu), ("experiment_a", bench_experiment_a),
-                            ("compile", bench_compile)):
+                            ("compile", bench_compile), ("report_parts", bench_report_parts)):
             if name in only:
                 bench(profile, device, tmp, emit, staged)
         if "inference" in only:

@@ -11,7 +11,8 @@ def test_from_dict_rejects_unknown_keys():
 
 
 @pytest.mark.parametrize("bad", [{"lr_schedule": "step"}, {"sampler": "balanced"}, {"frozen_layers": 7,
-                                 "source_model": "models:/x/1"}, {"frozen_layers": 2}, {"patch_size": [16, 16]}])
+                                 "source_model": "models:/x/1"}, {"frozen_layers": 2}, {"patch_size": [16, 16]},
+                                 {"torch_compile": "yes"}])
 def test_invalid_values_fail_loudly(bad):
     with pytest.raises(ValueError, match="invalid run config"):
         TrialConfig.from_dict(bad)

@@ -20,3 +20,18 @@ def test_controls_default_per_sweep_and_their_grid_entries(capsys):
         parser.parse_args(["--controls", "scratch,meanvar,imagenet"])
     assert "['imagenet'] unknown" in capsys.readouterr().err
     assert not hasattr(sweep_parser("doc", dataset="ixi").parse_args([]), "controls")  # no source, no controls
+
+
+def test_val_subjects_reaches_every_trial_and_nonsense_is_refused(capsys):
+    from tlcore.sweep.preflight import DataChoice, base_config
+
+    parser = sweep_parser("doc", source="models:/ixi_hippocampus/latest", dataset="brats")
+    build = lambda argv, profile={}: base_config("brats", parser.parse_args(argv), "sqlite:///x.db", "/d", "/s.json",
+                                                 profile, DataChoice())
+    assert "max_val_subjects" not in build([])  # all subjects, TrialConfig's default
+    assert build(["--val-subjects", "16"])["max_val_subjects"] == 16
+    assert build(["--val-subjects", "3"], {"max_val_subjects": 2})["max_val_subjects"] == 3  # over --smoke-test's
+    with pytest.raises(SystemExit) as e:
+        build(["--val-subjects", "0"])
+    assert e.value.code == 2 and "--val-subjects 0" in capsys.readouterr().err
+    assert not hasattr(sweep_parser("doc", dataset="mura").parse_args([]), "val_subjects")  # 3D only

@@ -218,7 +218,8 @@ def _spread(key: str, values: list[float]) -> dict[str, float]:
 
 
 # Curves are averaged step by step instead; rates and throughput say nothing about the configuration.
-NOT_AGGREGATED = {"step", "lr", "patches_per_s", "images_per_s", *CURVES, "val_dice", "val_accuracy"}
+NOT_AGGREGATED = {"step", "lr", "patches_per_s", "images_per_s", "precise_bn_s", "val_s", *CURVES,
+                  "val_dice", "val_accuracy"}
 
 
 def log_seed_aggregates(uri: str, experiment: str, parent_run_id: str) -> list[str]:

@@ -42,6 +42,10 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
         p.add_argument("--spacing", default=None,
                        help="resample every volume to this voxel size in mm, e.g. 1,1,1 (default: keep each "
                             "volume's own); predictions are written back on each input's grid")
+        p.add_argument("--val-subjects", type=int, default=None,
+                       help="validation subjects scored at every report (ASHA's decisions, the best checkpoint); "
+                            "default all. The final evaluation always scores every subject. 16 of BraTS's 63 cut "
+                            "experiment A from 2.4 to 1.5 GPU-hours (docs/speed.md)")
     p.add_argument("--address", default=None, help="Ray address, e.g. 'auto' for a running cluster; omitted = start a local Ray")
     p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
     p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag,

@@ -32,6 +32,7 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
     from tlcore.training.segmentation import (
         amp_dtype,
         choose_channels_last,
+        choose_torch_compile,
         read_segmentation_state,
         train_segmentation,
         write_segmentation_checkpoint,
@@ -51,6 +52,7 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
     analysis = layer_analysis(cfg, model, val, device)  # before a resume: movement is from the start
     staged_on = sampler.device
     channels_last, layout_choice = choose_channels_last(cfg, device, model, num_classes(cfg))
+    compiled, compile_choice = choose_torch_compile(cfg, device)
 
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -60,7 +62,8 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
     # The transfer report (first start) and where this start runs (every start: a restored trial
     # may land on another node) ride along with the first result; the driver's callback logs them.
     first = {"runtime": runtime_summary(device, amp_dtype(cfg, device) is not None, layout_choice,
-                                        volumes_on=staged_on.type, **this_node())}
+                                        volumes_on=staged_on.type, torch_compile=compile_choice,
+                                        **this_node())}
     if resume is None:
         first["transfer"] = transfer_summary(transfer)
 
@@ -71,7 +74,8 @@ def train_segmentation_trial(config: dict, source_weights: dict | None = None) -
             tune.report({**metrics, **first}, checkpoint=tune.Checkpoint.from_directory(d))
         first.clear()
 
-    train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume, device, channels_last)
+    train_segmentation(cfg, model, sampler, val, num_classes(cfg), report, resume, device, channels_last,
+                       compiled)
 
 
 def train_classifier_trial(config: dict, source_weights: dict | None = None) -> None:

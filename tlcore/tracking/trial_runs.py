@@ -15,7 +15,8 @@ from tlcore.data.splits import read_splits
 from tlcore.tracking import registry, store
 
 ANALYSIS_PREFIXES = ("cka.", "weight_change.")  # per layer group, models/probes.py
-METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s", "step")
+METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s",
+           "precise_bn_s", "val_s", "step")
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,20 @@ def layout_key(device: torch.device, model: nn.Module, batch_shape: tuple, dtype
             f"{str(dtype).replace('torch.', '') if dtype else 'fp32'}")
 
 
+def choose_torch_compile(cfg: TrialConfig, device: torch.device) -> tuple[bool, str]:
+    """Whether training steps run through torch.compile, and why. `auto`: on a GPU, where it
+    paid (bench/RESULTS.md, H200: 1.36x per step after a 16 s compile, predictions as close to
+    fp32 as eager bf16's), except under `deterministic` (Inductor's generated kernels are not
+    covered by PyTorch's deterministic switch); off on CPU, where it was slower (0.93x)."""
+    if cfg.torch_compile != "auto":
+        return cfg.torch_compile == "on", f"torch_compile={cfg.torch_compile}"
+    if device.type != "cuda":
+        return False, f"auto: eager on {device.type}"
+    if cfg.deterministic:
+        return False, "auto: eager (deterministic)"
+    return True, "auto: compiled on cuda"
+
+
 def choose_channels_last(cfg: TrialConfig, device: torch.device, model: nn.Module,
                          num_classes: int) -> tuple[bool, str]:
     """Whether to train and infer in channels-last-3d, and why.
@@ -208,11 +222,13 @@ def stream_seed(seed: int, iteration: int) -> int:
 
 def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects, num_classes: int,
                        report: Callable[[dict, dict], None], resume: dict | None = None,
-                       device: torch.device | None = None, channels_last: bool | None = None) -> dict:
+                       device: torch.device | None = None, channels_last: bool | None = None,
+                       compiled: bool | None = None) -> dict:
     """Train until `cfg.max_iterations`; call `report(metrics, state)` every `report_every`.
 
     `state` holds model / optimizer / scheduler state dicts and the iteration; passing it
-    back as `resume` continues where it stopped. `channels_last`: None = `choose_channels_last`.
+    back as `resume` continues where it stopped. `channels_last`: None = `choose_channels_last`;
+    `compiled`: None = `choose_torch_compile`.
     Returns the last metrics.
     """
     device = device or pick_device()
@@ -221,6 +237,11 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
     model.to(device)
     if cl:
         model.to(memory_format=torch.channels_last_3d)
+    if compiled is None:
+        compiled = choose_torch_compile(cfg, device)[0]
+    # the training step only: it shares `model`'s parameters, so checkpoints, precise BN and the
+    # sliding window (whose last batch of windows varies in size) stay on the eager module
+    step_model = torch.compile(model) if compiled else model
     optimizer, loss_fn = build_optimizer(model, cfg), build_loss()
     scheduler = build_scheduler(optimizer, cfg)
     iteration = 0
@@ -243,7 +264,7 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
         if cl:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         with autocast(device, dtype):
-            loss = loss_fn(model(images).float(), labels)
+            loss = loss_fn(step_model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -257,13 +278,20 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
                                          f"(lr={cfg.lr}); lower the learning rate")
             elapsed = time.perf_counter() - t0
             # from the sampler's stream of this stretch: the next stretch reseeds, so resumes stay exact
+            t_bn = time.perf_counter()
             recompute_bn_statistics(model, sampler, cfg.precise_bn_batches, device, dtype, cl)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # BN's kernels counted as BN's, not validation's
+            t_val = time.perf_counter()
             ev = evaluate_subjects(model, val, num_classes, cfg.roi, device, loss_fn,
                                    cfg.sw_batch_size, cfg.sw_overlap, dtype, cl)
             metrics = {"iteration": iteration, "train_loss": train_loss,
                        "val_loss": ev["loss"], "val_dice": ev["dice"],
                        "lr": scheduler.get_last_lr()[0],
-                       "patches_per_s": len(losses) * cfg.batch_size / max(elapsed, 1e-9)}
+                       "patches_per_s": len(losses) * cfg.batch_size / max(elapsed, 1e-9),
+                       # where a report's time goes, beside the training's: what max_val_subjects,
+                       # sw_overlap and precise_bn_batches trade against
+                       "precise_bn_s": t_val - t_bn, "val_s": time.perf_counter() - t_val}
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "iteration": iteration,
                      "val_per_subject": ev["per_subject"]}
