@@ -105,6 +105,34 @@ def test_compiled_training_steps_match_eager_and_checkpoint_plain_weights(synthe
     assert choose_torch_compile(TrialConfig(torch_compile="on"), cpu)[0] is True
 
 
+def test_a_node_that_cannot_compile_trains_eagerly(synthetic_root, monkeypatch, capsys):
+    """Inductor needs a C compiler: without one the trial warns and trains as eager would, it does not fail."""
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached kernel needs no compiler
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    torch.set_num_threads(2)
+    train, val = brats_subjects(synthetic_root / "brats")
+    cfg = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32), max_iterations=2,
+                      report_every=2, seed=0, max_val_subjects=1, precise_bn_batches=0)
+    states = {}
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        model = build_model(num_classes=2)
+        train_segmentation(cfg, model, PatchSampler(train, PATCH, 2, seed=0), val, 2, report=lambda m, s: None,
+                           device=torch.device("cpu"), compiled=compiled)
+        states[compiled] = model.state_dict()
+        if compiled:
+            assert "torch.compile failed on this node, training eagerly instead" in capsys.readouterr().err
+    for k, v in states[False].items():
+        assert torch.equal(states[True][k], v), k
+    torch._dynamo.reset()
+
+
 def test_layout_timing_leaves_the_model_untouched():
     from tlcore.training.segmentation import time_layouts
 

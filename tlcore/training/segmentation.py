@@ -14,6 +14,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -251,7 +252,7 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
         scheduler.load_state_dict(resume["scheduler"])
         iteration = int(resume["iteration"])
     val = val_subjects[: cfg.max_val_subjects] if cfg.max_val_subjects else val_subjects
-    metrics, losses, t0 = {}, [], time.perf_counter()
+    metrics, losses, t0, compile_tried = {}, [], time.perf_counter(), False
     while iteration < cfg.max_iterations:
         if not losses:  # the start of a stretch between reports
             # Each stretch between reports draws its patches from (seed, iteration): a trial
@@ -263,10 +264,25 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if cl:
             images = images.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(device, dtype):
-            loss = loss_fn(step_model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast(device, dtype):
+                loss = loss_fn(step_model(images).float(), labels)
+            loss.backward()  # Inductor compiles the backward here, at the first step
+        except Exception as e:  # only the first compiled step falls back; anything later is raised
+            if step_model is model or compile_tried:
+                raise
+            # A node that cannot compile (Inductor needs a C compiler; Triton, a GPU it supports)
+            # trains eagerly, more slowly, instead of failing every trial on it.
+            print(f"[tlcore] torch.compile failed on this node, training eagerly instead: "
+                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
+                  file=sys.stderr, flush=True)
+            step_model = model
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                loss = loss_fn(model(images).float(), labels)
+            loss.backward()
+        compile_tried = True
         optimizer.step()
         scheduler.step()
         iteration += 1
