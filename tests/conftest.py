@@ -1,5 +1,7 @@
+import atexit
 import os
 import re
+import shutil
 import tempfile
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # tlcore's caches (validated files, downloaded source models) stay out of the user's ~/.cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="tlcore-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # one per test process
 
 
 @pytest.fixture(scope="session")
