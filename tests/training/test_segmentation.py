@@ -66,28 +66,32 @@ def test_learning_happens_and_resume_continues(synthetic_root):
     assert [m["iteration"] for m in more] == [25]
 
 
+def train_tiny(root, compiled: bool, **config) -> tuple:
+    """A few CPU steps from seed 0, compiled or eager: (the model, its starting state, the last report and state)."""
+    torch.set_num_threads(2)
+    train, val = brats_subjects(root / "brats")
+    cfg = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32), seed=0, max_val_subjects=1,
+                      **config)
+    torch.manual_seed(0)
+    model = build_model(num_classes=2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    train_segmentation(cfg, model, PatchSampler(train, PATCH, 2, seed=0), val, 2,
+                       report=lambda m, s: seen.append((m, s)), device=torch.device("cpu"), compiled=compiled)
+    return model, start, *seen[-1]
+
+
 def test_compiled_training_steps_match_eager_and_checkpoint_plain_weights(synthetic_root):
     """torch.compile (the GPU default) runs the training step only: it must train the same weights as
     eager (same seed, same patches), and the state a checkpoint gets keeps the eager module's names."""
     from tlcore.training.segmentation import choose_torch_compile
 
-    torch.set_num_threads(2)
-    train, val = brats_subjects(synthetic_root / "brats")
-    cfg = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32), max_iterations=4,
-                      report_every=4, seed=0, max_val_subjects=1, precise_bn_batches=1)
-    runs = {}
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = build_model(num_classes=2)
-        start = {k: v.clone() for k, v in model.state_dict().items()}
-        seen = []
-        train_segmentation(cfg, model, PatchSampler(train, PATCH, 2, seed=0), val, 2,
-                           report=lambda m, s, seen=seen: seen.append((m, s)), device=torch.device("cpu"),
-                           compiled=compiled)
-        runs[compiled] = seen[-1] + (start,)
+    runs = {c: train_tiny(synthetic_root, c, max_iterations=4, report_every=4, precise_bn_batches=1)
+            for c in (False, True)}
+    for model, start, _, _ in runs.values():
         moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, start[k])]
         assert len(moved) > len(start) // 2, moved  # the (compiled) steps trained the module itself
-    (eager, eager_state, start), (comp, comp_state, _) = runs[False], runs[True]
+    (_, start, eager, eager_state), (_, _, comp, comp_state) = runs[False], runs[True]
     assert list(comp_state["model"]) == list(eager_state["model"])  # no "_orig_mod." prefix
     assert comp["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
     # fused kernels round differently and Adam magnifies it where gradients are near zero: the
@@ -115,21 +119,11 @@ def test_a_node_that_cannot_compile_trains_eagerly(synthetic_root, monkeypatch, 
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached kernel needs no compiler
     monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     torch._dynamo.reset()
-    torch.set_num_threads(2)
-    train, val = brats_subjects(synthetic_root / "brats")
-    cfg = TrialConfig(patch_size=PATCH, batch_size=2, inference_roi=(32, 32, 32), max_iterations=2,
-                      report_every=2, seed=0, max_val_subjects=1, precise_bn_batches=0)
-    states = {}
-    for compiled in (True, False):
-        torch.manual_seed(0)
-        model = build_model(num_classes=2)
-        train_segmentation(cfg, model, PatchSampler(train, PATCH, 2, seed=0), val, 2, report=lambda m, s: None,
-                           device=torch.device("cpu"), compiled=compiled)
-        states[compiled] = model.state_dict()
-        if compiled:
-            assert "torch.compile failed on this node, training eagerly instead" in capsys.readouterr().err
-    for k, v in states[False].items():
-        assert torch.equal(states[True][k], v), k
+    compiled, *_ = train_tiny(synthetic_root, True, max_iterations=2, report_every=2, precise_bn_batches=0)
+    assert "torch.compile failed on this node, training eagerly instead" in capsys.readouterr().err
+    eager, *_ = train_tiny(synthetic_root, False, max_iterations=2, report_every=2, precise_bn_batches=0)
+    for k, v in eager.state_dict().items():
+        assert torch.equal(compiled.state_dict()[k], v), k
     torch._dynamo.reset()
 
 
