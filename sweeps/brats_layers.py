@@ -42,14 +42,14 @@ def optuna_space(trial, source: str) -> None:
 def main() -> None:
     parser = flags.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
-    parser.add_argument("--frozen-layers", default="0,1,2,3,4,5",
-                        help="comma-separated k: the transferred starts, with their first k layer groups frozen")
+    parser.add_argument("--frozen-layers", type=flags.frozen_layers, default="0,1,2,3,4,5",
+                        help="comma-separated k (0..5): the transferred starts, with their first k layer groups frozen")
     args = parser.parse_args()
     sweep = driver.prepare(NAME, "brats", args)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.start_ray(sweep)
     driver.begin(sweep)
-    ks = sorted({int(k) for k in args.frozen_layers.split(",")}) if args.search == "grid" else range(6)
+    ks = args.frozen_layers if args.search == "grid" else range(6)
     driver.log_forecast(sweep, source, ks)  # which k should win? (the report sets it against the result)
     space, searcher = dict(sweep.base_config), None
     if args.search == "grid":  # --num-samples: the grid once per seed

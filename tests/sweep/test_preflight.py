@@ -146,3 +146,19 @@ def test_unreachable_tracking_server_fails_fast(synthetic_root, tmp_path, capsys
     assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in err
     assert time.time() - t0 < 30
     assert not (tmp_path / "results").exists()  # nothing that --resume could mistake for a sweep
+
+
+def test_a_mistyped_flag_ends_the_script_at_once_and_touches_nothing(tmp_path):
+    """As a user meets it: the real script, an earlier sweep's results in --storage-path."""
+    earlier = tmp_path / "results" / "brats_layers"
+    earlier.mkdir(parents=True)
+    (earlier / "tlcore_sweep.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for argv in (["--frozen-layers", "7"], ["--num-samples", "0"]):
+        t0 = time.time()
+        proc = run_script("brats_layers.py", *argv, "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results"),
+                          timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.startswith("[tlcore] error: argument " + argv[0]) and time.time() - t0 < 20, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["brats_layers"]  # not moved aside
+    assert [p.name for p in earlier.iterdir()] == ["tlcore_sweep.json"] and not (tmp_path / "mlflow.db").exists()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tlcore.config import DATASETS_2D, HEADS, MEANVAR, REPO_ROOT
+from tlcore.config import DATASETS_2D, HEADS, MEANVAR, NUM_LAYER_GROUPS, REPO_ROOT
 from tlcore.data.layouts import BRATS_TARGETS
 from tlcore.tracking import store
 from tlcore.tracking.credentials import tracking_uri_flag
@@ -27,7 +27,7 @@ REAL_2D = {"image_size": 299, "batch_size": 16, "max_iterations": 10}  # the the
 
 
 def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrors(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if dataset == "brats":
         p.add_argument("--modalities", default="t1,t2", help="comma-separated of t1,t1ce,t2,flair (thesis: t1,t2 to match IXI)")
         p.add_argument("--target", default="tumour_core", choices=sorted(BRATS_TARGETS),
@@ -42,7 +42,7 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
         p.add_argument("--spacing", default=None,
                        help="resample every volume to this voxel size in mm, e.g. 1,1,1 (default: keep each "
                             "volume's own); predictions are written back on each input's grid")
-        p.add_argument("--val-subjects", type=int, default=None,
+        p.add_argument("--val-subjects", type=count(1), default=None,
                        help="validation subjects scored at every report (ASHA's decisions, the best checkpoint); "
                             "default all. The final evaluation always scores every subject. 16 of BraTS's 63 cut "
                             "experiment A from 2.4 to 1.5 GPU-hours (docs/speed.md)")
@@ -53,21 +53,21 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
                         f"omitted = {store.default_tracking_uri()}")
     p.add_argument("--storage-path", default=str(REPO_ROOT / "results"),
                    help="Ray results and checkpoints (shared storage on multi-node clusters)")
-    p.add_argument("--num-samples", type=int, default=1, help="repeats per grid point (each with its own seed), or trials of a search")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-trial", type=float, default=1)
+    p.add_argument("--num-samples", type=count(1), default=1, help="repeats per grid point (each with its own seed), or trials of a search")
+    p.add_argument("--gpus-per-trial", type=amount(0), default=None, help="fractions allowed; default 1 if the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-trial", type=amount(0, above=True), default=1)
     p.add_argument("--shared-storage", action="store_true",
                    help="--storage-path is shared by every node although tlcore cannot "
                         "tell (e.g. one machine, several Ray nodes)")
     p.add_argument("--autoscale", action="store_true",
                    help="the cluster adds GPU nodes on demand: don't require the GPUs to be up already")
     is_2d = dataset in DATASETS_2D
-    p.add_argument("--max-iterations", type=int, default=None,
+    p.add_argument("--max-iterations", type=count(1), default=None,
                    help=("epochs per trial, one report each (ASHA may stop earlier; default 10 on real data)" if is_2d
                          else "training iterations per trial (ASHA may stop earlier)"))
-    p.add_argument("--report-every", type=int, default=None,
+    p.add_argument("--report-every", type=count(1), default=None,
                    help="2D: not used (a report per epoch)" if is_2d else "iterations between validation reports / checkpoints")
-    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--max-failures", type=count(0), default=1, help="retries of a failed trial from its last checkpoint")
     p.add_argument("--scheduler", choices=["asha", "asha-sync", "none"], default="asha",
                    help="asha: stop poor trials early, deciding on the results in as they arrive; asha-sync: "
                         "decide once every trial of the stratum reached the rung (same results, same decisions); "
@@ -88,6 +88,53 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
                             "initialisation), meanvar (each source tensor's mean and variance, none of its "
                             "features; Raghu et al. 2019), or none")
     return p
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A mistyped flag ends like every other refusal of a sweep: one line naming the flag and what
+    it takes, exit 2 (argparse would print the whole usage of twenty flags first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"[tlcore] error: {message} ({self.prog} --help lists every flag)\n")
+
+
+def count(least: int):
+    """An argparse type: a whole number >= `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: give {least} or more")
+        return value
+    return parse
+
+
+def amount(least: float, above: bool = False):
+    """An argparse type: a number >= `least` (> with `above`); fractions allowed."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"{value:g}: give {'more than' if above else 'at least'} {least:g}")
+        return value
+    return parse
+
+
+def frozen_layers(text: str) -> list[int]:
+    """--frozen-layers: comma-separated counts of HighRes3DNet's leading layer groups to freeze
+    (0..5: the sixth, the head, always trains)."""
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        ks = None
+    if not ks or not all(0 <= k < NUM_LAYER_GROUPS for k in ks):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated counts of frozen layer groups from 0 to "
+                                         f"{NUM_LAYER_GROUPS - 1}, e.g. 0,1,2")
+    return ks
 
 
 CONTROLS = ("scratch", "meanvar")

@@ -201,10 +201,7 @@ def base_config(dataset: str, args: argparse.Namespace, uri: str, data_dir: str,
             TrialConfig(spacing=base["spacing"])
         except ValueError:
             fail(f"--spacing {args.spacing}: give three positive voxel sizes in mm, e.g. --spacing 1,1,1")
-    if getattr(args, "val_subjects", None) is not None:
-        if args.val_subjects < 1:
-            fail(f"--val-subjects {args.val_subjects}: give how many validation subjects each report scores "
-                 "(1 or more), or leave it out for all of them")
+    if getattr(args, "val_subjects", None) is not None:  # (>= 1: flags.count)
         base["max_val_subjects"] = args.val_subjects
     if args.max_iterations:
         base["max_iterations"] = args.max_iterations
