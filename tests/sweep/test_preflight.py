@@ -4,6 +4,7 @@ the driver calls them (`preflight.prepare`, `resolve_source`); what only a real 
 order against Ray, the cluster's resources) runs the sweep script."""
 
 import json
+import re
 import time
 
 import pytest
@@ -162,3 +163,41 @@ def test_a_mistyped_flag_ends_the_script_at_once_and_touches_nothing(tmp_path):
         assert proc.stderr.startswith("[tlcore] error: argument " + argv[0]) and time.time() - t0 < 20, proc.stderr
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["brats_layers"]  # not moved aside
     assert [p.name for p in earlier.iterdir()] == ["tlcore_sweep.json"] and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_address_nothing_answers_is_refused_in_seconds():
+    """ray.init would retry such an address for minutes; a listening port passes."""
+    import socket
+
+    from helpers import free_port
+
+    from tlcore.sweep.cluster import ClusterMismatch, check_address_answers
+
+    dead = f"127.0.0.1:{free_port()}"
+    for address, says in ((dead, "nothing answers there (connection refused"), (f"ray://{dead}", "nothing answers"),
+                          ("10.0.0.5", "give auto (the Ray cluster this machine belongs to) or host:port")):
+        t0 = time.time()
+        with pytest.raises(ClusterMismatch, match=re.escape(says)):
+            check_address_answers(address)
+        assert time.time() - t0 < 3
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        check_address_answers(f"127.0.0.1:{head.getsockname()[1]}")
+    check_address_answers("auto")  # Ray's own lookup, which fails at once when no cluster runs
+
+
+@pytest.mark.slow
+def test_a_dead_address_ends_the_sweep_before_anything_is_written(synthetic_root, tmp_path):
+    """As a user meets it, with the source model present (it is checked first): under 20 s, one line."""
+    from helpers import free_port, store_with_untrained_source
+
+    uri = store_with_untrained_source(tmp_path)
+    t0 = time.time()
+    proc = run_script("brats_layers.py", "--data-dir", str(synthetic_root / "brats"), "--smoke-test", "--address",
+                      f"127.0.0.1:{free_port()}", "--mlflow-uri", uri, "--storage-path", str(tmp_path / "results"),
+                      timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "nothing answers there" in proc.stderr and time.time() - t0 < 20, proc.stderr
+    assert not (tmp_path / "results" / "brats_layers").exists()
+    assert store.client(uri).get_experiment_by_name("brats_layers") is None  # no parent run

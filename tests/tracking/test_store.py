@@ -183,3 +183,21 @@ def test_experiments_open_on_mlflows_model_training_view(mlflow_uri):
     assert "mlflow.experimentKind" not in c.get_experiment(old).tags
     store.start_run(mlflow_uri, "older", "r")
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_unknown_run_and_parent_ids_end_the_tools_in_one_line(mlflow_uri, capsys):
+    """`lineage runs:<unknown>` and `report --parent-run <unknown>` (or a run of another sweep): exit 2,
+    one line naming the id, no MLflow traceback."""
+    from tlcore.report import page
+    from tlcore.tracking import lineage
+
+    other = store.start_run(mlflow_uri, "ixi_source", "a parent", tags={"role": "parent"})
+    for tool, argv, says in (
+            (lineage.main, ["runs:/0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef' in"),
+            (page.main, ["brats_layers", "--parent-run", "feedface"], "no run 'feedface' in"),
+            (page.main, ["brats_layers", "--parent-run", other], "belongs to experiment 'ixi_source'")):
+        assert tool([*argv, "--mlflow-uri", mlflow_uri]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("[tlcore] error: ") and says in err and len(err.strip().splitlines()) == 1, err
+    assert lineage.main([f"runs:/{other}", "--mlflow-uri", mlflow_uri]) == 0  # a run it holds: its chain
+    assert other[:8] in capsys.readouterr().out

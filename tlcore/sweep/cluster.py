@@ -95,6 +95,30 @@ def worker_runtime_env(deterministic: bool) -> dict:
     return runtime_env
 
 
+ADDRESS_TIMEOUT_S = 2.0
+
+
+def check_address_answers(address: str) -> None:
+    """A `host:port` (or `ray://host:port`) that nothing answers is refused in seconds: ray.init
+    would retry it for minutes. `auto` is left to Ray, which fails at once when no cluster runs here."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterMismatch(f"--address {address}: give auto (the Ray cluster this machine belongs to) or "
+                              "host:port of its head node, e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise ClusterMismatch(f"--address {address}: nothing answers there ({why} within {ADDRESS_TIMEOUT_S:g} s). "
+                              "Start the cluster first (ray start --head, or ray up cluster/<yours>.yaml), check "
+                              "the head's address and port, or leave --address out for a Ray on this machine. "
+                              "No trial was started.") from None
+
+
 def connect(args) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
     `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
@@ -103,6 +127,7 @@ def connect(args) -> float:
     if args.address is None:
         start_private_ray(runtime_env)
     else:
+        check_address_answers(args.address)
         ray.init(address=args.address, runtime_env=runtime_env)
     resources = ray.cluster_resources()
     have_gpus = resources.get("GPU", 0)

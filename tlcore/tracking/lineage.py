@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         links = chain(args.mlflow_uri or store.default_tracking_uri(), args.start)
-    except registry.ModelNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except LookupError as e:  # a model or run the store does not hold
+        print(f"[tlcore] error: {e}", file=sys.stderr)
         return 2
     print(describe(links))
     return 0

@@ -312,8 +312,18 @@ def _experiment_name(uri: str, exp_id: str) -> str:
     return client(uri).get_experiment(exp_id).name
 
 
+class RunNotFoundError(LookupError):
+    """A run id the store does not hold (mistyped, or from another store)."""
+
+
 def get_run(uri: str, run_id: str) -> RunRecord:
-    return _record(uri, client(uri).get_run(run_id))
+    try:
+        return _record(uri, client(uri).get_run(run_id))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RunNotFoundError(f"no run {run_id!r} in {redact(uri)}: check the id (the MLflow UI shows it on the "
+                               "run's page) and --mlflow-uri") from None
 
 
 def child_runs(uri: str, experiment: str, parent_run_id: str, where: str = "") -> list[RunRecord]:
