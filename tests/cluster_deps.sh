@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages for the cluster tests (make cluster-test; make test runs them too): sshd and
-# rsync for `ray up` onto test hosts, Slurm and munge for the sbatch test. Installed only where
+# rsync for `ray up` onto test hosts, Slurm and munge for the sbatch test; and Chromium, the
+# headless browser that opens the MLflow link a sweep prints (tests/tracking/test_mlflow_ui.py). Installed only where
 # they are missing and we are root with apt-get; otherwise those tests skip and say why.
 # No daemon is started here: a policy-rc.d keeps Debian's install scripts from starting them
 # (the tests start their own, on their own ports and namespaces, and stop them).
 set -euo pipefail
-packages=(openssh-server openssh-client rsync iproute2 slurmctld slurmd slurm-client munge)
+packages=(openssh-server openssh-client rsync iproute2 slurmctld slurmd slurm-client munge chromium)
 need=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p"); done
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -179,9 +179,11 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
           + (f"; {len(aggregates)} run(s) 'mean of n seeds' (mean, _sd, _min, _max of every metric)"
              if aggregates else ""))
     if uri.startswith("sqlite:///"):
-        print(f"[tlcore] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        start = ("mlflow/ui.sh" if uri == store.default_tracking_uri() else
+                 f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"[tlcore] open the UI:  {start}\n         then {store.runs_page('http://127.0.0.1:5000', uri, sweep.name)}")
     else:
-        print(f"[tlcore] open the UI:  {uri}")
+        print(f"[tlcore] open the UI:  {store.runs_page(redact(uri), uri, sweep.name)}")
     if errors:
         names = "\n".join(f"  trial {r.trial_id} ({r.source_model} k={r.frozen_layers} lr={r.lr}): "
                           f"{r.error or 'failed'}\n    {r.error_file}" for r in failed)

@@ -167,6 +167,16 @@ def short_retries(retries: int = 1, timeout: int = 20):
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless the URL or the
+# browser's stored choice says otherwise; the experimentKind tag is read only when that switch is off.
+ML_VIEW = "workflowType=machine_learning"
+
+
+def runs_page(ui: str, uri: str, experiment: str) -> str:
+    """The link to an experiment's runs table, in the model-training view, on the UI at `ui`."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id(uri, experiment)}/runs?{ML_VIEW}"
+
+
 def experiment_id(uri: str, name: str) -> str:
     """Id of experiment `name`, created if missing (artifacts beside a SQLite store), tagged as
     model training (older experiments get the tag when next used)."""
