@@ -119,6 +119,8 @@ def test_every_trial_is_evaluated_at_its_best_checkpoint(layer_sweep, workspace)
     for r in layer_sweep["children"]:
         best = max(store.metric_history(uri, r.info.run_id, "val_dice"), key=lambda sv: (sv[1], -sv[0]))
         assert json.loads(r.data.tags["evaluation"])["best_iteration"] == best[0]
+        # the runs table's columns for it (val_dice there is the last report's)
+        assert (r.data.metrics["best_val_dice"], r.data.metrics["best_iteration"]) == (best[1], best[0])
         for split in ("train_dice", "test_dice"):
             assert [s for s, _ in store.metric_history(uri, r.info.run_id, split)] == [best[0]]
             assert 0 <= r.data.metrics[split] <= 1

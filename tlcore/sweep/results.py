@@ -30,6 +30,21 @@ def log_val_per_subject(results, runs: SweepRuns, metric: str, mode: str) -> Non
                 store.log_dict(runs.uri, run_id, json.loads(f.read_text()), "val_per_subject_dice.json")
 
 
+def log_best_scores(results, runs: SweepRuns, metric: str, mode: str) -> None:
+    """Each trial's best validation score (`best_val_dice`, `best_val_accuracy`) and that report's
+    iteration (`best_iteration`) as metrics of its run: MLflow's `val_dice` column is the last
+    report's, while the table, the report and the evaluated checkpoint are the best one's."""
+    for r in results:
+        df = r.metrics_dataframe
+        run_id = runs.run_of(trial_id_of(r))
+        if df is None or metric not in df or df[metric].isna().all() or not run_id:
+            continue
+        row = df[metric].idxmax() if mode == "max" else df[metric].idxmin()
+        iteration = int(df.loc[row, "iteration"])
+        store.log_metrics(runs.uri, run_id, {f"best_{metric}": float(df.loc[row, metric]),
+                                             "best_iteration": iteration}, step=iteration)
+
+
 def finish_trial_runs(results, runs: SweepRuns, max_iterations: int, metric: str, mode: str,
               replay_from: str | Path | None = None) -> None:
     """What every sweep does once Tune returns: check the store is up (a store still down after the
@@ -51,6 +66,7 @@ def finish_trial_runs(results, runs: SweepRuns, max_iterations: int, metric: str
             print(f"[tlcore] {added} metric value(s) MLflow lacked written from Ray's result files", flush=True)
     close_orphaned_runs(results, runs, max_iterations)
     log_val_per_subject(results, runs, metric, mode)
+    log_best_scores(results, runs, metric, mode)
 
 
 def close_orphaned_runs(results, runs: SweepRuns, max_iterations: int) -> int:
