@@ -37,9 +37,16 @@ class SweepRuns:
 
 
 def trial_run_name(config: dict) -> str:
+    """What varies first, as MLflow's runs table cuts long names: 'k=2 · ixi_hippocampus/1 · lr=0.001
+    constant', 'S2 · scratch · lr=0.001 constant' (the training subset, then the frozen groups of a
+    transferred start, then the start, then the learning rate)."""
     c = flatten_config(config)
     src = c.get("source_model", "scratch").replace("models:/", "")
-    return f"{src} k={c.get('frozen_layers', 0)} lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()
+    parts = [c["train_subset"]] if c.get("train_subset", "all") != "all" else []
+    if src != "scratch" and not src.startswith("meanvar:"):
+        parts.append(f"k={c.get('frozen_layers', 0)}")
+    parts += [src, f"lr={c.get('lr', '')} {c.get('lr_schedule', '')}".strip()]
+    return " · ".join(parts)
 
 
 def logged_metrics(result: dict) -> dict:
