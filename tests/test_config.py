@@ -30,3 +30,15 @@ def test_start_pair_is_flattened_and_lists_become_tuples():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrialConfig().lr = 1.0
+
+
+def test_a_run_logs_only_the_settings_that_apply_to_it():
+    from tlcore.config import ONLY_2D, ONLY_3D
+
+    brats = TrialConfig(dataset="brats").logged_params()
+    assert "patch_size" in brats and "sw_overlap" in brats and not ONLY_2D & set(brats)
+    chest = TrialConfig(dataset="chestxray").logged_params()
+    assert chest["finding"] == "Pneumothorax" and "image_size" in chest and not ONLY_3D & set(chest)
+    mura = TrialConfig(dataset="mura").logged_params()
+    assert "finding" not in mura and "image_size" in mura
+    assert set(brats) | ONLY_2D == set(TrialConfig().to_params())  # the checkpoint's run_config keeps every key

@@ -170,9 +170,22 @@ class TrialConfig:
         return self.inference_roi or self.patch_size
 
     def to_params(self) -> dict[str, Any]:
-        """Flat, string-friendly view for MLflow params."""
+        """Flat, string-friendly view of every key (what a checkpoint's run_config.json holds)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    def logged_params(self) -> dict[str, Any]:
+        """The keys that apply to this run, for MLflow's params: a 3D run shows no image size or
+        ChestX-ray finding, a 2D run no patch size or sliding window."""
+        other = ONLY_3D if self.dataset in DATASETS_2D else ONLY_2D
+        if self.dataset != "chestxray":
+            other = other | {"finding"}
+        return {k: v for k, v in self.to_params().items() if k not in other}
+
+
+# Keys that mean nothing to the other kind of run (TrialConfig.logged_params leaves them out).
+ONLY_2D = {"image_size", "lr_ratio", "finding", "oversample", "data_workers"}
+ONLY_3D = {"modalities", "label_map", "spacing", "head", "patch_size", "sampler", "inference_roi", "sw_batch_size",
+           "sw_overlap", "max_val_subjects", "precise_bn_batches", "channels_last", "torch_compile"}
 
 # Keys an older tlcore wrote into trial configs (a sweep started with it can still be resumed):
 # ignored on reading, never written.

@@ -72,14 +72,14 @@ def open_trial_run(uri: str, experiment: str, parent_run_id: str, trial_id: str,
         tags = {"sweep": experiment, "trial_id": trial_id}
         if weights_of(cfg.source_model).startswith("models:/"):  # meanvar: its statistics' source
             tags["source_run_id"] = registry.resolve_model(uri, weights_of(cfg.source_model)).run_id
-        run_id = store.start_run(uri, experiment, trial_run_name(config), cfg.to_params(), tags,
+        run_id = store.start_run(uri, experiment, trial_run_name(config), cfg.logged_params(), tags,
                                     parent_run_id=parent_run_id)
         if cfg.splits_file and os.path.exists(cfg.splits_file):  # every run names its subjects
             store.log_dict(uri, run_id, read_splits(cfg.splits_file), "splits.json")
     else:
         # A store outage between create_run and log_params leaves a run without params; finding
         # it again completes them (log_params adds only the missing keys).
-        store.log_params(uri, run_id, TrialConfig.from_dict(config).to_params())
+        store.log_params(uri, run_id, TrialConfig.from_dict(config).logged_params())
         if last_step is not None:
             history = store.metric_history(uri, run_id, "train_loss")
             last_step[trial_id] = max((step for step, _ in history), default=-1)
