@@ -133,6 +133,7 @@ def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspa
     w, c, parent, out = workspace, layer_sweep["client"], layer_sweep["parent"], layer_sweep["out"]
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
     assert table.count("| models:/ixi_hippocampus/1") == 6 and "meanvar:" in table and "test_dice" in table
+    assert table.strip() in c.get_run(parent).data.tags["mlflow.note.content"]  # the run's description in the UI
     # the report: named in the output, in the results folder and in the parent run
     page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in out and page.read_text().count("data:image/png") >= 2

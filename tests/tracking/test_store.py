@@ -111,7 +111,7 @@ def test_a_trial_run_found_again_without_params_gets_them(tmp_path):
     config = {"dataset": "ixi", "lr": 0.003, "lr_schedule": "cosine"}
     assert open_trial_run(uri, "ixi_source", parent, "t1", config, reopen=False) == orphan
     params = store.client(uri).get_run(orphan).data.params
-    expected = TrialConfig.from_dict(config).to_params()
+    expected = TrialConfig.from_dict(config).logged_params()
     assert set(expected) <= set(params) and params["lr"] == "0.003" and params["lr_schedule"] == "cosine"
 
 

@@ -155,6 +155,19 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
     return scores
 
 
+NOTE_LIMIT = 7_500  # MLflow keeps a tag (the run's description is one) up to 8,000 characters
+
+
+def parent_description(sweep: Sweep, table: str, rows: list[dict]) -> str:
+    """The parent run's description in MLflow (its Overview page): the results table, what one
+    seed can and cannot say, where the rest is."""
+    head = f"**{sweep.name}**: {len(rows)} trial(s); the HTML report is under this run's artifacts, report/.\n\n"
+    note = "\n\n" + seeds_note(rows, synthetic=not sweep.args.data_dir).replace("[tlcore] ", "")
+    if len(head) + len(table) + len(note) > NOTE_LIMIT:
+        table = "(the table is in results.md: too long for a description)"
+    return head + table + note
+
+
 def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = None, errors: int = 0) -> str:
     """Print the results table (`table_rows`, a thesis-shaped view of `rows`; else the rows
     themselves), log it to the parent run, close the parent run (FAILED when a trial errored, or
@@ -167,7 +180,8 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     store.log_text(uri, pid, table + "\n", "results.md")
     store.log_dict(uri, pid, table_rows, "results.json")
-    store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
+    store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors,
+                              "mlflow.note.content": parent_description(sweep, table, as_dicts)})
     aggregates = log_seed_aggregates(uri, sweep.name, pid)
     report = write_report(sweep)
     store.end_run(uri, pid, "FAILED" if errors else "FINISHED")
