@@ -22,9 +22,9 @@ if [ ! -e "$guard" ]; then printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod +x
 trap '[ $made_guard = 1 ] && rm -f "$guard"' EXIT
 echo "[tlcore] installing ${need[*]} (Debian packages for the cluster tests)"
 export DEBIAN_FRONTEND=noninteractive
-install() { apt-get install -y -q --no-install-recommends "$@" > /dev/null \
+apt_install() { apt-get install -y -q --no-install-recommends "$@" > /dev/null \
   || { apt-get update -q > /dev/null && apt-get install -y -q --no-install-recommends "$@" > /dev/null; }; }
 required=(); wanted=()
 for p in "${need[@]}"; do [[ " ${optional[*]} " == *" $p "* ]] && wanted+=("$p") || required+=("$p"); done
-[ ${#required[@]} -eq 0 ] || install "${required[@]}"
-[ ${#wanted[@]} -eq 0 ] || install "${wanted[@]}" || echo "[tlcore] ${wanted[*]} could not be installed: the tests that need it skip" >&2
+[ ${#required[@]} -eq 0 ] || apt_install "${required[@]}"
+[ ${#wanted[@]} -eq 0 ] || apt_install "${wanted[@]}" || echo "[tlcore] ${wanted[*]} could not be installed: the tests that need it skip" >&2
