@@ -196,8 +196,11 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
         start = ("mlflow/ui.sh" if uri == store.default_tracking_uri() else
                  f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         print(f"[tlcore] open the UI:  {start}\n         then {store.runs_page('http://127.0.0.1:5000', uri, sweep.name)}")
-    else:
+    elif uri.startswith(("http://", "https://")):
         print(f"[tlcore] open the UI:  {store.runs_page(redact(uri), uri, sweep.name)}")
+    else:  # a database URI: the UI is whichever `mlflow server` serves that database
+        print(f"[tlcore] open the UI:  mlflow server --backend-store-uri <this store>, then experiment "
+              f"{sweep.name!r} (add ?{store.ML_VIEW} to its runs page for the model-training view)")
     if errors:
         names = "\n".join(f"  trial {r.trial_id} ({r.source_model} k={r.frozen_layers} lr={r.lr}): "
                           f"{r.error or 'failed'}\n    {r.error_file}" for r in failed)
