@@ -71,7 +71,8 @@ def test_the_tests_mirror_the_package():
     folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert folders == set(STAGES) | {"sweeps", "cluster"}, folders
     loose = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
-    assert loose == ["test_config.py", "test_layout.py", "test_xdist_groups.py"], loose
+    # what belongs to no stage: the config, the layout itself, the README's quickstart, the test runner
+    assert loose == ["test_config.py", "test_layout.py", "test_readme.py", "test_xdist_groups.py"], loose
     names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
     assert len(names) == len(set(names)), "test file names must be unique (pytest imports them by name)"
 
