@@ -256,15 +256,27 @@ def bench_experiment_a(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     emit("experiment_a", out)
 
 
+def recorded_parts(p: Profile, device) -> dict:
+    """Experiment A's parts this device recorded last (the short device calls measure one part and
+    extrapolate again from the rest)."""
+    from common import device_name, newest_records
+
+    newest = newest_records(BENCH / f"results-{device.type}.jsonl", device_name(device), p.name)
+    return {k: v for k, v in newest.get("experiment_a", {}).items() if k.startswith(("experiment_a.", "validation."))}
+
+
+def changed(out: dict, parts: dict) -> dict:
+    """What a short call adds to the recorded parts: a record of its own, not a copy of theirs."""
+    return {k: v for k, v in out.items() if k not in parts or parts[k] != v}
+
+
 def bench_compile(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     """`--only compile`: torch.compile alone, and experiment A's figure again with it, from the
     parts this device recorded last (a short device call after a long one)."""
-    from common import device_name, newest_records
-
-    parts = newest_records(BENCH / f"results-{device.type}.jsonl", device_name(device), p.name).get("experiment_a", {})
-    out = {k: v for k, v in parts.items() if k.startswith(("experiment_a.", "validation."))}
+    parts = recorded_parts(p, device)
+    out = dict(parts)
     apply_compile(out, measure_compile(p, device, timeout_s=240 if device.type == "cuda" else 600))
-    emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
+    emit("experiment_a", changed(out, parts))
 
 
 def bench_report_parts(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
@@ -272,16 +284,14 @@ def bench_report_parts(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
     once, then validation per volume), with the sweeps' window defaults, on one start and the
     validation volumes of `experiment_a`; then experiment A's figure again from the parts this
     device recorded last (a short device call that corrects the validation term)."""
-    from common import device_name, newest_records
-
     from tlcore.data.pipeline import PatchSampler
 
     n_val = 12 if p.name == "full" else 4
     val_subjects = _validation_subjects(tmp, p, n_val)
     subjects = staged["subjects"]
     reports, every = 3, p.steps
-    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off", max_iterations=reports * every,
-                      report_every=every, max_val_subjects=0, num_threads=torch.get_num_threads())
+    cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch, inference_roi=p.roi, torch_compile="off",
+                      max_iterations=reports * every, report_every=every, max_val_subjects=0, num_threads=torch.get_num_threads())
     seen = []
     torch.manual_seed(0)
     train_segmentation(cfg, build_model(in_channels=2, num_classes=2),
@@ -289,15 +299,15 @@ def bench_report_parts(p: Profile, device, tmp: Path, emit, staged: dict) -> Non
                                     device=staging_device(subjects, device)),
                        val_subjects, 2, report=lambda m, s: seen.append(m), device=device)
     later = seen[1:]  # the first report warms cuDNN up
-    parts = newest_records(BENCH / f"results-{device.type}.jsonl", device_name(device), p.name).get("experiment_a", {})
-    out = {k: v for k, v in parts.items() if k.startswith(("experiment_a.", "validation."))}
+    parts = recorded_parts(p, device)
+    out = dict(parts)
     out.update({"experiment_a.bn_s_per_report": float(np.median([m["precise_bn_s"] for m in later])),
                 "experiment_a.val_s_per_volume": float(np.median([m["val_s"] for m in later])) / n_val,
                 "experiment_a.report_parts.window": f"overlap {cfg.sw_overlap}, sw_batch_size {cfg.sw_batch_size}",
                 "experiment_a.report_parts.precise_bn_batches": cfg.precise_bn_batches})
     if "experiment_a.packing_val.gain" in out:
         extrapolate(out)
-    emit("experiment_a", {k: v for k, v in out.items() if k not in parts or parts[k] != v})
+    emit("experiment_a", changed(out, parts))
 
 
 def apply_compile(out: dict, compiled: dict) -> None:

@@ -149,9 +149,9 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
           log: bool = True) -> Report:
     """Build the report of one sweep (the newest of `experiment` by default) into `out`, and log
     it to the parent run under `report/` when `log`."""
-    if parent_run_id and store.get_run(uri, parent_run_id).experiment != experiment:  # RunNotFoundError first
-        raise LookupError(f"run {parent_run_id} is not a sweep of {experiment!r}: it belongs to experiment "
-                          f"{store.get_run(uri, parent_run_id).experiment!r}")
+    owner = store.get_run(uri, parent_run_id).experiment if parent_run_id else experiment  # RunNotFoundError
+    if owner != experiment:
+        raise LookupError(f"run {parent_run_id} is not a sweep of {experiment!r}: it belongs to experiment {owner!r}")
     parent_run_id = parent_run_id or store.newest_parent_run(uri, experiment)
     if parent_run_id is None:
         raise LookupError(f"no sweep of experiment {experiment!r} in {uri}")

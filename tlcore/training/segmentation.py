@@ -252,6 +252,14 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
         scheduler.load_state_dict(resume["scheduler"])
         iteration = int(resume["iteration"])
     val = val_subjects[: cfg.max_val_subjects] if cfg.max_val_subjects else val_subjects
+
+    def forward_backward(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            loss = loss_fn(net(images).float(), labels)
+        loss.backward()  # a compiled net compiles its backward here, at the first step
+        return loss
+
     metrics, losses, t0, compile_tried = {}, [], time.perf_counter(), False
     while iteration < cfg.max_iterations:
         if not losses:  # the start of a stretch between reports
@@ -264,24 +272,18 @@ def train_segmentation(cfg: TrialConfig, model: nn.Module, sampler, val_subjects
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if cl:
             images = images.contiguous(memory_format=torch.channels_last_3d)
-        optimizer.zero_grad(set_to_none=True)
         try:
-            with autocast(device, dtype):
-                loss = loss_fn(step_model(images).float(), labels)
-            loss.backward()  # Inductor compiles the backward here, at the first step
+            loss = forward_backward(step_model, images, labels)
         except Exception as e:  # only the first compiled step falls back; anything later is raised
             if step_model is model or compile_tried:
                 raise
             # A node that cannot compile (Inductor needs a C compiler; Triton, a GPU it supports)
             # trains eagerly, more slowly, instead of failing every trial on it.
-            print(f"[tlcore] torch.compile failed on this node, training eagerly instead: "
-                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
-                  file=sys.stderr, flush=True)
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"[tlcore] torch.compile failed on this node, training eagerly instead: {type(e).__name__}: "
+                  f"{first_line}", file=sys.stderr, flush=True)
             step_model = model
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                loss = loss_fn(model(images).float(), labels)
-            loss.backward()
+            loss = forward_backward(model, images, labels)
         compile_tried = True
         optimizer.step()
         scheduler.step()
