@@ -140,25 +140,27 @@ WORKER_PROBE = r"""
 import ray
 from tlcore.sweep.cluster import worker_runtime_env
 
-ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=worker_runtime_env(False))
+ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env=worker_runtime_env(False, volumes=True))
 
 @ray.remote
-def probe():
-    import sys
+def probe(module):
+    import importlib, sys
     try:
-        import mlflow  # noqa: F401
+        importlib.import_module(module)
         return "imported"
     except ImportError:
-        return "refused" if "mlflow" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]] else "partly"
+        return "refused" if module not in [m.split(".")[0] for m in sys.modules if sys.modules[m]] else "partly"
 
-print("WORKER", ray.get(probe.remote()))
+print("WORKER", ray.get(probe.remote("mlflow")), ray.get(probe.remote("torchvision")))
 """
 
 
 def test_a_sweeps_ray_workers_refuse_to_import_mlflow():
     """The driver is the only MLflow client: a sweep's workers (trials, evaluation tasks) cannot
-    load MLflow at all (progress.prepare_ray_worker). (MONAI's optional import of it takes the
-    refusal quietly: every sweep test's workers import MONAI.)"""
+    load MLflow at all (progress.prepare_ray_worker). A 3D sweep's workers load no torchvision
+    either (prepare_3d_ray_worker: 1.6 CPU-s each; the 2D sweeps' DenseNet121 trials in
+    tests/sweeps/test_classification_sweeps.py show theirs can). (MONAI's optional imports of
+    both take the refusal quietly: every 3D sweep test's workers import MONAI.)"""
     import subprocess
     import sys
 
@@ -166,4 +168,4 @@ def test_a_sweeps_ray_workers_refuse_to_import_mlflow():
 
     done = subprocess.run([sys.executable, "-c", WORKER_PROBE], cwd=REPO, env=sweep_env(), capture_output=True,
                           text=True, timeout=300)
-    assert "WORKER refused" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "WORKER refused refused" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

@@ -74,8 +74,10 @@ def start_private_ray(runtime_env: dict) -> None:
     os.environ[switch] = "0"
     held = without_credentials()
     try:
+        # no idle workers started ahead: they would lack the sweep's runtime env (its setup hook),
+        # so no trial or task could use them (~0.5 CPU-s each, one per CPU)
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
     finally:
         os.environ.update(held)
         if before is None:
@@ -84,9 +86,11 @@ def start_private_ray(runtime_env: dict) -> None:
             os.environ[switch] = before
 
 
-def worker_runtime_env(deterministic: bool) -> dict:
-    """What every Ray worker of a sweep starts with: tlcore's setup hook (progress.prepare_ray_worker)."""
-    runtime_env = {"worker_process_setup_hook": "tlcore.sweep.progress.prepare_ray_worker"}
+def worker_runtime_env(deterministic: bool, volumes: bool = False) -> dict:
+    """What every Ray worker of a sweep starts with: tlcore's setup hook (progress.prepare_ray_worker,
+    or prepare_3d_ray_worker for a sweep over `volumes`)."""
+    hook = "prepare_3d_ray_worker" if volumes else "prepare_ray_worker"
+    runtime_env = {"worker_process_setup_hook": f"tlcore.sweep.progress.{hook}"}
     # cuBLAS reads its workspace setting when CUDA starts in a worker: too late inside a trial.
     # (No secret goes here: Ray's runtime-env agent logs these values. Trials need none: the
     # driver is the only MLflow client.)
@@ -119,11 +123,12 @@ def check_address_answers(address: str) -> None:
                               "No trial was started.") from None
 
 
-def connect(args) -> float:
+def connect(args, volumes: bool = False) -> float:
     """Connect to (or start) Ray and check the sweep fits the cluster; returns GPUs per trial.
-    `args` has the sweep flags (flags.sweep_parser); a mismatch raises ClusterMismatch."""
+    `args` has the sweep flags (flags.sweep_parser); `volumes`: a 3D sweep (worker_runtime_env);
+    a mismatch raises ClusterMismatch."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    runtime_env = worker_runtime_env(args.deterministic)
+    runtime_env = worker_runtime_env(args.deterministic, volumes)
     if args.address is None:
         start_private_ray(runtime_env)
     else:

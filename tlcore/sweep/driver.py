@@ -83,10 +83,11 @@ def close_stalled_sweep(running: dict) -> None:
 def start_ray(sweep: Sweep) -> float:
     """Connect to (or start) Ray and check the sweep fits it (cluster.py); sets and returns
     the GPUs per trial."""
+    from tlcore.config import DATASETS_2D
     from tlcore.sweep.cluster import ClusterMismatch, connect
 
     try:
-        sweep.gpus_per_trial = connect(sweep.args)
+        sweep.gpus_per_trial = connect(sweep.args, volumes=sweep.base_config["dataset"] not in DATASETS_2D)
     except ClusterMismatch as e:
         fail(str(e))
     return sweep.gpus_per_trial

@@ -33,8 +33,22 @@ def prepare_ray_worker() -> None:
     of mlflow there fails at once instead of reaching a server. (MONAI would import mlflow for
     its MLflow handler, ~1 CPU-s per worker; its optional_import takes the refusal quietly.)"""
     quiet_ray_workers()
-    if "mlflow" not in sys.modules:
-        sys.modules["mlflow"] = None  # Python's own way to make an import fail (ModuleNotFoundError)
+    refuse_import("mlflow")
+
+
+def prepare_3d_ray_worker() -> None:
+    """prepare_ray_worker for a 3D sweep's workers, and no torchvision in them either: no 3D
+    model, transform or metric uses it, but MONAI's networks import it for their 2D backbones,
+    and torchvision imports torch's compiler stack: 1.6 of the ~6 CPU-s each worker spends on
+    imports (docs/testing.md). MONAI's optional_import takes the refusal quietly, and a 2D
+    sweep's workers (DenseNet121) get prepare_ray_worker."""
+    prepare_ray_worker()
+    refuse_import("torchvision")
+
+
+def refuse_import(module: str) -> None:
+    if module not in sys.modules:
+        sys.modules[module] = None  # Python's own way to make an import fail (ModuleNotFoundError)
 
 
 def quiet_ray_workers() -> None:

@@ -86,6 +86,9 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                 failure_config=tune.FailureConfig(max_failures=max_failures)))
     # Ray's newer console output prints its own header and a TensorBoard hint even at verbose=0
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own loggers are result_loggers(); left to itself it adds TensorBoard's too, whose
+    # import alone costs the driver ~1 CPU-s (the curves are in MLflow and the report)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     print(f"[tlcore] sweep {name}: scheduler {scheduler}{' within ' + ','.join(strata) if strata else ''}; "
           f"Ray's files in {exp_dir}, its messages in {exp_dir}/ray.log", flush=True)
     t0 = time.perf_counter()
