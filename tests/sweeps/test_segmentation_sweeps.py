@@ -37,6 +37,9 @@ def test_source_sweep_registers_weights_with_lineage(workspace, source_model):
     assert trained_with.label_map == {17: 1, 53: 2} and str(trained_with.lr) == run.data.params["lr"]
     assert trained_with.to_params() == read_run_config(next((w["tmp"] / "results" / "ixi_source").glob(
         f"*_{run.data.tags['trial_id']}/checkpoint_*"))).to_params()
+    # Tune's result files, without TensorBoard's (tuner.no_tensorboard_logger: the driver never imports it)
+    results = w["tmp"] / "results" / "ixi_source"
+    assert list(results.glob("train_*/result.json")) and not list(results.rglob("events.out.tfevents*"))
 
 
 GROUPS = ("conv_0", "res_1", "res_2", "res_3", "conv_1")

@@ -3,6 +3,7 @@ every script in sweeps/ calls it."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -21,6 +22,23 @@ from tlcore.tracking.trial_runs import SweepRuns
 def trial_dirname(trial) -> str:
     """Short trial folder names (Tune's default spells out the whole config)."""
     return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+@contextlib.contextmanager
+def no_tensorboard_logger():
+    """Tune's loggers are result_loggers(); left to itself, fit() adds TensorBoard's too, whose
+    import alone costs the driver ~1 CPU-s (the curves are in MLflow and the report). Tune's switch
+    is an environment variable: set for the fit only, so no other Tuner in the process loses its
+    default loggers."""
+    before = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
 
 
 def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id: str, storage_path: str,
@@ -86,13 +104,10 @@ def run_sweep(name: str, param_space: dict, *, tracking_uri: str, parent_run_id:
                 failure_config=tune.FailureConfig(max_failures=max_failures)))
     # Ray's newer console output prints its own header and a TensorBoard hint even at verbose=0
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune's own loggers are result_loggers(); left to itself it adds TensorBoard's too, whose
-    # import alone costs the driver ~1 CPU-s (the curves are in MLflow and the report)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     print(f"[tlcore] sweep {name}: scheduler {scheduler}{' within ' + ','.join(strata) if strata else ''}; "
           f"Ray's files in {exp_dir}, its messages in {exp_dir}/ray.log", flush=True)
     t0 = time.perf_counter()
-    with ray_messages_to(Path(exp_dir) / "ray.log"):
+    with ray_messages_to(Path(exp_dir) / "ray.log"), no_tensorboard_logger():
         results = tuner.fit()
     print(f"[tlcore] sweep {name} finished in {time.perf_counter() - t0:.0f} s")
     # a restored sweep's callback is Tune's unpickled copy: replay from Ray's files whenever resumed
