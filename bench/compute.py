@@ -25,14 +25,8 @@ from tlcore.data.layouts import default_label_map  # noqa: E402
 from tlcore.data.pipeline import PatchSampler, load_subject  # noqa: E402
 from tlcore.evaluation.metrics import dice_per_class, predict_logits, write_prediction  # noqa: E402
 from tlcore.models.networks import build_model  # noqa: E402
-from tlcore.training.segmentation import (  # noqa: E402
-    amp_dtype,
-    choose_channels_last,
-    pick_device,
-    seed_everything,
-    staging_device,
-    train_segmentation,
-)
+from tlcore.training.device import pick_device, seed_everything, staging_device  # noqa: E402
+from tlcore.training.segmentation import amp_dtype, choose_channels_last, train_segmentation  # noqa: E402
 
 
 def bench_train3d(p: Profile, device, tmp: Path, emit) -> dict:

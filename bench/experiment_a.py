@@ -52,12 +52,8 @@ from experiment_a_parts import (  # noqa: E402
 from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.models.networks import build_model  # noqa: E402
 from tlcore.models.transfer import freeze_first  # noqa: E402
-from tlcore.training.segmentation import (  # noqa: E402
-    amp_dtype,
-    choose_channels_last,
-    staging_device,
-    train_segmentation,
-)
+from tlcore.training.device import staging_device  # noqa: E402
+from tlcore.training.segmentation import amp_dtype, choose_channels_last, train_segmentation  # noqa: E402
 
 # The thesis's experiment A (SPEC 1.1) and the decision rule for MONAI's sampler (the issue's).
 STARTS = ("scratch", 0, 1, 2, 3, 4, 5)

@@ -39,7 +39,8 @@ from tlcore.data.splits import DEFAULT_FRACTIONS, split_subjects  # noqa: E402
 from tlcore.data.synthetic import ensure_synthetic  # noqa: E402
 from tlcore.models.networks import build_model  # noqa: E402
 from tlcore.models.transfer import load_source  # noqa: E402
-from tlcore.training.segmentation import seed_everything, train_segmentation  # noqa: E402
+from tlcore.training.device import seed_everything  # noqa: E402
+from tlcore.training.segmentation import train_segmentation  # noqa: E402
 
 STARTS = ("scratch", "transferred")
 FAIL_BELOW = 0.1           # best validation Dice under this = the run did not learn

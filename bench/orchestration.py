@@ -23,7 +23,8 @@ from common import SWEEP_REPORTS, FixedBatch, Profile, random_batch  # noqa: E40
 
 from tlcore.config import TrialConfig  # noqa: E402
 from tlcore.models.networks import build_model  # noqa: E402
-from tlcore.training.segmentation import pick_device, train_segmentation  # noqa: E402
+from tlcore.training.device import pick_device  # noqa: E402
+from tlcore.training.segmentation import train_segmentation  # noqa: E402
 
 
 def bench_tracking(p: Profile, device, tmp: Path, emit, step_s: float) -> None:

@@ -40,7 +40,7 @@ from experiment_a import bench_compile, bench_experiment_a, bench_monai_gpu, ben
 from orchestration import bench_asha, bench_tracking, bench_tune  # noqa: E402
 from scale import bench_scale  # noqa: E402
 
-from tlcore.training.segmentation import pick_device  # noqa: E402
+from tlcore.training.device import pick_device  # noqa: E402
 
 # The GPU targets (bench/README.md), for one H100/H200 (ratios apply on every device).
 TARGETS = {

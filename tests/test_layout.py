@@ -120,5 +120,18 @@ def test_what_a_worker_runs_imports_without_mlflow():
     assert out.stdout.strip() == "imported", out.stderr[-3000:]
 
 
+def test_what_a_classification_trial_runs_loads_no_monai():
+    """A 2D trial's worker (the classifier trainable, its start, its data, its evaluation task)
+    never loads MONAI, the 3D pipeline's library (~4.5 CPU-s per worker): what 2D and 3D trials
+    share is in training/device.py, and trial_start imports the 3D pipeline where a 3D trial needs it."""
+    code = ("import sys\n"
+            "import tlcore.sweep.trainables, tlcore.sweep.worker_tasks, tlcore.training.trial_start, "
+            "tlcore.training.classification, tlcore.data.images2d, tlcore.data.mura, tlcore.data.chestxray\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_the_mlflow_folder_is_not_a_package():
     assert not (REPO / "mlflow" / "__init__.py").exists()  # it would shadow the mlflow package

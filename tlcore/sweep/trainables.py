@@ -90,7 +90,7 @@ def train_classifier_trial(config: dict, source_weights: dict | None = None) -> 
         uses_channels_last,
         write_classifier_checkpoint,
     )
-    from tlcore.training.segmentation import pick_device
+    from tlcore.training.device import pick_device
     from tlcore.training.trial_start import (
         layer_analysis,
         runtime_summary,

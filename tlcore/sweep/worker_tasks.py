@@ -37,7 +37,8 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     import torch
 
     from tlcore.evaluation.metrics import evaluate_subjects
-    from tlcore.training.segmentation import amp_dtype, choose_channels_last, pick_device
+    from tlcore.training.device import pick_device
+    from tlcore.training.segmentation import amp_dtype, choose_channels_last
     from tlcore.training.trial_start import load_split
 
     cfg = TrialConfig.from_dict(config)
@@ -62,7 +63,7 @@ def evaluate_classifier(config: dict, checkpoint_dir: str, split: str = "test") 
 
     from tlcore.data.images2d import RadiographDataset
     from tlcore.training.classification import predict_probabilities
-    from tlcore.training.segmentation import pick_device
+    from tlcore.training.device import pick_device
     from tlcore.training.trial_start import load_images
 
     cfg = TrialConfig.from_dict(config)
@@ -92,7 +93,7 @@ def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratc
     import torch
 
     from tlcore.models.probes import LayerProbe
-    from tlcore.training.segmentation import pick_device
+    from tlcore.training.device import pick_device
     from tlcore.training.trial_start import load_split, probe_inputs
 
     def load(cfg: TrialConfig, ckpt):

@@ -19,8 +19,8 @@ from torch import nn
 from tlcore.config import MEANVAR, TrialConfig, write_run_config
 from tlcore.models.networks import layer_groups
 from tlcore.models.transfer import TransferReport, load_source, mean_var_init
+from tlcore.training.device import stream_seed
 from tlcore.training.schedules import beta1, lr_factor
-from tlcore.training.segmentation import stream_seed
 
 DENSENET121_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
 # torchvision's old checkpoints name DenseNet layers "norm.1"; the modules are now "norm1".

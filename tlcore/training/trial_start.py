@@ -6,18 +6,20 @@ patch sampler or data loaders. No Ray here: trials (trainables) and evaluation (
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from tlcore.config import DATASETS_2D, MEANVAR, TrialConfig, weights_of
 from tlcore.data.layouts import default_label_map, find_subjects, num_classes
-from tlcore.data.pipeline import PatchSampler, load_subject
 from tlcore.data.splits import read_splits, training_ids
 from tlcore.models.networks import build_network
 from tlcore.models.probes import LayerProbe, WeightMovement, probe_patches
 from tlcore.models.transfer import TransferReport, freeze_first, load_source, mean_var_init, read_weights
-from tlcore.training.segmentation import pick_device, seed_everything, staging_device
+from tlcore.training.device import pick_device, seed_everything, staging_device
+
+if TYPE_CHECKING:  # the 3D pipeline is MONAI's: imported where a 3D trial needs it, never in a 2D one
+    from tlcore.data.pipeline import PatchSampler
 
 _SUBJECT_CACHE: dict = {}  # per worker process; reuse_actors=True keeps it across trials
 _SOURCE_WEIGHTS: dict[str, bytes] = {}  # use_source_weights
@@ -26,6 +28,8 @@ _SOURCE_WEIGHTS: dict[str, bytes] = {}  # use_source_weights
 def load_split(cfg: TrialConfig, split: str, limit: int | None = None, cache: bool = True) -> list:
     """Subjects of one split (the first `limit`), loaded and normalised once per worker process
     (`cache=False`: loaded for this call only, e.g. in the driver, which keeps running)."""
+    from tlcore.data.pipeline import load_subject
+
     label_map = cfg.label_map or default_label_map(cfg.dataset)
     splits = read_splits(cfg.splits_file)
     ids = (training_ids(splits, cfg.train_subset) if split == "train" else splits[split])[:limit]
@@ -138,6 +142,8 @@ class ClassifierStart(NamedTuple):
 def start_segmentation(cfg: TrialConfig) -> SegmentationStart:
     """What a 3D trial starts from, a function of its config alone (the seed first: Ray reuses
     worker processes, and the model's initial weights come from the random state)."""
+    from tlcore.data.pipeline import PatchSampler
+
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed, cfg.deterministic)
     model, transfer = build_start_model(cfg)
