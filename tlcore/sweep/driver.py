@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import tlcore
+from tlcore.config import DATASETS_2D
 from tlcore.data.splits import write_splits
 from tlcore.report.summary import log_seed_aggregates, seeds_note
 from tlcore.sweep.halving import SweepStalled
@@ -83,7 +84,6 @@ def close_stalled_sweep(running: dict) -> None:
 def start_ray(sweep: Sweep) -> float:
     """Connect to (or start) Ray and check the sweep fits it (cluster.py); sets and returns
     the GPUs per trial."""
-    from tlcore.config import DATASETS_2D
     from tlcore.sweep.cluster import ClusterMismatch, connect
 
     try:
