@@ -24,8 +24,9 @@ SWEEP_VOLUME = (20, 20, 20)
 
 def sweep_env(base: dict | None = None, **extra: str) -> dict:
     """The environment a test runs a sweep script in: a private Ray without token auth (tests start
-    their own), unbuffered output (tests read it as it comes), plus `extra`."""
-    return {**(base if base is not None else os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+    their own), unbuffered output (tests read it as it comes), a crash's stack, plus `extra`."""
+    return {**(base if base is not None else os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1", **extra}  # a crash prints its Python stack
 
 
 def free_port() -> int:
