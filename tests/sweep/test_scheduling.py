@@ -86,10 +86,13 @@ class StaleStorageCopy(tune.Callback):
             remote.write_text("".join(local.read_text().splitlines(keepends=True)[:-1]))
 
 
-def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
+def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path, monkeypatch):
     """asha-sync pauses trials at every rung; their results (metrics_dataframe: best values,
     best checkpoints, tables) must not depend on when Ray last synced to storage."""
     from tlcore.sweep.callbacks import result_loggers
+
+    # Tune saves its experiment state at every step (in a real sweep, a trial waits long enough)
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
     # the best trial starts first, so it waits PAUSED at the rung (report 3) for the others
     space = {"train_subset": "S4", "rank": tune.grid_search([2, 1, 0])}
@@ -105,6 +108,12 @@ def test_a_paused_trial_keeps_every_report_in_its_results(local_ray, tmp_path):
     survivor = [r for r in results if r.metrics["training_iteration"] == REPORTS]
     assert [r.config["rank"] for r in survivor] == [2] and resumed.count >= 1
     assert list(survivor[0].metrics_dataframe["training_iteration"]) == list(range(1, REPORTS + 1))
+    # a loser stopped while it waited PAUSED is TERMINATED in Tune's saved state too (what
+    # tlcore.tracking.sync and --resume read), not PAUSED as saved while it waited
+    from tlcore.tracking.sync import read_trials
+
+    assert {t.trial_id: t.status for t in read_trials(Path(results.experiment_path))} == {
+        r.metrics["trial_id"]: "TERMINATED" for r in results}
 
 
 def test_successive_halving_decides_once_a_stratum_has_all_reported_whatever_the_order():

@@ -189,6 +189,7 @@ class StratifiedASHA(FIFOScheduler):
                 continue
             if trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving:
                 tune_controller.stop_trial(trial)
+                _record_in_experiment_state(tune_controller, trial)
 
     def _check_stall(self, trials) -> None:
         """Trials wait, none runs, none may start: after `stall_s` seconds of that, fail."""
@@ -206,6 +207,15 @@ class StratifiedASHA(FIFOScheduler):
         raise SweepStalled(f"{len(waiting)} trial(s) wait at a rung of --scheduler asha-sync with nothing left to "
                            f"run for {self.stall_s:.0f} s: {names}. Rerun with --resume (the rungs are rebuilt "
                            "from the results), or use --scheduler asha; please report this as a tlcore bug.")
+
+
+def _record_in_experiment_state(tune_controller, trial: Trial) -> None:
+    """Tune (2.60) saves a trial's new status in its experiment state only when it stops the
+    trial's actor; a loser that waited PAUSED has none, so a state saved while it waited would
+    keep it PAUSED to the end: `tlcore.tracking.sync` then left its run RUNNING. The scheduler's
+    view of the controller does not expose the call; tests/sweep/test_scheduling.py guards it."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    controller._mark_trial_to_checkpoint(trial)
 
 
 class OptunaPruned(OptunaSearch):
