@@ -69,12 +69,13 @@ def workspace(tmp_path_factory, synthetic_root):
 
 
 @pytest.fixture(scope="session")
-def source_model(workspace):
-    """The IXI source sweep (smoke), run once per worker; its registered model."""
-    from helpers import run_script
+def source_sweep(workspace):
+    """The IXI source sweep (smoke, helpers.SOURCE_SWEEP_FLAGS), run once per worker: what it printed."""
+    from helpers import SOURCE_SWEEP_FLAGS, run_script
 
     w = workspace
-    src = run_script("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), *w["common"])
+    src = run_script("ixi_source.py", "--data-dir", str(w["data"] / "ixi"), "--mlflow-uri", w["uri"],
+                     "--storage-path", str(w["tmp"] / "results"), *SOURCE_SWEEP_FLAGS)
     assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
     assert "registered models:/ixi_hippocampus/1" in src.stdout and "test_dice" in src.stdout
     # what the researcher reads: a line per trial report, no configuration dumps or Ray chatter
@@ -87,6 +88,12 @@ def source_model(workspace):
     # Ray's own messages are in the sweep's log file, not on the console
     ray_log = (w["tmp"] / "results" / "ixi_source" / "ray.log").read_text()
     assert "ray.tune" in ray_log and "Wrote the latest version" not in out
+    return src
+
+
+@pytest.fixture(scope="session")
+def source_model(workspace, source_sweep):
+    """The source sweep's registered model."""
     from tlcore.tracking import registry
 
-    return registry.resolve_model(w["uri"], "models:/ixi_hippocampus/latest")
+    return registry.resolve_model(workspace["uri"], "models:/ixi_hippocampus/latest")

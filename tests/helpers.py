@@ -197,6 +197,12 @@ def reported_steps(trial_dir: Path) -> dict[int, dict]:
     return {r["iteration"]: r for r in rows}
 
 
+# The IXI source sweep's own flags in the tests (conftest.source_sweep): synchronous early stopping,
+# so a second run with the same seed makes the same decisions (test_reproducibility runs it again
+# in a fresh process and compares every curve and the printed table).
+SOURCE_SWEEP_FLAGS = ("--smoke-test", "--scheduler", "asha-sync")
+
+
 def run_script(script, *args, timeout=600, env=None):
     """Run sweeps/<script> as a user would; returns the CompletedProcess (output captured)."""
     env = sweep_env(env)

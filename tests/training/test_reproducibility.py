@@ -182,24 +182,19 @@ def test_flips_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
-    """The bar: two runs of one sweep with one seed log the same numbers (the synchronous
-    scheduler also makes the same early-stopping decisions, so the tables match too)."""
-    import os
+@pytest.mark.xdist_group("workspace_store")  # the first run is conftest.source_sweep, made once per worker
+def test_two_runs_of_a_sweep_log_identical_curves(workspace, source_sweep, tmp_path):
+    """The bar: two runs of one sweep with one seed, each in its own processes, log the same
+    numbers (the synchronous scheduler also makes the same early-stopping decisions, so the
+    tables match too). The first run is the suite's source sweep; this test runs it again."""
+    from helpers import SOURCE_SWEEP_FLAGS, run_script
 
     from tlcore.tracking import store
 
-    procs, uris = [], []
-    for run in ("a", "b"):
-        uris.append(f"sqlite:///{tmp_path / run / 'mlflow.db'}")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "sweeps" / "ixi_source.py"), "--data-dir", str(synthetic_root / "ixi"),
-             "--smoke-test", "--scheduler", "asha-sync", "--mlflow-uri", uris[-1],
-             "--storage-path", str(tmp_path / run / "results")],
-            cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    again = run_script("ixi_source.py", "--data-dir", str(workspace["data"] / "ixi"), "--mlflow-uri", uri,
+                       "--storage-path", str(tmp_path / "results"), *SOURCE_SWEEP_FLAGS)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
 
     def curves(uri: str) -> dict:
         runs = store.client(uri).search_runs(
@@ -214,10 +209,10 @@ def test_two_runs_of_a_sweep_log_identical_curves(synthetic_root, tmp_path):
         rows = [line.split("|")[2:] for line in output.split("ixi_source results", 1)[1].splitlines() if line.startswith("| ")]
         return [[c for c in row if "_0000" not in c] for row in rows]
 
-    a, b = curves(uris[0]), curves(uris[1])
+    a, b = curves(workspace["uri"]), curves(uri)
     assert len(a) == 2 and {stopped for _, stopped in a} == {"True", "False"}  # one stopped at the rung
     assert a == b  # every value of every curve, bit for bit, and the same trial stopped
-    assert table(outputs[0]) == table(outputs[1])
+    assert table(source_sweep.stdout) == table(again.stdout)
 
 
 def test_the_table_says_how_many_seeds_stand_behind_each_row():
