@@ -295,3 +295,31 @@ def test_forecast_against_result_says_plainly_whether_it_ranked_right(mlflow_uri
     assert "Forecast against result" in page and verdict in page
     assert report.figures["forecast"][1] == ["k=0", "k=1", "k=2", "k=3"]
     assert f"Kendall tau {float(order):.2f}" in page and "measured best (val Dice, 8 subjects" in page
+
+
+def test_overlays_draw_the_ground_truth_the_trials_score_against_without_loading_torch(synthetic_root, tmp_path):
+    """The report runs in the sweep's driver, which loads neither torch nor MONAI (~5 CPU-s a sweep):
+    its ground truth is the raw label mapped to classes as a trial maps it, read with nibabel alone."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    from helpers import REPO
+
+    from tlcore.data.layouts import default_label_map, find_brats
+    from tlcore.data.pipeline import map_labels
+
+    subject, files = sorted(find_brats(synthetic_root / "brats").items())[0]
+    params = {"dataset": "brats", "data_dir": str(synthetic_root / "brats"), "modalities": '["t1", "t2"]', "label_map": "{}"}
+    code = ("import sys, numpy\n"
+            "from tlcore.report.plots import _ground_truth\nfrom tlcore.report.summary import TrialRun\n"
+            f"image, truth = _ground_truth(TrialRun('r', {params!r}, {{}}, {{}}, {{}}, {{}}), {subject!r})\n"
+            f"numpy.save({str(tmp_path / 'truth.npy')!r}, truth)\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    drawn = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert drawn.stdout.strip() == "[]"
+    raw = torch.as_tensor(np.asarray(nib.load(files["label"]).dataobj)).round().long()
+    scored = map_labels(raw, default_label_map("brats")).numpy()
+    truth = np.load(tmp_path / "truth.npy")
+    assert scored.any() and (truth == scored).all() and truth.dtype == scored.dtype

@@ -31,6 +31,17 @@ def default_label_map(dataset: str) -> dict[int, int]:
     return dict(BRATS_TARGETS["tumour_core"] if dataset == "brats" else IXI_HIPPOCAMPUS)
 
 
+def class_indices(label, mapping: dict[int, int]):
+    """Raw label codes (a numpy array) -> class indices (int64); codes not in `mapping` become
+    background (0). numpy, not torch: the report draws ground truth without loading torch."""
+    import numpy as np
+
+    out = np.zeros(np.shape(label), dtype=np.int64)
+    for raw, cls in mapping.items():
+        out[label == raw] = cls
+    return out
+
+
 def num_classes(cfg) -> int:
     """Output classes of a run's network (background included), from its label map."""
     return max((cfg.label_map or default_label_map(cfg.dataset)).values()) + 1

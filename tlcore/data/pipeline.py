@@ -34,6 +34,8 @@ from monai.transforms import (
 )
 from nibabel.orientations import aff2axcodes
 
+from tlcore.data.layouts import class_indices
+
 
 @dataclass(frozen=True)
 class SourceGrid:
@@ -60,11 +62,8 @@ class SubjectLoadError(ValueError):
 
 
 def map_labels(label: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
-    """Raw label codes -> class indices; codes not in `mapping` become background (0)."""
-    out = torch.zeros_like(label, dtype=torch.int64)
-    for raw, cls in mapping.items():
-        out[label == raw] = cls
-    return out
+    """Raw label codes -> class indices (layouts.class_indices, on a tensor)."""
+    return torch.from_numpy(class_indices(label.cpu().numpy(), mapping))
 
 
 def centre_table(label: torch.Tensor, num_classes: int, dense: float = 0.25) -> dict[int, torch.Tensor | None]:

@@ -90,17 +90,15 @@ def _ground_truth(run: TrialRun, subject: str):
 
     import nibabel as nib
     import numpy as np
-    import torch
 
-    from tlcore.data.layouts import default_label_map, find_subjects
-    from tlcore.data.pipeline import map_labels
+    from tlcore.data.layouts import class_indices, default_label_map, find_subjects
 
     p = run.params
     modalities = tuple(json.loads(p.get("modalities", '["t1", "t2"]')))
     files = find_subjects(p["dataset"], p["data_dir"], modalities, grades=("HGG", "LGG"))[subject]
     mapping = {int(k): v for k, v in (json.loads(p.get("label_map") or "{}") or default_label_map(p["dataset"])).items()}
-    raw = torch.as_tensor(np.asarray(nib.load(files["label"]).dataobj).round().astype(np.int64))
-    return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), map_labels(raw, mapping).numpy()
+    raw = np.asarray(nib.load(files["label"]).dataobj).round().astype(np.int64)
+    return np.asarray(nib.load(files[modalities[0]]).dataobj, dtype=float), class_indices(raw, mapping)
 
 
 def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path, split: str = "test") -> list[str]:
