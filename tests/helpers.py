@@ -24,9 +24,15 @@ SWEEP_VOLUME = (20, 20, 20)
 
 def sweep_env(base: dict | None = None, **extra: str) -> dict:
     """The environment a test runs a sweep script in: a private Ray without token auth (tests start
-    their own), unbuffered output (tests read it as it comes), a crash's stack, plus `extra`."""
+    their own) that sees one CPU, unbuffered output (tests read it as it comes), a crash's stack,
+    plus `extra`.
+
+    One CPU (Ray's own RAY_OVERRIDE_RESOURCES, read where a node starts): the suite runs two tests
+    at once on two cores, so a sweep's second trial slot only adds a worker process that imports
+    torch and MONAI again (~6 CPU-s) and a second evaluation worker; a layer sweep spent 104 CPU-s
+    with two, 93 with one (docs/testing.md)."""
     return {**(base if base is not None else os.environ), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-            "PYTHONFAULTHANDLER": "1", **extra}  # a crash prints its Python stack
+            "PYTHONFAULTHANDLER": "1", "RAY_OVERRIDE_RESOURCES": '{"CPU": 1}', **extra}
 
 
 def free_port() -> int:

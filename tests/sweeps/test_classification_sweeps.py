@@ -1,13 +1,12 @@
 """End to end: ImageNet (a local weights file) -> MURA -> ChestX-ray14, real local Ray and SQLite MLflow."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import mlflow_child_runs
+from helpers import mlflow_child_runs, sweep_env
 
 from tlcore.data.synthetic import write_chestxray, write_mura
 from tlcore.tracking import registry, store
@@ -17,8 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain2d")]  # one worke
 
 
 def run(script, *args, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=sweep_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -119,11 +117,10 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
 
 
 def test_offline_imagenet_fails_before_any_trial(chain, tmp_path):
-    env_home = {"TORCH_HOME": str(tmp_path / "torch")}
     proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mura_source.py"), "--smoke-test",
                            "--data-dir", str(chain["tmp"] / "mura"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
                            "--storage-path", str(tmp_path / "results")],
-                          cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env_home},
+                          cwd=REPO, env=sweep_env(TORCH_HOME=str(tmp_path / "torch")),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     if proc.returncode == 2:  # offline (as here): a clear error, and nothing written
