@@ -151,16 +151,17 @@ def probe(module):
     except ImportError:
         return "refused" if module not in [m.split(".")[0] for m in sys.modules if sys.modules[m]] else "partly"
 
-print("WORKER", ray.get(probe.remote("mlflow")), ray.get(probe.remote("torchvision")))
+print("WORKER", *ray.get([probe.remote(m) for m in ("mlflow", "torchvision", "sklearn", "matplotlib")]))
 """
 
 
 def test_a_sweeps_ray_workers_refuse_to_import_mlflow():
     """The driver is the only MLflow client: a sweep's workers (trials, evaluation tasks) cannot
-    load MLflow at all (progress.prepare_ray_worker). A 3D sweep's workers load no torchvision
-    either (prepare_3d_ray_worker: 1.6 CPU-s each; the 2D sweeps' DenseNet121 trials in
-    tests/sweeps/test_classification_sweeps.py show theirs can). (MONAI's optional imports of
-    both take the refusal quietly: every 3D sweep test's workers import MONAI.)"""
+    load MLflow at all (progress.prepare_ray_worker). A 3D sweep's workers load none of what
+    MONAI would import for features they never use either (prepare_3d_ray_worker: torchvision,
+    scikit-learn, matplotlib, ~2.2 CPU-s each; the 2D sweeps' DenseNet121 trials in
+    tests/sweeps/test_classification_sweeps.py show theirs can import torchvision). (MONAI's
+    optional imports take the refusals quietly: every 3D sweep test's workers import MONAI.)"""
     import subprocess
     import sys
 
@@ -168,4 +169,4 @@ def test_a_sweeps_ray_workers_refuse_to_import_mlflow():
 
     done = subprocess.run([sys.executable, "-c", WORKER_PROBE], cwd=REPO, env=sweep_env(), capture_output=True,
                           text=True, timeout=300)
-    assert "WORKER refused refused" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "WORKER refused refused refused refused" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

@@ -36,14 +36,22 @@ def prepare_ray_worker() -> None:
     refuse_import("mlflow")
 
 
+# What MONAI imports for features a 3D trial or evaluation never uses: torchvision for its 2D
+# backbones (and torchvision imports torch's compiler stack: 1.6 of the ~6 CPU-s each worker
+# spent on imports), scikit-learn for its metrics' ROC code and matplotlib for its image
+# utilities (0.55 of the 1.7 CPU-s MONAI and tlcore's worker modules take after torch and
+# ray.tune; docs/testing.md). tlcore's own users of them run in the driver. Not pandas, which
+# MONAI would also load for its CSV datasets: ray.tune needs it in a trial's worker.
+UNUSED_IN_3D_WORKERS = ("torchvision", "sklearn", "matplotlib")
+
+
 def prepare_3d_ray_worker() -> None:
-    """prepare_ray_worker for a 3D sweep's workers, and no torchvision in them either: no 3D
-    model, transform or metric uses it, but MONAI's networks import it for their 2D backbones,
-    and torchvision imports torch's compiler stack: 1.6 of the ~6 CPU-s each worker spends on
-    imports (docs/testing.md). MONAI's optional_import takes the refusal quietly, and a 2D
-    sweep's workers (DenseNet121) get prepare_ray_worker."""
+    """prepare_ray_worker for a 3D sweep's workers, and none of UNUSED_IN_3D_WORKERS in them
+    either. MONAI's optional_import takes the refusals quietly, and a 2D sweep's workers
+    (DenseNet121, torchvision's) get prepare_ray_worker."""
     prepare_ray_worker()
-    refuse_import("torchvision")
+    for module in UNUSED_IN_3D_WORKERS:
+        refuse_import(module)
 
 
 def refuse_import(module: str) -> None:
