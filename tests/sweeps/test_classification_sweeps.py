@@ -1,23 +1,15 @@
 """End to end: ImageNet (a local weights file) -> MURA -> ChestX-ray14, real local Ray and SQLite MLflow."""
 
-import subprocess
-import sys
-from pathlib import Path
+import os
 
 import pytest
 import torch
-from helpers import mlflow_child_runs, sweep_env
+from helpers import mlflow_child_runs, run_script
 
 from tlcore.data.synthetic import write_chestxray, write_mura
 from tlcore.tracking import registry, store
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chain2d")]  # one worker makes the chain once
-
-
-def run(script, *args, timeout=600):
-    return subprocess.run([sys.executable, str(REPO / "sweeps" / script), *args], cwd=REPO, env=sweep_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")  # module scope is rebuilt when the worker interleaves other modules
@@ -32,7 +24,7 @@ def chain(tmp_path_factory):
     mura = write_mura(tmp / "mura", n_patients=16, size=32)
     chest = write_chestxray(tmp / "chest", n_patients=30, size=32)
     # --scheduler none: nothing but the trial's own budget (the smoke profile's 2 epochs) ends it
-    src = run("mura_source.py", "--data-dir", str(mura), "--source", str(weights), "--num-samples", "2",
+    src = run_script("mura_source.py", "--data-dir", str(mura), "--source", str(weights), "--num-samples", "2",
               "--scheduler", "none", *common)
     assert src.returncode == 0, src.stdout[-3000:] + src.stderr[-3000:]
     return {"tmp": tmp, "uri": uri, "common": common, "weights": weights, "chest": chest, "mura_out": src.stdout}
@@ -78,7 +70,7 @@ def test_two_seeds_per_configuration_give_a_mean_over_seeds_run(chain):
 
 def test_chestxray_transfer_compares_three_starting_points(chain):
     uri = chain["uri"]
-    proc = run("chestxray_transfer.py", "--data-dir", str(chain["chest"]), "--imagenet", str(chain["weights"]),
+    proc = run_script("chestxray_transfer.py", "--data-dir", str(chain["chest"]), "--imagenet", str(chain["weights"]),
                "--controls", "scratch,meanvar", *chain["common"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Steps to reach the training loss" in proc.stdout
@@ -117,11 +109,9 @@ def test_chestxray_transfer_compares_three_starting_points(chain):
 
 
 def test_offline_imagenet_fails_before_any_trial(chain, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "sweeps" / "mura_source.py"), "--smoke-test",
-                           "--data-dir", str(chain["tmp"] / "mura"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
-                           "--storage-path", str(tmp_path / "results")],
-                          cwd=REPO, env=sweep_env(TORCH_HOME=str(tmp_path / "torch")),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script("mura_source.py", "--smoke-test", "--data-dir", str(chain["tmp"] / "mura"),
+                      "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--storage-path", str(tmp_path / "results"),
+                      env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")}, timeout=300)
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     if proc.returncode == 2:  # offline (as here): a clear error, and nothing written
         assert "weights='IMAGENET1K_V1'" in proc.stderr and "--source /path/to/" in proc.stderr
