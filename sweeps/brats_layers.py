@@ -11,13 +11,8 @@ Needs the source model: run sweeps/ixi_source.py first (or pass --source models:
 
 from functools import partial
 
-from ray import tune
-
-from tlcore.sweep import driver, flags
-from tlcore.sweep.evaluation import cka_with_scratch, evaluate_trials
-from tlcore.sweep.results import layer_table, trial_rows
-from tlcore.sweep.scheduling import optuna_search
-from tlcore.sweep.tuner import run_sweep
+from tlcore.sweep import flags
+from tlcore.sweep.deferred import driver, evaluation, results, scheduling, tune, tuner
 
 NAME = "brats_layers"
 
@@ -39,12 +34,15 @@ def optuna_space(trial, source: str) -> None:
     trial.suggest_categorical("lr_schedule", ["constant", "cosine", "poly", "one_cycle"])
 
 
-def main() -> None:
+def parse_flags():
     parser = flags.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--search", choices=["grid", "optuna"], default="grid")
     parser.add_argument("--frozen-layers", type=flags.frozen_layers, default="0,1,2,3,4,5",
                         help="comma-separated k (0..5): the transferred starts, with their first k layer groups frozen")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args) -> None:
     sweep = driver.prepare(NAME, "brats", args)
     source = driver.resolve_source(sweep, args.source, "python sweeps/ixi_source.py").uri
     driver.start_ray(sweep)
@@ -55,15 +53,16 @@ def main() -> None:
     if args.search == "grid":  # --num-samples: the grid once per seed
         space.update(search_space(source, ks, flags.control_starts(args.controls, source)))
     else:  # --num-samples: trials of the search
-        searcher = optuna_search(partial(optuna_space, source=source), metric=sweep.metric, mode=sweep.mode, seed=args.seed)
-    results = run_sweep(NAME, space, search_alg=searcher, **sweep.tune_kwargs())
-    rows = trial_rows(results, sweep)
+        searcher = scheduling.optuna_search(partial(optuna_space, source=source), metric=sweep.metric, mode=sweep.mode, seed=args.seed)
+    trials = tuner.run_sweep(NAME, space, search_alg=searcher, **sweep.tune_kwargs())
+    rows = results.trial_rows(trials, sweep)
     # thesis Table 6.2: whole-volume train, validation and test Dice of every trial's best
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
-    scores = evaluate_trials(results, sweep, splits=("train", "val", "test"))
-    cka_with_scratch(results, sweep)  # the report's heatmap
-    driver.finish(sweep, rows, layer_table(rows, scores))
+    scores = evaluation.evaluate_trials(trials, sweep, splits=("train", "val", "test"))
+    evaluation.cka_with_scratch(trials, sweep)  # the report's heatmap
+    driver.finish(sweep, rows, results.layer_table(rows, scores))
 
 
 if __name__ == "__main__":
-    driver.run(main)
+    args = parse_flags()  # --help, and a flag it refuses, answer before Ray, MLflow and torch load
+    driver.run(main, args)

@@ -11,12 +11,8 @@ evaluated at its best checkpoint on its training subset and the test split; the 
 shape of thesis Tables 6.3-6.6.
 """
 
-from ray import tune
-
-from tlcore.sweep import driver, flags
-from tlcore.sweep.evaluation import evaluate_trials
-from tlcore.sweep.results import subset_table, trial_rows
-from tlcore.sweep.tuner import run_sweep
+from tlcore.sweep import flags
+from tlcore.sweep.deferred import driver, evaluation, results, tune, tuner
 
 NAME = "brats_subsets"
 
@@ -32,12 +28,15 @@ def search_space(source: str, controls: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+def parse_flags():
     parser = flags.sweep_parser(__doc__, source="models:/ixi_hippocampus/latest", dataset="brats")
     parser.add_argument("--subset-sizes", default=None,
                         help="comma-separated S1..S4 sizes (default: 26 .. all training subjects)")
     parser.set_defaults(controls="scratch")  # Mean-Var would add a quarter to the sweep: ask for it
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args) -> None:
     sizes = [int(x) for x in args.subset_sizes.split(",")] if args.subset_sizes else None
     # early stopping compares trials on the same training subset
     sweep = driver.prepare(NAME, "brats", args, subset_sizes=sizes, default_strata=("train_subset",))
@@ -50,11 +49,12 @@ def main() -> None:
         space["start"] = tune.grid_search([s for s in space["start"]["grid_search"]
                                            if s["source_model"] == "scratch" or s["frozen_layers"] == 1])
         space["train_subset"] = tune.grid_search(["S1", "S4"])
-    results = run_sweep(NAME, space, **sweep.tune_kwargs())
-    scores = evaluate_trials(results, sweep)
-    rows = trial_rows(results, sweep)
-    driver.finish(sweep, rows, subset_table(rows, scores, sweep.splits))
+    trials = tuner.run_sweep(NAME, space, **sweep.tune_kwargs())
+    scores = evaluation.evaluate_trials(trials, sweep)
+    rows = results.trial_rows(trials, sweep)
+    driver.finish(sweep, rows, results.subset_table(rows, scores, sweep.splits))
 
 
 if __name__ == "__main__":
-    driver.run(main)
+    args = parse_flags()  # --help, and a flag it refuses, answer before Ray, MLflow and torch load
+    driver.run(main, args)

@@ -7,13 +7,8 @@ scratch, ImageNet, or ImageNet -> MURA (thesis ch. 5): does the medical source l
 Needs the MURA model: run sweeps/mura_source.py first (or pass --source models:/<name>/<v>).
 """
 
-from ray import tune
-
-from tlcore.sweep import driver, flags
-from tlcore.sweep.evaluation import evaluate_classifier_trials
-from tlcore.sweep.results import trial_rows
-from tlcore.sweep.trainables import train_classifier_trial
-from tlcore.sweep.tuner import run_sweep
+from tlcore.sweep import flags
+from tlcore.sweep.deferred import driver, evaluation, results, trainables, tune, tuner
 
 NAME = "chestxray_transfer"
 
@@ -29,7 +24,7 @@ def search_space(imagenet: str | None, mura: str, smoke: bool, controls: list[di
     }
 
 
-def main() -> None:
+def parse_flags():
     parser = flags.sweep_parser(__doc__, source="models:/mura_densenet121/latest", dataset="chestxray")
     parser.add_argument("--imagenet", default="imagenet",
                         help="ImageNet starting point: 'imagenet' (torch cache / download), a local weights file, or 'none'")
@@ -37,7 +32,10 @@ def main() -> None:
     parser.add_argument("--target-loss", type=float, default=None,
                         help="training loss for the steps-to-reach table (default: the highest final loss)")
     parser.set_defaults(controls="scratch")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main(args) -> None:
     sweep = driver.prepare(NAME, "chestxray", args, objective=("val_loss", "min"))
     imagenet = None if args.imagenet == "none" else args.imagenet
     if imagenet:
@@ -47,8 +45,8 @@ def main() -> None:
     driver.begin(sweep)
     space = {**sweep.base_config, **search_space(imagenet, mura, args.smoke_test, flags.control_starts(args.controls, mura)),
              "oversample": args.oversample}
-    results = run_sweep(NAME, space, trainable=train_classifier_trial, **sweep.tune_kwargs(), grace_period=1)
-    rows = evaluate_classifier_trials(results, trial_rows(results, sweep), sweep, target_loss=args.target_loss)
+    trials = tuner.run_sweep(NAME, space, trainable=trainables.train_classifier_trial, **sweep.tune_kwargs(), grace_period=1)
+    rows = evaluation.evaluate_classifier_trials(trials, results.trial_rows(trials, sweep), sweep, target_loss=args.target_loss)
     per_start = {}
     for r in rows:  # the thesis's argument: a medical source reaches a given loss in fewer steps
         steps = r.scores["steps_to_target"] if isinstance(r.scores["steps_to_target"], int) else float("inf")
@@ -60,4 +58,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    driver.run(main)
+    args = parse_flags()  # --help, and a flag it refuses, answer before Ray, MLflow and torch load
+    driver.run(main, args)

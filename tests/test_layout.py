@@ -102,7 +102,10 @@ def test_a_sweeps_driver_loads_no_monai_the_workers_do():
     """Importing MONAI loads all of it (~7 CPU-s, in every process that does): the driver only hands
     Tune its functions and sends evaluation tasks, so the sweep scripts import without it."""
     code = ("import sys, runpy\nsys.argv = ['x']\n"
+            "from tlcore.sweep import deferred\n"
             "for script in %r: runpy.run_path(script, run_name='imported')\n"
+            "for module in vars(deferred).values():\n"  # what the scripts load once their flags are read
+            "    if isinstance(module, deferred.Deferred): module.__file__\n"
             "print(sorted(m for m in ('monai', 'tlcore.training.segmentation', 'tlcore.data.pipeline') if m in sys.modules))"
             % sorted(str(p) for p in (REPO / "sweeps").glob("*.py")))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -15,8 +15,8 @@ def test_every_quickstart_command_starts_and_every_named_file_exists():
     commands = [shlex.split(line.split("#")[0]) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                 for line in block.splitlines() if line.startswith(".venv/bin/python sweeps/")]
     assert len(commands) >= 5, commands
-    # one process runs them all (a fresh interpreter per script would cost ~4 CPU-s each): each
-    # script's main() parses its flags and stops at --help with exit status 0
+    # one process runs them all: each script reads its flags and stops at --help with exit status
+    # 0, before it loads Ray, MLflow, SciPy or torch (sweep.deferred: --help in ~0.1 s, not 3-9 s)
     probe = ("import runpy, sys\n"
              "for argv in %r:\n"
              "    sys.argv = argv + ['--help']\n"
@@ -26,6 +26,8 @@ def test_every_quickstart_command_starts_and_every_named_file_exists():
              "        assert e.code in (0, None), (argv, e.code)\n"
              "    else:\n"
              "        raise AssertionError(f'{argv} did not stop at --help')\n"
+             "heavy = [m for m in ('ray', 'ray.tune', 'mlflow', 'scipy', 'torch', 'monai') if m in sys.modules]\n"
+             "assert not heavy, f'--help loaded {heavy}'\n"
              "print('ok', len(%r))\n") % ([c[1:] for c in commands], commands)
     run = subprocess.run([sys.executable, "-c", probe], cwd=README.parent, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith(f"ok {len(commands)}"), run.stderr[-3000:]

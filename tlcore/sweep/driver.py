@@ -38,12 +38,12 @@ EXIT_STORE_DOWN = 75
 _running: dict = {}  # the sweep being run (begin()), for run()'s message
 
 
-def run(main) -> None:
-    """Run a sweep script's main(). A tracking store that stops answering once trials have started
+def run(main, *args) -> None:
+    """Run a sweep script's main(*args) (its flags, read before this module loaded). A tracking store that stops answering once trials have started
     ends the sweep with what to do instead of a traceback: every result is in Ray's files, and
     --resume (no trial retrained) writes what MLflow lacks, then evaluates, registers and reports."""
     try:
-        main()
+        main(*args)
     except Exception as e:
         stalled = _stalled_cause(e)
         if stalled is not None and _running:

@@ -9,8 +9,7 @@ import argparse
 
 from tlcore.config import DATASETS_2D, HEADS, MEANVAR, NUM_LAYER_GROUPS, REPO_ROOT
 from tlcore.data.layouts import BRATS_TARGETS
-from tlcore.tracking import store
-from tlcore.tracking.credentials import tracking_uri_flag
+from tlcore.tracking.credentials import default_tracking_uri, tracking_uri_flag
 
 # Run-config overrides per data situation. Real data keeps the thesis regime (TrialConfig defaults).
 SYNTHETIC = {"patch_size": (16, 16, 16), "batch_size": 2, "inference_roi": (32, 32, 32),
@@ -50,7 +49,7 @@ def sweep_parser(doc: str, source: str | None = None, dataset: str | None = None
     p.add_argument("--data-dir", default=None, help="dataset root in its real layout; omitted = synthetic demo data")
     p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag,
                    help=f"MLflow tracking URI, no password in it (MLFLOW_TRACKING_USERNAME / _PASSWORD); "
-                        f"omitted = {store.default_tracking_uri()}")
+                        f"omitted = {default_tracking_uri()}")
     p.add_argument("--storage-path", default=str(REPO_ROOT / "results"),
                    help="Ray results and checkpoints (shared storage on multi-node clusters)")
     p.add_argument("--num-samples", type=count(1), default=1, help="repeats per grid point (each with its own seed), or trials of a search")

@@ -1,6 +1,7 @@
 """MLflow credentials stay in the driver's environment: never in a command line or a URI (which
 are recorded everywhere), never shipped to a Ray worker. One check for every entry point that
-takes `--mlflow-uri`, and redaction of any line that is printed. No MLflow or Ray import here.
+takes `--mlflow-uri`, the default store's URI, and redaction of any line that is printed. No MLflow
+or Ray import here: a sweep script's flags are read with this module alone.
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
+from tlcore.config import REPO_ROOT
+
+STORE_DIR = REPO_ROOT / "mlflow"
+
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]*)@")
 HOW_TO_LOG_IN = ("keep it out of the command line: `read -rs MLFLOW_TRACKING_PASSWORD && export "
                  "MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_USERNAME=<user>`, then pass the URI without it")
+
+
+def default_tracking_uri() -> str:
+    """The embedded store: SQLite under `mlflow/` in the repository."""
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
 
 
 class PasswordInURI(ValueError):

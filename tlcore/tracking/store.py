@@ -22,10 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from tlcore.config import REPO_ROOT
-from tlcore.tracking.credentials import redact
+from tlcore.tracking.credentials import STORE_DIR, default_tracking_uri, redact  # noqa: F401 (store's names)
 
-STORE_DIR = REPO_ROOT / "mlflow"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
 
@@ -33,11 +31,6 @@ MAX_PARAM_LEN = 6000
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-def default_tracking_uri() -> str:
-    """The embedded store: SQLite under `mlflow/` in the repository."""
-    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
 
 
 @lru_cache(maxsize=8)
