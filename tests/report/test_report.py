@@ -1,6 +1,7 @@
 """Sweep reports built from a hand-made MLflow store with known differences."""
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,26 @@ from helpers import mlflow_child_runs
 from tlcore.report.page import build
 from tlcore.report.plots import smooth
 from tlcore.tracking import registry, store
+
+
+@pytest.fixture
+def text_px(monkeypatch) -> dict:
+    """Per PNG the report saves, its smallest text in pixels as the page shows it at 100 % zoom:
+    the report's page is 1150 px wide inside its margins, and a wider image is shrunk to fit."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    smallest, real_savefig = {}, Figure.savefig
+
+    def measured(fig, path, *args, **kwargs):
+        fig.canvas.draw()
+        shrink = min(1.0, 1150 / (fig.get_figwidth() * fig.dpi))
+        sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
+        smallest[Path(path).name] = min(sizes) * fig.dpi / 72 * shrink
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", measured)
+    return smallest
 
 
 def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:
@@ -51,7 +72,7 @@ def make_sweep(uri: str, brats_dir: Path, tmp: Path) -> str:
     return parent
 
 
-def test_report_table_statistics_figures_and_lineage(mlflow_uri, tmp_path, synthetic_root):
+def test_report_table_statistics_figures_and_lineage(mlflow_uri, tmp_path, synthetic_root, text_px):
     parent = make_sweep(mlflow_uri, synthetic_root / "brats", tmp_path / "preds")
     report = build(mlflow_uri, "brats_layers", out=tmp_path / "report")
     rows = {r["configuration"]: r for r in report.rows}
@@ -75,9 +96,22 @@ def test_report_table_statistics_figures_and_lineage(mlflow_uri, tmp_path, synth
                                                   f"worst: {subjects[0]}"]
     page = report.html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "ixi/1 k=1" in page
+    # the verdict comes first; the headline table holds what a reader compares, every column below it
+    verdict = page.split("<p class='verdict' id='verdict'>")[1].split("</p>")[0]
+    assert verdict.startswith("ixi/1 k=1 leads on best validation Dice (0.6100 ± 0.0000, mean ± sd over 2 seeds).")
+    assert (f"Against scratch on the same 10 test subjects, after Holm over 1 comparisons: ixi/1 k=1 is better by "
+            f"{tl['dice_difference']:+.3f} (95 % CI {tl['ci95']}, Holm p = {tl['p_holm']})") in verdict
+    headline, details = page.split("<h2>Summary</h2>")[1].split("<details>")
+    header = lambda part: re.findall(r"<th>([^<]+)</th>", part.split("</tr>")[0])
+    assert header(headline) == ["configuration", "best_val_dice", "test_dice", "dice_difference", "ci95", "p_holm",
+                                "stopped_early"]
+    assert {"p_wilcoxon", "best_val_loss", "iterations"} <= set(header(details.split("</details>")[0]))
+    assert "<td>scratch</td>" + "<td>0.5600 ± 0.0000</td><td>0.6000 ± 0.0000</td>" + "<td class='na'>n/a</td>" * 3 in headline
     assert "lr_schedule = <code>constant</code>" in page          # shared settings stated once
     for f in ("summary.csv", "per_subject_dice.csv", "curves.csv"):
         assert (tmp_path / "report" / f).exists()
+    assert set(text_px) >= {"dice_val_boxplot.png", "dice_test_boxplot.png", "overlays_test.png", "loss_curves.png"}
+    assert min(text_px.values()) >= 11, text_px  # readable at 100 % zoom
     logged = {a.path for a in store.client(mlflow_uri).list_artifacts(parent, "report")}
     assert "report/report.html" in logged and "report/dice_test_boxplot.png" in logged
 
@@ -219,7 +253,7 @@ def test_each_configuration_gets_a_mean_over_seeds_run_in_mlflow(mlflow_uri):
     assert sorted(r.info.run_id for r in live) == sorted(again)
 
 
-def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path):
+def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path, text_px):
     """Scratch, the source fine-tuned (k=0) and its Mean-Var control, with per-group CKA and weight
     change curves: the report draws them, and compares Mean-Var with both scratch and the source."""
     src = store.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
@@ -234,7 +268,8 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
             run = store.start_run(mlflow_uri, "brats_layers", f"{source} {seed}",
                                      {"source_model": source, "frozen_layers": 0, "train_subset": "all",
                                       "lr": 0.001, "lr_schedule": "constant", "seed": seed},
-                                     {"trial_id": f"{source}{seed}", "iterations": 8, "stopped_early": False},
+                                     {"trial_id": f"{source}{seed}", "iterations": 8,
+                                      "stopped_early": source.startswith("meanvar") and seed == 1},
                                      parent_run_id=parent)
             for step in (4, 8):
                 metrics = {"val_dice": 0.4 + gain, **{f"weight_change.{g}": 0.01 * step * (i + 1)
@@ -271,6 +306,27 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
     assert table[("scratch", "res_1")]["cka"] == "" and float(table[("scratch", "res_1")]["weight_change"]) == 0.16
     page = report.html.read_text()
     assert "Which layers transfer" in page and page.count("data:image/png;base64,") >= 4
+    # a configuration ASHA stopped early is marked in every figure that draws it
+    assert report.figures["dice_val"][1] == ["scratch", "meanvar:ixi/1 k=0 \u2020", "ixi/1 k=0"]
+    assert "\u2020 in a figure: ASHA stopped" in page and meanvar["stopped_early"] == "1/2"
+    assert set(text_px) >= {"layers_final.png", "layers_curves.png", "loss_curves.png"}
+    assert min(text_px.values()) >= 11, text_px
+
+
+def test_a_source_sweep_has_no_which_layers_transfer_section(mlflow_uri, tmp_path):
+    """Trials that all start from scratch (the IXI source sweep) may log the analysis curves, but
+    with no source there is nothing to transfer: the report leaves the section out."""
+    parent = store.start_run(mlflow_uri, "ixi_source", "sweep", None, {"role": "parent"})
+    for lr in (0.001, 0.003):
+        run = store.start_run(mlflow_uri, "ixi_source", f"lr={lr}", {"source_model": "scratch", "frozen_layers": 0,
+                                                                     "lr": lr, "lr_schedule": "constant", "seed": 0},
+                              {"trial_id": str(lr), "iterations": 8, "stopped_early": False}, parent_run_id=parent)
+        for step in (4, 8):
+            store.log_metrics(mlflow_uri, run, {"val_dice": 0.5 + lr * step, "weight_change.conv_0": 0.1 * step}, step)
+    report = build(mlflow_uri, "ixi_source", parent, out=tmp_path / "report", log=False)
+    page = report.html.read_text()
+    assert "Which layers transfer" not in page and "layers_final" not in report.figures
+    assert "no scratch baseline on the same data" in page
 
 
 @pytest.mark.parametrize("order, verdict", [(1, "picked the depth that won"), (-1, "The forecast is wrong here")])
@@ -323,3 +379,30 @@ def test_overlays_draw_the_ground_truth_the_trials_score_against_without_loading
     scored = map_labels(raw, default_label_map("brats")).numpy()
     truth = np.load(tmp_path / "truth.npy")
     assert scored.any() and (truth == scored).all() and truth.dtype == scored.dtype
+
+
+@pytest.mark.parametrize("rows, says", [
+    ([{"configuration": "lr=0.001", "seeds": 1, "best_val_dice": "0.7000"},
+      {"configuration": "lr=0.003", "seeds": 1, "best_val_dice": "0.7500"}],
+     ["lr=0.003 leads on best validation Dice (0.7500, one seed).", "no scratch baseline",
+      "--num-samples 3"]),
+    ([{"configuration": "scratch", "seeds": 3, "best_val_dice": "0.8000 ± 0.0100"},
+      {"configuration": "k=1", "seeds": 3, "best_val_dice": "0.8100 ± 0.0100", "dice_difference": 0.012,
+       "ci95": "[-0.0100, 0.0300]", "p_holm": "0.4", "subjects": 12, "vs_scratch_split": "test"},
+      {"configuration": "k=5", "seeds": 3, "best_val_dice": "0.3000 ± 0.0100", "dice_difference": -0.41,
+       "ci95": "[-0.4500, -0.3800]", "p_holm": "0.001", "subjects": 12, "vs_scratch_split": "test"}],
+     ["k=1 leads on best validation Dice (0.8100 ± 0.0100, mean ± sd over 3 seeds).",
+      "on the same 12 test subjects, after Holm over 2 comparisons, no configuration is better beyond chance; "
+      "the largest difference is k=1's, +0.012 (95 % CI [-0.0100, 0.0300], Holm p = 0.4).",
+      "Worse than scratch beyond chance: k=5."]),
+    ([{"configuration": "scratch", "seeds": 2, "best_val_loss": "0.3000 ± 0.0100"},
+      {"configuration": "mura k=0", "seeds": 2, "best_val_loss": "0.2000 ± 0.0100", "accuracy_difference": 0.08,
+       "ci95": "[0.0400, 0.1200]", "p_holm": "0.002", "images": 60, "vs_scratch_split": "test"}],
+     ["mura k=0 leads on lowest validation loss", "on the same 60 test images", "mura k=0 is better by +0.080"]),
+])
+def test_the_verdict_names_the_leader_and_what_the_paired_tests_say(rows, says):
+    from tlcore.report.summary import verdict
+
+    text = verdict(rows)
+    assert all(s in text for s in says), text
+    assert ("--num-samples 3" in text) == (min(r["seeds"] for r in rows) == 1)

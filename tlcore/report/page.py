@@ -42,6 +42,7 @@ from tlcore.report.plots import (
 from tlcore.report.summary import (
     CONFIG_KEYS,
     collect,
+    headline_columns,
     label,
     layer_analysis_rows,
     layer_groups_of,
@@ -49,6 +50,7 @@ from tlcore.report.summary import (
     shared_settings,
     subject_means,
     summarise,
+    verdict,
 )
 from tlcore.tracking import store
 from tlcore.tracking.credentials import tracking_uri_flag
@@ -84,6 +86,10 @@ as well as the transferred model, the transfer helped through weight scaling, no
 """
 
 
+STOPPED_MARK = "†"  # a configuration ASHA stopped early (some seed or all)
+OVERLAY_COLUMNS = 5  # predictions side by side: more would shrink their titles below reading size
+
+
 @dataclass
 class Report:
     html: Path
@@ -108,10 +114,13 @@ def sweep_artifacts(uri: str, parent_run_id: str, out: Path) -> str:
     return "".join(parts)
 
 
-def _table_html(rows: list[dict]) -> str:
+def _table_html(rows: list[dict], only: tuple[str, ...] | None = None) -> str:
     """The summary as HTML: settings shared by every row are stated once above the table (the
-    CSV keeps every column), so the results fit the page."""
+    CSV keeps every column), so the results fit the page; with `only`, just those columns. A cell
+    whose value cannot exist (scratch against itself, a test a row did not run) reads n/a."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
+    if only is not None:  # in the order given
+        cols = [c for c in only if c in cols]
     shared = [c for c in (*CONFIG_KEYS, "seeds") if c in cols and len(rows) > 1
               and len({str(r.get(c, "")) for r in rows}) == 1]
     # and what every compared (non-scratch) row has in common: the source's lineage, the split, the count
@@ -124,8 +133,8 @@ def _table_html(rows: list[dict]) -> str:
                    for title, keys, value in (("Every row", shared, lambda c: rows[0].get(c)),
                                               ("Every row compared with scratch", compared, first)) if keys)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for r in rows)
+    cell = lambda v: "<td class='na'>n/a</td>" if v in ("", None) else f"<td>{html.escape(str(v))}</td>"
+    body = "".join("<tr>" + "".join(cell(r.get(c, "")) for c in cols) + "</tr>" for r in rows)
     return f"{note}<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
@@ -165,13 +174,15 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
     by_config = {r["configuration"]: [] for r in rows}  # the table's order: scratch first
     for t in trials:
         by_config[label(t.config, shared)].append(t)
+    stopped = {name for name, ts in by_config.items() if any(t.tags.get("stopped_early") == "True" for t in ts)}
+    shown = lambda name: f"{name} {STOPPED_MARK}" if name in stopped else name  # early stops marked in every figure
     per_subject_rows, figures = [], {}
     for split in ("val", "test"):
         groups = {}
         for name, ts in by_config.items():
             scores = [v for t in ts for v in t.per_subject.get(split, {}).values()]
             if scores:
-                groups[name] = scores
+                groups[shown(name)] = scores
             per_subject_rows += [{"configuration": name, "seed": t.params.get("seed", ""), "split": split,
                                   "subject": sid, "dice": v}
                                  for t in ts for sid, v in t.per_subject.get(split, {}).items()]
@@ -187,21 +198,23 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
                 if t.per_subject.get(split) and store.artifact_files(uri, t.run_id, f"predictions/{split}"):
                     with_predictions[name] = t
                     break
-        if with_predictions:  # at most 8 columns: the configurations with the best mean Dice
+        if with_predictions:  # the configurations with the best mean Dice, as many as stay readable
             top = sorted(with_predictions, key=lambda k: -statistics.mean(with_predictions[k].per_subject[split].values()))
             png = out / f"overlays_{split}.png"
-            drawn = overlay_plot(uri, {k: with_predictions[k] for k in top[:8]}, png, split)
+            drawn = overlay_plot(uri, {shown(k): with_predictions[k] for k in top[:OVERLAY_COLUMNS]}, png, split)
             if drawn:
                 figures[f"overlays_{split}"] = (png, drawn)
                 break
-    first_with_predictions = {name: next(t for t in ts if t.predictions)
+    first_with_predictions = {shown(name): next(t for t in ts if t.predictions)
                               for name, ts in by_config.items() if any(t.predictions for t in ts)}
     if first_with_predictions:
         png = out / "roc_test.png"
         drawn = roc_plot(first_with_predictions, png)
         if drawn:
             figures["roc_test"] = (png, drawn)
-    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}": t.histories for t in trials if t.histories}
+    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}" + (f" {STOPPED_MARK}" if t.tags.get("stopped_early") == "True"
+                                                                          else ""): t.histories
+              for t in trials if t.histories}
     if curves:
         png = out / "loss_curves.png"
         figures["loss_curves"] = (png, curves_plot(curves, png))
@@ -233,10 +246,15 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         png = out / "accuracy_by_body_part.png"
         figures["accuracy_by_body_part"] = (png, body_part_plot(parts, png))
 
-    layers = layer_figures(trials, by_config, shared, out)
+    layers = layer_figures(trials, by_config, shared, out, shown)
     forecast, forecast_text = forecast_figure(uri, parent_run_id, trials, out)
     extras = sweep_artifacts(uri, parent_run_id, out)
     page = out / "report.html"
+    said = verdict(rows)
+    verdict_html = f"<p class='verdict' id='verdict'>{html.escape(said)}</p>" if said else ""
+    stopped_note = (f"<p>{STOPPED_MARK} in a figure: ASHA stopped every seed of that configuration, or some, before "
+                    "the end; its curves and analysis end at its last report, its Dice is from its best checkpoint "
+                    "until then.</p>" if stopped else "")
     images = "".join(
         f"<h2 id='{name}'>{html.escape(FIGURE_TITLES.get(name, name))}</h2><img alt='{html.escape(name)}' "
         f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>" for name, (png, _) in figures.items())
@@ -244,29 +262,33 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(experiment)} report</title>"
         "<style>body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
         "table{border-collapse:collapse;font-size:12px}.wide{overflow-x:auto}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}img{max-width:100%}"
+        ".na{color:#999}.verdict{font-size:15px;background:#f6f8fa;border-left:4px solid #2a6;padding:8px 12px}"
+        "</style></head><body>"
         f"<h1>{html.escape(experiment)}</h1><p>MLflow parent run <code>{parent_run_id}</code> in "
         f"<code>{html.escape(uri)}</code>; {len(trials)} trial runs. Differences are against scratch on the "
         "same subjects (mean over seeds per subject): bootstrap 95 % interval, Wilcoxon signed-rank p, "
         "Holm-corrected over this table's comparisons.</p>"
-        f"<h2>Summary</h2>{_table_html(rows)}{images}{_layers_html(layers)}{forecast_text}{_layers_html(forecast, guide='')}{extras}"
+        f"<h2>Summary</h2>{verdict_html}{_table_html(rows, headline_columns(rows))}"
+        f"<details><summary>Every column (also in summary.csv)</summary>{_table_html(rows)}</details>{stopped_note}{images}{_layers_html(layers)}{forecast_text}{_layers_html(forecast, guide='')}{extras}"
         f"<p>CSV: {', '.join(sorted(f.name for f in out.glob('*.csv')))}</p></body></html>")
     if log:
         store.log_artifacts(uri, parent_run_id, out, "report")
     return Report(page, rows, {**figures, **layers, **forecast})
 
 
-def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path) -> dict:
-    """The "Which layers transfer" figures (and layers.csv), for sweeps whose trials logged the
-    per-group analysis; {} otherwise."""
+def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path, shown=lambda name: name) -> dict:
+    """The "Which layers transfer" figures (and layers.csv), for sweeps with a transferred start
+    whose trials logged the per-group analysis; {} otherwise (a source sweep has no source)."""
     rows = layer_analysis_rows(trials, shared)
-    if not rows:
+    if not rows or all(t.config[0] in ("", "scratch") for t in trials):
         return {}
     _write_csv(rows, out / "layers.csv")
-    figures = {"layers_final": (out / "layers_final.png", layer_heatmap(rows, out / "layers_final.png"))}
+    drawn = [{**r, "configuration": shown(r["configuration"])} for r in rows]
+    figures = {"layers_final": (out / "layers_final.png", layer_heatmap(drawn, out / "layers_final.png"))}
     groups = layer_groups_of(trials)
     keys = [p + g for p in ANALYSIS_PREFIXES for g in groups]
-    curves = {name: {k: [(step, mean) for step, mean, _ in mean_curve(ts, k)] for k in keys}
+    curves = {shown(name): {k: [(step, mean) for step, mean, _ in mean_curve(ts, k)] for k in keys}
               for name, ts in by_config.items()}
     png = out / "layers_curves.png"
     figures["layers_curves"] = (png, layer_curves_plot(curves, groups, png))

@@ -15,10 +15,7 @@ from tlcore.tracking import store
 
 
 def confusion_png(cm, labels, title: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(np.asarray(cm)):
@@ -28,9 +25,7 @@ def confusion_png(cm, labels, title: str, path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _plt():
@@ -38,6 +33,33 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+# The report page is 1200 px wide at most (page.py): the browser shrinks a wider PNG to fit, and
+# its text with it (the overlays' titles showed at 6 px). No text shows smaller than MIN_TEXT_PX.
+PAGE_WIDTH_PX = 1150
+MIN_TEXT_PX = 11
+
+
+def save(fig, path: Path, rect=None) -> None:
+    """Write a report figure and close it: text that would show below MIN_TEXT_PX at 100 % zoom
+    is enlarged first (tick labels included), then the layout is redone around it."""
+    from matplotlib.text import Text
+
+    shrink = min(1.0, PAGE_WIDTH_PX / (fig.get_figwidth() * fig.dpi))
+    floor = MIN_TEXT_PX * 72 / (fig.dpi * shrink)  # in points
+    fig.canvas.draw()  # lays out the tick labels, so they can be measured
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks = [t for t in axis.get_ticklabels() if t.get_text()]
+            if ticks and min(t.get_fontsize() for t in ticks) < floor:
+                axis.set_tick_params(labelsize=floor)
+    for text in fig.findobj(Text):
+        if text.get_text() and text.get_fontsize() < floor:
+            text.set_fontsize(floor)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path)
+    _plt().close(fig)
 
 
 def box_plot(groups: dict[str, list[float]], title: str, path: Path) -> list[str]:
@@ -50,9 +72,7 @@ def box_plot(groups: dict[str, list[float]], title: str, path: Path) -> list[str
     ax.set_ylabel("Dice per subject")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return labels
 
 
@@ -78,9 +98,7 @@ def curves_plot(curves: dict[str, dict[str, list]], path: Path) -> list[str]:
         ax.set_xlabel("iteration")
     if axes[-1].get_legend_handles_labels()[0]:
         axes[-1].legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return list(CURVES)
 
 
@@ -137,9 +155,7 @@ def overlay_plot(uri: str, runs: dict[str, TrialRun], path: Path, split: str = "
             rows.append(f"{which}: {sid}")
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return rows
 
 
@@ -163,9 +179,7 @@ def roc_plot(runs: dict[str, TrialRun], path: Path) -> list[str]:
     ax.set_ylabel("sensitivity")
     ax.set_title("test ROC")
     ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return drawn
 
 
@@ -218,9 +232,7 @@ def subsets_plot(trials: list[TrialRun], split: str, sizes: dict[str, int], path
     its.set_ylabel("iteration of the best validation Dice")
     its.set_title("iterations needed", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return sorted(models, key=lambda m: (m != "scratch", m)), rows
 
 
@@ -265,9 +277,7 @@ def training_steps_plot(runs: list[TrialRun], target: float, path: Path,
     bars.set_xticks(range(len(starts)), names, rotation=20, ha="right", fontsize=7)
     bars.set_ylabel("steps")
     bars.set_title("fewest steps to the target loss")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return ["training loss vs steps", "steps to target"], rows
 
 
@@ -290,9 +300,7 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("study-wise accuracy")
     ax.set_title("MURA test accuracy per body part\n(study-wise, 95 % Wilson interval)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return parts
 
 
@@ -324,9 +332,7 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
         ax.set_yticks(range(len(configs)), configs if ax is axes[0][0] else [""] * len(configs), fontsize=7)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return [key for key, _, _ in panels]
 
 
@@ -358,9 +364,7 @@ def layer_curves_plot(curves: dict[str, dict[str, list]], groups: list[str], pat
     from matplotlib.lines import Line2D
     fig.legend([Line2D([], [], color=colour[n]) for n in curves], list(curves), fontsize=6, loc="lower center",
                ncol=min(4, len(curves)))
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(curves) - 1) // 4), 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path, rect=(0, 0.05 + 0.03 * ((len(curves) - 1) // 4), 1, 1))
     return [k for r in rows for k in r]
 
 
@@ -379,7 +383,5 @@ def forecast_plot(forecast: dict, agreement: dict, split: str, path: Path) -> li
                  fontsize=9)
     ax.set_xlabel("forecast: LogME before training (higher = more transferable)", fontsize=8)
     ax.set_ylabel(f"measured: mean {split} Dice", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
     return [f"k={k}" for k in keys]

@@ -158,6 +158,76 @@ def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset 
     return rows
 
 
+# What a reader compares; the rest of summarise()'s columns go to the page's details table and summary.csv.
+HEADLINE_COLUMNS = ("configuration", "seeds", "best_val_dice", "best_val_accuracy", "best_val_loss", "test_dice",
+                    "test_accuracy", "test_auc", "dice_difference", "accuracy_difference", "ci95", "p_holm",
+                    "vs_transferred_dice_difference", "vs_transferred_accuracy_difference", "vs_transferred_ci95",
+                    "vs_transferred_p_holm", "stopped_early")
+OBJECTIVES = (("best_val_dice", max, "best validation Dice"), ("best_val_accuracy", max, "best validation accuracy"),
+              ("best_val_loss", min, "lowest validation loss"))
+ALPHA = 0.05
+
+
+def headline_columns(rows: list[dict]) -> tuple[str, ...]:
+    """HEADLINE_COLUMNS with one objective, the verdict's: a segmentation sweep's best validation
+    loss is in the details, its Dice in the headline."""
+    objective = next((k for k, _, _ in OBJECTIVES if any(r.get(k) for r in rows)), None)
+    return tuple(c for c in HEADLINE_COLUMNS if c == objective or c not in {k for k, _, _ in OBJECTIVES})
+
+
+def verdict(rows: list[dict]) -> str:
+    """The report's first sentences (plain text): which configuration leads, and what the paired
+    tests against scratch on the same subjects say after Holm's correction."""
+    key, best, what = next(((k, f, w) for k, f, w in OBJECTIVES if any(r.get(k) for r in rows)), (None, None, ""))
+    if key is None:
+        return ""
+    mean = lambda r: float(str(r[key]).split()[0])  # "0.7480 ± 0.0210"
+    lead = best((r for r in rows if r.get(key)), key=mean)
+    seeds = min(int(r.get("seeds", 1)) for r in rows)
+    text = [f"{lead['configuration']} leads on {what} ({lead[key]}, "
+            f"{'mean ± sd over ' + str(seeds) + ' seeds' if seeds > 1 else 'one seed'})."]
+    compared = [r for r in rows if r.get("p_holm", "") != ""]
+    if compared:
+        text += _against_scratch(rows, compared)
+    else:
+        text.append("The sweep has no scratch baseline on the same data, so no difference between rows is tested.")
+    if seeds == 1:
+        text.append("Every configuration ran once: the tests pair subjects, not seeds, so rerun with "
+                    "--num-samples 3 before concluding.")
+    return " ".join(text)
+
+
+def _against_scratch(rows: list[dict], compared: list[dict]) -> list[str]:
+    text = []
+    diff = "dice_difference" if "dice_difference" in compared[0] else "accuracy_difference"
+    n = compared[0].get("subjects") or compared[0].get("images")
+    on = f"on the same {n} {compared[0]['vs_scratch_split']} {'subjects' if 'subjects' in compared[0] else 'images'}"
+    said = lambda r: f"{r[diff]:+.3f} (95 % CI {r['ci95']}, Holm p = {r['p_holm']})"
+    better = [r for r in compared if float(r["p_holm"]) < ALPHA and r[diff] > 0]
+    worse = [r for r in compared if float(r["p_holm"]) < ALPHA and r[diff] < 0]
+    if better:
+        top = max(better, key=lambda r: r[diff])
+        text.append(f"Against scratch {on}, after Holm over {len(compared)} comparisons: {top['configuration']} is "
+                    f"better by {said(top)}" + (f", and {len(better) - 1} more configurations are also better" if
+                                              len(better) > 1 else "") + ".")
+    else:
+        closest = max(compared, key=lambda r: r[diff])
+        text.append(f"Against scratch {on}, after Holm over {len(compared)} comparisons, no configuration is better "
+                    f"beyond chance; the largest difference is {closest['configuration']}'s, {said(closest)}.")
+    if worse:
+        text.append(f"Worse than scratch beyond chance: {', '.join(r['configuration'] for r in worse)}.")
+    for r in rows:  # the Mean-Var control against the model whose weight scales it copied
+        if r.get("vs_transferred_p_holm", "") != "":
+            vs = r["vs_transferred_" + diff]
+            held = float(r["vs_transferred_p_holm"]) < ALPHA
+            text.append(f"The Mean-Var control {r['configuration']} against the transferred model: {vs:+.3f} "
+                        f"(Holm p = {r['vs_transferred_p_holm']}): " +
+                        ("the transferred features matter beyond their weight scales." if held and vs < 0 else
+                         "weight scales alone do better than the features." if held else
+                         "not distinguishable, so weight scales alone may explain the transfer."))
+    return text
+
+
 def _compare(ts: list[TrialRun], baseline: list[TrialRun]) -> dict:
     """A configuration against a baseline on the same subjects or images: classifiers by McNemar on
     per-image correctness (test), segmenters by the paired per-subject Dice (test, else val)."""
