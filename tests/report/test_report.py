@@ -395,6 +395,11 @@ def test_overlays_draw_the_ground_truth_the_trials_score_against_without_loading
       "on the same 12 test subjects, after Holm over 2 comparisons, no configuration is better beyond chance; "
       "the largest difference is k=1's, +0.012 (95 % CI [-0.0100, 0.0300], Holm p = 0.4).",
       "Worse than scratch beyond chance: k=5."]),
+    ([{"configuration": "scratch", "seeds": 1, "best_val_dice": "0.3000"},
+      {"configuration": "k=2", "seeds": 1, "best_val_dice": "0.5000", "dice_difference": 0.2,
+       "ci95": "[0.1500, 0.2500]", "p_holm": "0.125", "subjects": 4, "vs_scratch_split": "val"}],
+     ["no configuration is better beyond chance", "With 4 subjects no paired test can reach p < 0.05 (the smallest "
+      "Wilcoxon p is 2/2^4 = 0.125): give the val split more subjects (--splits)."]),
     ([{"configuration": "scratch", "seeds": 2, "best_val_loss": "0.3000 ± 0.0100"},
       {"configuration": "mura k=0", "seeds": 2, "best_val_loss": "0.2000 ± 0.0100", "accuracy_difference": 0.08,
        "ci95": "[0.0400, 0.1200]", "p_holm": "0.002", "images": 60, "vs_scratch_split": "test"}],

@@ -90,10 +90,11 @@ def _plain(t) -> torch.Tensor:
 
 def _check_shapes(sid: str, files: dict[str, str], d: dict, keys: list[str], after: str = "") -> None:
     shapes = {k: tuple(d[k].shape[1:]) for k in keys}
+    what = "image and label" if "label" in files else "the images'"
     if len(set(shapes.values())) != 1:
         raise SubjectLoadError(
-            f"subject {sid}: {after}image and label shapes differ {shapes} "
-            f"({files['label']}); co-register / resample them to one grid first")
+            f"subject {sid}: {after}{what} shapes differ {shapes} "
+            f"({files.get('label') or files[keys[0]]}); co-register / resample them to one grid first")
 
 
 def _to_training_grid(d: dict, modalities, spacing) -> dict:
@@ -109,8 +110,9 @@ def _to_training_grid(d: dict, modalities, spacing) -> dict:
 def load_subject(sid: str, files: dict[str, str], modalities, label_map: dict[int, int],
                  num_classes: int, min_size=None, with_centres: bool = True, spacing=None) -> Subject:
     """Read, reorient to RAS, resample to `spacing` (mm; None or () keeps each volume's own voxel
-    size), z-score, map labels and pad to `min_size`: a subject in training space."""
-    keys = [*modalities, "label"]
+    size), z-score, map labels and pad to `min_size`: a subject in training space. Without a
+    "label" in `files` (a scan to predict), the label is all background."""
+    keys = [*modalities, *(["label"] if "label" in files else [])]
     try:
         d = LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)({k: files[k] for k in keys})
     except Exception as e:  # nibabel / gzip errors name neither subject nor the fix
@@ -119,6 +121,9 @@ def load_subject(sid: str, files: dict[str, str], modalities, label_map: dict[in
             "Re-extract the file from the dataset archive or remove the subject.") from e
     _check_shapes(sid, files, d, keys)
     first = d[modalities[0]]
+    if "label" not in d:  # nothing to score against: background everywhere, on the first modality's grid
+        d["label"] = MetaTensor(torch.zeros_like(_plain(first), dtype=torch.uint8), affine=first.affine)
+        keys.append("label")
     source_label = map_labels(_plain(d["label"]).round().long(), label_map).to(torch.uint8)
     source_grid = SourceGrid(tuple(first.shape[1:]), np.asarray(first.affine), source_label)
     d = _to_training_grid(d, modalities, spacing)

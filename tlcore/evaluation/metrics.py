@@ -49,6 +49,13 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
     return d[0].cpu().numpy()
 
 
+def labels_on_source_grid(logits: torch.Tensor, s) -> torch.Tensor:
+    """(1, *input shape) class indices of a subject's (1, K, *training shape) logits, on the grid
+    of its input file. Probabilities, not class indices, are resampled: no blocky label edges
+    after `spacing`. Evaluation and `python -m tlcore.predict` both go through here."""
+    return to_source_grid(torch.softmax(logits[0], 0), s).argmax(0, keepdim=True)
+
+
 @torch.no_grad()
 def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, device: torch.device,
                       loss_fn=None, sw_batch_size: int = 2, overlap: float = 0.5,
@@ -66,8 +73,7 @@ def evaluate_subjects(model: torch.nn.Module, subjects, num_classes: int, roi, d
         logits = predict_logits(model, s.image, roi, device, sw_batch_size, overlap, amp_dtype, channels_last)
         if loss_fn is not None:
             losses.append(float(loss_fn(logits, s.label[None].to(logits.device))))
-        # probabilities, not class indices, are resampled: no blocky label edges after `spacing`
-        pred = to_source_grid(torch.softmax(logits[0], 0), s).argmax(0, keepdim=True)
+        pred = labels_on_source_grid(logits, s)
         per_subject[s.id] = float(dice_per_class(pred, source_label(s), num_classes).mean())
         if predictions_dir is not None and s.source:  # on the input's grid, aligned in any viewer
             write_prediction(pred, s.source, Path(predictions_dir) / f"{s.id}_pred.nii.gz")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tlcore.models.networks import group_keys, head_group, layer_groups
+from tlcore.models.networks import build_network, group_keys, head_group, layer_groups
 
 
 @dataclass
@@ -50,6 +50,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return obj.get("model", obj) if isinstance(obj, dict) else obj
+
+
+def load_checkpoint(cfg, directory: str | Path, classes: int) -> nn.Module:
+    """The network a checkpoint or registered-model folder holds (model.safetensors), built as `cfg`
+    (its run_config.json) describes it."""
+    model = build_network(cfg, classes)
+    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
+    return model
 
 
 def load_source(model: nn.Module, state: dict[str, torch.Tensor], source: str = "",

@@ -328,6 +328,8 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
             if v == v:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < np.nanmean(grid) else "black")
+            else:  # e.g. scratch has no source to compare with
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="#999999")
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
         ax.set_yticks(range(len(configs)), configs if ax is axes[0][0] else [""] * len(configs), fontsize=7)
         ax.set_title(title, fontsize=9)

@@ -161,8 +161,7 @@ def summarise(trials: list[TrialRun], uri: str | None = None, shared: frozenset 
 # What a reader compares; the rest of summarise()'s columns go to the page's details table and summary.csv.
 HEADLINE_COLUMNS = ("configuration", "seeds", "best_val_dice", "best_val_accuracy", "best_val_loss", "test_dice",
                     "test_accuracy", "test_auc", "dice_difference", "accuracy_difference", "ci95", "p_holm",
-                    "vs_transferred_dice_difference", "vs_transferred_accuracy_difference", "vs_transferred_ci95",
-                    "vs_transferred_p_holm", "stopped_early")
+                    "stopped_early")  # Mean-Var against the transferred model: in the verdict and the details
 OBJECTIVES = (("best_val_dice", max, "best validation Dice"), ("best_val_accuracy", max, "best validation accuracy"),
               ("best_val_loss", min, "lowest validation loss"))
 ALPHA = 0.05
@@ -214,6 +213,10 @@ def _against_scratch(rows: list[dict], compared: list[dict]) -> list[str]:
         closest = max(compared, key=lambda r: r[diff])
         text.append(f"Against scratch {on}, after Holm over {len(compared)} comparisons, no configuration is better "
                     f"beyond chance; the largest difference is {closest['configuration']}'s, {said(closest)}.")
+        if "subjects" in compared[0] and 2 / 2 ** int(n) >= ALPHA:  # Wilcoxon's exact p is at least 2 / 2^n
+            text.append(f"With {n} subjects no paired test can reach p < {ALPHA} (the smallest Wilcoxon p is "
+                        f"2/2^{n} = {2 / 2 ** int(n):.3g}): give the {compared[0]['vs_scratch_split']} split more subjects "
+                        "(--splits).")
     if worse:
         text.append(f"Worse than scratch beyond chance: {', '.join(r['configuration'] for r in worse)}.")
     for r in rows:  # the Mean-Var control against the model whose weight scales it copied

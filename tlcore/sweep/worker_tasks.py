@@ -20,13 +20,10 @@ def checkpoint_model(cfg: TrialConfig, directory, classes: int):
     """The network saved in a checkpoint folder, built in the task's worker with the trial's threads."""
     import torch
 
-    from tlcore.models.networks import build_network
-    from tlcore.models.transfer import read_weights
+    from tlcore.models.transfer import load_checkpoint
 
     torch.set_num_threads(cfg.num_threads or 1)
-    model = build_network(cfg, classes)
-    model.load_state_dict(read_weights(Path(directory) / "model.safetensors"))
-    return model
+    return load_checkpoint(cfg, directory, classes)
 
 
 def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", predictions: bool = False) -> dict:
