@@ -41,7 +41,7 @@ def may_import(stage: str) -> set[str]:
 
 
 def test_the_folders_are_the_stages_and_no_module_sits_loose():
-    assert STAGES == ["analysis", "data", "evaluation", "models", "report", "sweep", "tracking", "training"]
+    assert STAGES == ["analysis", "data", "evaluation", "models", "predict", "report", "sweep", "tracking", "training"]
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert loose == ["__init__.py", "config.py", "text.py"], loose
 

@@ -12,15 +12,21 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_every_quickstart_command_starts_and_every_named_file_exists():
     text = README.read_text()
-    commands = [shlex.split(line.split("#")[0]) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                for line in block.splitlines() if line.startswith(".venv/bin/python sweeps/")]
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    commands = [shlex.split(line.split("#")[0]) for line in lines if line.startswith(".venv/bin/python sweeps/")]
     assert len(commands) >= 5, commands
+    # and the tools (python -m tlcore.<tool>): run as modules, to --help too
+    commands += [shlex.split(line.split("#")[0]) for line in lines if line.startswith(".venv/bin/python -m tlcore.")]
+    assert [".venv/bin/python", "-m", "tlcore.predict"] in [c[:3] for c in commands], commands
     # one process runs them all: each script reads its flags and stops at --help with exit status
     # 0, before it loads Ray, MLflow, SciPy or torch (sweep.deferred: --help in ~0.1 s, not 3-9 s)
     probe = ("import runpy, sys\n"
              "for argv in %r:\n"
              "    sys.argv = argv + ['--help']\n"
              "    try:\n"
+             "        if argv[0] == '-m':\n"
+             "            sys.argv = argv[1:] + ['--help']\n"
+             "            runpy.run_module(argv[1], run_name='__main__', alter_sys=True)\n"
              "        runpy.run_path(argv[0], run_name='__main__')\n"
              "    except SystemExit as e:\n"
              "        assert e.code in (0, None), (argv, e.code)\n"

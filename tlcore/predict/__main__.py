@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from tlcore.config import DATASETS_2D, TrialConfig, read_run_config
-from tlcore.data.layouts import num_classes
+from tlcore.data.layouts import default_label_map, num_classes
 from tlcore.predict.inputs import InputError, find_images, find_scans
 from tlcore.tracking.credentials import default_tracking_uri, redact, tracking_uri_flag
 
@@ -63,7 +63,7 @@ def segment(cfg: TrialConfig, folder: Path, subjects: dict[str, dict[str, str]],
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    codes = {index: code for code, index in (cfg.label_map or {}).items()}
+    codes = {index: code for code, index in (cfg.label_map or default_label_map(cfg.dataset)).items()}
     rows = []
     for sid, files in tqdm(subjects.items(), desc="predict", unit="subject", file=sys.stderr):
         s = load_subject(sid, files, cfg.modalities, {}, classes, cfg.patch_size, with_centres=False,
