@@ -9,8 +9,11 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import tlcore
@@ -39,19 +42,37 @@ _running: dict = {}  # the sweep being run (begin()), for run()'s message
 
 
 def run(main, *args) -> None:
-    """Run a sweep script's main(*args) (its flags, read before this module loaded). A tracking store that stops answering once trials have started
-    ends the sweep with what to do instead of a traceback: every result is in Ray's files, and
-    --resume (no trial retrained) writes what MLflow lacks, then evaluates, registers and reports."""
+    """Run a sweep script's main(*args) (its flags, read before this module loaded); whatever
+    ends it, nothing is left RUNNING in MLflow and the last line says what to do.
+
+    - Ctrl-C or SIGTERM (Slurm's scancel, a job's time limit): open runs end KILLED, exit 130 /
+      143; --resume continues from Tune's last saved state (no finished trial is trained again).
+    - A tracking store that stops answering once trials have started: exit 75 with what to do
+      (every result is in Ray's files; --resume writes what MLflow lacks).
+    - A stalled rung: exit 2. Any other error: open runs end FAILED, one line with the
+      traceback's file, exit 1."""
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts at once (Tune would wait to save)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         main(*args)
+    except KeyboardInterrupt as e:
+        code = 143 if str(e) == "SIGTERM" else 130
+        if _running:
+            close_open_runs(_running, "KILLED", {"interrupted": str(e) or "SIGINT"})
+        print(f"\n[tlcore] interrupted ({str(e) or 'Ctrl-C'}): nothing is left RUNNING in MLflow"
+              + (f"; rerun the same command with --resume to continue from {_running['exp_dir']}" if _running else ""),
+              file=sys.stderr)
+        end_process(code)
     except Exception as e:
         stalled = _stalled_cause(e)
         if stalled is not None and _running:
-            close_stalled_sweep(_running)
+            close_open_runs(_running, "FAILED", {"stalled": "true"})
             print(f"\n[tlcore] error: {stalled}", file=sys.stderr)
             raise SystemExit(2) from None
         cause = store.unreachable_cause(e)
-        if cause is None or not _running:
+        if cause is None:
+            _unexpected(e)
+        if not _running:
             raise
         reason = redact((str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200])
         print(f"\n[tlcore] error: the MLflow store {_running['uri']} stopped answering ({reason}).\n"
@@ -60,7 +81,27 @@ def run(main, *args) -> None:
               "the records the sweep kept for MLflow are written (Tune saved them), then it evaluates,\n"
               "registers and builds the report.", file=sys.stderr)
         raise SystemExit(EXIT_STORE_DOWN) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     end_process()
+
+
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _unexpected(e: Exception) -> None:
+    """An error tlcore did not foresee (a bug, a full disk): the open runs fail, the traceback
+    goes to a file (beside the sweep's results when it has begun) and the terminal gets one line."""
+    folder = Path(_running["exp_dir"]) if _running else Path(tempfile.gettempdir())
+    path = folder / f"tlcore-error-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    path.write_text(redact("".join(traceback.format_exception(e))))
+    if _running:
+        close_open_runs(_running, "FAILED", {"error": f"{type(e).__name__}: {e}"[:500]})
+    said = redact((str(e).strip().splitlines() or [""])[0][:300])
+    print(f"\n[tlcore] error: {type(e).__name__}: {said} (the traceback: {path})"
+          + ("; --resume continues the sweep once it is fixed" if _running else ""), file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 def end_process(code: int = 0) -> None:
@@ -85,15 +126,17 @@ def _stalled_cause(exc: BaseException | None) -> SweepStalled | None:
     return None
 
 
-def close_stalled_sweep(running: dict) -> None:
-    """A stalled sweep leaves nothing RUNNING in MLflow: its open trial runs and parent fail."""
+def close_open_runs(running: dict, status: str, tags: dict) -> None:
+    """Nothing left RUNNING in MLflow: the sweep's open trial runs and its parent end as `status`
+    (FAILED, KILLED), tagged with why."""
     uri, pid, name = running["uri"], running.get("parent_run_id"), running.get("name")
     if not pid:
         return
     for run in store.child_runs(uri, name, pid, "attributes.status = 'RUNNING'"):
-        store.set_tags(uri, run.run_id, {"stalled": "true"})
-        store.end_run(uri, run.run_id, "FAILED")
-    store.end_run(uri, pid, "FAILED")
+        store.set_tags(uri, run.run_id, tags)
+        store.end_run(uri, run.run_id, status)
+    store.set_tags(uri, pid, tags)
+    store.end_run(uri, pid, status)
 
 
 def start_ray(sweep: Sweep) -> float:
@@ -101,10 +144,13 @@ def start_ray(sweep: Sweep) -> float:
     the GPUs per trial."""
     from tlcore.sweep.cluster import ClusterMismatch, connect
 
+    ours = signal.getsignal(signal.SIGTERM) is _raise_interrupt  # under run()
     try:
         sweep.gpus_per_trial = connect(sweep.args, volumes=sweep.base_config["dataset"] not in DATASETS_2D)
     except ClusterMismatch as e:
         fail(str(e))
+    if ours:  # ray.init put in its own handler (sys.exit: the runs would stay RUNNING)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     return sweep.gpus_per_trial
 
 
