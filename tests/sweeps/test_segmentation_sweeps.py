@@ -2,6 +2,7 @@
 subset sweeps on BraTS, joining a running Ray cluster, replaying a sweep into MLflow. Real local
 Ray and SQLite MLflow."""
 
+import html
 import json
 import re
 import socket
@@ -136,7 +137,11 @@ def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspa
     w, c, parent, out = workspace, layer_sweep["client"], layer_sweep["parent"], layer_sweep["out"]
     table = Path(c.download_artifacts(parent, "results.md", str(w["tmp"]))).read_text()
     assert table.count("| models:/ixi_hippocampus/1") == 6 and "meanvar:" in table and "test_dice" in table
-    assert table.strip() in c.get_run(parent).data.tags["mlflow.note.content"]  # the run's description in the UI
+    description = c.get_run(parent).data.tags["mlflow.note.content"]  # the run's description in the UI
+    assert table.strip() in description
+    # the report's verdict: in the description and the terminal, the same words as atop the page
+    said = re.search(r"\[tlcore\] verdict: (.+)", out).group(1)
+    assert " leads on best validation Dice" in said and f"**Verdict**: {said}" in description
     # the report: named in the output, in the results folder and in the parent run
     page = w["tmp"] / "results" / "brats_layers" / "report" / "report.html"
     assert f"[tlcore] report: {page}" in out and page.read_text().count("data:image/png") >= 2
@@ -147,6 +152,7 @@ def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspa
     assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", out), out
     assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
     assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
+    assert html.escape(said) in page.read_text()
 
 
 @in_workspace_store

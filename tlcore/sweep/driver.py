@@ -19,7 +19,7 @@ from pathlib import Path
 import tlcore
 from tlcore.config import DATASETS_2D
 from tlcore.data.splits import write_splits
-from tlcore.report.summary import log_seed_aggregates, seeds_note
+from tlcore.report.summary import log_seed_aggregates, seeds_note, verdict
 from tlcore.sweep.halving import SweepStalled
 from tlcore.sweep.invocation import Sweep, fail
 from tlcore.sweep.preflight import check_imagenet, prepare, resolve_source
@@ -220,10 +220,11 @@ def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
 NOTE_LIMIT = 7_500  # MLflow keeps a tag (the run's description is one) up to 8,000 characters
 
 
-def parent_description(sweep: Sweep, table: str, rows: list[dict]) -> str:
-    """The parent run's description in MLflow (its Overview page): the results table, what one
-    seed can and cannot say, where the rest is."""
-    head = f"**{sweep.name}**: {len(rows)} trial(s); the HTML report is under this run's artifacts, report/.\n\n"
+def parent_description(sweep: Sweep, table: str, rows: list[dict], said: str = "") -> str:
+    """The parent run's description in MLflow (its Overview page): the report's verdict, the
+    results table, what one seed can and cannot say, where the rest is."""
+    head = (f"**{sweep.name}**: {len(rows)} trial(s); the HTML report is under this run's artifacts, report/.\n\n"
+            + (f"**Verdict**: {said}\n\n" if said else ""))
     note = "\n\n" + seeds_note(rows, synthetic=not sweep.args.data_dir).replace("[tlcore] ", "")
     if len(head) + len(table) + len(note) > NOTE_LIMIT:
         table = "(the table is in results.md: too long for a description)"
@@ -242,21 +243,24 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     store.log_text(uri, pid, table + "\n", "results.md")
     store.log_dict(uri, pid, table_rows, "results.json")
-    store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors,
-                              "mlflow.note.content": parent_description(sweep, table, as_dicts)})
+    store.set_tags(uri, pid, {"trials": len(rows), "errored_trials": errors})
     aggregates = log_seed_aggregates(uri, sweep.name, pid)
     report = write_report(sweep)
+    said = verdict(report.rows) if report else ""
+    store.set_tags(uri, pid, {"mlflow.note.content": parent_description(sweep, table, as_dicts, said)})
     store.end_run(uri, pid, "FAILED" if errors else "FINISHED")
     print(f"\n{sweep.name} results\n{table}\n")
     print(seeds_note(as_dicts, synthetic=not sweep.args.data_dir))
+    if said:
+        print(f"[tlcore] verdict: {said}")
     if report:
-        print(f"[tlcore] report: {report}  (also in the MLflow parent run, under report/)")
+        print(f"[tlcore] report: {report.html}  (also in the MLflow parent run, under report/)")
     print(f"[tlcore] MLflow: experiment '{sweep.name}', parent run {pid}"
           + (f"; {len(aggregates)} run(s) 'mean of n seeds' (mean, _sd, _min, _max of every metric)"
              if aggregates else ""))
     if uri.startswith("sqlite:///"):
         start = ("mlflow/ui.sh" if uri == store.default_tracking_uri() else
-                 f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+                 f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1")
         print(f"[tlcore] open the UI:  {start}\n         then {store.runs_page('http://127.0.0.1:5000', uri, sweep.name)}")
     elif uri.startswith(("http://", "https://")):
         print(f"[tlcore] open the UI:  {store.runs_page(redact(uri), uri, sweep.name)}")
@@ -272,13 +276,13 @@ def finish(sweep: Sweep, rows: list[TrialRow], table_rows: list[dict] | None = N
     return table
 
 
-def write_report(sweep: Sweep) -> Path | None:
-    """The sweep's HTML report (tables, statistics, figures), logged to the parent run."""
+def write_report(sweep: Sweep):
+    """The sweep's HTML report (tables, statistics, figures; a report.page.Report), logged to the
+    parent run; None if it could not be built."""
     from tlcore.report.page import build
 
     try:
-        return build(sweep.tracking_uri, sweep.name, sweep.parent_run_id,
-                     Path(sweep.storage_path) / sweep.name / "report").html
+        return build(sweep.tracking_uri, sweep.name, sweep.parent_run_id, Path(sweep.storage_path) / sweep.name / "report")
     except Exception as e:  # noqa: BLE001 -- the sweep's results are safe; say how to retry
         print(f"[tlcore] WARNING: the report could not be built ({type(e).__name__}: {e}); retry with\n"
               f"    python -m tlcore.report {sweep.name} --parent-run {sweep.parent_run_id}", file=sys.stderr)
