@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 FLAGS = ["--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--disable-quic"]
 PARAMS = ("source_model", "frozen_layers", "seed")
-METRICS = ("val_dice", "test_dice")
+METRICS = ("best_val_dice", "test_dice")  # val_dice is the last report's; best_val_dice the checkpoint's
 
 
 def chromium() -> str:
@@ -63,8 +63,8 @@ def start_server(uri: str, port: int) -> subprocess.Popen:
 
 
 class Walkthrough:
-    def __init__(self, page, base: str, experiment_id: str, out: Path):
-        self.page, self.base, self.experiment_id, self.out = page, base, experiment_id, out
+    def __init__(self, page, runs_page: str, out: Path):
+        self.page, self.runs_page, self.out = page, runs_page, out
 
     def shot(self, name: str) -> None:
         from PIL import Image
@@ -76,7 +76,7 @@ class Walkthrough:
         print(path)
 
     def open_runs(self) -> None:
-        self.page.goto(f"{self.base}/#/experiments/{self.experiment_id}/runs")
+        self.page.goto(self.runs_page)  # the link a sweep prints: the model-training view
         self.page.wait_for_selector("text=Training runs", timeout=60_000)
         self.page.wait_for_timeout(3000)
         close = self.page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
@@ -170,16 +170,20 @@ def main() -> None:
             root = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses to run sandboxed as root
             browser = pw.chromium.launch(executable_path=chromium(), args=[*FLAGS, *root])
             page = browser.new_page(viewport={"width": 1600, "height": 900})
-            w = Walkthrough(page, f"http://127.0.0.1:{port}", exp.experiment_id, out)
+            w = Walkthrough(page, store.runs_page(f"http://127.0.0.1:{port}", args.mlflow_uri, args.experiment), out)
             w.open_runs()
             w.expand_parents()
             w.choose_columns(PARAMS + METRICS)
             w.widen_run_names()
             w.shot("1-runs-expanded")
-            w.search('tags.role = "seed_aggregate"')
-            w.choose_columns(("test_dice_sd", "best_val_dice", "best_val_dice_sd"), hide=("val_dice", "source_model"))
-            w.shot("2-mean-over-seeds")
-            w.search("")
+            if store.find_run(args.mlflow_uri, args.experiment, 'tags.role = "seed_aggregate"'):
+                w.search('tags.role = "seed_aggregate"')
+                w.choose_columns(("test_dice_sd", "best_val_dice_sd"), hide=("source_model",))
+                w.shot("2-mean-over-seeds")
+                w.search("")
+                w.choose_columns(("source_model",), hide=("test_dice_sd", "best_val_dice_sd"))
+            else:
+                print("no mean-over-seeds runs (the sweep ran one seed): 2-mean-over-seeds.png kept")
             w.chart_view()
             w.filter_charts("val_dice")
             w.shot("3-charts")

@@ -194,6 +194,7 @@ def test_unknown_run_and_parent_ids_end_the_tools_in_one_line(mlflow_uri, capsys
     other = store.start_run(mlflow_uri, "ixi_source", "a parent", tags={"role": "parent"})
     for tool, argv, says in (
             (lineage.main, ["runs:/0123456789abcdef0123456789abcdef"], "no run '0123456789abcdef0123456789abcdef' in"),
+            (lineage.main, ["runs:0123456789abcdef0123456789abcdef"], "is neither models:/<name>/<version> nor runs:/"),
             (page.main, ["brats_layers", "--parent-run", "feedface"], "no run 'feedface' in"),
             (page.main, ["brats_layers", "--parent-run", other], "belongs to experiment 'ixi_source'")):
         assert tool([*argv, "--mlflow-uri", mlflow_uri]) == 2

@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("start", help="models:/<name>/<version|latest>, models:/<name>@<alias> or runs:/<run id>")
     p.add_argument("--mlflow-uri", default=None, type=tracking_uri_flag, help=f"default {store.default_tracking_uri()}")
     args = p.parse_args(argv)
+    if not args.start.startswith(("models:/", "runs:/", MEANVAR)):  # chain() takes any other start as the origin
+        print(f"[tlcore] error: {args.start!r} is neither models:/<name>/<version> nor runs:/<run id> "
+              "(the run id is on the run's page in the MLflow UI)", file=sys.stderr)
+        return 2
     try:
         links = chain(args.mlflow_uri or store.default_tracking_uri(), args.start)
     except LookupError as e:  # a model or run the store does not hold
