@@ -77,8 +77,9 @@ class Walkthrough:
 
     def open_runs(self) -> None:
         self.page.goto(self.runs_page)  # the link a sweep prints: the model-training view
-        self.page.wait_for_selector("text=Training runs", timeout=60_000)
+        self.page.wait_for_selector("text=matching runs", timeout=60_000)
         self.page.wait_for_timeout(3000)
+        self.shot("0-first-visit")  # what the link shows before any click
         close = self.page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
         if close.count():
             close.first.click()

@@ -226,8 +226,8 @@ def _against_scratch(rows: list[dict], compared: list[dict]) -> list[str]:
             text.append(f"The Mean-Var control {r['configuration']} against the transferred model: {vs:+.3f} "
                         f"(Holm p = {r['vs_transferred_p_holm']}): " +
                         ("the transferred features matter beyond their weight scales." if held and vs < 0 else
-                         "weight scales alone do better than the features." if held else
-                         "not distinguishable, so weight scales alone may explain the transfer."))
+                         "its weight scales alone do better than the transferred features." if held else
+                         "not distinguishable here."))
     return text
 
 
