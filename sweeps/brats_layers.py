@@ -48,7 +48,7 @@ def main(args) -> None:
     driver.start_ray(sweep)
     driver.begin(sweep)
     ks = args.frozen_layers if args.search == "grid" else range(6)
-    driver.log_forecast(sweep, source, ks)  # which k should win? (the report sets it against the result)
+    driver.log_forecast(sweep, source, ks, meanvar="meanvar" in args.controls)  # which k should win? (vs the result in the report)
     space, searcher = dict(sweep.base_config), None
     if args.search == "grid":  # --num-samples: the grid once per seed
         space.update(search_space(source, ks, flags.control_starts(args.controls, source)))

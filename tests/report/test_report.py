@@ -330,14 +330,21 @@ def test_a_source_sweep_has_no_which_layers_transfer_section(mlflow_uri, tmp_pat
 
 
 @pytest.mark.parametrize("order, verdict", [(1, "picked the depth that won"), (-1, "The forecast is wrong here")])
-def test_forecast_against_result_says_plainly_whether_it_ranked_right(mlflow_uri, tmp_path, order, verdict):
+def test_forecast_against_result_sets_the_gain_against_the_dice_and_says_whether_it_ranked_right(
+        mlflow_uri, tmp_path, order, verdict):
     from tlcore.sweep.driver import FORECAST_METRIC
 
     src = store.start_run(mlflow_uri, "ixi_source", "source", {"source_model": "scratch"})
     ref = registry.register_model(mlflow_uri, "ixi", src)
     parent = store.start_run(mlflow_uri, "brats_layers", "sweep", None, {"role": "parent"})
-    # the forecast, as the driver logs it before the trials: rising (order 1) or falling with k
-    store.log_metrics(mlflow_uri, parent, {FORECAST_METRIC.format(k): order * (k - 2.0) for k in range(4)}, step=0)
+    # the forecast, as the driver logs it before the trials: the gain rising (order 1) or falling
+    # with k; the raw score falls with k either way, as the untrained baseline does more steeply
+    gain = {k: order * (k - 2.0) for k in range(4)}
+    baseline = {k: -1.0 - 2.0 * k - gain[k] for k in range(4)}
+    logged = {**{FORECAST_METRIC.format("gain", k): v for k, v in gain.items()},
+              **{FORECAST_METRIC.format("baseline", k): v for k, v in baseline.items()},
+              **{FORECAST_METRIC.format("logme", k): baseline[k] + gain[k] for k in range(4)}}
+    store.log_metrics(mlflow_uri, parent, logged, step=0)
     for k in range(4):  # measured: Dice rises with k on every one of 8 subjects
         run = store.start_run(mlflow_uri, "brats_layers", f"k={k}",
                                  {"source_model": ref.uri, "frozen_layers": k, "train_subset": "all", "lr": 0.001,
@@ -349,8 +356,10 @@ def test_forecast_against_result_says_plainly_whether_it_ranked_right(mlflow_uri
     report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
     page = report.html.read_text()
     assert "Forecast against result" in page and verdict in page
-    assert report.figures["forecast"][1] == ["k=0", "k=1", "k=2", "k=3"]
+    assert report.figures["forecast"][1] == ["gain against Dice", "raw scores per depth"]
     assert f"Kendall tau {float(order):.2f}" in page and "measured best (val Dice, 8 subjects" in page
+    assert "gain in LogME" in page and f"Forecast best: k={3 if order == 1 else 0}" in page
+    assert "The raw LogME would have picked k=0; untrained networks alone pick k=0" in page
 
 
 def test_overlays_draw_the_ground_truth_the_trials_score_against_without_loading_torch(synthetic_root, tmp_path):

@@ -149,8 +149,11 @@ def test_the_table_report_and_forecast_reach_the_parent_run(layer_sweep, workspa
     assert "report/report.html" in {a.path for a in c.list_artifacts(parent, "report")}
     assert "overlays_test" in page.read_text()  # every trial has test predictions
     # the forecast before the trials, on the parent run, set against the result in the report
-    assert re.search(r"transferability forecast \(LogME.*k=0 -?\d\.\d{3}.*forecast best k=\d", out), out
-    assert {f"forecast_logme.k{k}" for k in range(6)} <= set(c.get_run(parent).data.metrics)
+    assert re.search(r"transferability forecast \(\d+ s\): LogME .* minus .* k=0 [+-]\d\.\d{3}.*forecast best k=\d", out), out
+    metrics = c.get_run(parent).data.metrics  # the source's score, its untrained baseline, the gain, Mean-Var's
+    assert {f"forecast_{kind}.k{k}" for kind in ("logme", "baseline", "gain", "meanvar") for k in range(6)} <= set(metrics)
+    assert all(metrics[f"forecast_gain.k{k}"] == pytest.approx(metrics[f"forecast_logme.k{k}"]
+                                                               - metrics[f"forecast_baseline.k{k}"]) for k in range(6))
     assert "Which layers transfer" in page.read_text() and "Forecast against result" in page.read_text()
     assert html.escape(said) in page.read_text()
 

@@ -295,14 +295,23 @@ def layer_figures(trials: list, by_config: dict, shared: frozenset, out: Path, s
     return figures
 
 
-FORECAST_PREFIX = "forecast_logme.k"  # driver.FORECAST_METRIC
+def logged_forecast(metrics: dict) -> dict[str, dict[int, float]]:
+    """{kind: {k: score}} from a parent run's `forecast_<kind>.k<k>` metrics (driver.FORECAST_METRIC)."""
+    scores: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("forecast_") and ".k" in key:
+            kind, k = key[len("forecast_"):].rsplit(".k", 1)
+            scores.setdefault(kind, {})[int(k)] = value
+    return scores
 
 
 def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tuple[dict, str]:
-    """The forecast logged before the trials against the Dice they measured, per freeze depth:
-    the figure and a paragraph that says plainly whether the forecast ranked the depths right."""
-    logged = store.get_run(uri, parent_run_id).metrics
-    forecast = {int(k[len(FORECAST_PREFIX):]): v for k, v in logged.items() if k.startswith(FORECAST_PREFIX)}
+    """The forecast logged before the trials (the source's LogME gain over untrained networks)
+    against the Dice they measured, per freeze depth: the figure and a paragraph that says plainly
+    whether the forecast ranked the depths right, and whether untrained networks alone rank them
+    as the raw score does."""
+    scores = logged_forecast(store.get_run(uri, parent_run_id).metrics)
+    forecast = scores.get("gain") or scores.get("logme", {})  # sweeps before the baseline logged LogME only
     transferred = [t for t in trials if str(t.params.get("source_model", "")).startswith("models:/")]
     if not forecast or not transferred:
         return {}, ""
@@ -313,7 +322,9 @@ def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tu
     if agreement["tau"] != agreement["tau"]:  # fewer than three depths measured on shared subjects
         return {}, ""
     png = out / "forecast.png"
-    figure = {"forecast": (png, forecast_plot(forecast, agreement, split, png))}
+    gain = "gain" in scores
+    figure = {"forecast": (png, forecast_plot(forecast, agreement, split, png, scores if gain else None,
+                                              "LogME gain over untrained networks" if gain else "LogME"))}
     tau, (low, high) = agreement["tau"], agreement["ci95"]
     if agreement["forecast_best"] == agreement["measured_best"] and low > 0:
         verdict = "The forecast picked the depth that won, and its ranking agrees with the measured one beyond chance."
@@ -332,9 +343,22 @@ def forecast_figure(uri: str, parent_run_id: str, trials: list, out: Path) -> tu
                     "to the end).")
     if agreement["subjects"] < 10:
         verdict += f" With {agreement['subjects']} subjects the interval itself is rough."
+    if gain:  # would the raw score have said only what depth says?
+        from scipy.stats import kendalltau
+
+        raw, base = scores["logme"], scores["baseline"]
+        depths = sorted(raw)
+        same = kendalltau([raw[k] for k in depths], [base[k] for k in depths]).statistic
+        verdict += (f" The raw LogME would have picked k={max(raw, key=raw.get)}; untrained networks alone pick "
+                    f"k={max(base, key=base.get)} and rank the depths as the raw score does with Kendall tau {same:.2f}"
+                    + (": the raw score measures depth as much as transfer, which the gain takes out." if same > 0.6
+                       else "."))
+        scored = ("the gain in LogME (You et al. 2021) of what the trained layers receive (the source's group k-1 "
+                  "output; the input for k = 0) over the same layer of untrained networks of the same architecture")
+    else:
+        scored = "LogME (You et al. 2021) of what the trained layers receive (a sweep from before the baseline)"
     text = (f"<h2 id='forecast'>Forecast against result</h2><p>Before any trial, the sweep scored each freeze "
-            f"depth k by LogME (You et al. 2021) of what the trained layers receive (the source's group k-1 output; "
-            f"the input for k = 0) against the target labels on sampled voxels. Forecast best: "
+            f"depth k by {scored}, against the target labels on class-balanced voxels. Forecast best: "
             f"k={agreement['forecast_best']}; measured best ({split} Dice, {agreement['subjects']} subjects, mean "
             f"over seeds): k={agreement['measured_best']}; Kendall tau {tau:.2f}, bootstrap 95 % interval "
             f"[{low:.2f}, {high:.2f}] over subjects. {verdict}</p>")

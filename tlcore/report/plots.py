@@ -370,12 +370,16 @@ def layer_curves_plot(curves: dict[str, dict[str, list]], groups: list[str], pat
     return [k for r in rows for k in r]
 
 
-def forecast_plot(forecast: dict, agreement: dict, split: str, path: Path) -> list[str]:
-    """Forecast score (x) against the measured mean Dice (y) per freeze depth k, with Kendall's tau
-    and its bootstrap interval in the title; returns the depths drawn."""
+def forecast_plot(forecast: dict, agreement: dict, split: str, path: Path, scores: dict | None = None,
+                  what: str = "LogME gain over untrained networks") -> list[str]:
+    """The forecast (x: `what`) against the measured mean Dice (y) per freeze depth k, with
+    Kendall's tau and its bootstrap interval in the title; with `scores` ({"logme": {k: v},
+    "baseline": ..., "meanvar": ...}), beside it the raw scores per depth: the source's, the
+    untrained networks' and Mean-Var's. Returns the panels' names."""
     plt = _plt()
     keys, measured = agreement["keys"], agreement["measured"]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10.4 if scores else 5.2, 3.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
     xs, ys = [forecast[k] for k in keys], [measured[k] for k in keys]
     ax.plot(xs, ys, "o", color="C0")
     for k, x, y in zip(keys, xs, ys):
@@ -383,7 +387,18 @@ def forecast_plot(forecast: dict, agreement: dict, split: str, path: Path) -> li
     low, high = agreement["ci95"]
     ax.set_title(f"Kendall tau {agreement['tau']:.2f} [{low:.2f}, {high:.2f}] over {agreement['subjects']} subjects",
                  fontsize=9)
-    ax.set_xlabel("forecast: LogME before training (higher = more transferable)", fontsize=8)
+    ax.set_xlabel(f"forecast: {what}", fontsize=8)
     ax.set_ylabel(f"measured: mean {split} Dice", fontsize=8)
+    if scores:
+        raw = axes[0][1]
+        names = {"logme": "the source", "baseline": "untrained networks (mean)", "meanvar": "Mean-Var start"}
+        for kind, label in names.items():
+            if scores.get(kind):
+                depths = sorted(scores[kind])
+                raw.plot(depths, [scores[kind][k] for k in depths], "o-", label=label)
+        raw.set_xlabel("freeze depth k (the trained layers receive group k-1's output)")
+        raw.set_ylabel("LogME")
+        raw.set_title("Raw scores: untrained networks rise with depth too")
+        raw.legend()
     save(fig, path)
-    return [f"k={k}" for k in keys]
+    return ["gain against Dice", *(["raw scores per depth"] if scores else [])]

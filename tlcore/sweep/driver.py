@@ -189,32 +189,40 @@ def begin(sweep: Sweep) -> None:
     print(f"[tlcore] MLflow parent run {sweep.parent_run_id} in {uri}")
 
 
-FORECAST_METRIC = "forecast_logme.k{}"  # on the parent run, one per freeze depth (report/page.py reads them back)
+# On the parent run, one per freeze depth k and kind (report/page.py reads them back): the source's
+# LogME, the untrained networks' (baseline), their difference (gain: the forecast), Mean-Var's.
+FORECAST_METRIC = "forecast_{}.k{}"
+FORECAST_KINDS = ("logme", "baseline", "gain")
 
 
-def log_forecast(sweep: Sweep, source: str, depths) -> dict[int, float]:
-    """Before any trial: the transferability forecast per freeze depth (forecast.py), printed and
-    logged to the parent run; a resumed sweep keeps the scores it had. A forecast that fails
-    (it is advice, not a result) is a warning; the sweep goes on."""
+def log_forecast(sweep: Sweep, source: str, depths, meanvar: bool = False) -> dict[int, float]:
+    """Before any trial: the transferability forecast per freeze depth (analysis/forecast.py),
+    printed and logged to the parent run; returns the gain per depth. A resumed sweep keeps the
+    scores it had. A forecast that fails (it is advice, not a result) is a warning; the sweep
+    goes on."""
     import ray
 
     uri, pid = sweep.tracking_uri, sweep.parent_run_id
     logged = store.get_run(uri, pid).metrics
-    if all(FORECAST_METRIC.format(k) in logged for k in depths):
-        return {k: logged[FORECAST_METRIC.format(k)] for k in depths}
+    if all(FORECAST_METRIC.format(kind, k) in logged for kind in FORECAST_KINDS for k in depths):
+        return {k: logged[FORECAST_METRIC.format("gain", k)] for k in depths}
     t0 = time.perf_counter()
     try:
         # in a Ray task, like the trials: the driver loads no network code (MONAI, torch)
         task = sweep.remote(forecast_task)
-        scores = ray.get(task.remote({**sweep.base_config, "source_model": source}, list(depths), sweep.source_weights))
+        scores = ray.get(task.remote({**sweep.base_config, "source_model": source}, list(depths),
+                                     sweep.source_weights, meanvar))
     except Exception as e:  # noqa: BLE001
         print(f"[tlcore] WARNING: no transferability forecast ({type(e).__name__}: {e})", file=sys.stderr)
         return {}
-    store.log_metrics(uri, pid, {FORECAST_METRIC.format(k): v for k, v in scores.items()}, step=0)
-    best = max(scores, key=scores.get)
-    print(f"[tlcore] transferability forecast (LogME of what the trained layers receive, {time.perf_counter() - t0:.0f} s): "
-          + ", ".join(f"k={k} {v:.3f}" for k, v in scores.items()) + f"; forecast best k={best}")
-    return scores
+    store.log_metrics(uri, pid, {FORECAST_METRIC.format(kind, k): v for kind, per_k in scores.items()
+                                 for k, v in per_k.items()}, step=0)
+    gain = scores["gain"]
+    best = max(gain, key=gain.get)
+    print(f"[tlcore] transferability forecast ({time.perf_counter() - t0:.0f} s): LogME of what the trained layers "
+          "receive, minus that of untrained networks of the same architecture: "
+          + ", ".join(f"k={k} {v:+.3f}" for k, v in gain.items()) + f"; forecast best k={best}")
+    return gain
 
 
 NOTE_LIMIT = 7_500  # MLflow keeps a tag (the run's description is one) up to 8,000 characters

@@ -104,11 +104,13 @@ def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratc
     return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
 
 
-def forecast_task(config: dict, depths: list[int], source_weights: dict[str, bytes]) -> dict[int, float]:
-    """The Ray task: the layer sweep's forecast per freeze depth (analysis.forecast.forecast_sweep),
-    with the trial's resources (a GPU node on clusters), from the source weights the driver read."""
+def forecast_task(config: dict, depths: list[int], source_weights: dict[str, bytes],
+                  meanvar: bool = False) -> dict[str, dict[int, float]]:
+    """The Ray task: the layer sweep's forecast per freeze depth (analysis.forecast.forecast_sweep:
+    the source's LogME, its untrained baseline and the gain), with the trial's resources (a GPU
+    node on clusters), from the source weights the driver read."""
     from tlcore.analysis.forecast import forecast_sweep
     from tlcore.training.trial_start import use_source_weights
 
     use_source_weights(source_weights)
-    return forecast_sweep(config, depths)
+    return forecast_sweep(config, depths, meanvar=meanvar)
