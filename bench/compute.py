@@ -288,8 +288,10 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     """What the per-group analysis costs a trial: one report's CKA with the source on the probe
     patches plus weight movement, against the training steps between two reports (validation not
     counted, so the share is an upper bound); the probe's set-up once per trial; the forecast once
-    per sweep (LogME at every freeze depth, on the driver's CPU)."""
-    from tlcore.analysis.forecast import forecast_depths
+    per sweep (LogME at every freeze depth of the source and of BASELINE_SEEDS untrained networks,
+    on the driver's CPU), and the depth bias the baseline removes: an untrained "source"'s raw
+    LogME per depth and its gain over the baseline (a forecast of nothing should be flat at 0)."""
+    from tlcore.analysis.forecast import BASELINE_SEEDS, forecast_depths
     from tlcore.models.probes import LayerProbe, WeightMovement
     from tlcore.training.trial_start import PROBE_SIZE, probe_inputs
 
@@ -317,10 +319,18 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     report_s = min(measure() for _ in range(3))
     interval_s = TrialConfig().report_every * staged["step_s"]
     size = tuple(min(x, PROBE_SIZE) for x in p.patch)
+    untrained = {}
+    for i in range(BASELINE_SEEDS + 1):  # the last one stands in for a source that learnt nothing
+        torch.manual_seed(1_000 + i)
+        untrained[f"random{i}"] = build_model(in_channels=2, num_classes=2)
     t0 = time.perf_counter()
-    forecast_depths(source.cpu(), staged["subjects"], size, range(6))
+    scores = forecast_depths({"source": source.cpu(), **{f"random{i}": untrained[f"random{i}"] for i in range(BASELINE_SEEDS)}},
+                             staged["subjects"], size, range(6))
     forecast_s = time.perf_counter() - t0
-    emit("analysis", {"analysis.report_s": report_s, "analysis.setup_s": setup_s,
+    nothing = forecast_depths({"nothing": untrained[f"random{BASELINE_SEEDS}"]}, staged["subjects"], size, range(6))["nothing"]
+    baseline = {k: sum(scores[f"random{i}"][k] for i in range(BASELINE_SEEDS)) / BASELINE_SEEDS for k in range(6)}
+    emit("analysis", {"forecast.untrained_raw_by_depth": [round(nothing[k], 3) for k in range(6)],
+                      "forecast.untrained_gain_by_depth": [round(nothing[k] - baseline[k], 3) for k in range(6)],"analysis.report_s": report_s, "analysis.setup_s": setup_s,
                       "analysis.overhead_pct_of_report_interval": 100 * report_s / interval_s,
                       "analysis.setup_pct_of_trial": 100 * setup_s / (TrialConfig().max_iterations * staged["step_s"]),
                       "analysis.probe_patches": len(inputs), "analysis.probe_size": list(inputs.shape[2:]),
