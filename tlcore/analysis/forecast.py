@@ -93,13 +93,19 @@ def features_at(model: nn.Module, images: torch.Tensor, voxels: list[torch.Tenso
     return [np.concatenate(f) for f in per_depth]
 
 
-def depth_features(model: nn.Module, subjects, patch_size: tuple, patches: int = 16, voxels_per_class: int = 64,
-                   seed: int = 0, device: torch.device | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Voxel features at every freeze depth (features_at) over exactly class-balanced voxels of
-    `patches` training patches (balanced_voxels). Returns (features per depth, labels)."""
+def probe_voxels(subjects, patch_size: tuple, patches: int, voxels_per_class: int, seed: int):
+    """`patches` training patches, their exactly class-balanced voxels (balanced_voxels) and those
+    voxels' labels: (images, voxels per patch, labels)."""
     images, labels = probe_patches(subjects, patch_size, patches, seed, with_labels=True)
     voxels = balanced_voxels(labels, voxels_per_class, seed)
-    ys = np.concatenate([label.flatten()[idx].numpy() for label, idx in zip(labels, voxels)])
+    return images, voxels, np.concatenate([label.flatten()[idx].numpy() for label, idx in zip(labels, voxels)])
+
+
+def depth_features(model: nn.Module, subjects, patch_size: tuple, patches: int = 16, voxels_per_class: int = 64,
+                   seed: int = 0, device: torch.device | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Voxel features at every freeze depth (features_at) at the probe voxels. Returns (features
+    per depth, labels)."""
+    images, voxels, ys = probe_voxels(subjects, patch_size, patches, voxels_per_class, seed)
     return features_at(model, images, voxels, device), ys
 
 
@@ -107,9 +113,7 @@ def forecast_depths(models: dict[str, nn.Module], subjects, patch_size: tuple, d
                     voxels_per_class: int = 64, seed: int = 0) -> dict[str, dict[int, float]]:
     """LogME of what the trainable part receives at each freeze depth k in `depths`, for each
     named model, on the same voxels of the same patches."""
-    images, labels = probe_patches(subjects, patch_size, patches, seed, with_labels=True)
-    voxels = balanced_voxels(labels, voxels_per_class, seed)
-    ys = np.concatenate([label.flatten()[idx].numpy() for label, idx in zip(labels, voxels)])
+    images, voxels, ys = probe_voxels(subjects, patch_size, patches, voxels_per_class, seed)
     scores = {}
     for name, model in models.items():
         features = features_at(model, images, voxels)

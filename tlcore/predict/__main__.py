@@ -53,16 +53,11 @@ def segment(cfg: TrialConfig, folder: Path, subjects: dict[str, dict[str, str]],
     from tlcore.data.pipeline import load_subject
     from tlcore.evaluation.metrics import labels_on_source_grid, predict_logits, write_prediction
     from tlcore.models.transfer import load_checkpoint
-    from tlcore.training.device import pick_device
-    from tlcore.training.segmentation import amp_dtype, choose_channels_last
+    from tlcore.training.segmentation import amp_dtype, ready_for_inference
 
     classes = num_classes(cfg)
     model = load_checkpoint(cfg, folder, classes).eval()
-    device = pick_device()
-    channels_last = choose_channels_last(cfg, device, model, classes)[0]  # as the model trained
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+    device, channels_last = ready_for_inference(cfg, model, classes)
     codes = {index: code for code, index in (cfg.label_map or default_label_map(cfg.dataset)).items()}
     rows = []
     for sid, files in tqdm(subjects.items(), desc="predict", unit="subject", file=sys.stderr):

@@ -174,7 +174,8 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
     by_config = {r["configuration"]: [] for r in rows}  # the table's order: scratch first
     for t in trials:
         by_config[label(t.config, shared)].append(t)
-    stopped = {name for name, ts in by_config.items() if any(t.tags.get("stopped_early") == "True" for t in ts)}
+    stopped_early = lambda t: t.tags.get("stopped_early") == "True"
+    stopped = {name for name, ts in by_config.items() if any(map(stopped_early, ts))}
     shown = lambda name: f"{name} {STOPPED_MARK}" if name in stopped else name  # early stops marked in every figure
     per_subject_rows, figures = [], {}
     for split in ("val", "test"):
@@ -212,9 +213,8 @@ def build(uri: str, experiment: str, parent_run_id: str | None = None, out: str 
         drawn = roc_plot(first_with_predictions, png)
         if drawn:
             figures["roc_test"] = (png, drawn)
-    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}" + (f" {STOPPED_MARK}" if t.tags.get("stopped_early") == "True"
-                                                                          else ""): t.histories
-              for t in trials if t.histories}
+    curves = {f"{label(t.config, shared)} s{t.params.get('seed', '')}{f' {STOPPED_MARK}' if stopped_early(t) else ''}":
+              t.histories for t in trials if t.histories}
     if curves:
         png = out / "loss_curves.png"
         figures["loss_curves"] = (png, curves_plot(curves, png))

@@ -31,20 +31,13 @@ def evaluate_checkpoint(config: dict, checkpoint_dir: str, split: str = "test", 
     With `predictions`, also the NIfTI predictions of a val or test split (on each input's grid,
     with its affine and header) as {file name: bytes}, for the driver to log: a task never talks
     to MLflow (no credential on the nodes)."""
-    import torch
-
     from tlcore.evaluation.metrics import evaluate_subjects
-    from tlcore.training.device import pick_device
-    from tlcore.training.segmentation import amp_dtype, choose_channels_last
+    from tlcore.training.segmentation import amp_dtype, ready_for_inference
     from tlcore.training.trial_start import load_split
 
     cfg = TrialConfig.from_dict(config)
     model = checkpoint_model(cfg, checkpoint_dir, num_classes(cfg))
-    device = pick_device()
-    channels_last = choose_channels_last(cfg, device, model, num_classes(cfg))[0]  # as the trial trained
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+    device, channels_last = ready_for_inference(cfg, model, num_classes(cfg))
     with tempfile.TemporaryDirectory() as out:
         keep = out if predictions and split != "train" else None
         ev = evaluate_subjects(model, load_split(cfg, split), num_classes(cfg), cfg.roi, device, None,

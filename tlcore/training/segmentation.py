@@ -127,6 +127,18 @@ def choose_channels_last(cfg: TrialConfig, device: torch.device, model: nn.Modul
                  f"speed of NCDHW, {how} {seen['measured']})")
 
 
+def ready_for_inference(cfg: TrialConfig, model: nn.Module, classes: int) -> tuple[torch.device, bool]:
+    """Move a trained network to the device it infers on, in the memory layout its trial trained
+    with (choose_channels_last); returns (device, channels_last). The sweep's evaluation task and
+    `python -m tlcore.predict` both set up here."""
+    device = pick_device()
+    channels_last = choose_channels_last(cfg, device, model, classes)[0]
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return device, channels_last
+
+
 def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     """Adam with decoupled weight decay (AdamW) on the parameters that train: the same rule as
     the 2D chain's fastai optimizer (tlcore/training/schedules.py)."""
