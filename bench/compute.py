@@ -4,6 +4,7 @@ chain."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -291,9 +292,9 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     per sweep (LogME at every freeze depth of the source and of BASELINE_SEEDS untrained networks,
     on the driver's CPU), and the depth bias the baseline removes: an untrained "source"'s raw
     LogME per depth and its gain over the baseline (a forecast of nothing should be flat at 0)."""
-    from tlcore.analysis.forecast import BASELINE_SEEDS, forecast_depths
-    from tlcore.models.probes import LayerProbe, WeightMovement
-    from tlcore.training.trial_start import PROBE_SIZE, probe_inputs
+    from tlcore.analysis.forecast import BASELINE_SEEDS, FORECAST_PATCH, forecast_depths
+    from tlcore.models.probes import WeightMovement
+    from tlcore.training.trial_start import make_probe, probe_inputs
 
     cfg = TrialConfig(patch_size=p.patch, batch_size=p.batch)
     torch.manual_seed(0)
@@ -303,7 +304,7 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     t0 = time.perf_counter()
     movement = WeightMovement(model)
     inputs = probe_inputs(cfg, [staged["val"]])
-    probe = LayerProbe(source, inputs, device)
+    probe = make_probe(cfg, source, inputs, device)
     sync(device)
     setup_s = time.perf_counter() - t0
 
@@ -318,7 +319,8 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
     measure()
     report_s = min(measure() for _ in range(3))
     interval_s = TrialConfig().report_every * staged["step_s"]
-    size = tuple(min(x, PROBE_SIZE) for x in p.patch)
+    widths = cka_interval_widths(cfg, source, [*staged["subjects"], staged["val"]], device)
+    size = tuple(min(x, FORECAST_PATCH) for x in p.patch)
     untrained = {}
     for i in range(BASELINE_SEEDS + 1):  # the last one stands in for a source that learnt nothing
         torch.manual_seed(1_000 + i)
@@ -334,4 +336,38 @@ def bench_analysis(p: Profile, device, tmp: Path, emit, staged: dict) -> None:
                       "analysis.overhead_pct_of_report_interval": 100 * report_s / interval_s,
                       "analysis.setup_pct_of_trial": 100 * setup_s / (TrialConfig().max_iterations * staged["step_s"]),
                       "analysis.probe_patches": len(inputs), "analysis.probe_size": list(inputs.shape[2:]),
-                      "forecast.cpu_s": forecast_s})
+                      "forecast.cpu_s": forecast_s, **widths})
+
+
+def cka_interval_widths(cfg: TrialConfig, source, subjects, device) -> dict:
+    """The width of CKA's 95 % interval per group at the default probe (make_probe on
+    probe_inputs) and at the probe before it (16 patches of up to 48^3, 64 voxels each), against
+    an unrelated network (another random initialisation: CKA ~0.6, the widest case) and a related
+    one (the source with noise of half each tensor's sd added), with each probe's forward cost."""
+    from tlcore.models.probes import LayerProbe, probe_patches
+    from tlcore.training.trial_start import probe_inputs
+
+    torch.manual_seed(7)
+    unrelated, related = build_model(in_channels=2, num_classes=2).to(device), copy.deepcopy(source)
+    with torch.no_grad():
+        for q in related.parameters():
+            q.add_(0.5 * q.std() * torch.randn_like(q) if q.numel() > 1 else 0)
+    old_inputs = probe_patches(subjects, tuple(min(x, 48) for x in cfg.patch_size), 16)
+    probes = {"default": make_probe(cfg, source, probe_inputs(cfg, subjects), device),
+              "before": LayerProbe(source, old_inputs, device, voxels_per_patch=64, strata=torch.arange(16) % 2)}
+    out = {"analysis.cka_probe": f"{cfg.probe_patches} patches of {list(probe_inputs(cfg, subjects[:1]).shape[2:])}, "
+                                 f"{probes['default'].positions.shape[1]} voxels each"}
+    for name, probe in probes.items():
+        for kind, other in (("unrelated", unrelated), ("related", related)):
+            sync(device)
+            t = time.perf_counter()
+            r = probe.cka(other)
+            sync(device)
+            out[f"analysis.cka_{name}_{kind}_s"] = time.perf_counter() - t
+            groups = [k[4:] for k in r if k.startswith("cka.")]
+            out[f"analysis.cka_{name}_{kind}_by_group"] = [round(r[f"cka.{g}"], 3) for g in groups]
+            out[f"analysis.cka_interval_width_{name}_{kind}_by_group"] = [
+                round(r[f"cka_high.{g}"] - r[f"cka_low.{g}"], 3) for g in groups]
+    out["analysis.cka_interval_width_default_max"] = max(max(out[f"analysis.cka_interval_width_default_{k}_by_group"])
+                                                         for k in ("unrelated", "related"))
+    return out

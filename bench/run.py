@@ -57,6 +57,7 @@ TARGETS = {
     "train2d.b64_compute_images_per_s": (">=", 800.0),
     "train2d.pipeline_over_compute": (">=", 0.9),
     "analysis.overhead_pct_of_report_interval": ("<=", 3.0),
+    "analysis.cka_interval_width_default_max": ("<=", 0.06),
     "scale.sqlite.growth_ratio": ("<=", 1.2),
     "scale.server.growth_ratio": ("<=", 1.2),
     "scale.sqlite.report_s_at_1000": ("<=", 60.0),

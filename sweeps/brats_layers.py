@@ -60,6 +60,7 @@ def main(args) -> None:
     # checkpoint, early-stopped or not; validation predictions (NIfTI) feed the report's overlays
     scores = evaluation.evaluate_trials(trials, sweep, splits=("train", "val", "test"))
     evaluation.cka_with_scratch(trials, sweep)  # the report's heatmap
+    evaluation.reinit_drops(trials, sweep, scores)  # which groups each transferred model depends on
     driver.finish(sweep, rows, results.layer_table(rows, scores))
 
 

@@ -99,7 +99,7 @@ class TrialConfig:
     precise_bn_batches: int = 16          # BatchNorm statistics re-estimated on this many batches before validation; 0 = off
 
     # --- analysis at every report (models/probes.py): per-group CKA with the source, weight movement
-    probe_patches: int = 16               # fixed validation patches the CKA is measured on; 0 = no analysis
+    probe_patches: int = 128              # fixed validation patches (or 2D images) the CKA is measured on; 0 = no analysis
 
     # --- speed
     precision: str = "auto"               # auto = bf16 autocast on a GPU, fp32 on CPU

@@ -1,4 +1,5 @@
-"""models/probes.py (debiased minibatch CKA, weight movement, probe patches) and the Mean-Var start."""
+"""models/probes.py (debiased CKA in Gram and feature-space form, its bootstrap interval, weight
+movement, probe patches) and the Mean-Var start."""
 
 import itertools
 import math
@@ -13,10 +14,15 @@ from tlcore.models.probes import (
     WeightMovement,
     gram,
     hsic1,
+    bootstrap_weights,
+    cka_from_sums,
     linear_cka,
-    probe_grams,
+    patch_sums,
+    probe_features,
     probe_patches,
+    unique_voxels,
     voxel_samples,
+    weighted_hsic,
 )
 from tlcore.models.transfer import freeze_first, load_source, mean_var_init
 
@@ -115,16 +121,70 @@ def test_layer_probe_gives_one_against_itself_and_less_after_training_changes_it
     source = build_model(num_classes=2)
     patches = probe_patches([Volume(3), Volume(4)], (12, 12, 12), n=8)
     probe = LayerProbe(source, patches, torch.device("cpu"), minibatch=4)
-    assert set(probe.cka(source)) == {f"cka.{g}" for g in ("conv_0", "res_1", "res_2", "res_3", "conv_1")}
+    assert set(probe.cka(source)) == {f"{m}.{g}" for g in ("conv_0", "res_1", "res_2", "res_3", "conv_1")
+                                      for m in ("cka", "cka_low", "cka_high")}
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in probe.cka(source).values())
     other = build_model(num_classes=2)  # another random initialisation
     changed = probe.cka(other)
-    assert all(v < 0.95 for v in changed.values()), changed
+    assert all(v < 0.95 for k, v in changed.items() if k.startswith("cka.")), changed
     assert source.training  # the probe restores the mode it found
     with pytest.raises(ValueError, match="probe patches"):
         LayerProbe(source, patches[:3], torch.device("cpu"), minibatch=4)
-    grams = probe_grams(source, patches, probe.positions, torch.device("cpu"), minibatch=4)
-    assert len(grams["conv_0"]) == 2 and grams["conv_0"][0].shape == (4 * 64, 4 * 64)  # voxels are the examples
+    features, owner = probe_features(source, patches, probe.positions, torch.device("cpu"), minibatch=4)["conv_0"]
+    assert features.shape[1] == 16 and owner.tolist() == sorted(owner.tolist())  # voxels are the examples
+    assert 8 * 200 < len(features) <= 8 * 256 and set(owner.tolist()) == set(range(8))  # 256 a patch, repeats once
+
+
+def test_feature_space_hsic_is_the_gram_form_and_resamples_leave_a_voxels_copies_out():
+    x, y = randn(40, 3, seed=11), randn(40, 4, seed=12)
+    y = y + x[:, :1]  # related
+    patch = torch.arange(40) // 5
+    sums = patch_sums(x, y, patch, 8)
+    assert float(weighted_hsic(sums, torch.ones(1, 8))) == pytest.approx(hsic1(gram(x), gram(y)), rel=1e-10)
+    # a resample: patch 0 twice, patch 4 three times, ...; every pair of distinct voxels counts,
+    # a voxel with its own copies does not (as with itself)
+    w = torch.tensor([[2.0, 0, 1, 1, 3, 0, 1, 0]])
+    idx = torch.cat([torch.nonzero(patch == p).flatten().repeat(int(w[0, p])) for p in range(8)])
+    K, L = x[idx] @ x[idx].T, y[idx] @ y[idx].T
+    same = idx[:, None] == idx[None, :]
+    K[same], L[same], n = 0, 0, len(idx)
+    expanded = ((K * L).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2 * (K.sum(0) @ L.sum(1)) / (n - 2)) / (n * (n - 3))
+    assert float(weighted_hsic(sums, w)) == pytest.approx(float(expanded), rel=1e-10)
+    # the CKA over every voxel is linear_cka without minibatches
+    xx, yy = patch_sums(x, x, patch, 8), patch_sums(y, y, patch, 8)
+    assert float(cka_from_sums(sums, xx, yy, torch.ones(1, 8))) == pytest.approx(linear_cka(x, y), rel=1e-10)
+
+
+def test_bootstrap_resamples_patches_within_each_stratum_and_is_seeded():
+    strata = torch.arange(10) % 2
+    w = bootstrap_weights(10, 200, strata, seed=3)
+    assert w.shape == (200, 10) and torch.equal(w, bootstrap_weights(10, 200, strata, seed=3))
+    assert (w[:, 0::2].sum(1) == 5).all() and (w[:, 1::2].sum(1) == 5).all()  # 5 of each kind every time
+    assert not torch.equal(w, bootstrap_weights(10, 200, strata, seed=4))
+
+
+def test_unique_voxels_count_a_coarse_maps_voxel_once():
+    coarse = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)  # 4 voxels a map
+    positions = torch.rand(2, 50, 2, generator=torch.Generator().manual_seed(0))  # 50 places fall on 4 voxels
+    features, owner = unique_voxels(coarse, positions)
+    assert features.shape == (8, 3) and owner.tolist() == [0] * 4 + [1] * 4
+
+
+def test_the_interval_covers_the_probe_and_narrows_with_more_patches():
+    torch.manual_seed(0)
+    source, other = build_model(num_classes=2), build_model(num_classes=2)
+    subjects = [Volume(s) for s in range(4)]
+    widths = {}
+    for n in (8, 32):
+        probe = LayerProbe(source, probe_patches(subjects, (12, 12, 12), n=n), torch.device("cpu"), minibatch=8,
+                           voxels_per_patch=64, strata=torch.arange(n) % 2)
+        values = probe.cka(other)
+        for g in ("conv_0", "res_3"):
+            assert values[f"cka_low.{g}"] <= values[f"cka.{g}"] <= values[f"cka_high.{g}"]
+        widths[n] = values["cka_high.res_3"] - values["cka_low.res_3"]
+        itself = probe.cka(source)
+        assert itself["cka_low.res_3"] == pytest.approx(1.0, abs=1e-6)  # every resample of a copy is a copy
+    assert widths[32] < 0.75 * widths[8], widths
 
 
 def test_voxel_samples_pick_the_same_places_at_any_resolution():
@@ -181,7 +241,7 @@ def test_mean_var_start_shares_less_with_the_source_than_the_transferred_start()
     probe = LayerProbe(source, patches, torch.device("cpu"), minibatch=4)
     same, meanvar = probe.cka(transferred), probe.cka(control)
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values())
-    assert max(meanvar.values()) < 0.9, meanvar
+    assert max(v for k, v in meanvar.items() if k.startswith("cka.")) < 0.9, meanvar
 
 
 def test_the_reports_group_order_is_the_networks():

@@ -276,9 +276,12 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
                                                        for i, g in enumerate((*groups, "conv_2"))}}
                 if cka is not None:
                     metrics.update({f"cka.{g}": cka + (0.1 - 0.01 * step) - 0.02 * i for i, g in enumerate(groups)})
+                    metrics.update({f"cka_{end}.{g}": metrics[f"cka.{g}"] + d for g in groups
+                                    for end, d in (("low", -0.02), ("high", 0.03))})
                 store.log_metrics(mlflow_uri, run, metrics, step=step)
-            if cka is not None:  # results.cka_with_scratch, at the end
+            if cka is not None:  # evaluation.cka_with_scratch and .reinit_drops, at the end
                 store.log_metrics(mlflow_uri, run, {f"cka_vs_scratch.{g}": cka / 2 for g in groups}, step=8)
+                store.log_metrics(mlflow_uri, run, {f"reinit_drop.{g}": cka / 10 * i for i, g in enumerate((*groups, "conv_2"))}, step=8)
             store.log_dict(mlflow_uri, run, {s: 0.5 + gain + 0.002 * i + 0.001 * seed
                                                 for i, s in enumerate(subjects)}, "val_per_subject_dice.json")
     report = build(mlflow_uri, "brats_layers", parent, out=tmp_path / "report", log=False)
@@ -294,7 +297,7 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
                 for k in ("p_wilcoxon", "vs_transferred_p_wilcoxon") if k in r)
     assert len(ps) == 3 and ps[0][1] == pytest.approx(min(1.0, 3 * ps[0][0]), rel=1e-2)
 
-    assert report.figures["layers_final"][1] == ["cka", "weight_change", "cka_vs_scratch"]
+    assert report.figures["layers_final"][1] == ["cka", "weight_change", "cka_vs_scratch", "reinit_drop"]
     assert report.figures["layers_curves"][1][:5] == [f"cka.{g}" for g in groups]
     assert "weight_change.conv_2" in report.figures["layers_curves"][1]
     with (tmp_path / "report" / "layers.csv").open() as f:
@@ -302,6 +305,9 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
     assert float(table[("ixi/1 k=0", "res_1")]["cka"]) == pytest.approx(0.9 + 0.02 - 0.02)  # last report, mean of seeds
     assert float(table[("meanvar:ixi/1 k=0", "conv_0")]["cka"]) == pytest.approx(0.32)
     assert float(table[("meanvar:ixi/1 k=0", "conv_1")]["cka_vs_scratch"]) == pytest.approx(0.15)
+    assert float(table[("ixi/1 k=0", "res_1")]["cka_low"]) == pytest.approx(0.9 - 0.02)  # the interval's ends
+    assert float(table[("ixi/1 k=0", "conv_2")]["reinit_drop"]) == pytest.approx(0.45)
+    assert "re-initialisation test" in page_text(report) and "95 % interval" in page_text(report)
     assert "cka_vs_scratch.conv_1" not in report.figures["layers_curves"][1]  # one value per run, no curve
     assert table[("scratch", "res_1")]["cka"] == "" and float(table[("scratch", "res_1")]["weight_change"]) == 0.16
     page = report.html.read_text()
@@ -311,6 +317,32 @@ def test_which_layers_transfer_section_and_the_mean_var_row(mlflow_uri, tmp_path
     assert "\u2020 in a figure: ASHA stopped" in page and meanvar["stopped_early"] == "1/2"
     assert set(text_px) >= {"layers_final.png", "layers_curves.png", "loss_curves.png"}
     assert min(text_px.values()) >= 11, text_px
+
+
+def page_text(report) -> str:
+    return report.html.read_text()
+
+
+def test_the_layer_figures_show_ckas_interval(tmp_path, monkeypatch):
+    """The heatmap writes each CKA's interval under it; the curves shade it."""
+    from tlcore.report import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path, **kw: drawn.__setitem__(path.name, fig))
+    rows = [{"configuration": "ixi/1 k=0", "group": "res_1", "cka": 0.81, "cka_low": 0.79, "cka_high": 0.84,
+             "weight_change": 0.1, "reinit_drop": -0.01},
+            {"configuration": "scratch", "group": "res_1", "weight_change": 0.2}]
+    assert plots.layer_heatmap(rows, tmp_path / "final.png") == ["cka", "weight_change", "reinit_drop"]
+    texts = [t.get_text() for ax in drawn["final.png"].axes for t in ax.texts]
+    assert "0.81\n[0.79, 0.84]" in texts and "0.10" in texts and "-0.01" in texts
+    curves = {"ixi/1 k=0": {"cka.res_1": [(4, 0.9), (8, 0.8)], "cka_low.res_1": [(4, 0.88), (8, 0.77)],
+                            "cka_high.res_1": [(4, 0.93), (8, 0.84)], "weight_change.res_1": [(4, 0.1), (8, 0.2)]}}
+    plots.layer_curves_plot(curves, ["res_1"], tmp_path / "curves.png")
+    cka_panel = drawn["curves.png"].axes[0]
+    assert cka_panel.get_title() == "cka res_1" and len(cka_panel.collections) == 1  # the shaded band
+    band = cka_panel.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(0.77) and band[:, 1].max() == pytest.approx(0.93)
+    assert len(drawn["curves.png"].axes[1].collections) == 0  # weight change has no interval
 
 
 def test_a_source_sweep_has_no_which_layers_transfer_section(mlflow_uri, tmp_path):

@@ -90,11 +90,23 @@ def test_frozen_groups_keep_the_sources_features_and_weights(layer_sweep, worksp
         moved = [r.data.metrics[f"weight_change.{g}"] for g in (*GROUPS, "conv_2")]
         assert all(m == 0 for m in moved[:k]) and all(m > 0 for m in moved[k:]), (source, k, moved)
         if source == "scratch":
-            assert not any(m.startswith("cka.") for m in r.data.metrics)
+            assert not any(m.startswith(("cka.", "reinit_drop.")) for m in r.data.metrics)
             continue
         cka = [r.data.metrics[f"cka.{g}"] for g in GROUPS]
         assert all(c == pytest.approx(1.0, abs=1e-6) for c in cka[:k]), (k, cka)  # frozen: the source's features
         assert len(store.metric_history(workspace["uri"], r.info.run_id, "cka.conv_1")) >= 2  # a curve, one per report
+        for g in GROUPS:  # and its 95 % interval over the probe patches at every report (the smoke
+            # profile's probe is a quarter of the default's: tests/training/test_segmentation.py holds that to 0.06)
+            series = [dict(store.metric_history(workspace["uri"], r.info.run_id, f"{m}.{g}")) for m in ("cka_low", "cka", "cka_high")]
+            assert series[0].keys() == series[1].keys() == series[2].keys()
+            for step in series[1]:
+                low, value, high = (s[step] for s in series)
+                assert low - 1e-9 <= value <= high + 1e-9 and high - low <= 0.15, (source, g, step, low, value, high)
+        # the re-initialisation test at the end: frozen groups lose nothing, and every group has a value
+        best = json.loads(r.data.tags["evaluation"])["best_iteration"]
+        drops = {g: store.metric_history(workspace["uri"], r.info.run_id, f"reinit_drop.{g}") for g in (*GROUPS, "conv_2")}
+        assert all(h and h[-1][0] == best for h in drops.values()), drops
+        assert all(drops[g][-1][1] == 0 for g in GROUPS[:k]), drops
         # at the end, against the scratch trial: do fine-tuned and scratch models compute the same thing?
         assert all(0 <= r.data.metrics[f"cka_vs_scratch.{g}"] <= 1 + 1e-6 for g in GROUPS)
         if source.startswith("meanvar:"):  # the source's weight statistics, none of its features

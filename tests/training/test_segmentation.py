@@ -177,3 +177,23 @@ def test_channels_last_auto_is_measured_once_per_machine_and_shape(tmp_path, mon
     assert sorted(why.split(", ")[1].split()[0] for _, why in answers) == ["cached", "measured"]
     assert answers[0][0] == answers[1][0]
     assert len(json.loads((tmp_path / "tlcore" / "layouts.json").read_text())) == 2
+
+
+def test_ckas_interval_at_the_default_probe_is_at_most_006_wide(synthetic_root):
+    """Every group's 95 % interval at TrialConfig's probe (128 patches; of 16^3 here, the demo's
+    patch size), in the widest case: two unrelated (randomly initialised) networks. (The
+    thesis's 24^3 probe on larger volumes, and the probe before: bench/, analysis.cka_interval_width_*.)"""
+    from tlcore.training.trial_start import make_probe, probe_inputs
+
+    cfg = TrialConfig(patch_size=(16, 16, 16))
+    _, val = brats_subjects(synthetic_root / "brats")
+    torch.manual_seed(0)
+    reference, unrelated = build_model(in_channels=2, num_classes=2), build_model(in_channels=2, num_classes=2)
+    inputs = probe_inputs(cfg, val)
+    assert len(inputs) == cfg.probe_patches == 128
+    values = make_probe(cfg, reference, inputs, torch.device("cpu")).cka(unrelated)
+    groups = [k[4:] for k in values if k.startswith("cka.")]
+    widths = {g: values[f"cka_high.{g}"] - values[f"cka_low.{g}"] for g in groups}
+    assert all(values[f"cka_low.{g}"] <= values[f"cka.{g}"] <= values[f"cka_high.{g}"] for g in groups)
+    assert 0.3 < min(values[f"cka.{g}"] for g in groups) and max(values[f"cka.{g}"] for g in groups) < 0.9
+    assert 0 < max(widths.values()) <= 0.06, widths

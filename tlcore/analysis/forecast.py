@@ -19,7 +19,9 @@ from torch import nn
 from tlcore.config import MEANVAR, TrialConfig
 from tlcore.models.networks import layer_groups
 from tlcore.models.probes import output_module, probe_patches
-from tlcore.training.trial_start import PROBE_SIZE, build_start_model, load_split
+from tlcore.training.trial_start import build_start_model, load_split
+
+FORECAST_PATCH = 48  # the forecast's patches are at most 48^3 (its voxels, not CKA's probe)
 
 
 def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> float:
@@ -149,7 +151,7 @@ def forecast_sweep(config: dict, depths, subjects: int = 8, patches: int = 16, m
         if meanvar:
             models["meanvar"] = build_start_model(TrialConfig.from_dict(
                 {**config, "frozen_layers": 0, "source_model": MEANVAR + cfg.source_model}))[0]
-    size = tuple(min(p, PROBE_SIZE) for p in cfg.patch_size)
+    size = tuple(min(p, FORECAST_PATCH) for p in cfg.patch_size)
     scores = forecast_depths(models, load_split(cfg, "train", limit=subjects, cache=False), size, depths,
                              patches=patches, seed=cfg.seed)
     baseline = {k: float(np.mean([scores[f"random{i}"][k] for i in range(baseline_seeds)])) for k in depths}

@@ -7,16 +7,22 @@ validation patches, each described by the group's channels at that position. (Wh
 examples, millions of features each, rate a randomly initialised HighRes3DNet 0.90-0.999 similar
 to the trained source in every group: the patches' own similarity dominates; voxels separate
 them, 0.23-0.68. bench/RESULTS.md, "What CKA measures".) We use the unbiased
-HSIC estimator (Song et al. 2012), accumulated over minibatches (Nguyen et al. 2021), so that a
-probe never holds more than one minibatch of activations. The PyPI CKA packages were not used:
-they are stale, or subtract the diagonal's vector from every row (`K - diag(K)`) instead of
-zeroing the diagonal.
+HSIC estimator (Song et al. 2012). A trial's probe (LayerProbe) computes it in feature space:
+for a linear kernel every term of the estimator is a sum of per-patch statistics of size
+channels x channels, so memory grows with examples x channels, not examples squared, every pair
+of the probe's voxels counts (not only pairs within a minibatch), and a bootstrap over the probe
+patches costs a few small matrix products (`cka_low.<group>` / `cka_high.<group>`, the 95 %
+interval; bench/RESULTS.md, "CKA's interval"). The Gram-matrix form (hsic1, MinibatchCKA,
+Nguyen et al. 2021's minibatch accumulation) stays as the reference the tests check it against.
+The PyPI CKA packages were not used: they are stale, or subtract the diagonal's vector from
+every row (`K - diag(K)`) instead of zeroing the diagonal.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -104,15 +110,36 @@ def output_module(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
     return last
 
 
+def unique_voxels(output: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like voxel_samples, but each map's distinct voxels once: (N, C) features and (N,) the index
+    of the map each came from. A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
+    the probe has positions, and a voxel counted twice is two identical examples, which the
+    estimator would read as similarity."""
+    spatial = output.shape[2:]
+    size = torch.tensor(spatial, device=positions.device)
+    coords = (positions * size).long().clamp_max(size - 1)
+    flat = torch.zeros(coords.shape[:2], dtype=torch.long, device=positions.device)
+    for axis, n in enumerate(spatial):
+        flat = flat * n + coords[..., axis]
+    maps = output.flatten(2)  # (B, C, V)
+    features, owner = [], []
+    for b in range(maps.shape[0]):
+        keep = torch.unique(flat[b]).to(maps.device)
+        features.append(maps[b][:, keep].T)
+        owner.append(torch.full((len(keep),), b, dtype=torch.long))
+    return torch.cat(features), torch.cat(owner)
+
+
 @contextmanager
-def group_grams(model: nn.Module, into: dict[str, list[torch.Tensor]], positions: dict):
-    """While active, each forward appends, for every analysed group, the Gram matrix of its output
-    at `positions["now"]` (see voxel_samples) to `into[group]`; the activations are dropped."""
+def group_features(model: nn.Module, into: dict[str, list], positions: dict):
+    """While active, each forward appends, for every analysed group, its output's features at
+    `positions["now"]` (unique_voxels, on the CPU) to `into[group]`; the activations are dropped."""
     groups = layer_groups(model)
     handles = []
     for name in analysed_groups(model):
         def hook(_module, _inputs, output, name=name):
-            into.setdefault(name, []).append(gram(voxel_samples(output.detach(), positions["now"])).cpu())
+            features, owner = unique_voxels(output.detach(), positions["now"])
+            into.setdefault(name, []).append((features.cpu(), owner + positions["first"]))
         handles.append(output_module(model, groups[name]).register_forward_hook(hook))
     try:
         yield into
@@ -122,49 +149,138 @@ def group_grams(model: nn.Module, into: dict[str, list[torch.Tensor]], positions
 
 
 @torch.no_grad()
-def probe_grams(model: nn.Module, patches: torch.Tensor, positions: torch.Tensor, device: torch.device,
-                minibatch: int = 8) -> dict[str, list[torch.Tensor]]:
-    """Per analysed group, one Gram matrix per minibatch of probe patches, over the voxels at
-    `positions` (model in eval mode: BatchNorm with running statistics, no dropout; its
-    train/eval mode is restored after)."""
+def probe_features(model: nn.Module, patches: torch.Tensor, positions: torch.Tensor, device: torch.device,
+                   minibatch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per analysed group, (N, C) features at the probe's voxels of every patch, and (N,) the patch
+    each voxel is in (model in eval mode: BatchNorm with running statistics, no dropout; its
+    train/eval mode is restored after). Forwarded `minibatch` patches at a time."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[torch.Tensor]] = {}
+    parts: dict[str, list] = {}
     now: dict = {}
     try:
-        with group_grams(model, out, now):
-            for i in range(0, len(patches) - minibatch + 1, minibatch):
-                now["now"] = positions[i:i + minibatch]
+        with group_features(model, parts, now):
+            for i in range(0, len(patches), minibatch):
+                now["now"], now["first"] = positions[i:i + minibatch], i
                 model(patches[i:i + minibatch].to(device))
     finally:
         model.train(was_training)
-    return out
+    return {g: (torch.cat([f for f, _ in ps]), torch.cat([o for _, o in ps])) for g, ps in parts.items()}
+
+
+class PatchSums(NamedTuple):
+    """Per probe patch, the sums the unbiased HSIC of two linear kernels (K = X X', L = Y Y') is
+    made of: with them, the estimator over any multiset of patches (a bootstrap resample) is a
+    few products of channel-sized matrices. Float64, features centred."""
+    count: torch.Tensor   # (P,) voxels
+    cross: torch.Tensor   # (P, p, q) sum of x y'
+    sum_x: torch.Tensor   # (P, p)
+    sum_y: torch.Tensor   # (P, q)
+    sq_x: torch.Tensor    # (P,) sum of |x|^2, the diagonal of K
+    sq_y: torch.Tensor    # (P,)
+    sq_xy: torch.Tensor   # (P,) sum of |x|^2 |y|^2
+    sq_x_y: torch.Tensor  # (P, q) sum of |x|^2 y
+    sq_y_x: torch.Tensor  # (P, p) sum of |y|^2 x
+
+
+def patch_sums(x: torch.Tensor, y: torch.Tensor, patch: torch.Tensor, patches: int) -> PatchSums:
+    """PatchSums of two representations (N x p, N x q) of the same voxels, `patch` (N,) naming
+    each voxel's patch (0..patches-1). Centre x and y first (by any fixed vector: the estimator
+    does not change, and float64 sums of post-ReLU offsets keep the signal)."""
+    x, y = x.double(), y.double()
+    nx, ny = (x * x).sum(1), (y * y).sum(1)
+
+    def per_patch(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(patches, *values.shape[1:], dtype=torch.float64).index_add_(0, patch, values)
+
+    counts = torch.bincount(patch, minlength=patches).tolist()
+    order = torch.argsort(patch, stable=True)  # probe_features lists each patch's voxels together already
+    cross = torch.stack([a.T @ b for a, b in zip(x[order].split(counts), y[order].split(counts))])
+    return PatchSums(per_patch(torch.ones(len(x), dtype=torch.float64)), cross, per_patch(x), per_patch(y),
+                     per_patch(nx), per_patch(ny), per_patch(nx * ny), per_patch(nx[:, None] * y),
+                     per_patch(ny[:, None] * x))
+
+
+def weighted_hsic(s: PatchSums, weights: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC (Song et al. 2012, as hsic1) of the voxels of each row of `weights`
+    (R x P: how many times each patch is taken), from PatchSums alone. All ones: exactly hsic1 of
+    the probe's Gram matrices. A patch taken twice contributes its voxels twice, and a voxel's
+    pairs with its own copies count as diagonal (left out), like a voxel with itself."""
+    w = weights.double()
+    w2, w3 = w * w, w * w * w
+    n = w @ s.count
+    R, P = w.shape
+    m = (w @ s.cross.reshape(P, -1)).reshape(R, *s.cross.shape[1:])  # sum over resampled voxels of x y'
+    tx, ty = w @ s.sum_x, w @ s.sum_y
+    trace = (m * m).sum((1, 2)) - w2 @ s.sq_xy                      # tr(K~ L~)
+    sum_k = (tx * tx).sum(1) - w2 @ s.sq_x                           # 1' K~ 1
+    sum_l = (ty * ty).sum(1) - w2 @ s.sq_y
+    ones_k_l = (torch.einsum("rp,rpq,rq->r", tx, m, ty) - ((w2 @ s.sq_x_y) * ty).sum(1)
+                - ((w2 @ s.sq_y_x) * tx).sum(1) + w3 @ s.sq_xy)      # 1' K~ L~ 1
+    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * ones_k_l / (n - 2)) / (n * (n - 3))
+
+
+def cka_from_sums(xy: PatchSums, xx: PatchSums | torch.Tensor, yy: PatchSums, weights: torch.Tensor) -> torch.Tensor:
+    """Debiased linear CKA for each row of `weights` (see weighted_hsic); 0 where a
+    self-similarity estimate is not positive, as MinibatchCKA. `xx` may be given as its
+    weighted_hsic already (a probe's reference never changes)."""
+    hxx = xx if isinstance(xx, torch.Tensor) else weighted_hsic(xx, weights)
+    hxy, hyy = weighted_hsic(xy, weights), weighted_hsic(yy, weights)
+    denominator = (hxx.clamp_min(0) * hyy.clamp_min(0)).sqrt()
+    return torch.where(denominator > 0, hxy / denominator.clamp_min(1e-300), torch.zeros_like(hxy))
+
+
+def bootstrap_weights(patches: int, resamples: int, strata: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """(resamples, patches) counts: each row a bootstrap resample of the patches, drawn within
+    each stratum (the probe's foreground-centred and anywhere patches keep their proportions).
+    Seeded: every report and every trial of a sweep uses the same resamples."""
+    g = torch.Generator().manual_seed(seed)
+    strata = torch.zeros(patches, dtype=torch.long) if strata is None else strata
+    weights = torch.zeros(resamples, patches, dtype=torch.float64)
+    for s in strata.unique():
+        members = torch.nonzero(strata == s).flatten()
+        picks = members[torch.randint(len(members), (resamples, len(members)), generator=g)]
+        weights.scatter_add_(1, picks, torch.ones(picks.shape, dtype=torch.float64))
+    return weights
 
 
 class LayerProbe:
-    """Fixed probe patches, fixed voxel positions in them, and the reference model's Gram matrices
-    there: `cka(model)` gives each group's CKA between the reference (e.g. the source) and `model`.
-    A minibatch of 8 patches x 64 voxels compares 512 examples of at most 80 channels."""
+    """Fixed probe patches, fixed voxel positions in them, and the reference model's features
+    there: `cka(model)` gives each group's debiased linear CKA between the reference (e.g. the
+    source) and `model` over every probe voxel (`cka.<group>`), and its 95 % bootstrap interval
+    over the patches (`cka_low.<group>`, `cka_high.<group>`). 128 patches x 256 voxels compare
+    32,768 examples of at most 80 channels; the reference's features take ~20 MB per group."""
 
     def __init__(self, reference: nn.Module, patches: torch.Tensor, device: torch.device, minibatch: int = 8,
-                 voxels_per_patch: int = 64, seed: int = 0):
-        if len(patches) < minibatch or minibatch * voxels_per_patch < 4:
-            raise ValueError(f"{len(patches)} probe patches: at least one minibatch of {minibatch} patches "
-                             "(and 4 voxels in all) is needed")
+                 voxels_per_patch: int = 256, seed: int = 0, resamples: int = 1000,
+                 strata: torch.Tensor | None = None):
+        if len(patches) < 4 or voxels_per_patch < 1:
+            raise ValueError(f"{len(patches)} probe patches: at least 4 are needed (the interval resamples patches)")
         self.patches, self.device, self.minibatch = patches, device, minibatch
         g = torch.Generator().manual_seed(seed)
         self.positions = torch.rand(len(patches), voxels_per_patch, patches.dim() - 2, generator=g)
-        self.reference = probe_grams(reference, patches, self.positions, device, minibatch)
+        self.weights = torch.cat([torch.ones(1, len(patches), dtype=torch.float64),
+                                  bootstrap_weights(len(patches), resamples, strata, seed)])
+        self.reference = {g: (centred(x), owner)
+                          for g, (x, owner) in probe_features(reference, patches, self.positions, device, minibatch).items()}
+        self.reference_hsic = {g: weighted_hsic(patch_sums(x, x, owner, len(patches)), self.weights)
+                               for g, (x, owner) in self.reference.items()}
 
     def cka(self, model: nn.Module) -> dict[str, float]:
-        grams = probe_grams(model, self.patches, self.positions, self.device, self.minibatch)
+        features = probe_features(model, self.patches, self.positions, self.device, self.minibatch)
         out = {}
-        for group, refs in self.reference.items():
-            acc = MinibatchCKA()
-            for K, L in zip(refs, grams[group]):
-                acc.add(K, L)
-            out[f"cka.{group}"] = acc.value()
+        for group, (x, owner) in self.reference.items():
+            y = centred(features[group][0])
+            values = cka_from_sums(patch_sums(x, y, owner, len(self.patches)), self.reference_hsic[group],
+                                   patch_sums(y, y, owner, len(self.patches)), self.weights)
+            low, high = torch.quantile(values[1:], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            out |= {f"cka.{group}": float(values[0]), f"cka_low.{group}": low, f"cka_high.{group}": high}
         return out
+
+
+def centred(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x - x.mean(0, keepdim=True)
 
 
 def group_parameters(model: nn.Module) -> dict[str, list[torch.Tensor]]:

@@ -66,7 +66,8 @@ FIGURE_TITLES = {
     "roc_test": "Test ROC curves",
     "training_steps": "Training loss against steps, per starting point",
     "accuracy_by_body_part": "Accuracy per body part",
-    "layers_final": "Each layer group at the end of training: CKA with the source, and weight change",
+    "layers_final": "Each layer group at the end of training: CKA with the source (95 % interval), weight change "
+                    "and the re-initialisation test",
     "layers_curves": "CKA with the source and weight change against iteration (mean over seeds)",
     "forecast": "Forecast before training against the measured Dice, per freeze depth",
 }
@@ -78,6 +79,15 @@ unrelated one. Frozen groups stay at 1. A fine-tuned group whose CKA stays high 
 whose CKA falls was re-learned for the target. <b>Weight change</b> is |w - w0| / |w0| of the
 group's parameters from the trial's own start (0 for frozen groups); a large change with a high CKA
 means the weights moved without changing what the group represents.</p>
+<p>Under each CKA value, and shaded around each CKA curve, is its <b>95 % interval</b>: a bootstrap
+over the probe patches (which patches were drawn is most of CKA's uncertainty). Two configurations
+whose intervals overlap are not told apart by this probe.</p>
+<p><b>Val Dice lost when the group is reset to its start</b> is the re-initialisation test (Zhang,
+Bengio &amp; Singer, 2022), on each transferred model's best checkpoint: that group alone goes back
+to the weights the trial started from (the source's, for a transferred group), the rest stays
+trained. A large loss means the model depends on what the group learnt on the target; none means
+the start serves as well (frozen groups: 0 by construction). Where CKA is ambiguous (a group moved
+but its CKA stayed high), this says whether the change mattered.</p>
 <p>The <b>Mean-Var</b> start (<code>meanvar:</code>) draws every weight from the mean and variance of
 the matching source tensor: the source's weight scales, none of its features. Its row in the summary
 is compared with scratch and with the transferred model (<code>vs_transferred_*</code>): if it does

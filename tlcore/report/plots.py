@@ -47,7 +47,7 @@ def save(fig, path: Path, rect=None) -> None:
     from matplotlib.text import Text
 
     shrink = min(1.0, PAGE_WIDTH_PX / (fig.get_figwidth() * fig.dpi))
-    floor = MIN_TEXT_PX * 72 / (fig.dpi * shrink)  # in points
+    floor = MIN_TEXT_PX * 72 / (fig.dpi * shrink) * (1 + 1e-9)  # in points; the margin: 11 px, not 10.999...
     fig.canvas.draw()  # lays out the tick labels, so they can be measured
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
@@ -305,15 +305,17 @@ def body_part_plot(per_part: dict[str, dict], path: Path) -> list[str]:
 
 
 def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
-    """Configurations x layer groups: final CKA with the source, relative weight change from the
-    start and CKA with the scratch model at the end (the panels with data), rows of
-    summary.layer_analysis_rows; returns the panels drawn."""
+    """Configurations x layer groups: final CKA with the source (with its 95 % interval over the
+    probe patches under each value), relative weight change from the start, CKA with the
+    scratch model at the end and the re-initialisation test's Dice drop (the panels with data),
+    rows of summary.layer_analysis_rows; returns the panels drawn."""
     plt = _plt()
     configs = list(dict.fromkeys(r["configuration"] for r in rows))
     panels = [(key, title, cmap) for key, title, cmap in
               (("cka", "CKA with the source (1 = its features kept)", "viridis"),
                ("weight_change", "weight change |w - w0| / |w0|", "magma"),
-               ("cka_vs_scratch", "CKA with the scratch model at the end", "viridis"))
+               ("cka_vs_scratch", "CKA with the scratch model at the end", "viridis"),
+               ("reinit_drop", "val Dice lost when the group is reset to its start", "magma"))
               if any(key in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(2 + 3.6 * len(panels), 0.45 * len(configs) + 1.6), dpi=110,
                              squeeze=False)
@@ -323,11 +325,14 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
         for r in rows:
             if key in r:
                 grid[configs.index(r["configuration"]), groups.index(r["group"])] = r[key]
-        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=0, vmax=1 if key.startswith("cka") else None)
+        low = min(0.0, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0.0  # a reset may help: drops < 0
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=low, vmax=1 if key.startswith("cka") else None)
+        interval = {(r["configuration"], r["group"]): f"\n[{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]"
+                    for r in rows if key + "_low" in r and key + "_high" in r}  # CKA's 95 % bootstrap interval
         for (i, j), v in np.ndenumerate(grid):
             if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < np.nanmean(grid) else "black")
+                ax.text(j, i, f"{v:.2f}" + interval.get((configs[i], groups[j]), ""), ha="center", va="center",
+                        fontsize=7, color="white" if v < np.nanmean(grid) else "black")
             else:  # e.g. scratch has no source to compare with
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="#999999")
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
@@ -339,9 +344,9 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
 
 
 def layer_curves_plot(curves: dict[str, dict[str, list]], groups: list[str], path: Path) -> list[str]:
-    """CKA (top row) and weight change (bottom row) against iteration, one panel per layer group
-    with data, one line per configuration (mean over its seeds, one colour each throughout);
-    returns the panel titles."""
+    """CKA (top row, its 95 % interval over the probe patches shaded) and weight change (bottom
+    row) against iteration, one panel per layer group with data, one line per configuration
+    (mean over its seeds, one colour each throughout); returns the panel titles."""
     plt = _plt()
     has = lambda key: any(c.get(key) for c in curves.values())
     rows = [[f"{p}.{g}" for g in groups if has(f"{p}.{g}")] for p in ("cka", "weight_change")]
@@ -360,6 +365,10 @@ def layer_curves_plot(curves: dict[str, dict[str, list]], groups: list[str], pat
                 pts = c.get(keys[j], [])
                 if pts:
                     ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour[name], linewidth=1.1)
+                band = [c.get(keys[j].replace(".", f"_{end}.", 1), []) for end in ("low", "high")]
+                if all(band) and len(band[0]) == len(band[1]):  # CKA's 95 % interval over the probe patches
+                    ax.fill_between([s for s, _ in band[0]], [v for _, v in band[0]], [v for _, v in band[1]],
+                                    color=colour[name], alpha=0.18, linewidth=0)
             ax.set_title(keys[j].replace(".", " "), fontsize=8)
             ax.tick_params(labelsize=6)
             ax.set_xlabel("iteration", fontsize=7)

@@ -23,8 +23,9 @@ CONFIG_KEYS = ("source_model", "frozen_layers", "train_subset", "lr", "lr_schedu
 CURVES = ("train_loss", "val_loss")
 # layer groups in network order (models/networks.py: HighRes3DNet's, then DenseNet121's; a test keeps them equal)
 GROUP_ORDER = ("conv_0", "res_1", "res_2", "res_3", "conv_1", "conv_2", "body_1", "body_2", "head")
-# per group, the report's layer table: the analysis at every report, and results.cka_with_scratch at the end
-LAYER_METRICS = (*ANALYSIS_PREFIXES, "cka_vs_scratch.")
+# per group, the report's layer table: the analysis at every report, and at the end
+# evaluation.cka_with_scratch and evaluation.reinit_drops
+LAYER_METRICS = (*ANALYSIS_PREFIXES, "cka_vs_scratch.", "reinit_drop.")
 AGGREGATE_ROLE = "seed_aggregate"  # the `role` tag of a configuration's mean-over-seeds run
 
 
@@ -353,9 +354,9 @@ def layer_groups_of(trials: list[TrialRun]) -> list[str]:
 
 
 def layer_analysis_rows(trials: list[TrialRun], shared: frozenset = frozenset()) -> list[dict]:
-    """Per configuration and layer group: the final CKA with the source and weight change from the
-    start (each trial's last report) and the CKA with scratch at the end, mean over seeds;
-    configurations without analysis left out."""
+    """Per configuration and layer group: the final CKA with the source (and its interval's ends)
+    and weight change from the start (each trial's last report), the CKA with scratch and the
+    re-initialisation drop at the end, mean over seeds; configurations without analysis left out."""
     groups = defaultdict(list)
     for t in trials:
         groups[label(t.config, shared)].append(t)

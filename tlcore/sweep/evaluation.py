@@ -1,6 +1,6 @@
 """Evaluation after the trials, in Ray tasks next to the data: every trial's best checkpoint on whole
 volumes (Dice per split, predictions returned as bytes for the driver to log), CKA against the
-from-scratch baseline, and the 2D chain's test metrics. The tasks' code is in worker_tasks; the
+from-scratch baseline, the re-initialisation test, and the 2D chain's test metrics. The tasks' code is in worker_tasks; the
 driver, the only MLflow client, logs what they return. Uses Ray's core for tasks; no ray.tune here.
 """
 
@@ -18,7 +18,12 @@ from tlcore.config import TrialConfig
 from tlcore.report.plots import confusion_png
 from tlcore.sweep.invocation import Sweep
 from tlcore.sweep.results import TrialRow, best_checkpoint_of, config_of, trial_id_of
-from tlcore.sweep.worker_tasks import cka_with_scratch_task, evaluate_classifier_task, evaluate_segmentation_task
+from tlcore.sweep.worker_tasks import (
+    cka_with_scratch_task,
+    evaluate_classifier_task,
+    evaluate_segmentation_task,
+    reinit_drops_task,
+)
 from tlcore.text import format_table
 from tlcore.tracking import store
 
@@ -105,6 +110,35 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
         scratch_checkpoint, _ = best_checkpoint_of(baseline, metric, mode)
         if checkpoint is not None and scratch_checkpoint is not None:
             pending[trial_id_of(r)] = (run_id, step, task.remote(r.config, checkpoint, baseline.config, scratch_checkpoint))
+    out = {}
+    for trial_id, (run_id, step, ref) in pending.items():
+        out[trial_id] = ray.get(ref)
+        if run_id:
+            store.log_metrics(runs.uri, run_id, out[trial_id], step=step)
+    return out
+
+
+def reinit_drops(results, sweep: Sweep, scores: dict | None = None) -> dict:
+    """At the end of a 3D sweep, for each trial that started from a source (Mean-Var included):
+    the validation Dice its best checkpoint loses when one layer group is reset to the trial's
+    start (analysis.reuse), logged to its run as `reinit_drop.<group>` at the best checkpoint's
+    iteration, beside its CKA (a resume does not compute it again). `scores`: evaluate_trials'
+    result, whose whole-volume val_dice saves each task one evaluation. Returns trial_id -> {metric: value}."""
+    runs, metric, mode = sweep.runs, sweep.metric, sweep.mode
+    task, weights, pending = sweep.remote(reinit_drops_task), None, {}
+    for r in results:
+        cfg = TrialConfig.from_dict(config_of(r))
+        checkpoint, step = best_checkpoint_of(r, metric, mode)
+        if r.error or cfg.source_model == "scratch" or checkpoint is None:
+            continue
+        trial_id = trial_id_of(r)
+        run_id = runs.run_of(trial_id) or ""
+        if run_id and any(k.startswith("reinit_drop.") for k in store.get_run(runs.uri, run_id).metrics):
+            continue
+        weights = weights or ray.put(sweep.source_weights)  # once for every task
+        known = (scores or {}).get(trial_id, {})
+        trained = known.get("val_dice") if known.get("best_iteration") == step else None
+        pending[trial_id] = (run_id, step, task.remote(r.config, checkpoint, weights, trained))
     out = {}
     for trial_id, (run_id, step, ref) in pending.items():
         out[trial_id] = ray.get(ref)

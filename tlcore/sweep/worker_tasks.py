@@ -1,7 +1,7 @@
 """What a sweep's Ray tasks run on a worker: the transferability forecast before the trials (on
 the source weights the driver hands over), and after them a checkpoint's network rebuilt, its
 Dice on whole volumes (with the predictions as bytes), a classifier's probabilities, CKA against
-the scratch baseline. A worker never talks to MLflow (it holds no credential, and
+the scratch baseline, the re-initialisation test. A worker never talks to MLflow (it holds no credential, and
 progress.prepare_ray_worker keeps mlflow out of it): the tasks return what the driver logs
 (sweep.driver, sweep.evaluation). torch, MONAI and the pipeline are imported inside the functions,
 in the worker: the driver, which only sends the tasks, never loads them (~7 CPU-s for MONAI).
@@ -82,9 +82,8 @@ def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratc
     """The Ray task: every group's CKA between a trial's and its scratch baseline's best checkpoints."""
     import torch
 
-    from tlcore.models.probes import LayerProbe
     from tlcore.training.device import pick_device
-    from tlcore.training.trial_start import load_split, probe_inputs
+    from tlcore.training.trial_start import load_split, make_probe, probe_inputs
 
     def load(cfg: TrialConfig, ckpt):
         with ckpt.as_directory() as d:
@@ -93,8 +92,35 @@ def cka_with_scratch_task(config: dict, checkpoint, scratch_config: dict, scratc
     cfg, scratch_cfg, device = TrialConfig.from_dict(config), TrialConfig.from_dict(scratch_config), pick_device()
     torch.set_num_threads(cfg.num_threads or 1)  # before the probe volumes are loaded and normalised
     inputs = probe_inputs(cfg, load_split(cfg, "val"))
-    probe = LayerProbe(load(scratch_cfg, scratch_checkpoint), inputs, device, minibatch=min(8, len(inputs)))
-    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()}
+    probe = make_probe(cfg, load(scratch_cfg, scratch_checkpoint), inputs, device)
+    return {k.replace("cka.", "cka_vs_scratch."): v for k, v in probe.cka(load(cfg, checkpoint)).items()
+            if k.startswith("cka.")}
+
+
+def reinit_drops_task(config: dict, checkpoint, source_weights: dict[str, bytes],
+                      trained_dice: float | None = None) -> dict[str, float]:
+    """The Ray task: the re-initialisation test (analysis.reuse) of a trial's best checkpoint on
+    the validation subjects, each group reset to the trial's start (rebuilt from its config and
+    the source weights the driver read). `trained_dice`: the checkpoint's whole-volume validation
+    Dice, when the evaluation measured it already."""
+    from tlcore.analysis.reuse import reinit_drops
+    from tlcore.evaluation.metrics import evaluate_subjects
+    from tlcore.training.segmentation import amp_dtype, ready_for_inference
+    from tlcore.training.trial_start import load_split, start_model, use_source_weights
+
+    cfg, classes = TrialConfig.from_dict(config), num_classes(TrialConfig.from_dict(config))
+    use_source_weights(source_weights)
+    start = start_model(cfg)
+    with checkpoint.as_directory() as d:
+        model = checkpoint_model(cfg, d, classes)
+    device, channels_last = ready_for_inference(cfg, model, classes)
+    val = load_split(cfg, "val")
+
+    def dice(m) -> float:
+        return evaluate_subjects(m, val, classes, cfg.roi, device, None, cfg.sw_batch_size, cfg.sw_overlap,
+                                 amp_dtype(cfg, device), channels_last)["dice"]
+
+    return reinit_drops(model, start, dice, trained_dice)
 
 
 def forecast_task(config: dict, depths: list[int], source_weights: dict[str, bytes],

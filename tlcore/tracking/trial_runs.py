@@ -14,7 +14,8 @@ from tlcore.config import TrialConfig, flatten_config, weights_of
 from tlcore.data.splits import read_splits
 from tlcore.tracking import registry, store
 
-ANALYSIS_PREFIXES = ("cka.", "weight_change.")  # per layer group, models/probes.py
+# per layer group at every report, models/probes.py: CKA with the source and its 95 % interval, weight movement
+ANALYSIS_PREFIXES = ("cka.", "cka_low.", "cka_high.", "weight_change.")
 METRICS = ("train_loss", "val_loss", "val_dice", "val_accuracy", "lr", "patches_per_s", "images_per_s",
            "precise_bn_s", "val_s", "step")
 

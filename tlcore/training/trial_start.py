@@ -61,6 +61,13 @@ def build_start_model(cfg: TrialConfig) -> tuple[torch.nn.Module, TransferReport
     return model, freeze_first(model, cfg.frozen_layers, report)
 
 
+def start_model(cfg: TrialConfig) -> torch.nn.Module:
+    """The network a trial started from, rebuilt after the trial as start_segmentation built it
+    (seeded the same way first): the re-initialisation test's reference."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    return build_start_model(cfg)[0]
+
+
 def use_source_weights(sources: dict[str, bytes] | None) -> None:
     """The source models the driver read (pinned model URI -> safetensors bytes, driver.resolve_source);
     a trial gets them from Ray's object store (tune.with_parameters). Trials never ask the registry,
@@ -92,7 +99,10 @@ def load_registered(model: torch.nn.Module, cfg: TrialConfig) -> TransferReport:
     return load_source(model, state, source=uri)
 
 
-PROBE_SIZE = 48  # probe patches are at most 48^3: a minibatch of 8 holds ~0.3 GB of activations per group
+# Probe patches are at most 24^3. CKA's uncertainty is mostly which patches were drawn, not which
+# voxels in them: 128 patches of 24^3 (TrialConfig.probe_patches) cost the forward pass of the
+# old probe's 16 of 48^3 and narrow the interval to at most 0.06 (bench/RESULTS.md, "CKA's interval").
+PROBE_SIZE = 24
 
 
 def probe_inputs(cfg: TrialConfig, val) -> torch.Tensor:
@@ -117,9 +127,15 @@ def layer_analysis(cfg: TrialConfig, model: torch.nn.Module, val, device: torch.
         build = build_start_classifier if cfg.dataset in DATASETS_2D else build_start_model
         with torch.random.fork_rng(devices=[]):  # building the reference must not shift the trial's random stream
             source = build(replace(cfg, source_model=weights_of(cfg.source_model), frozen_layers=0))[0]
-        inputs = probe_inputs(cfg, val)
-        probe = LayerProbe(source.to(device), inputs, device, minibatch=min(8, len(inputs)))
+        probe = make_probe(cfg, source.to(device), probe_inputs(cfg, val), device)
     return lambda m: {**movement(m), **(probe.cka(m) if probe else {})}
+
+
+def make_probe(cfg: TrialConfig, reference: torch.nn.Module, inputs: torch.Tensor, device: torch.device) -> LayerProbe:
+    """The CKA probe on `inputs` (probe_inputs): 3D patches alternate foreground-centred and
+    anywhere (probe_patches), and the bootstrap keeps that half-and-half in every resample."""
+    strata = None if cfg.dataset in DATASETS_2D else torch.arange(len(inputs)) % 2
+    return LayerProbe(reference, inputs, device, minibatch=min(8, len(inputs)), strata=strata)
 
 
 class SegmentationStart(NamedTuple):
