@@ -345,7 +345,7 @@ def cka_interval_widths(cfg: TrialConfig, source, subjects, device) -> dict:
     an unrelated network (another random initialisation: CKA ~0.6, the widest case) and a related
     one (the source with noise of half each tensor's sd added), with each probe's forward cost."""
     from tlcore.models.probes import LayerProbe, probe_patches
-    from tlcore.training.trial_start import probe_inputs
+    from tlcore.training.trial_start import make_probe, probe_inputs
 
     torch.manual_seed(7)
     unrelated, related = build_model(in_channels=2, num_classes=2).to(device), copy.deepcopy(source)

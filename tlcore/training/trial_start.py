@@ -99,10 +99,11 @@ def load_registered(model: torch.nn.Module, cfg: TrialConfig) -> TransferReport:
     return load_source(model, state, source=uri)
 
 
-# Probe patches are at most 24^3. CKA's uncertainty is mostly which patches were drawn, not which
-# voxels in them: 128 patches of 24^3 (TrialConfig.probe_patches) cost the forward pass of the
-# old probe's 16 of 48^3 and narrow the interval to at most 0.06 (bench/RESULTS.md, "CKA's interval").
-PROBE_SIZE = 24
+# Probe patches are at most 16^3. CKA's uncertainty is mostly which patches were drawn, not which
+# voxels in them: 128 patches (TrialConfig.probe_patches) narrow the interval to at most 0.06, and
+# at 16^3 their forward pass stays under 3 % of a report interval even with 24^3 training patches
+# on a CPU (at 24^3: 5.1 %). bench/RESULTS.md, "CKA's interval".
+PROBE_SIZE = 16
 
 
 def probe_inputs(cfg: TrialConfig, val) -> torch.Tensor:
