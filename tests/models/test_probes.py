@@ -21,7 +21,6 @@ from tlcore.models.probes import (
     probe_features,
     probe_patches,
     unique_voxels,
-    voxel_samples,
     weighted_hsic,
 )
 from tlcore.models.transfer import freeze_first, load_source, mean_var_init
@@ -187,14 +186,14 @@ def test_the_interval_covers_the_probe_and_narrows_with_more_patches():
     assert widths[32] < 0.75 * widths[8], widths
 
 
-def test_voxel_samples_pick_the_same_places_at_any_resolution():
+def test_probe_voxels_are_the_same_places_at_any_resolution():
     fine = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)  # (B, C, H, W)
     positions = torch.tensor([[[0.0, 0.0], [0.5, 0.75]], [[0.99, 0.3], [0.25, 0.0]]])
-    picked = voxel_samples(fine, positions)
-    assert picked.shape == (4, 3)
-    assert picked[1].tolist() == fine[0, :, 2, 3].tolist() and picked[2].tolist() == fine[1, :, 3, 1].tolist()
+    picked, owner = unique_voxels(fine, positions)
+    assert picked.shape == (4, 3) and owner.tolist() == [0, 0, 1, 1]
+    assert picked[1].tolist() == fine[0, :, 2, 3].tolist() and picked[3].tolist() == fine[1, :, 3, 1].tolist()
     coarse = fine[:, :, ::2, ::2]  # half the resolution: the same fractions, the matching coarse cells
-    assert voxel_samples(coarse, positions)[1].tolist() == coarse[0, :, 1, 1].tolist()
+    assert unique_voxels(coarse, positions)[0][1].tolist() == coarse[0, :, 1, 1].tolist()
 
 
 def source_state(num_classes=2, seed=1):

@@ -180,6 +180,7 @@ def test_resuming_a_finished_layer_sweep_reruns_and_duplicates_nothing(layer_swe
     assert len(store.metric_history(w["uri"], parent, "forecast_logme.k3")) == 1  # not forecast again
     for r in layer_sweep["children"]:  # nor compared with scratch again, nor evaluated again
         assert len(store.metric_history(w["uri"], r.info.run_id, "cka_vs_scratch.res_1")) <= 1
+        assert len(store.metric_history(w["uri"], r.info.run_id, "reinit_drop.res_1")) <= 1  # nor reset again
         assert len(store.metric_history(w["uri"], r.info.run_id, "train_dice")) == 1
         assert json.loads(r.data.tags["evaluation"])["dice"]["train"] == r.data.metrics["train_dice"]
     splits = json.loads((w["tmp"] / "results" / "brats_layers" / "splits.json").read_text())

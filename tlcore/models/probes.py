@@ -53,19 +53,15 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x @ x.T
 
 
-def voxel_samples(output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, C, *spatial) feature maps -> (B * m, C): the features at m positions per map, given as
-    fractions of each axis in [0, 1) (B, m, ndim), so that groups of any resolution sample the
-    same places."""
-    spatial = output.shape[2:]
+def flat_indices(spatial: tuple, positions: torch.Tensor) -> torch.Tensor:
+    """(B, m) flat voxel indices into maps of shape `spatial` of positions given as fractions of
+    each axis in [0, 1) (B, m, ndim)."""
     size = torch.tensor(spatial, device=positions.device)
     coords = (positions * size).long().clamp_max(size - 1)
     flat = torch.zeros(coords.shape[:2], dtype=torch.long, device=positions.device)
     for axis, n in enumerate(spatial):
         flat = flat * n + coords[..., axis]
-    maps = output.flatten(2)  # (B, C, V)
-    picked = torch.gather(maps, 2, flat.to(maps.device).unsqueeze(1).expand(-1, maps.shape[1], -1))
-    return picked.transpose(1, 2).reshape(-1, maps.shape[1])
+    return flat
 
 
 class MinibatchCKA:
@@ -111,16 +107,13 @@ def output_module(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
 
 
 def unique_voxels(output: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like voxel_samples, but each map's distinct voxels once: (N, C) features and (N,) the index
-    of the map each came from. A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
+    """(B, C, *spatial) feature maps -> the features at the voxels that `positions` (fractions of
+    each axis in [0, 1), (B, m, ndim)) fall on, so that groups of any resolution sample the same
+    places: each map's distinct voxels once, in index order, (N, C), and (N,) the index of the
+    map each came from. A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
     the probe has positions, and a voxel counted twice is two identical examples, which the
     estimator would read as similarity."""
-    spatial = output.shape[2:]
-    size = torch.tensor(spatial, device=positions.device)
-    coords = (positions * size).long().clamp_max(size - 1)
-    flat = torch.zeros(coords.shape[:2], dtype=torch.long, device=positions.device)
-    for axis, n in enumerate(spatial):
-        flat = flat * n + coords[..., axis]
+    flat = flat_indices(output.shape[2:], positions)
     maps = output.flatten(2)  # (B, C, V)
     features, owner = [], []
     for b in range(maps.shape[0]):

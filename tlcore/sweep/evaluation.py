@@ -86,6 +86,22 @@ def evaluate_trials(results, sweep: Sweep, splits=("train", "test")) -> dict:
     return out
 
 
+def logged_already(runs, run_id: str, prefix: str) -> bool:
+    """Has the trial's run metrics named `prefix...` (a resumed sweep does not compute them again)?"""
+    return bool(run_id) and any(k.startswith(prefix) for k in store.get_run(runs.uri, run_id).metrics)
+
+
+def log_task_metrics(runs, pending: dict) -> dict:
+    """Wait for each trial's task ({trial_id: (run_id, step, ref)}) and log the metrics it returned
+    to the trial's run at `step`. Returns trial_id -> {metric: value}."""
+    out = {}
+    for trial_id, (run_id, step, ref) in pending.items():
+        out[trial_id] = ray.get(ref)
+        if run_id:
+            store.log_metrics(runs.uri, run_id, out[trial_id], step=step)
+    return out
+
+
 def cka_with_scratch(results, sweep: Sweep) -> dict:
     """At the end of a 3D sweep: each trial that started from a source (Mean-Var included) against
     the scratch trial of the same seed, subset and schedule, both at their best checkpoints: every
@@ -104,18 +120,13 @@ def cka_with_scratch(results, sweep: Sweep) -> dict:
         if r.error or cfg.source_model == "scratch" or baseline is None:
             continue
         run_id = runs.run_of(trial_id_of(r)) or ""
-        if run_id and any(k.startswith("cka_vs_scratch.") for k in store.get_run(runs.uri, run_id).metrics):
+        if logged_already(runs, run_id, "cka_vs_scratch."):
             continue
         checkpoint, step = best_checkpoint_of(r, metric, mode)
         scratch_checkpoint, _ = best_checkpoint_of(baseline, metric, mode)
         if checkpoint is not None and scratch_checkpoint is not None:
             pending[trial_id_of(r)] = (run_id, step, task.remote(r.config, checkpoint, baseline.config, scratch_checkpoint))
-    out = {}
-    for trial_id, (run_id, step, ref) in pending.items():
-        out[trial_id] = ray.get(ref)
-        if run_id:
-            store.log_metrics(runs.uri, run_id, out[trial_id], step=step)
-    return out
+    return log_task_metrics(runs, pending)
 
 
 def reinit_drops(results, sweep: Sweep, scores: dict | None = None) -> dict:
@@ -133,18 +144,13 @@ def reinit_drops(results, sweep: Sweep, scores: dict | None = None) -> dict:
             continue
         trial_id = trial_id_of(r)
         run_id = runs.run_of(trial_id) or ""
-        if run_id and any(k.startswith("reinit_drop.") for k in store.get_run(runs.uri, run_id).metrics):
+        if logged_already(runs, run_id, "reinit_drop."):
             continue
         weights = weights or ray.put(sweep.source_weights)  # once for every task
         known = (scores or {}).get(trial_id, {})
         trained = known.get("val_dice") if known.get("best_iteration") == step else None
         pending[trial_id] = (run_id, step, task.remote(r.config, checkpoint, weights, trained))
-    out = {}
-    for trial_id, (run_id, step, ref) in pending.items():
-        out[trial_id] = ray.get(ref)
-        if run_id:
-            store.log_metrics(runs.uri, run_id, out[trial_id], step=step)
-    return out
+    return log_task_metrics(runs, pending)
 
 
 def evaluate_classifier_remote(config: dict, checkpoint, split: str, sweep: Sweep) -> dict:
