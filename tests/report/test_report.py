@@ -334,7 +334,7 @@ def test_the_layer_figures_show_ckas_interval(tmp_path, monkeypatch):
             {"configuration": "scratch", "group": "res_1", "weight_change": 0.2}]
     assert plots.layer_heatmap(rows, tmp_path / "final.png") == ["cka", "weight_change", "reinit_drop"]
     texts = [t.get_text() for ax in drawn["final.png"].axes for t in ax.texts]
-    assert "0.81\n[0.79, 0.84]" in texts and "0.10" in texts and "-0.01" in texts
+    assert "0.81\n0.79\u20130.84" in texts and "0.10" in texts and "-0.01" in texts
     curves = {"ixi/1 k=0": {"cka.res_1": [(4, 0.9), (8, 0.8)], "cka_low.res_1": [(4, 0.88), (8, 0.77)],
                             "cka_high.res_1": [(4, 0.93), (8, 0.84)], "weight_change.res_1": [(4, 0.1), (8, 0.2)]}}
     plots.layer_curves_plot(curves, ["res_1"], tmp_path / "curves.png")

@@ -317,9 +317,13 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
                ("cka_vs_scratch", "CKA with the scratch model at the end", "viridis"),
                ("reinit_drop", "val Dice lost when the group is reset to its start", "magma"))
               if any(key in r for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2 + 3.6 * len(panels), 0.45 * len(configs) + 1.6), dpi=110,
-                             squeeze=False)
-    for ax, (key, title, cmap) in zip(axes[0], panels):
+    columns = min(2, len(panels))  # two panels a row: each cell has room for its value and interval
+    rows_of_panels = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(2 + 5.4 * columns, (0.5 * len(configs) + 1.4) * rows_of_panels),
+                             dpi=110, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for n, (ax, (key, title, cmap)) in enumerate(zip(axes.flat, panels)):
         groups = list(dict.fromkeys(r["group"] for r in rows if key in r))
         grid = np.full((len(configs), len(groups)), np.nan)
         for r in rows:
@@ -327,16 +331,16 @@ def layer_heatmap(rows: list[dict], path: Path) -> list[str]:
                 grid[configs.index(r["configuration"]), groups.index(r["group"])] = r[key]
         low = min(0.0, float(np.nanmin(grid))) if np.isfinite(grid).any() else 0.0  # a reset may help: drops < 0
         image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=low, vmax=1 if key.startswith("cka") else None)
-        interval = {(r["configuration"], r["group"]): f"\n[{r[key + '_low']:.2f}, {r[key + '_high']:.2f}]"
-                    for r in rows if key + "_low" in r and key + "_high" in r}  # CKA's 95 % bootstrap interval
+        interval = {(r["configuration"], r["group"]): f"\n{r[key + '_low']:.2f}\u2013{r[key + '_high']:.2f}"
+                    for r in rows if r.get(key + "_high", 0) - r.get(key + "_low", 0) >= 0.005}  # CKA's 95 % interval
         for (i, j), v in np.ndenumerate(grid):
             if v == v:
-                ax.text(j, i, f"{v:.2f}" + interval.get((configs[i], groups[j]), ""), ha="center", va="center",
+                ax.text(j, i, f"{v:.2f}".replace("-0.00", "0.00") + interval.get((configs[i], groups[j]), ""), ha="center", va="center",
                         fontsize=7, color="white" if v < np.nanmean(grid) else "black")
             else:  # e.g. scratch has no source to compare with
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="#999999")
         ax.set_xticks(range(len(groups)), groups, fontsize=8)
-        ax.set_yticks(range(len(configs)), configs if ax is axes[0][0] else [""] * len(configs), fontsize=7)
+        ax.set_yticks(range(len(configs)), configs if n % columns == 0 else [""] * len(configs), fontsize=7)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.04)
     save(fig, path)
