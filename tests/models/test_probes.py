@@ -127,8 +127,9 @@ def test_layer_probe_gives_one_against_itself_and_less_after_training_changes_it
     changed = probe.cka(other)
     assert all(v < 0.95 for k, v in changed.items() if k.startswith("cka.")), changed
     assert source.training  # the probe restores the mode it found
-    with pytest.raises(ValueError, match="probe patches"):
-        LayerProbe(source, patches[:3], torch.device("cpu"), minibatch=4)
+    few = LayerProbe(source, patches[:3], torch.device("cpu"), minibatch=4).cka(other)  # too few to resample
+    assert set(few) == {f"cka.{g}" for g in ("conv_0", "res_1", "res_2", "res_3", "conv_1")}
+    assert few["cka.res_1"] == pytest.approx(LayerProbe(source, patches[:3], torch.device("cpu"), resamples=0).cka(other)["cka.res_1"])
     features, owner = probe_features(source, patches, probe.positions, torch.device("cpu"), minibatch=4)["conv_0"]
     assert features.shape[1] == 16 and owner.tolist() == sorted(owner.tolist())  # voxels are the examples
     assert 8 * 200 < len(features) <= 8 * 256 and set(owner.tolist()) == set(range(8))  # 256 a patch, repeats once

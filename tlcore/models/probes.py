@@ -210,7 +210,8 @@ def weighted_hsic(s: PatchSums, weights: torch.Tensor) -> torch.Tensor:
     sum_l = (ty * ty).sum(1) - w2 @ s.sq_y
     ones_k_l = (torch.einsum("rp,rpq,rq->r", tx, m, ty) - ((w2 @ s.sq_x_y) * ty).sum(1)
                 - ((w2 @ s.sq_y_x) * tx).sum(1) + w3 @ s.sq_xy)      # 1' K~ L~ 1
-    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * ones_k_l / (n - 2)) / (n * (n - 3))
+    value = (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * ones_k_l / (n - 2)) / (n * (n - 3))
+    return torch.where(n >= 4, value, torch.zeros_like(value))  # fewer than 4 examples: nothing measurable
 
 
 def cka_from_sums(xy: PatchSums, xx: PatchSums | torch.Tensor, yy: PatchSums, weights: torch.Tensor) -> torch.Tensor:
@@ -247,16 +248,21 @@ class LayerProbe:
     def __init__(self, reference: nn.Module, patches: torch.Tensor, device: torch.device, minibatch: int = 8,
                  voxels_per_patch: int = 256, seed: int = 0, resamples: int = 1000,
                  strata: torch.Tensor | None = None):
-        if len(patches) < 4 or voxels_per_patch < 1:
-            raise ValueError(f"{len(patches)} probe patches: at least 4 are needed (the interval resamples patches)")
+        if not len(patches) or voxels_per_patch < 1:
+            raise ValueError("no probe patches (or no voxels in them): nothing to compare")
         self.patches, self.device, self.minibatch = patches, device, minibatch
         g = torch.Generator().manual_seed(seed)
         self.positions = torch.rand(len(patches), voxels_per_patch, patches.dim() - 2, generator=g)
-        self.weights = torch.cat([torch.ones(1, len(patches), dtype=torch.float64),
-                                  bootstrap_weights(len(patches), resamples, strata, seed)])
-        self.reference = {g: (centred(x), owner)
+        # The interval resamples patches: none with fewer than 4, or when asked for none (2D:
+        # DenseNet's 1,024-channel groups make per-patch channel x channel sums too large).
+        self.interval = resamples > 0 and len(patches) >= 4
+        self.blocks = len(patches) if self.interval else 1  # without an interval, one block of every voxel
+        self.weights = torch.ones(1, self.blocks, dtype=torch.float64)
+        if self.interval:
+            self.weights = torch.cat([self.weights, bootstrap_weights(len(patches), resamples, strata, seed)])
+        self.reference = {g: (centred(x), owner if self.interval else torch.zeros_like(owner))
                           for g, (x, owner) in probe_features(reference, patches, self.positions, device, minibatch).items()}
-        self.reference_hsic = {g: weighted_hsic(patch_sums(x, x, owner, len(patches)), self.weights)
+        self.reference_hsic = {g: weighted_hsic(patch_sums(x, x, owner, self.blocks), self.weights)
                                for g, (x, owner) in self.reference.items()}
 
     def cka(self, model: nn.Module) -> dict[str, float]:
@@ -264,10 +270,12 @@ class LayerProbe:
         out = {}
         for group, (x, owner) in self.reference.items():
             y = centred(features[group][0])
-            values = cka_from_sums(patch_sums(x, y, owner, len(self.patches)), self.reference_hsic[group],
-                                   patch_sums(y, y, owner, len(self.patches)), self.weights)
-            low, high = torch.quantile(values[1:], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-            out |= {f"cka.{group}": float(values[0]), f"cka_low.{group}": low, f"cka_high.{group}": high}
+            values = cka_from_sums(patch_sums(x, y, owner, self.blocks), self.reference_hsic[group],
+                                   patch_sums(y, y, owner, self.blocks), self.weights)
+            out[f"cka.{group}"] = float(values[0])
+            if self.interval:
+                low, high = torch.quantile(values[1:], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                out |= {f"cka_low.{group}": low, f"cka_high.{group}": high}
         return out
 
 
