@@ -106,18 +106,19 @@ def output_module(model: nn.Module, modules: list[nn.Module]) -> nn.Module:
     return last
 
 
-def unique_voxels(output: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unique_voxels(output: torch.Tensor, positions: torch.Tensor, distinct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, *spatial) feature maps -> the features at the voxels that `positions` (fractions of
     each axis in [0, 1), (B, m, ndim)) fall on, so that groups of any resolution sample the same
     places: each map's distinct voxels once, in index order, (N, C), and (N,) the index of the
-    map each came from. A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
+    map each came from. `distinct=False`: every position, repeats included (a probe without an
+    interval on maps too coarse to give 4 distinct voxels: 2D DenseNet's last block at 32 px is 1 x 1). A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
     the probe has positions, and a voxel counted twice is two identical examples, which the
     estimator would read as similarity."""
     flat = flat_indices(output.shape[2:], positions)
     maps = output.flatten(2)  # (B, C, V)
     features, owner = [], []
     for b in range(maps.shape[0]):
-        keep = torch.unique(flat[b]).to(maps.device)
+        keep = (torch.unique(flat[b]) if distinct else flat[b]).to(maps.device)
         features.append(maps[b][:, keep].T)
         owner.append(torch.full((len(keep),), b, dtype=torch.long))
     return torch.cat(features), torch.cat(owner)
@@ -131,7 +132,7 @@ def group_features(model: nn.Module, into: dict[str, list], positions: dict):
     handles = []
     for name in analysed_groups(model):
         def hook(_module, _inputs, output, name=name):
-            features, owner = unique_voxels(output.detach(), positions["now"])
+            features, owner = unique_voxels(output.detach(), positions["now"], positions.get("distinct", True))
             into.setdefault(name, []).append((features.cpu(), owner + positions["first"]))
         handles.append(output_module(model, groups[name]).register_forward_hook(hook))
     try:
@@ -143,14 +144,14 @@ def group_features(model: nn.Module, into: dict[str, list], positions: dict):
 
 @torch.no_grad()
 def probe_features(model: nn.Module, patches: torch.Tensor, positions: torch.Tensor, device: torch.device,
-                   minibatch: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                   minibatch: int = 8, distinct: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per analysed group, (N, C) features at the probe's voxels of every patch, and (N,) the patch
     each voxel is in (model in eval mode: BatchNorm with running statistics, no dropout; its
     train/eval mode is restored after). Forwarded `minibatch` patches at a time."""
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {}
-    now: dict = {}
+    now: dict = {"distinct": distinct}
     try:
         with group_features(model, parts, now):
             for i in range(0, len(patches), minibatch):
@@ -261,12 +262,13 @@ class LayerProbe:
         if self.interval:
             self.weights = torch.cat([self.weights, bootstrap_weights(len(patches), resamples, strata, seed)])
         self.reference = {g: (centred(x), owner if self.interval else torch.zeros_like(owner))
-                          for g, (x, owner) in probe_features(reference, patches, self.positions, device, minibatch).items()}
+                          for g, (x, owner) in probe_features(reference, patches, self.positions, device, minibatch,
+                                                              self.interval).items()}
         self.reference_hsic = {g: weighted_hsic(patch_sums(x, x, owner, self.blocks), self.weights)
                                for g, (x, owner) in self.reference.items()}
 
     def cka(self, model: nn.Module) -> dict[str, float]:
-        features = probe_features(model, self.patches, self.positions, self.device, self.minibatch)
+        features = probe_features(model, self.patches, self.positions, self.device, self.minibatch, self.interval)
         out = {}
         for group, (x, owner) in self.reference.items():
             y = centred(features[group][0])
