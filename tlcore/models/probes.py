@@ -110,10 +110,11 @@ def unique_voxels(output: torch.Tensor, positions: torch.Tensor, distinct: bool 
     """(B, C, *spatial) feature maps -> the features at the voxels that `positions` (fractions of
     each axis in [0, 1), (B, m, ndim)) fall on, so that groups of any resolution sample the same
     places: each map's distinct voxels once, in index order, (N, C), and (N,) the index of the
-    map each came from. `distinct=False`: every position, repeats included (a probe without an
-    interval on maps too coarse to give 4 distinct voxels: 2D DenseNet's last block at 32 px is 1 x 1). A coarse map (DenseNet's last block: 7 x 7) has fewer voxels than
-    the probe has positions, and a voxel counted twice is two identical examples, which the
-    estimator would read as similarity."""
+    map each came from. Once, because a coarse map (DenseNet's last block: 7 x 7) has fewer
+    voxels than the probe has positions, and a voxel counted twice is two identical examples,
+    which the estimator would read as similarity. `distinct=False`: every position, repeats
+    included (a probe without an interval, on maps that may be too coarse to give 4 distinct
+    voxels: DenseNet's last block at 32 px is 1 x 1)."""
     flat = flat_indices(output.shape[2:], positions)
     maps = output.flatten(2)  # (B, C, V)
     features, owner = [], []

@@ -1,7 +1,7 @@
 """Evaluation after the trials, in Ray tasks next to the data: every trial's best checkpoint on whole
 volumes (Dice per split, predictions returned as bytes for the driver to log), CKA against the
-from-scratch baseline, the re-initialisation test, and the 2D chain's test metrics. The tasks' code is in worker_tasks; the
-driver, the only MLflow client, logs what they return. Uses Ray's core for tasks; no ray.tune here.
+from-scratch baseline, the re-initialisation test, and the 2D chain's test metrics. The tasks'
+code is in worker_tasks; the driver, the only MLflow client, logs what they return. Uses Ray's core for tasks; no ray.tune here.
 """
 
 from __future__ import annotations

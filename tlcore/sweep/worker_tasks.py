@@ -1,8 +1,8 @@
 """What a sweep's Ray tasks run on a worker: the transferability forecast before the trials (on
 the source weights the driver hands over), and after them a checkpoint's network rebuilt, its
 Dice on whole volumes (with the predictions as bytes), a classifier's probabilities, CKA against
-the scratch baseline, the re-initialisation test. A worker never talks to MLflow (it holds no credential, and
-progress.prepare_ray_worker keeps mlflow out of it): the tasks return what the driver logs
+the scratch baseline, the re-initialisation test. A worker never talks to MLflow (it holds no
+credential, and progress.prepare_ray_worker keeps mlflow out of it): the tasks return what the driver logs
 (sweep.driver, sweep.evaluation). torch, MONAI and the pipeline are imported inside the functions,
 in the worker: the driver, which only sends the tasks, never loads them (~7 CPU-s for MONAI).
 """
@@ -108,7 +108,8 @@ def reinit_drops_task(config: dict, checkpoint, source_weights: dict[str, bytes]
     from tlcore.training.segmentation import amp_dtype, ready_for_inference
     from tlcore.training.trial_start import load_split, start_model, use_source_weights
 
-    cfg, classes = TrialConfig.from_dict(config), num_classes(TrialConfig.from_dict(config))
+    cfg = TrialConfig.from_dict(config)
+    classes = num_classes(cfg)
     use_source_weights(source_weights)
     start = start_model(cfg)
     with checkpoint.as_directory() as d:
